@@ -1,0 +1,42 @@
+"""Server configuration: one dataclass, filled by ``llmwatts serve`` flags or by tests directly."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Paper defaults (Samsi et al. 2023): temperature 0.8, top-p 0.95.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+
+
+@dataclass
+class ServerConfig:
+    model: str = "tiny"                  # preset name (tiny, llama-7b, llama-13b, llama-65b) or HF checkpoint dir
+    device: str = "auto"                 # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"                  # auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32
+    engine: str = "auto"                 # auto (fast on GPU, eager on CPU), eager, fast
+    host: str = "127.0.0.1"
+    port: int = 50051                    # 0 picks a free port (tests)
+    db_path: Path = Path("llmwatts-server.db")
+    power_backend: str = "auto"          # auto, nvml, nvml-readonly, simulated
+    telemetry_hz: float = 10.0           # 0 disables the sampler (batch-boundary reads still happen)
+    max_batch_size: int = 64             # most sequences in one batch (per request and merged)
+    max_new_tokens_limit: int = 2048     # largest max_new_tokens a request may ask for
+    default_max_new_tokens: int = 256
+    max_prompt_tokens: int | None = None # default: the model's context length minus max_new_tokens
+    merge_requests: bool = False         # merge concurrent requests into one batch
+    batch_wait_ms: float = 5.0           # how long the batcher waits for more requests to merge
+    queue_size: int = 64                 # bounded queue of pending requests; full → RESOURCE_EXHAUSTED
+    seed: int = 0
+    # Security (power-cap control).
+    control_token: str | None = None     # bearer token for mutating Control calls (from env/file, never argv)
+    inference_token: str | None = None   # optional token for Inference calls
+    allow_insecure_loopback_control: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None    # set → mutual TLS (clients must present a cert signed by it)
+    cap_state_path: Path | None = None   # persisted cap changes, restored at next start after a SIGKILL
+    default_lease_s: float = 600.0
+    # Simulated GPU.
+    sim_gpus: int = 1
+    sim_profile: str = "a100-250w"
+    labels: dict = field(default_factory=dict)
