@@ -1,0 +1,163 @@
+"""The server's SQLite store: schema in one place, WAL, batched writes, safe from many threads.
+
+Tables are described in docs/architecture.md ("Server DB"). Writers from the telemetry sampler, the
+batcher and gRPC threads share one connection behind a lock; telemetry rows are buffered and written
+in batches so the sampler never waits on disk per sample.
+"""
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import sqlite_utils
+
+# name -> (columns, primary key). STRICT tables: SQLite refuses a value of the wrong type.
+SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
+    "servers": (
+        {"server_id": str, "started_ns": int, "node": str, "model": str, "dtype": str, "engine": str,
+         "power_source": str, "shard_count": int, "layout": str, "simulated": int, "versions": str},
+        "server_id",
+    ),
+    "gpus": (
+        {"server_id": str, "gpu_uuid": str, "node": str, "rank": int, "gpu_index": int, "name": str,
+         "memory_total_bytes": int, "simulated": int},
+        ("server_id", "gpu_uuid"),
+    ),
+    "telemetry": (
+        {"server_id": str, "ts_ns": int, "gpu_uuid": str, "node": str, "rank": int, "power_mw": int,
+         "power_instant_mw": int, "energy_mj": int, "sm_pct": float, "mem_pct": float,
+         "mem_used_bytes": int, "sm_clock_mhz": int, "temp_c": int, "cap_mw": int, "simulated": int},
+        None,
+    ),
+    "batches": (
+        {"batch_id": str, "server_id": str, "start_ns": int, "first_token_ns": int, "end_ns": int,
+         "n_requests": int, "n_sequences": int, "prompt_tokens": int, "output_tokens": int,
+         "energy_j": float, "energy_method": str, "simulated": int},
+        "batch_id",
+    ),
+    "batch_gpu_energy": (
+        {"batch_id": str, "gpu_uuid": str, "node": str, "rank": int, "energy_start_mj": int,
+         "energy_end_mj": int, "energy_j": float, "method": str},
+        ("batch_id", "gpu_uuid"),
+    ),
+    "requests": (
+        {"request_id": str, "run_id": str, "batch_id": str, "server_id": str, "received_ns": int,
+         "batch_start_ns": int, "first_token_ns": int, "done_ns": int, "n_prompts": int,
+         "prompt_tokens": int, "output_tokens": int, "energy_j": float, "status": str, "error": str},
+        "request_id",
+    ),
+    "runs": (
+        {"run_id": str, "server_id": str, "begin_ns": int, "end_ns": int, "begin_energy_j": float,
+         "end_energy_j": float, "labels": str, "simulated": int},
+        "run_id",
+    ),
+    "cap_events": (
+        {"id": int, "server_id": str, "ts_ns": int, "gpu_uuid": str, "node": str, "rank": int,
+         "kind": str, "old_cap_w": float, "new_cap_w": float, "who": str, "reason": str},
+        "id",
+    ),
+}
+
+NOT_NULL = {
+    "telemetry": {"server_id", "ts_ns", "gpu_uuid"},
+    "requests": {"request_id", "status"},
+}
+
+
+def create_schema(db: sqlite_utils.Database) -> None:
+    """Create every server table (and indexes) if missing. Idempotent."""
+    for name, (columns, pk) in SCHEMA.items():
+        if not db[name].exists():
+            db.create_table(name, columns, pk=pk, not_null=NOT_NULL.get(name), strict=True)
+    db["telemetry"].create_index(["ts_ns"], if_not_exists=True)
+    db["requests"].create_index(["run_id"], if_not_exists=True)
+    db["requests"].create_index(["batch_id"], if_not_exists=True)
+
+
+def open_db(path: str | Path) -> sqlite_utils.Database:
+    """Open (creating) a server DB in WAL mode with the schema in place."""
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    db.enable_wal()
+    conn.execute("PRAGMA synchronous=NORMAL")
+    create_schema(db)
+    return db
+
+
+class ServerStore:
+    """Thread-safe writer for one server's DB. Telemetry is buffered; everything else is written at once."""
+
+    def __init__(self, path: str | Path, server_id: str, telemetry_flush_rows: int = 256):
+        self.path = Path(path)
+        self.server_id = server_id
+        self.db = open_db(self.path)
+        self._lock = threading.Lock()
+        self._telemetry: list[dict] = []
+        self._flush_rows = telemetry_flush_rows
+
+    def _insert(self, table: str, rows: list[dict], **kw) -> None:
+        if not rows:
+            return
+        with self._lock:
+            self.db[table].insert_all(rows, batch_size=500, **kw)
+
+    def record_server(self, row: dict) -> None:
+        row = dict(row, server_id=self.server_id)
+        for key in ("layout", "versions"):
+            if not isinstance(row.get(key), str):
+                row[key] = json.dumps(row.get(key) or {}, sort_keys=True)
+        self._insert("servers", [row], replace=True)
+
+    def record_gpus(self, rows: list[dict]) -> None:
+        self._insert("gpus", [dict(r, server_id=self.server_id) for r in rows], replace=True)
+
+    def add_telemetry(self, rows: list[dict]) -> None:
+        """Buffer telemetry samples; written once the buffer holds ``telemetry_flush_rows`` rows."""
+        with self._lock:
+            self._telemetry.extend(dict(r, server_id=self.server_id) for r in rows)
+            full = len(self._telemetry) >= self._flush_rows
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._telemetry = self._telemetry, []
+        self._insert("telemetry", rows)
+
+    def record_batch(self, batch: dict, gpu_energy: list[dict], requests: list[dict]) -> None:
+        """Write one finished batch, its per-GPU energy and its requests in one transaction."""
+        with self._lock, self.db.conn:
+            self.db["batches"].insert(dict(batch, server_id=self.server_id))
+            self.db["batch_gpu_energy"].insert_all(gpu_energy)
+            self.db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests],
+                                           replace=True)
+
+    def record_requests(self, requests: list[dict]) -> None:
+        """Requests that never reached a batch (refused, cancelled) still get their row."""
+        self._insert("requests", [dict(r, server_id=self.server_id) for r in requests], replace=True)
+
+    def begin_run(self, run_id: str, ts_ns: int, energy_j: float, labels: dict, simulated: bool) -> None:
+        with self._lock:
+            self.db["runs"].upsert(
+                {"run_id": run_id, "server_id": self.server_id, "begin_ns": ts_ns, "begin_energy_j": energy_j,
+                 "labels": json.dumps(labels, sort_keys=True), "simulated": int(simulated),
+                 "end_ns": None, "end_energy_j": None},
+                pk="run_id",
+            )
+
+    def end_run(self, run_id: str, ts_ns: int, energy_j: float) -> bool:
+        """Close a run; False when no such run was begun."""
+        with self._lock:
+            if not self.db.execute("select 1 from runs where run_id = ?", [run_id]).fetchone():
+                return False
+            self.db["runs"].update(run_id, {"end_ns": ts_ns, "end_energy_j": energy_j})
+            return True
+
+    def record_cap_event(self, event: dict) -> None:
+        self._insert("cap_events", [dict(event, server_id=self.server_id)])
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            self.db.conn.close()
