@@ -1,0 +1,144 @@
+"""Model loading: HF checkpoints and random-weight presets of the real LLaMA-1 shapes.
+
+Random presets are built on the meta device and materialised tensor by tensor, directly on the target
+device in the target dtype (no fp32 CPU copy of a 13B model). Their values come from
+``weights.tiled_normal``, which gives the same numbers for any slice of a tensor, so a sharded rank
+materialises exactly its slice of the model an unsharded server would have.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from llmwatts.errors import InvalidArgument, NotFound
+from llmwatts.server import weights
+from llmwatts.server.tokenizer import llama_like_tokenizer
+
+log = logging.getLogger(__name__)
+
+# LLaMA-1 shapes (Touvron et al. 2023, table 2); vocab 32000, context 2048.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64),
+}
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    name: str               # preset name or checkpoint path
+    random_weights: bool
+    context_length: int
+    eos_token_id: int | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidArgument(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {device!r} asked for, but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {dtype!r}: use auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def preset_config(name: str) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=False, **PRESETS[name],
+    )
+
+
+def meta_model(config: LlamaConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The model's structure with no storage: every parameter on the meta device."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int,
+                       slices: dict[str, tuple[slice, slice]] | None = None) -> None:
+    """Give every meta parameter storage on ``device``: norms 1, everything else N(0, 0.02) from
+    ``weights.tiled_normal``. ``slices`` maps a parameter name to the (rows, cols) of the full tensor
+    that this rank holds (sharding); absent names are whole."""
+    slices = slices or {}
+    for name, param in list(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            value = torch.ones(param.shape, device=device, dtype=dtype)
+        else:
+            full_shape = getattr(param, "full_shape", tuple(param.shape))
+            rows, cols = slices.get(name, (slice(None), slice(None)))
+            value = weights.tiled_normal(name, full_shape, seed=seed, std=0.02, rows=rows, cols=cols,
+                                         device=device, dtype=dtype)
+            assert value.shape == param.shape, (name, value.shape, param.shape)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+    # Buffers (rotary inv_freq) are computed, not random: rebuild those modules on the device.
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            with torch.device(device):
+                rebuilt = type(module)(config=module.config)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, rebuilt)
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
+    """Load a preset (random weights) or a HF checkpoint (directory or hub id)."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec in PRESETS:
+        config = preset_config(spec)
+        model = meta_model(config, torch_dtype)
+        materialize_random(model, dev, torch_dtype, seed)
+        return LoadedModel(model, llama_like_tokenizer(), spec, True, config.max_position_embeddings,
+                           config.eos_token_id, dev, torch_dtype)
+    return load_checkpoint(spec, dev, torch_dtype)
+
+
+def load_checkpoint(spec: str, dev: torch.device, torch_dtype: torch.dtype) -> LoadedModel:
+    path = Path(spec).expanduser()
+    local = path.is_dir()
+    if not local and (os.sep in spec and not spec.count("/") == 1 or spec.startswith((".", "~"))):
+        raise NotFound(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    source = str(path) if local else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local,
+                                                     device_map=str(dev) if dev.type == "cuda" else None)
+    except (OSError, ValueError) as e:
+        if local:
+            raise InvalidArgument(f"cannot load the checkpoint in {source}: {str(e).splitlines()[0]}") from e
+        raise NotFound(
+            f"model {spec!r} is not a preset ({', '.join(PRESETS)}) nor a local checkpoint directory, and "
+            f"could not be fetched from the Hugging Face hub (offline?): download it elsewhere with "
+            f"`huggingface-cli download {spec} --local-dir DIR`, copy DIR here and pass --model DIR"
+        ) from e
+    model = model.to(dev).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    context = int(getattr(model.config, "max_position_embeddings", 2048))
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    return LoadedModel(model, tokenizer, source, False, context, eos, dev, torch_dtype)
