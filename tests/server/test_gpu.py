@@ -1,0 +1,270 @@
+"""The GPU seam: simulated power model, NVML mapping (NVML faked at the pynvml seam), the factory."""
+
+import types
+from unittest import mock
+
+import pynvml
+import pytest
+
+from llmwatts.errors import InvalidArgument, PermissionDenied, ReadOnlyPowerError, Unavailable
+from llmwatts.server import gpu as gpu_mod
+from llmwatts.server.gpu import (
+    SIM_PROFILES,
+    NvmlGPU,
+    NvmlReadOnlyGPU,
+    SimulatedGPU,
+    open_gpus,
+    power_source,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# Simulated GPU
+# ---------------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now_ns = 1_000_000_000
+
+    def __call__(self):
+        return self.now_ns
+
+    def advance_s(self, seconds):
+        self.now_ns += int(seconds * 1e9)
+
+
+def test_sim_identity_is_stable_and_marked_simulated():
+    g = SimulatedGPU(1, node="n7")
+    assert (g.uuid, g.name, g.simulated, g.power_source) == ("SIM-n7-1", "Simulated A100 (250 W)", True, "simulated")
+    assert SimulatedGPU(1, node="n7").uuid == g.uuid
+    assert g.memory_total_bytes == 40 * 1024**3
+
+
+def test_sim_power_follows_load():
+    g = SimulatedGPU(0, node="n")
+    powers = []
+    for n in (0, 1, 4, 16, 64):
+        g.set_load(n)
+        powers.append(g.sample().power_mw)
+    assert powers[0] == 50_000  # idle
+    assert powers == sorted(powers) and powers[1] > powers[0] and powers[3] > powers[1]
+    g.set_load(0)
+    assert g.sample().power_mw == 50_000
+    assert g.sample().sm_pct == 0.0
+
+
+def test_sim_cap_binds_under_load_and_throttles_clock():
+    g = SimulatedGPU(0, node="n")
+    g.set_load(64)
+    full = g.sample()
+    assert full.power_mw > 175_000 and full.sm_clock_mhz == 1410 and g.slowdown() == 1.0
+    g.set_power_limit_mw(175_000)
+    capped = g.sample()
+    assert capped.power_mw <= 175_000
+    assert capped.power_mw > 174_000  # the clock drops only as far as the cap needs
+    assert capped.sm_clock_mhz < full.sm_clock_mhz
+    assert capped.cap_mw == 175_000
+    assert 1.0 < g.slowdown() < 1.15
+    # At idle the cap does not bind.
+    g.set_load(0)
+    assert g.sample().power_mw == 50_000 and g.slowdown() == 1.0
+
+
+def test_sim_energy_counter_is_the_integral_of_power():
+    clock = FakeClock()
+    g = SimulatedGPU(0, node="n", clock_ns=clock)
+    assert g.energy_mj() == 0
+    clock.advance_s(2.0)                      # idle: 50 W · 2 s = 100 J
+    g.set_load(64)
+    p_load_w = g.power_mw() / 1000
+    clock.advance_s(1.0)
+    g.set_power_limit_mw(150_000)
+    clock.advance_s(3.0)                      # capped: 150 W · 3 s
+    mid = g.sample().energy_mj                # a read closes the segment without changing the total
+    clock.advance_s(1.0)
+    g.set_load(0)
+    clock.advance_s(0.5)
+    expected_mj = (50 * 2.0 + p_load_w * 1.0 + 150 * 3.0 + 150 * 1.0 + 50 * 0.5) * 1000
+    assert abs(g.energy_mj() - expected_mj) <= 1
+    assert abs(mid - (50 * 2.0 + p_load_w + 150 * 3.0) * 1000) <= 1
+
+
+def test_sim_pace_sleeps_by_the_slowdown():
+    slept = []
+    g = SimulatedGPU(0, node="n", sleep=slept.append)
+    g.set_load(64)
+    g.pace(1.0)
+    assert slept == []  # uncapped: no extra time
+    g.set_power_limit_mw(150_000)
+    g.pace(2.0)
+    assert slept == [pytest.approx(2.0 * (g.slowdown() - 1.0))]
+    assert slept[0] > 0.2
+
+
+def test_sim_pace_really_slows_wall_time():
+    import time
+
+    g = SimulatedGPU(0, node="n")
+    g.set_load(64)
+    g.set_power_limit_mw(100_000)
+    start = time.perf_counter()
+    g.pace(0.05)
+    assert time.perf_counter() - start >= 0.05 * (g.slowdown() - 1.0) * 0.95
+
+
+@pytest.mark.parametrize("limit_mw", [99_999, 250_001, 0, -5])
+def test_sim_set_out_of_range_refused(limit_mw):
+    g = SimulatedGPU(0, node="n")
+    with pytest.raises(InvalidArgument, match=r"\[100, 250\] W"):
+        g.set_power_limit_mw(limit_mw)
+    assert g.power_limit_mw() == 250_000
+
+
+def test_sim_unknown_profile_lists_choices():
+    with pytest.raises(InvalidArgument, match="a100-250w"):
+        SimulatedGPU(0, node="n", profile="nope")
+
+
+def test_predicted_table_direction_matches_paper():
+    # Paper (Samsi et al. 2023): 250→175 W cut energy ~23% for ~6–7% more time; 150 W ~20% more time.
+    p = SIM_PROFILES["a100-250w"]
+    rows = {cap: (p.slowdown(p.clock_ratio(1.0, cap)), p.power_w(1.0, p.clock_ratio(1.0, cap))) for cap in (250, 175, 150)}
+    t250, p250 = rows[250]
+    t175, p175 = rows[175]
+    t150, _ = rows[150]
+    assert 1.04 < t175 / t250 < 1.10
+    assert 1.15 < t150 / t250 < 1.25
+    assert 0.70 < (p175 * t175) / (p250 * t250) < 0.82
+
+
+# ---------------------------------------------------------------------------------------------------
+# NVML, faked at the pynvml seam
+# ---------------------------------------------------------------------------------------------------
+
+
+def _field(value_mw, ret=pynvml.NVML_SUCCESS):
+    f = pynvml.c_nvmlFieldValue_t()
+    f.fieldId = pynvml.NVML_FI_DEV_POWER_INSTANT
+    f.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+    f.nvmlReturn = ret
+    f.value.uiVal = value_mw
+    return f
+
+
+@pytest.fixture
+def fake_nvml():
+    """A pynvml whose functions are autospecced mocks and whose constants and errors are real."""
+    fake = mock.create_autospec(pynvml, spec_set=False)
+    for name in dir(pynvml):
+        value = getattr(pynvml, name)
+        if name.startswith("NVML") and not callable(value) or isinstance(value, type) and issubclass(value, Exception):
+            setattr(fake, name, value)
+    fake.NVMLError = pynvml.NVMLError
+    handle = object()
+    fake.nvmlDeviceGetCount.return_value = 2
+    fake.nvmlDeviceGetHandleByIndex.return_value = handle
+    fake.nvmlDeviceGetUUID.return_value = "GPU-1234"
+    fake.nvmlDeviceGetName.return_value = "NVIDIA A100-PCIE-40GB"
+    fake.nvmlDeviceGetMemoryInfo.return_value = types.SimpleNamespace(total=40 * 1024**3, used=3 * 1024**3, free=0)
+    fake.nvmlDeviceGetFieldValues.return_value = [_field(201_500)]
+    fake.nvmlDeviceGetPowerUsage.return_value = 198_000
+    fake.nvmlDeviceGetTotalEnergyConsumption.return_value = 123_456_789
+    fake.nvmlDeviceGetUtilizationRates.return_value = types.SimpleNamespace(gpu=87, memory=64)
+    fake.nvmlDeviceGetClockInfo.return_value = 1395
+    fake.nvmlDeviceGetTemperature.return_value = 61
+    fake.nvmlDeviceGetPowerManagementLimit.return_value = 250_000
+    fake.nvmlDeviceGetEnforcedPowerLimit.return_value = 240_000
+    fake.nvmlDeviceGetPowerManagementDefaultLimit.return_value = 250_000
+    fake.nvmlDeviceGetPowerManagementLimitConstraints.return_value = [150_000, 250_000]
+    with mock.patch.object(gpu_mod, "pynvml", fake):
+        fake.handle = handle
+        yield fake
+
+
+def test_nvml_reads_map_to_sample(fake_nvml):
+    g = NvmlGPU(1, node="n", rank=2)
+    assert (g.uuid, g.name, g.index, g.rank, g.simulated, g.memory_total_bytes) == (
+        "GPU-1234", "NVIDIA A100-PCIE-40GB", 1, 2, False, 40 * 1024**3)
+    s = g.sample()
+    assert (s.power_mw, s.power_instant_mw, s.energy_mj) == (198_000, 201_500, 123_456_789)
+    assert (s.sm_pct, s.mem_pct, s.mem_used_bytes) == (87.0, 64.0, 3 * 1024**3)
+    assert (s.sm_clock_mhz, s.temp_c, s.cap_mw) == (1395, 61.0, 240_000)
+    h = fake_nvml.handle
+    fake_nvml.nvmlDeviceGetHandleByIndex.assert_called_once_with(1)
+    fake_nvml.nvmlDeviceGetFieldValues.assert_called_with(h, [pynvml.NVML_FI_DEV_POWER_INSTANT])
+    fake_nvml.nvmlDeviceGetClockInfo.assert_called_once_with(h, pynvml.NVML_CLOCK_SM)
+    fake_nvml.nvmlDeviceGetTemperature.assert_called_once_with(h, pynvml.NVML_TEMPERATURE_GPU)
+    fake_nvml.nvmlDeviceGetTotalEnergyConsumption.assert_called_once_with(h)
+    assert (g.power_limit_mw(), g.enforced_power_limit_mw(), g.default_power_limit_mw()) == (250_000, 240_000, 250_000)
+    assert g.power_limit_constraints_mw() == (150_000, 250_000)
+
+
+def test_nvml_without_power_instant_field_gives_none(fake_nvml):
+    fake_nvml.nvmlDeviceGetFieldValues.return_value = [_field(0, ret=pynvml.NVML_ERROR_NOT_SUPPORTED)]
+    g = NvmlReadOnlyGPU(0, node="n")
+    assert g.sample().power_instant_mw is None
+    calls = fake_nvml.nvmlDeviceGetFieldValues.call_count
+    g.sample()
+    assert fake_nvml.nvmlDeviceGetFieldValues.call_count == calls  # probed once, not per sample
+
+
+def test_nvml_set_power_limit_calls_setter(fake_nvml):
+    g = NvmlGPU(0, node="n")
+    g.set_power_limit_mw(175_000)
+    fake_nvml.nvmlDeviceSetPowerManagementLimit.assert_called_once_with(fake_nvml.handle, 175_000)
+
+
+def test_nvml_set_is_noop_when_value_holds(fake_nvml):
+    NvmlGPU(0, node="n").set_power_limit_mw(250_000)
+    fake_nvml.nvmlDeviceSetPowerManagementLimit.assert_not_called()
+
+
+def test_nvml_permission_error_says_how_to_fix(fake_nvml):
+    fake_nvml.nvmlDeviceSetPowerManagementLimit.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+    with pytest.raises(PermissionDenied, match="root or CAP_SYS_ADMIN") as info:
+        NvmlGPU(0, node="n").set_power_limit_mw(175_000)
+    assert isinstance(info.value.__cause__, pynvml.NVMLError)
+
+
+def test_nvml_readonly_refuses_and_never_calls_a_setter(fake_nvml):
+    gpus = open_gpus("nvml-readonly", node="n")
+    assert power_source(gpus) == "nvml-readonly" and len(gpus) == 2
+    for g in gpus:
+        g.sample()
+        with pytest.raises(ReadOnlyPowerError) as info:
+            g.set_power_limit_mw(175_000)
+        assert info.value.grpc_code == "FAILED_PRECONDITION"
+    setters = [name for name in dir(pynvml) if name.startswith("nvmlDeviceSet") or name.startswith("nvmlDeviceReset")]
+    assert "nvmlDeviceSetPowerManagementLimit" in setters
+    for name in setters:
+        getattr(fake_nvml, name).assert_not_called()
+    # The read-only class has no path to the setter at all.
+    assert not hasattr(NvmlReadOnlyGPU, "_set") and NvmlReadOnlyGPU.set_power_limit_mw is not NvmlGPU.set_power_limit_mw
+
+
+def test_auto_picks_readonly_nvml_when_a_gpu_is_visible(fake_nvml):
+    gpus = open_gpus("auto", node="n", device_indices=[1])
+    assert [type(g) for g in gpus] == [NvmlReadOnlyGPU] and gpus[0].index == 1
+    fake_nvml.nvmlInit.assert_called_once_with()
+
+
+def test_auto_falls_back_to_simulated_without_nvml(fake_nvml):
+    fake_nvml.nvmlInit.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    gpus = open_gpus("auto", node="box", sim_gpus=2)
+    assert [g.uuid for g in gpus] == ["SIM-box-0", "SIM-box-1"] and power_source(gpus) == "simulated"
+
+
+def test_nvml_backend_without_driver_is_unavailable(fake_nvml):
+    fake_nvml.nvmlInit.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    with pytest.raises(Unavailable, match="NVIDIA driver"):
+        open_gpus("nvml", node="n")
+
+
+def test_unknown_backend_names_choices():
+    with pytest.raises(InvalidArgument, match="nvml-readonly.*simulated"):
+        open_gpus("cuda", node="n")
+
+
+def test_bad_device_index_refused(fake_nvml):
+    with pytest.raises(InvalidArgument, match="0..1"):
+        open_gpus("nvml", node="n", device_indices=[5])
