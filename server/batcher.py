@@ -1,0 +1,205 @@
+"""Batching: a bounded queue of requests and one worker thread that runs batches on the engine.
+
+A request's prompts always run as one batch (the paper's batch size). With ``merge_requests`` the
+worker also merges concurrent compatible requests (same sampling and fixed-length mode) up to
+``max_batch_size`` sequences, waiting at most ``batch_wait_ms`` for company. Every batch is bracketed by
+energy-counter reads of every GPU; its joules are split over its requests by tokens processed
+(docs/energy.md) and written to the server store with the batch and request rows.
+"""
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from llmwatts.errors import ResourceExhausted, Unavailable
+from llmwatts.server.engine import BatchOutput, BatchSpec, Engine, Sampling
+from llmwatts.server.gpu import GPU
+from llmwatts.server.store import ServerStore
+from llmwatts.server.telemetry import EnergyMeter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Work:
+    """One request travelling through the batcher. ``events`` carries what the servicer streams out."""
+
+    request_id: str
+    run_id: str
+    prompts: list[list[int]]
+    max_new_tokens: int
+    sampling: Sampling
+    ignore_eos: bool
+    received_ns: int
+    events: queue.Queue = field(default_factory=queue.Queue)  # ("step", step, deltas) | ("done", Result)
+
+    def compatible(self, other: "Work") -> bool:
+        return self.sampling == other.sampling and self.ignore_eos == other.ignore_eos
+
+
+@dataclass
+class Result:
+    batch_id: str
+    received_ns: int
+    steps: int                      # decode steps the batch ran
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    prompt_tokens: list[int]
+    batch_start_ns: int
+    first_token_ns: int
+    done_ns: int
+    energy_j: float
+    simulated: bool
+
+
+class Batcher:
+    def __init__(self, engine: Engine, gpus: list[GPU], store: ServerStore, *, max_batch_size: int,
+                 queue_size: int, merge_requests: bool = False, batch_wait_ms: float = 5.0):
+        self.engine, self.gpus, self.store = engine, gpus, store
+        self.meter = EnergyMeter(gpus)
+        self.max_batch_size = max_batch_size
+        self.merge = merge_requests
+        self.wait_s = batch_wait_ms / 1000.0
+        self.simulated = any(g.simulated for g in gpus)
+        self._queue: queue.Queue[Work] = queue.Queue(maxsize=queue_size)
+        self._held: Work | None = None  # taken from the queue but left for the next batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.failure: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, work: Work) -> None:
+        if self._stop.is_set() or self.failure is not None:
+            raise Unavailable("the server is shutting down or its engine failed; retry against a healthy server")
+        try:
+            self._queue.put_nowait(work)
+        except queue.Full:
+            raise ResourceExhausted(
+                f"request queue is full ({self._queue.maxsize} waiting): slow down, or raise --queue-size"
+            ) from None
+
+    def _next_group(self) -> list[Work] | None:
+        if self._held is not None:
+            first, self._held = self._held, None
+        else:
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                return None
+        group, n = [first], len(first.prompts)
+        if not self.merge:
+            return group
+        deadline = time.perf_counter() + self.wait_s
+        while n < self.max_batch_size:
+            try:
+                more = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if more.compatible(first) and n + len(more.prompts) <= self.max_batch_size:
+                group.append(more)
+                n += len(more.prompts)
+            else:
+                self._held = more
+                break
+        return group
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            group = self._next_group()
+            if group is None:
+                continue
+            try:
+                self._run_batch(group)
+            except BaseException as e:  # the engine broke: fail these requests, refuse new ones
+                log.exception("batch failed")
+                self.failure = e
+                for w in group:
+                    w.events.put(("error", e))
+                self._fail_pending(e)
+                return
+
+    def _fail_pending(self, e: BaseException) -> None:
+        while True:
+            try:
+                self._queue.get_nowait().events.put(("error", e))
+            except queue.Empty:
+                return
+
+    def _pace(self, busy_s: float) -> None:
+        # Simulated GPUs throttle under a cap; the slowest GPU sets the pace of a lockstep step.
+        slowest = max(self.gpus, key=lambda g: getattr(g, "slowdown", lambda: 1.0)(), default=None)
+        if slowest is not None:
+            slowest.pace(busy_s)  # returns at once on real GPUs
+
+    def _run_batch(self, group: list[Work]) -> None:
+        batch_id = uuid.uuid4().hex
+        prompts = [p for w in group for p in w.prompts]
+        limits = [w.max_new_tokens for w in group for _ in w.prompts]
+        owners = [(i, j) for i, w in enumerate(group) for j in range(len(w.prompts))]
+        spec = BatchSpec(prompts, limits, group[0].sampling, group[0].ignore_eos)
+
+        def on_step(step: int, deltas: list[list[int]]) -> None:
+            per_work: list[list[list[int]]] = [[] for _ in group]
+            for (i, _), d in zip(owners, deltas):
+                per_work[i].append(d)
+            for w, d in zip(group, per_work):
+                w.events.put(("step", step, d))
+
+        start = self.meter.read()
+        for g in self.gpus:
+            g.set_load(len(prompts))
+        try:
+            out: BatchOutput = self.engine.generate(spec, on_step=on_step, pace=self._pace)
+        finally:
+            for g in self.gpus:
+                g.set_load(0)
+        end = self.meter.read()
+        gpu_energy = self.meter.between(start, end)
+        for row in gpu_energy:
+            row["batch_id"] = batch_id
+        energy_j = sum(r["energy_j"] for r in gpu_energy)
+        method = "counter" if all(r["method"] == "counter" for r in gpu_energy) else "interpolated"
+
+        # Attribution: the batch's joules split by tokens processed (prompt + output) per request.
+        per_work = []
+        for i, w in enumerate(group):
+            idx = [k for k, (o, _) in enumerate(owners) if o == i]
+            p_tok = [len(prompts[k]) for k in idx]
+            o_tok = [len(out.tokens[k]) for k in idx]
+            per_work.append((w, idx, p_tok, o_tok, sum(p_tok) + sum(o_tok)))
+        total_weight = sum(x[-1] for x in per_work) or 1
+        steps = max((len(t) for t in out.tokens), default=0)
+        requests, results = [], []
+        for w, idx, p_tok, o_tok, weight in per_work:
+            share_j = energy_j * weight / total_weight
+            done_ns = max(out.done_ns[k] for k in idx)
+            requests.append({
+                "request_id": w.request_id, "run_id": w.run_id, "batch_id": batch_id,
+                "received_ns": w.received_ns, "batch_start_ns": start.ts_ns, "first_token_ns": out.first_token_ns,
+                "done_ns": done_ns, "n_prompts": len(idx), "prompt_tokens": sum(p_tok),
+                "output_tokens": sum(o_tok), "energy_j": share_j, "status": "OK", "error": None,
+            })
+            results.append(Result(batch_id, w.received_ns, steps, [out.tokens[k] for k in idx],
+                                  [out.finish_reasons[k] for k in idx], p_tok, start.ts_ns, out.first_token_ns,
+                                  done_ns, share_j, self.simulated))
+        self.store.record_batch(
+            {"batch_id": batch_id, "start_ns": start.ts_ns, "first_token_ns": out.first_token_ns,
+             "end_ns": end.ts_ns, "n_requests": len(group), "n_sequences": len(prompts),
+             "prompt_tokens": sum(len(p) for p in prompts), "output_tokens": sum(len(t) for t in out.tokens),
+             "energy_j": energy_j, "energy_method": method, "simulated": int(self.simulated)},
+            gpu_energy, requests,
+        )
+        for w, result in zip(group, results):
+            w.events.put(("done", result))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batch in flight, then stop; queued requests are failed as UNAVAILABLE."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+        self._fail_pending(Unavailable("the server is shutting down; the request was not run"))

@@ -1,0 +1,111 @@
+"""``llmwatts serve``: flags → ServerConfig → create_server, with SIGTERM/SIGINT → graceful stop."""
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from llmwatts.server.config import ServerConfig
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a LLaMA model over gRPC with GPU telemetry",
+        description="Serve a LLaMA model (random-weight preset or HF checkpoint) over gRPC, sampling GPU "
+                    "power/energy (NVML, or a simulated GPU without one) into a SQLite DB. Tokens for "
+                    "power-cap control come from LLMWATTS_CONTROL_TOKEN or LLMWATTS_CONTROL_TOKEN_FILE.",
+    )
+    d = ServerConfig()
+    p.add_argument("--model", default=d.model,
+                   help="preset (tiny, llama-7b, llama-13b, llama-65b) or HF checkpoint dir/hub id (default: tiny)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", default=d.dtype, help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--engine", default=d.engine, help="auto (fast on GPU, eager on CPU), eager or fast")
+    p.add_argument("--host", default=d.host, help="interface to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=d.port, help="port (0 picks a free one; default: 50051)")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
+    p.add_argument("--db", type=Path, default=d.db_path, dest="db_path", help="server SQLite DB")
+    p.add_argument("--power-backend", default=d.power_backend,
+                   help="auto (nvml-readonly with a GPU, else simulated), nvml, nvml-readonly, simulated")
+    p.add_argument("--telemetry-hz", type=float, default=d.telemetry_hz, help="sampling rate, 0 to 100 (default 10)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit)
+    p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
+    p.add_argument("--merge-requests", action="store_true", help="merge concurrent requests into one batch")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    p.add_argument("--queue-size", type=int, default=d.queue_size)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random-weight presets")
+    p.add_argument("--sim-gpus", type=int, default=d.sim_gpus, help="simulated GPUs (simulated backend)")
+    p.add_argument("--sim-profile", default=d.sim_profile, help="simulated GPU profile")
+    p.add_argument("--control-token-file", type=Path, help="file holding the control bearer token")
+    p.add_argument("--allow-insecure-loopback-control", action="store_true",
+                   help="allow power-cap changes without a token on a loopback-only server")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--cap-state", type=Path, dest="cap_state_path",
+                   help="where cap changes are persisted for restore after a crash (default: DB path + .caps.json)")
+    p.add_argument("--default-lease-s", type=float, default=d.default_lease_s)
+    p.add_argument("--shards", type=int, default=1, help="tensor-parallel shards (one process per GPU)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args) -> ServerConfig:
+    from llmwatts.errors import InvalidArgument
+    from llmwatts.server import auth
+
+    for name in ("max_batch_size", "max_new_tokens_limit", "default_max_new_tokens", "queue_size", "sim_gpus"):
+        if getattr(args, name) < 1:
+            raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.telemetry_hz <= 100:
+        raise InvalidArgument(f"--telemetry-hz must be between 0 and 100, got {args.telemetry_hz:g}")
+    if args.default_max_new_tokens > args.max_new_tokens_limit:
+        raise InvalidArgument("--default-max-new-tokens exceeds --max-new-tokens-limit")
+    fields = {k: getattr(args, k) for k in ServerConfig.__dataclass_fields__ if hasattr(args, k)}
+    fields["control_token"] = auth.load_token(
+        auth.CONTROL_TOKEN_ENV, auth.CONTROL_TOKEN_FILE_ENV, path=args.control_token_file)
+    fields["inference_token"] = auth.load_token(auth.INFERENCE_TOKEN_ENV, auth.INFERENCE_TOKEN_FILE_ENV)
+    return ServerConfig(**fields)
+
+
+def run(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    if args.shards > 1:
+        from llmwatts.server.sharded import serve_sharded
+
+        return serve_sharded(config, args.shards, port_file=args.port_file)
+    return serve(config, port_file=args.port_file)
+
+
+def serve(config: ServerConfig, port_file: Path | None = None) -> int:
+    from llmwatts.server.service import create_server
+
+    server, port = create_server(config)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if stopping.is_set():
+            return
+        stopping.set()
+        logging.getLogger(__name__).info("signal %d: stopping (restoring caps)", signum)
+        threading.Thread(target=server.stop, args=(5.0,), daemon=False).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+        info = f"llmwatts serving {config.model} on {config.host}:{port} (db {config.db_path})"
+        print(info, flush=True)
+        if port_file:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(str(port))
+            tmp.replace(port_file)
+        server.wait_for_termination()
+    finally:
+        if not stopping.is_set():
+            server.stop(0)
+    return 0

@@ -1,0 +1,184 @@
+"""Engines turn a batch of token-id prompts into generated tokens, reporting every decode step.
+
+``EagerEngine`` is transformers' own ``generate`` (the paper-faithful baseline). The fast engine lives
+in ``fast_engine.py``. Both share this interface so the batcher, the servicer and the benchmarks never
+care which one runs.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from llmwatts.server.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+
+# step index, new token ids per sequence (an empty list once a sequence has finished)
+StepCallback = Callable[[int, list[list[int]]], None]
+# called after each step with the wall seconds it took (the simulated GPU stretches it under a cap)
+PaceCallback = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    greedy: bool = False
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    seed: int | None = None
+
+
+@dataclass
+class BatchSpec:
+    prompts: list[list[int]]        # token ids per sequence, unpadded
+    max_new_tokens: list[int]       # per sequence
+    sampling: Sampling = field(default_factory=Sampling)
+    ignore_eos: bool = False        # fixed-length: generate exactly max_new_tokens
+
+
+@dataclass
+class BatchOutput:
+    tokens: list[list[int]]         # generated ids per sequence (EOS excluded)
+    finish_reasons: list[str]       # "length" or "eos"
+    first_token_ns: int             # wall clock when the first step's tokens existed
+    done_ns: list[int]              # wall clock when each sequence finished
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, batch: BatchSpec, on_step: StepCallback | None = None,
+                 pace: PaceCallback | None = None) -> BatchOutput: ...
+
+
+class SequenceTracker:
+    """Per-sequence bookkeeping shared by the engines: which sequences finished, and why."""
+
+    def __init__(self, batch: BatchSpec, eos_token_id: int | None):
+        self.batch = batch
+        self.eos = None if batch.ignore_eos else eos_token_id
+        n = len(batch.prompts)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.done_ns = [0] * n
+        self.steps = 0
+        self.first_token_ns = 0
+
+    @property
+    def all_done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def step(self, new_ids: list[int]) -> list[list[int]]:
+        """Take one step's token per sequence; return what each sequence really gained."""
+        now = time.time_ns()
+        if self.steps == 0:
+            self.first_token_ns = now
+        self.steps += 1
+        deltas = []
+        for i, tok in enumerate(new_ids):
+            if self.finish[i] is not None:
+                deltas.append([])
+                continue
+            if self.eos is not None and tok == self.eos:
+                self.finish[i], self.done_ns[i] = "eos", now
+                deltas.append([])
+                continue
+            self.tokens[i].append(tok)
+            deltas.append([tok])
+            if len(self.tokens[i]) >= self.batch.max_new_tokens[i]:
+                self.finish[i], self.done_ns[i] = "length", now
+        return deltas
+
+    def output(self) -> BatchOutput:
+        now = time.time_ns()
+        reasons = [f or "length" for f in self.finish]
+        done = [d or now for d in self.done_ns]
+        return BatchOutput(self.tokens, reasons, self.first_token_ns or now, done)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids: [B, S] left-padded; mask: [B, S] with 1 on real tokens."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class _StepStreamer(BaseStreamer):
+    """Receives each step's tokens from ``generate`` and hands them to the tracker and callbacks."""
+
+    def __init__(self, tracker: SequenceTracker, on_step: StepCallback | None, pace: PaceCallback | None):
+        self.tracker, self.on_step, self.pace = tracker, on_step, pace
+        self.prompt_seen = False
+        self.last = time.perf_counter()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first streams the prompt itself
+            self.prompt_seen = True
+            return
+        new_ids = value.reshape(-1).tolist()  # [B]
+        if self.pace is not None:
+            self.pace(time.perf_counter() - self.last)
+        deltas = self.tracker.step(new_ids)
+        if self.on_step is not None:
+            self.on_step(self.tracker.steps - 1, deltas)
+        self.last = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhenTracked(StoppingCriteria):
+    """Stop ``generate`` once every sequence reached its own limit or EOS (limits differ when merged)."""
+
+    def __init__(self, tracker: SequenceTracker):
+        self.tracker = tracker
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.tracker.all_done, dtype=torch.bool, device=input_ids.device)
+
+
+class EagerEngine:
+    """transformers ``generate`` with a dynamic cache: the paper-faithful baseline."""
+
+    name = "eager"
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None, device: torch.device):
+        self.model, self.pad_id, self.eos_id, self.device = model, pad_token_id, eos_token_id, device
+
+    @torch.inference_mode()
+    def generate(self, batch: BatchSpec, on_step: StepCallback | None = None,
+                 pace: PaceCallback | None = None) -> BatchOutput:
+        tracker = SequenceTracker(batch, self.eos_id)
+        ids, mask = left_pad(batch.prompts, self.pad_id, self.device)
+        max_new = max(batch.max_new_tokens)
+        s = batch.sampling
+        kwargs = dict(do_sample=False) if s.greedy else dict(
+            do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        if batch.ignore_eos:
+            kwargs["min_new_tokens"] = max_new  # suppress EOS: exactly max_new tokens per sequence
+        self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id, streamer=_StepStreamer(tracker, on_step, pace),
+            stopping_criteria=StoppingCriteriaList([_StopWhenTracked(tracker)]), **kwargs,
+        )
+        return tracker.output()
+
+
+def validate_sampling(temperature: float | None, top_p: float | None, greedy: bool, seed: int | None) -> Sampling:
+    """Sampling parameters from the wire, or ``ValueError`` with the allowed range."""
+    t = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+    p = DEFAULT_TOP_P if top_p is None else float(top_p)
+    if not greedy:
+        if not math.isfinite(t) or t <= 0 or t > 10:
+            raise ValueError(f"sampling.temperature must be in (0, 10], got {t}; set greedy for argmax decoding")
+        if not math.isfinite(p) or p <= 0 or p > 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {p}")
+    return Sampling(greedy=greedy, temperature=t, top_p=p, seed=seed)
