@@ -1,0 +1,308 @@
+"""Authentication and transport security: a bearer-token server interceptor, token loading, TLS/mTLS.
+
+Security model (docs/power-caps.md): mutating Control calls (SetPowerCap, ResetPowerCap) need the
+control bearer token; Inference calls need the inference token when one is configured. Without a control
+token, mutating calls are refused unless the server listens on loopback only *and* was started with
+``--allow-insecure-loopback-control``. Tokens come from the environment or a file, never from argv
+(argv is visible to every user through ``ps``). TLS is server-authenticated; a client CA turns on mTLS.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import grpc
+
+from llmwatts.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+CONTROL_TOKEN_ENV = "LLMWATTS_CONTROL_TOKEN"
+CONTROL_TOKEN_FILE_ENV = "LLMWATTS_CONTROL_TOKEN_FILE"
+INFERENCE_TOKEN_ENV = "LLMWATTS_INFERENCE_TOKEN"
+INFERENCE_TOKEN_FILE_ENV = "LLMWATTS_INFERENCE_TOKEN_FILE"
+
+CONTROL_MUTATING_METHODS = frozenset({
+    "/llmwatts.v1.Control/SetPowerCap",
+    "/llmwatts.v1.Control/ResetPowerCap",
+})
+INFERENCE_PREFIX = "/llmwatts.v1.Inference/"
+_BEARER = "bearer "
+
+
+# -------------------------------------------------------------------------------------------------
+# Tokens
+# -------------------------------------------------------------------------------------------------
+
+
+def load_token(
+    env_var: str = CONTROL_TOKEN_ENV,
+    file_env_var: str = CONTROL_TOKEN_FILE_ENV,
+    path: str | os.PathLike | None = None,
+) -> str | None:
+    """The token from ``path`` (a ``--*-token-file`` flag), else the file named by ``$file_env_var``,
+    else ``$env_var``; None when none is configured. Surrounding whitespace is stripped."""
+    source = None
+    if path is None and os.environ.get(file_env_var):
+        path = os.environ[file_env_var]
+        source = f"${file_env_var}"
+    if path is not None:
+        path = Path(path)
+        source = source or str(path)
+        try:
+            text = path.read_text()
+            mode = path.stat().st_mode
+        except OSError as e:
+            raise InvalidArgument(f"cannot read the token file {path} (from {source}): {e.strerror}") from e
+        if mode & 0o077:
+            log.warning("token file %s is readable by group or others; chmod 600 it", path)
+        token = text.strip()
+        if not token:
+            raise InvalidArgument(f"the token file {path} (from {source}) is empty")
+        return token
+    token = (os.environ.get(env_var) or "").strip()
+    return token or None
+
+
+def token_fingerprint(token: str) -> str:
+    """First 8 hex digits of sha256(token): names a token in logs without revealing it."""
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            value = value.decode() if isinstance(value, bytes) else value
+            if value.lower().startswith(_BEARER):
+                return value[len(_BEARER):].strip()
+            return ""  # present but not a bearer token
+    return None
+
+
+def _token_matches(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a bind host that only loopback clients can reach (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def who(context: grpc.ServicerContext) -> str:
+    """A short caller identity for cap events: peer, TLS client CN when mTLS, token fingerprint."""
+    parts = [context.peer() or "unknown-peer"]
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # not every context implementation has TLS information
+        auth = {}
+    for name in auth.get("x509_common_name", []):
+        parts.append(f"cn={name.decode() if isinstance(name, bytes) else name}")
+    token = _bearer_token(context.invocation_metadata())
+    parts.append(f"token={token_fingerprint(token)}" if token else "no-token")
+    return " ".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------
+# Server side
+# -------------------------------------------------------------------------------------------------
+
+
+def _denying_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that aborts with ``code``."""
+
+    def abort(request_or_iterator, context):
+        context.abort(code, details)
+
+    kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Checks ``authorization: Bearer <token>`` on protected methods (constant-time compare).
+
+    ``loopback_only``: the server listens on loopback only; with ``allow_insecure_loopback_control``
+    mutating Control calls then pass without a control token (single-user development machines).
+    """
+
+    def __init__(
+        self,
+        control_token: str | None,
+        *,
+        inference_token: str | None = None,
+        loopback_only: bool = False,
+        allow_insecure_loopback_control: bool = False,
+        control_methods: Iterable[str] = CONTROL_MUTATING_METHODS,
+    ):
+        self.control_token = control_token or None
+        self.inference_token = inference_token or None
+        self.loopback_only = loopback_only
+        self.allow_insecure_loopback_control = allow_insecure_loopback_control
+        self.control_methods = frozenset(control_methods)
+        if allow_insecure_loopback_control and not loopback_only and not self.control_token:
+            log.warning("--allow-insecure-loopback-control ignored: the server is not loopback-only")
+
+    @classmethod
+    def from_config(cls, config) -> "BearerTokenInterceptor":
+        """From a ``ServerConfig`` (control_token, inference_token, host, allow_insecure_loopback_control)."""
+        return cls(
+            config.control_token,
+            inference_token=config.inference_token,
+            loopback_only=is_loopback_host(config.host),
+            allow_insecure_loopback_control=config.allow_insecure_loopback_control,
+        )
+
+    def check(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call may proceed, else the (code, message) to refuse it with."""
+        if method in self.control_methods:
+            if self.control_token is None:
+                if self.loopback_only and self.allow_insecure_loopback_control:
+                    return None
+                return grpc.StatusCode.PERMISSION_DENIED, (
+                    f"{method} changes GPU power caps and this server has no control token: start it with "
+                    f"${CONTROL_TOKEN_ENV} or ${CONTROL_TOKEN_FILE_ENV} set (or --control-token-file PATH), "
+                    "or bind it to 127.0.0.1 with --allow-insecure-loopback-control on a single-user machine"
+                )
+            return self._check_token(method, metadata, self.control_token,
+                                     f"${CONTROL_TOKEN_ENV} or --token-file PATH")
+        if self.inference_token is not None and method.startswith(INFERENCE_PREFIX):
+            return self._check_token(method, metadata, self.inference_token,
+                                     f"${INFERENCE_TOKEN_ENV} or --token-file PATH")
+        return None
+
+    @staticmethod
+    def _check_token(method: str, metadata, expected: str, how: str) -> tuple[grpc.StatusCode, str] | None:
+        given = _bearer_token(metadata)
+        if given is None:
+            return grpc.StatusCode.UNAUTHENTICATED, (
+                f"{method} needs 'authorization: Bearer <token>' metadata; give the client the token via {how}"
+            )
+        if not _token_matches(given, expected):
+            return grpc.StatusCode.UNAUTHENTICATED, (
+                f"{method}: the bearer token is wrong (fingerprint {token_fingerprint(given) if given else 'empty'}); "
+                f"give the client the server's token via {how}"
+            )
+        return None
+
+    def intercept_service(self, continuation, handler_call_details):
+        refusal = self.check(handler_call_details.method, handler_call_details.invocation_metadata)
+        handler = continuation(handler_call_details)
+        if refusal is None or handler is None:
+            return handler
+        log.info("refused %s: %s", handler_call_details.method, refusal[0].name)
+        return _denying_handler(handler, *refusal)
+
+
+def _read(path: str | os.PathLike | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the {what} {path}: {e.strerror}") from e
+
+
+def server_credentials(
+    cert: str | os.PathLike, key: str | os.PathLike, client_ca: str | os.PathLike | None = None
+) -> grpc.ServerCredentials:
+    """TLS server credentials from PEM files; with ``client_ca`` clients must present a certificate
+    signed by it (mutual TLS)."""
+    return grpc.ssl_server_credentials(
+        [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
+        root_certificates=_read(client_ca, "client CA"),
+        require_client_auth=client_ca is not None,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Client side
+# -------------------------------------------------------------------------------------------------
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _MetadataInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata to every call (bearer token on plaintext channels, where grpc refuses
+    call credentials)."""
+
+    def __init__(self, metadata: list[tuple[str, str]]):
+        self._metadata = metadata
+
+    def _details(self, d):
+        return _CallDetails(d.method, d.timeout, list(d.metadata or []) + self._metadata, d.credentials,
+                            d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def client_channel(
+    target: str,
+    *,
+    ca: str | os.PathLike | None = None,
+    cert: str | os.PathLike | None = None,
+    key: str | os.PathLike | None = None,
+    token: str | None = None,
+    options: list[tuple[str, object]] | None = None,
+) -> grpc.Channel:
+    """A channel to ``target`` (HOST:PORT). TLS when ``ca`` or ``cert`` is given (``ca`` verifies the
+    server, default the system roots; ``cert`` + ``key`` present a client certificate for mTLS).
+    ``token`` is sent as ``authorization: Bearer``: as call credentials under TLS, as metadata on
+    plaintext (where it travels in clear text; keep plaintext to loopback)."""
+    if (cert is None) != (key is None):
+        raise InvalidArgument("a client certificate needs both --cert and --key")
+    if ca is not None or cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca, "CA certificate"),
+            private_key=_read(key, "client key"),
+            certificate_chain=_read(cert, "client certificate"),
+        )
+        if token:
+            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+        return grpc.secure_channel(target, credentials, options=options)
+    channel = grpc.insecure_channel(target, options=options)
+    if token:
+        host = target.rsplit(":", 1)[0] if ":" in target else target
+        if not is_loopback_host(host.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:")):
+            warnings.warn(f"sending a bearer token to {target} without TLS: anyone on the path can read it; "
+                          "use --ca (and a TLS server)", stacklevel=2)
+        channel = grpc.intercept_channel(channel, _MetadataInterceptor([("authorization", f"Bearer {token}")]))
+    return channel
