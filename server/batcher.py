@@ -57,7 +57,8 @@ class Result:
 
 class Batcher:
     def __init__(self, engine: Engine, gpus: list[GPU], store: ServerStore, *, max_batch_size: int,
-                 queue_size: int, merge_requests: bool = False, batch_wait_ms: float = 5.0):
+                 queue_size: int, merge_requests: bool = False, batch_wait_ms: float = 5.0,
+                 on_failure=None):
         self.engine, self.gpus, self.store = engine, gpus, store
         self.meter = EnergyMeter(gpus)
         self.max_batch_size = max_batch_size
@@ -69,6 +70,7 @@ class Batcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.failure: BaseException | None = None
+        self.on_failure = on_failure  # called once (from the batcher thread) when the engine breaks
 
     def start(self) -> None:
         self._thread.start()
@@ -121,6 +123,8 @@ class Batcher:
                 for w in group:
                     w.events.put(("error", e))
                 self._fail_pending(e)
+                if self.on_failure is not None:
+                    self.on_failure(e)
                 return
 
     def _fail_pending(self, e: BaseException) -> None:

@@ -309,6 +309,7 @@ class LlmwattsServer:
 
     def __init__(self, grpc_server: grpc.Server, host: Host, health_servicer: health.HealthServicer):
         self.grpc_server, self.host, self.health = grpc_server, host, health_servicer
+        host.batcher.on_failure = lambda err: self.set_not_serving()  # a dead engine or rank: NOT_SERVING
 
     def start(self) -> None:
         self.host.start()
