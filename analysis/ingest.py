@@ -196,9 +196,8 @@ def _client_run_lookup(conn: sqlite3.Connection, path: Path):
     return by_run
 
 
-def _copy_table(db, conn, path: Path, table: str, pk: tuple[str, ...], tables: set[str]) -> int:
-    columns = _columns(conn, table)
-    names = [c for c, _ in columns]
+def _check_keys(conn, path: Path, table: str, pk: tuple[str, ...]) -> None:
+    names = [c for c, _ in _columns(conn, table)]
     derive_server_id = table == "batch_gpu_energy" and "server_id" not in names
     missing = [c for c in pk if c not in names and not (derive_server_id and c == "server_id")]
     if missing:
@@ -206,6 +205,12 @@ def _copy_table(db, conn, path: Path, table: str, pk: tuple[str, ...], tables: s
             f"{path}: table {table} lacks column(s) {', '.join(missing)}; "
             "is it from a different llmwatts version?"
         )
+
+
+def _copy_table(db, conn, path: Path, table: str, pk: tuple[str, ...], tables: set[str]) -> int:
+    columns = _columns(conn, table)
+    names = [c for c, _ in columns]
+    derive_server_id = table == "batch_gpu_energy" and "server_id" not in names
     _ensure_table(db, table, columns, pk)
     lookup = _server_id_lookup(conn, path, tables) if derive_server_id else None
     client_runs = _client_run_lookup(conn, path) if table == "client_requests" else None
@@ -244,6 +249,9 @@ def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -
         sha256, size_bytes = file_sha256(path)
         result = SourceResult(str(path), kind, sha256, size_bytes)
         spec = SERVER_TABLES if kind == "server" else CLIENT_TABLES
+        for table, pk in spec.items():  # every table checked before any row is written
+            if table in tables:
+                _check_keys(conn, path, table, pk)
         with db.conn:
             for table, pk in spec.items():
                 if table in tables:

@@ -1,0 +1,104 @@
+"""Ingest: idempotent, keyed by content, one clear error per bad input."""
+
+import sqlite3
+
+import pytest
+import sqlite_utils
+from analysis_builders import build_small
+
+from llmwatts.analysis import ingest, metrics
+from llmwatts.errors import InvalidArgument, NotFound
+
+TABLES = ["servers", "gpus", "runs", "batches", "batch_gpu_energy", "requests", "telemetry", "cap_events",
+          "client_runs", "client_requests"]
+
+
+def counts(path):
+    db = sqlite_utils.Database(path)
+    return {t: db[t].count for t in TABLES}
+
+
+def test_ingest_copies_every_table_and_is_idempotent(tmp_path, small):
+    study = tmp_path / "study.db"
+    result = ingest.ingest(study, [small.server_db], [small.client_db])
+    first = counts(study)
+    assert first == {"servers": 1, "gpus": 2, "runs": 1, "batches": 3, "batch_gpu_energy": 6,
+                     "requests": 5, "telemetry": 26, "cap_events": 1, "client_runs": 1,
+                     "client_requests": 6}
+    assert result.sources[0].rows["telemetry"] == 26 and result.sources[1].kind == "client"
+    before = metrics.run_metrics(study, "run-1")
+    ingest.ingest(study, [small.server_db, small.server_db], [small.client_db])
+    assert counts(study) == first
+    assert metrics.run_metrics(study, "run-1") == before
+    db = sqlite_utils.Database(study)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    sources = list(db["sources"].rows)
+    assert len(sources) == 2 and {s["kind"] for s in sources} == {"server", "client"}
+    assert all(len(s["sha256"]) == 64 and s["size_bytes"] > 0 and s["ingested_ns"] > 0 for s in sources)
+    # Each client row carries its own worker's clock offset (server − client) for cross-clock joins.
+    assert {r["client_clock_offset_ns"] for r in db["client_requests"].rows} == {5_000_000}
+
+
+def test_reingest_of_a_grown_file_takes_new_and_updated_rows(tmp_path, small):
+    study = tmp_path / "study.db"
+    ingest.ingest(study, [small.server_db])
+    server = sqlite_utils.Database(small.server_db)
+    server.execute("UPDATE runs SET end_energy_j = 3500.0")
+    server["requests"].insert({"request_id": "late", "run_id": "run-1", "server_id": "srv-a",
+                               "status": "CANCELLED", "n_prompts": 1})
+    server.conn.commit()
+    server.conn.close()
+    ingest.ingest(study, [small.server_db])
+    db = sqlite_utils.Database(study)
+    assert db["requests"].count == 6
+    # Regression: an upsert must never write NULL over columns it was not given.
+    assert db.execute("SELECT begin_energy_j, end_energy_j, labels IS NOT NULL FROM runs").fetchone() == (
+        1000.0, 3500.0, 1)
+    assert len(list(db["sources"].rows)) == 2  # same path, new content
+
+
+def test_two_servers_with_the_same_batch_ids_stay_apart(tmp_path):
+    # A cap sweep restarts the server on one machine: same GPU uuids, batch ids from b1 again.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = build_small(tmp_path / "a", server_id="srv-a")
+    b = build_small(tmp_path / "b", server_id="srv-b")
+    study = tmp_path / "study.db"
+    ingest.ingest(study, [a.server_db, b.server_db])
+    db = sqlite_utils.Database(study)
+    assert db["batches"].count == 6 and db["batch_gpu_energy"].count == 12
+    assert {r["server_id"] for r in db["batch_gpu_energy"].rows} == {"srv-a", "srv-b"}
+
+
+def test_missing_file_is_not_found(tmp_path):
+    with pytest.raises(NotFound, match="no such DB file"):
+        ingest.ingest(tmp_path / "study.db", [tmp_path / "absent.db"])
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_wrong_kind_and_foreign_dbs_are_invalid(tmp_path, small):
+    with pytest.raises(InvalidArgument, match="is a server DB, not a client DB; pass it with --server-db"):
+        ingest.ingest(tmp_path / "study.db", client_dbs=[small.server_db])
+    other = tmp_path / "other.db"
+    sqlite_utils.Database(other)["dogs"].insert({"name": "Cleo"})
+    with pytest.raises(InvalidArgument, match="neither an llmwatts server DB .* it has dogs"):
+        ingest.ingest(tmp_path / "study.db", [other])
+    text = tmp_path / "notes.db"
+    text.write_text("not a database, only words " * 50)
+    with pytest.raises(InvalidArgument, match="not a SQLite database"):
+        ingest.ingest(tmp_path / "study.db", [text])
+    with pytest.raises(InvalidArgument, match="not a file"):
+        ingest.ingest(tmp_path / "study.db", [tmp_path])
+
+
+def test_missing_key_column_is_reported(tmp_path):
+    bad = tmp_path / "old.db"
+    conn = sqlite3.connect(bad)
+    for table in ("servers", "runs", "requests"):
+        conn.execute(f"CREATE TABLE {table} (server_id TEXT, run_id TEXT, request_id TEXT)")
+    conn.execute("CREATE TABLE batches (batch_id TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(InvalidArgument, match="table batches lacks column\\(s\\) server_id"):
+        ingest.ingest(tmp_path / "study.db", [bad])
+    assert not sqlite_utils.Database(tmp_path / "study.db")["servers"].exists()  # nothing half-copied
