@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import datetime
+import time
 
 import grpc
 
@@ -63,15 +63,13 @@ def print_caps(reply, target: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"power caps on {target} (backend {reply.backend})")
-    for column in ("gpu", "uuid", "node", "cap W", "enforced W", "default W", "range W", "lease ends"):
-        table.add_column(column)
+    for column in ("gpu", "uuid", "node", "cap W", "enforced W", "default W", "range W", "lease left"):
+        table.add_column(column, no_wrap=column in ("uuid", "range W"))
+    now_ns = time.time_ns()
     for g in reply.gpus:
-        lease = (
-            datetime.datetime.fromtimestamp(g.lease_end_ns / 1e9).isoformat(timespec="seconds")
-            if g.lease_end_ns else "-"
-        )
+        lease = f"{max(0.0, (g.lease_end_ns - now_ns) / 1e9):.0f} s" if g.lease_end_ns else "-"
         table.add_row(
-            f"{g.rank}:{g.index}", g.uuid + (" (sim)" if g.simulated else ""), g.node, f"{g.cap_w:g}",
+            f"{g.rank}:{g.index}", g.uuid, g.node, f"{g.cap_w:g}",
             f"{g.enforced_w:g}", f"{g.default_w:g}", f"{g.min_w:g}–{g.max_w:g}", lease,
         )
     Console().print(table)

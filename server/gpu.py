@@ -333,7 +333,7 @@ SIM_PROFILES: dict[str, SimProfile] = {
     ),
     # H100-SXM-class card: same shape, scaled to a 700 W board limit.
     "h100-700w": SimProfile(
-        label="Simulated H100 (700 W)", idle_w=70.0, mem_w=90.0, core_w=520.0, v_floor=0.84,
+        label="Simulated H100 (700 W)", idle_w=70.0, mem_w=60.0, core_w=560.0, v_floor=0.84,
         compute_fraction=0.30, a1=0.6, n_sat=32, f_max_mhz=1980, f_min_mhz=345,
         default_cap_w=700.0, min_cap_w=200.0, max_cap_w=700.0, memory_total_bytes=80 * GIB,
     ),
@@ -345,6 +345,28 @@ def sim_profile(name: str) -> SimProfile:
         return SIM_PROFILES[name]
     except KeyError:
         raise InvalidArgument(f"unknown simulated GPU profile {name!r}; choose one of: {', '.join(SIM_PROFILES)}") from None
+
+
+def predicted_cap_table(
+    profile: str | SimProfile = "a100-250w", caps_w: tuple[float, ...] | None = None, n_sequences: int = 64
+) -> list[dict]:
+    """The model's steady-state prediction for a GPU kept busy with ``n_sequences`` in flight: per cap
+    (default: 100% down to 50% of the default cap), the SM clock, the power drawn, and the change in
+    time and energy per unit of work relative to the first cap."""
+    p = profile if isinstance(profile, SimProfile) else sim_profile(profile)
+    if caps_w is None:
+        caps_w = tuple(round(p.default_cap_w * share) for share in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5))
+    activity = p.activity(n_sequences)
+    rows = []
+    for cap_w in caps_w:
+        x = p.clock_ratio(activity, cap_w)
+        rows.append({"cap_w": cap_w, "sm_clock_mhz": round(x * p.f_max_mhz), "power_w": p.power_w(activity, x),
+                     "time": p.slowdown(x), "energy": p.power_w(activity, x) * p.slowdown(x)})
+    time0, energy0 = rows[0]["time"], rows[0]["energy"]
+    for row in rows:
+        row["time_change_pct"] = 100 * (row.pop("time") / time0 - 1)
+        row["energy_change_pct"] = 100 * (row.pop("energy") / energy0 - 1)
+    return rows
 
 
 class SimulatedGPU(GPU):
@@ -525,3 +547,12 @@ def power_source(gpus: list[GPU]) -> str:
     if len(sources) != 1:
         raise FailedPrecondition(f"GPUs of mixed power sources {sorted(sources)}; use one backend on every rank")
     return sources.pop()
+
+
+if __name__ == "__main__":  # python -m llmwatts.server.gpu [profile]: the model's predicted cap table
+    import sys
+
+    print("| cap W | SM clock MHz | power W | time | energy |\n|---|---|---|---|---|")
+    for row in predicted_cap_table(sys.argv[1] if len(sys.argv) > 1 else "a100-250w"):
+        print(f"| {row['cap_w']} | {row['sm_clock_mhz']} | {row['power_w']:.0f} | "
+              f"{row['time_change_pct']:+.1f}% | {row['energy_change_pct']:+.1f}% |")

@@ -200,7 +200,7 @@ class PowerCapManager:
                 if g is None:
                     continue
                 try:
-                    self._restore(g, kind, "llmwatts-server", kind)
+                    self._restore(g, kind, "llmwatts-server", "server stopping" if kind == "restore" else kind)
                     restored.append(self._status(g))
                 except Exception:
                     log.exception("could not restore the power cap of %r; the next start retries", g)
@@ -282,16 +282,13 @@ class PowerCapManager:
         low_mw = max(g.power_limit_constraints_mw()[0] for g in gpus)
         high_mw = min(g.power_limit_constraints_mw()[1] for g in gpus)
         allowed = f"[{low_mw / 1000:g}, {high_mw / 1000:g}] W"
+        if low_mw > high_mw:
+            raise InvalidArgument("the selected GPUs share no power-limit range; cap them in separate calls")
         if not math.isfinite(cap_w) or cap_w <= 0:
             raise InvalidArgument(f"cap_w {cap_w!r} is not a power limit; give watts in {allowed}")
         cap_mw = int(round(cap_w * 1000))
-        for g in gpus:
-            g_low_mw, g_high_mw = g.power_limit_constraints_mw()
-            if not g_low_mw <= cap_mw <= g_high_mw:
-                raise InvalidArgument(
-                    f"cap_w {cap_w:g} is outside GPU {g.rank}:{g.index} ({g.uuid})'s range "
-                    f"[{g_low_mw / 1000:g}, {g_high_mw / 1000:g}] W; the selected GPUs allow {allowed}"
-                )
+        if not low_mw <= cap_mw <= high_mw:
+            raise InvalidArgument(f"cap_w {cap_w:g} is outside the allowed range {allowed} of the selected GPUs")
         return cap_mw
 
     def _roll_back(self, changed: list[GPU], before: dict[str, int], had_change: dict[str, bool]) -> None:

@@ -268,3 +268,21 @@ def test_unknown_backend_names_choices():
 def test_bad_device_index_refused(fake_nvml):
     with pytest.raises(InvalidArgument, match="0..1"):
         open_gpus("nvml", node="n", device_indices=[5])
+
+
+@pytest.mark.parametrize("name", sorted(SIM_PROFILES))
+def test_every_profile_can_hold_its_minimum_cap(name):
+    # Guards against a profile whose floor clock draws more than its own minimum cap (the cap would
+    # then be accepted but not met).
+    g = SimulatedGPU(0, node="n", profile=name)
+    g.set_load(1024)
+    min_mw, _ = g.power_limit_constraints_mw()
+    g.set_power_limit_mw(min_mw)
+    assert g.sample().power_mw <= min_mw
+
+
+def test_predicted_cap_table_shape():
+    rows = gpu_mod.predicted_cap_table("a100-250w")
+    assert [r["cap_w"] for r in rows] == [250, 225, 200, 175, 150, 125]
+    assert rows[0]["time_change_pct"] == 0 and rows[0]["energy_change_pct"] == 0
+    assert all(b["time_change_pct"] >= a["time_change_pct"] for a, b in zip(rows, rows[1:]))
