@@ -53,6 +53,12 @@ ADDED_COLUMNS = {
     "batch_gpu_energy": {"server_id": "TEXT"},
     "client_requests": {"client_clock_offset_ns": "INTEGER", "client_started_ns": "INTEGER"},
 }
+# Indexes for the joins in join.py / metrics.py (telemetry by server and time, rows by run).
+INDEXES = {
+    "telemetry": [("server_id", "ts_ns")],
+    "requests": [("run_id",), ("request_id",)],
+    "client_requests": [("run_id",)],
+}
 BATCH_ROWS = 2000
 
 
@@ -157,6 +163,8 @@ def _ensure_table(db: sqlite_utils.Database, table: str, columns: list[tuple[str
         cols_sql = ", ".join(f"[{name}] {decl}".rstrip() for name, decl in wanted)
         pk_sql = ", ".join(f"[{c}]" for c in pk)
         db.execute(f"CREATE TABLE [{table}] ({cols_sql}, PRIMARY KEY ({pk_sql}))")
+        for columns_ in INDEXES.get(table, []):
+            db[table].create_index(list(columns_), if_not_exists=True)
         return
     have = set(db[table].columns_dict)
     for name, decl in wanted:

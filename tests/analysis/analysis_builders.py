@@ -1,8 +1,8 @@
 """Realistic server and client DBs for the analysis tests.
 
-Server DBs are written through ``llmwatts.server.store`` (the server's own schema), so these tests break
-when that schema drifts. Client DBs go through ``llmwatts.loadgen.records`` when it exists, else through
-the client schema of docs/architecture.md written here.
+Server DBs are written through ``llmwatts.server.store`` and client DBs through
+``llmwatts.loadgen.records`` (each box's own schema and writer), so these tests break when either schema
+drifts from what the analysis reads.
 """
 
 from __future__ import annotations
@@ -37,22 +37,27 @@ CLIENT_SCHEMA = {
 
 
 def write_client_db(path: Path, runs: list[dict], requests: list[dict]) -> Path:
-    """A client DB with the loadgen schema (the loadgen's own writer when it exists)."""
+    """A client DB written by the loadgen's own writer (``llmwatts.loadgen.records``); the local copy of
+    the schema is only for a tree where that module does not exist yet."""
     try:
-        from llmwatts.loadgen import records  # noqa: F401  (switch-over point; see module docstring)
+        from llmwatts.loadgen import records
     except ImportError:
         records = None
-    db = sqlite_utils.Database(path)
-    db.enable_wal()
-    if records is not None and hasattr(records, "create_schema"):
-        records.create_schema(db)
+    if records is not None:
+        db = records.open_client_db(path)
+        for run in runs:
+            records.write_run_start(db, {k: v for k, v in run.items() if k != "ended_ns"})
+            records.write_run_end(db, run["run_id"], run["ended_ns"])
+        records.db_sink(db)(requests)
     else:
+        db = sqlite_utils.Database(path)
+        db.enable_wal()
         for name, (columns, pk) in CLIENT_SCHEMA.items():
             db.create_table(name, columns, pk=pk, strict=True)
-    db["client_runs"].insert_all(
-        [dict(r, labels=json.dumps(r.get("labels") or {}, sort_keys=True)) for r in runs]
-    )
-    db["client_requests"].insert_all(requests)
+        db["client_runs"].insert_all(
+            [dict(r, labels=json.dumps(r.get("labels") or {}, sort_keys=True)) for r in runs]
+        )
+        db["client_requests"].insert_all(requests)
     db.conn.close()
     return path
 
