@@ -17,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import rich.box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -31,6 +33,12 @@ DISPLAY_COLUMNS = [
     "j_per_token", "j_per_response", "sm_pct_mean", "mem_pct_mean", "mem_used_pct_max",
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms", "gpu_energy_spread",
 ]
+# The terminal gets fewer columns, with short headers, so the table fits a normal window.
+TERMINAL_COLUMNS = {
+    "run_id": "run", "batch_size": "batch", "shard_count": "GPUs", "cap_w": "cap W", "power": "power",
+    "tokens_per_s": "tok/s", "avg_power_w": "W", "j_per_token": "J/tok", "j_per_response": "J/resp",
+    "sm_pct_mean": "SM%", "mem_pct_mean": "mem%", "latency_p95_ms": "p95 ms",
+}
 RECONCILE_COLUMNS = [
     "run_id", "client_sent", "server_ok", "server_error", "missing", "duplicated", "server_only",
     "attributed_j", "batch_j", "attribution_rel_diff",
@@ -63,6 +71,13 @@ def fmt(value) -> str:
             return ""
         return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     return str(value)
+
+
+def _short(value) -> str:
+    """A terminal cell: 3 significant digits (whole numbers from 1000 up)."""
+    if isinstance(value, float) and value == value:
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return fmt(value)
 
 
 def _title(text: str, simulated: bool) -> str:
@@ -107,6 +122,7 @@ def _plot_vs_batch(runs: list[dict], column: str, ylabel: str, title: str, path:
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("batch size (prompts per request)")
     ax.set_ylabel(ylabel)
     ax.set_title(_title(title, simulated))
@@ -141,7 +157,7 @@ def _plot_tradeoff(points: list[metrics.TradeoffPoint], path: Path, simulated: b
     return path
 
 
-def _plot_power_timeline(db, path: Path, simulated: bool):
+def _plot_power_timeline(db, path: Path):
     if not db["telemetry"].exists():
         return None
     servers = [r[0] for r in db.execute("SELECT DISTINCT server_id FROM telemetry ORDER BY server_id")]
@@ -149,7 +165,8 @@ def _plot_power_timeline(db, path: Path, simulated: bool):
         return None
     fig, axes = plt.subplots(len(servers), 1, figsize=(9, 3.2 * len(servers)), squeeze=False)
     for ax, server_id in zip(axes[:, 0], servers):
-        t0_ns = db.execute("SELECT MIN(ts_ns) FROM telemetry WHERE server_id = ?", [server_id]).fetchone()[0]
+        t0_ns, server_simulated = db.execute(
+            "SELECT MIN(ts_ns), MAX(simulated) FROM telemetry WHERE server_id = ?", [server_id]).fetchone()
         gpus = [r[0] for r in db.execute(
             "SELECT DISTINCT gpu_uuid FROM telemetry WHERE server_id = ? ORDER BY rank, gpu_uuid", [server_id])]
         for gpu_uuid in gpus:
@@ -176,7 +193,8 @@ def _plot_power_timeline(db, path: Path, simulated: bool):
                         transform=ax.get_xaxis_transform(), va="bottom")
         ax.set_xlabel("time since first sample (s, server clock)")
         ax.set_ylabel("power (W)")
-        ax.set_title(_title(f"GPU power, server {server_id} (runs shaded, cap changes dashed)", simulated),
+        ax.set_title(_title(f"GPU power, server {server_id} (runs shaded, cap changes dashed)",
+                            bool(server_simulated)),
                      fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
@@ -187,11 +205,13 @@ def _plot_power_timeline(db, path: Path, simulated: bool):
 
 
 def _print_table(console: Console, runs: list[dict], simulated: bool) -> None:
-    table = Table(title=_title("llmwatts runs", simulated), show_lines=False)
-    for column in DISPLAY_COLUMNS:
-        table.add_column(column, overflow="fold")
+    table = Table(title=_title("llmwatts runs", simulated), caption="every column: runs.csv / report.html",
+                  box=rich.box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for column, header in TERMINAL_COLUMNS.items():
+        table.add_column(header, justify="left" if column in ("run_id", "power") else "right",
+                         no_wrap=column == "run_id")
     for row in runs:
-        table.add_row(*(fmt(row.get(c)) for c in DISPLAY_COLUMNS))
+        table.add_row(*(_short(row.get(c)) for c in TERMINAL_COLUMNS))
     console.print(table)
 
 
@@ -280,7 +300,7 @@ def build_report(
                                                 "Throughput vs batch size", out / "tokens_per_s_vs_batch.png",
                                                 simulated),
         "tradeoff": _plot_tradeoff(points, out / "tradeoff.png", simulated),
-        "power_timeline": _plot_power_timeline(db, out / "power_timeline.png", simulated),
+        "power_timeline": _plot_power_timeline(db, out / "power_timeline.png"),
     }
     result.plots = {name: path for name, path in plots.items() if path is not None}
     _write_markdown(result)
