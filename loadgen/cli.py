@@ -1,0 +1,111 @@
+"""``llmwatts load``: a thin wrapper over ``run_load`` (Locust is imported only when the command runs)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from llmwatts.errors import InvalidArgument
+from llmwatts.loadgen.config import DEFAULT_DEADLINE_S, LoadConfig, parse_labels
+from llmwatts.loadgen.prompts import DATASETS, DEFAULT_NUM_PROMPTS, DEFAULT_SEED, GSM8K_SPLITS
+
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+
+
+def parse_duration_s(text: str) -> float:
+    """``"90"``, ``"30s"``, ``"5m"``, ``"1h30m"`` → seconds."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _SPAN.findall(text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise InvalidArgument(f"--run-time must look like 30s, 5m or 1h30m, got {text!r}")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "load",
+        help="replay prompts against `llmwatts serve` with Locust and record every request",
+        description="Headless Locust load run against an llmwatts server. Every request leaves one exact row "
+        "in the client DB (SQLite). Bound the run with --requests and/or --run-time. Distributed: one "
+        "`--master --expect-workers K` and K `--worker --master-host HOST`.",
+    )
+    p.add_argument("--target", metavar="HOST:PORT", help="address of `llmwatts serve` (required unless --worker)")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--dataset", choices=DATASETS, default="alpaca",
+                   help="alpaca, gsm8k, a JSONL file (jsonl) or the embedded demo set (mini); default alpaca")
+    g.add_argument("--jsonl-path", metavar="FILE", help="JSONL file for --dataset jsonl")
+    g.add_argument("--field", help="JSONL field holding the prompt (--dataset jsonl)")
+    g.add_argument("--split", choices=GSM8K_SPLITS, default="test", help="GSM8K split (default test)")
+    g.add_argument("--data-dir", metavar="DIR", help="folder searched first for prompt files")
+    g.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="prompts sampled (default 4096)")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="prompt sampling and sampler seed (default 0)")
+    g = p.add_argument_group("load")
+    g.add_argument("--batch-size", type=int, default=1, help="prompts per request (default 1)")
+    g.add_argument("--users", type=int, default=1, help="concurrent closed-loop users (default 1)")
+    g.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
+    g.add_argument("--run-time", metavar="DURATION", help="stop after this long, e.g. 30s, 5m")
+    g.add_argument("--requests", type=int, metavar="N", help="stop after exactly N requests in total")
+    g.add_argument("--stream", action="store_true", help="GenerateStream (records time to first token)")
+    g.add_argument("--max-new-tokens", type=int, help="tokens per completion (default: the server's)")
+    g.add_argument("--ignore-eos", action="store_true", help="fixed-length: always generate max-new-tokens")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature 0.8, top-p 0.95)")
+    g.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-call deadline (default 600)")
+    g = p.add_argument_group("records")
+    g.add_argument("--run-id", help="run id (default: generated)")
+    g.add_argument("--label", action="append", default=[], metavar="K=V", help="run label (repeatable)")
+    g.add_argument("--client-db", metavar="PATH", help="client DB (default llmwatts-client-<run_id>.db)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON instead of a summary")
+    g.add_argument("--quiet", action="store_true", help="no Locust log lines")
+    g = p.add_argument_group("security", "the inference token is read from $LLMWATTS_INFERENCE_TOKEN or --token-file")
+    g.add_argument("--ca", metavar="PEM", help="TLS: CA bundle that signed the server's certificate")
+    g.add_argument("--cert", metavar="PEM", help="mutual TLS: client certificate")
+    g.add_argument("--key", metavar="PEM", help="mutual TLS: client private key")
+    g.add_argument("--token-file", metavar="PATH", help="file holding the inference bearer token")
+    g = p.add_argument_group("distributed")
+    g.add_argument("--master", action="store_true", help="run as master: hands out work, writes the client DB")
+    g.add_argument("--expect-workers", type=int, default=1, help="master: workers to wait for (default 1)")
+    g.add_argument("--master-bind-host", default="*", help="master: interface to listen on (default all)")
+    g.add_argument("--master-port", type=int, default=5557, help="master port (default 5557)")
+    g.add_argument("--worker", action="store_true", help="run as worker of --master-host")
+    g.add_argument("--master-host", default="127.0.0.1", help="worker: the master's address")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args) -> LoadConfig:
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read --token-file {args.token_file}: {e.strerror}") from e
+    return LoadConfig(
+        target=args.target, dataset=args.dataset, jsonl_path=args.jsonl_path, field=args.field, split=args.split,
+        data_dir=args.data_dir, num_prompts=args.num_prompts, seed=args.seed, batch_size=args.batch_size,
+        users=args.users, spawn_rate=args.spawn_rate,
+        run_time_s=parse_duration_s(args.run_time) if args.run_time else None, requests=args.requests,
+        stream=args.stream, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, greedy=args.greedy,
+        run_id=args.run_id, labels=parse_labels(args.label), client_db=args.client_db, deadline_s=args.deadline_s,
+        ca=args.ca, cert=args.cert, key=args.key, token=token, master=args.master,
+        expect_workers=args.expect_workers, master_bind_host=args.master_bind_host, master_port=args.master_port,
+        worker=args.worker, master_host=args.master_host, quiet=args.quiet,
+    )
+
+
+def run(args) -> int:
+    config = config_from_args(args)
+    config.validate()  # before importing Locust: a usage mistake should not cost a gevent start
+    from llmwatts.loadgen.runner import run_load
+
+    result = run_load(config)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(result.summary())
+    return 1 if result.requests_failed else 0

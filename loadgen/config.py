@@ -1,0 +1,242 @@
+"""What a load run is: ``LoadConfig``, its Locust options (``--llm-*``) and the result of a run.
+
+Kept free of Locust/gevent imports, so a caller can build a config without monkey-patching its process.
+The ``--llm-*`` options travel from a Locust master to its workers, so every value here is a plain
+str/int/float/bool/list (msgpack-able).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field  # LoadConfig has a `field` attribute
+
+from llmwatts.errors import InvalidArgument
+from llmwatts.loadgen.prompts import DATASETS, DEFAULT_NUM_PROMPTS, DEFAULT_SEED, GSM8K_SPLITS
+
+DEFAULT_DEADLINE_S = 600.0
+DEFAULT_TEMPERATURE = 0.8  # paper defaults
+DEFAULT_TOP_P = 0.95
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class LoadConfig:
+    """One load run. ``target`` is ``HOST:PORT`` of ``llmwatts serve``.
+
+    Bound the run with ``requests`` (exactly that many requests in total, over all users and workers)
+    and/or ``run_time_s``; whichever comes first ends it.
+    """
+
+    target: str | None = None
+    dataset: str = "alpaca"             # alpaca, gsm8k, jsonl, mini
+    jsonl_path: str | None = None       # dataset jsonl
+    field: str | None = None            # dataset jsonl: the field holding the prompt
+    split: str = "test"                 # gsm8k: test or train
+    data_dir: str | None = None         # searched first for prompt files
+    num_prompts: int = DEFAULT_NUM_PROMPTS
+    seed: int = DEFAULT_SEED            # prompt sampling and the server's sampler
+    batch_size: int = 1                 # prompts per request
+    users: int = 1                      # concurrent closed-loop users (each waits for its reply)
+    spawn_rate: float | None = None     # users started per second; default: all at once
+    run_time_s: float | None = None
+    requests: int | None = None
+    stream: bool = False                # GenerateStream instead of Generate
+    max_new_tokens: int | None = None   # None: the server's default
+    ignore_eos: bool = False            # fixed-length outputs
+    greedy: bool = False
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    run_id: str | None = None           # default: generated
+    labels: dict[str, str] = dataclass_field(default_factory=dict)
+    client_db: str | None = None        # default: llmwatts-client-<run_id>.db
+    deadline_s: float = DEFAULT_DEADLINE_S
+    ca: str | None = None               # TLS: CA bundle of the server's certificate
+    cert: str | None = None             # mutual TLS: client certificate and key
+    key: str | None = None
+    token: str | None = None            # inference bearer token; default $LLMWATTS_INFERENCE_TOKEN (never forwarded)
+    # Distributed mode (Locust master/workers, ZeroMQ on master_port).
+    master: bool = False
+    expect_workers: int = 1
+    master_bind_host: str = "*"
+    master_port: int = 5557
+    worker: bool = False
+    master_host: str = "127.0.0.1"
+    quiet: bool = False                 # no Locust log lines
+
+    def validate(self) -> None:
+        """Raise ``InvalidArgument`` with a message naming the flag to fix."""
+        if self.master and self.worker:
+            raise InvalidArgument("--master and --worker exclude each other")
+        if not self.worker and not self.target:
+            raise InvalidArgument("--target HOST:PORT is required (the address of `llmwatts serve`)")
+        host, _, port = (self.target or "").rpartition(":")
+        if self.target and not (host and port.isdigit()):
+            raise InvalidArgument(f"--target must be HOST:PORT, got {self.target!r}")
+        if self.dataset not in DATASETS:
+            raise InvalidArgument(f"--dataset must be one of {', '.join(DATASETS)}")
+        if self.dataset == "jsonl" and not (self.jsonl_path and self.field):
+            raise InvalidArgument("--dataset jsonl needs --jsonl-path FILE and --field NAME")
+        if self.split not in GSM8K_SPLITS:
+            raise InvalidArgument("--split must be test or train")
+        for name in ("batch_size", "users", "num_prompts"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
+        if self.requests is not None and self.requests < 1:
+            raise InvalidArgument("--requests must be at least 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise InvalidArgument("--max-new-tokens must be at least 1")
+        if self.run_time_s is not None and self.run_time_s <= 0:
+            raise InvalidArgument("--run-time must be positive")
+        if not self.worker and self.requests is None and self.run_time_s is None:
+            raise InvalidArgument("bound the run: pass --requests N and/or --run-time DURATION")
+        if self.deadline_s <= 0:
+            raise InvalidArgument("--deadline-s must be positive")
+        if (self.cert or self.key) and not self.ca:
+            raise InvalidArgument("--cert/--key need --ca (mutual TLS)")
+
+    def resolved_run_id(self) -> str:
+        if not self.run_id:
+            self.run_id = new_run_id()
+        return self.run_id
+
+    def resolved_client_db(self) -> str:
+        return self.client_db or f"llmwatts-client-{self.resolved_run_id()}.db"
+
+    def to_options(self) -> dict:
+        """The ``llm_*`` Locust options (what a master forwards to its workers)."""
+        return {f"llm_{name}": _to_option(name, getattr(self, name)) for name in OPTION_FIELDS}
+
+    @classmethod
+    def from_options(cls, options: argparse.Namespace | dict, host: str | None = None) -> LoadConfig:
+        values = vars(options) if isinstance(options, argparse.Namespace) else dict(options)
+        kwargs = {}
+        for name in OPTION_FIELDS:
+            key = f"llm_{name}"
+            if key in values and values[key] is not None:
+                kwargs[name] = _from_option(name, values[key])
+        config = cls(target=_strip_scheme(host) if host else None, **kwargs)
+        if values.get("num_users"):
+            config.users = int(values["num_users"])
+        return config
+
+
+# LoadConfig fields that are Locust options (the rest come from Locust's own flags or stay local).
+OPTION_FIELDS = (
+    "dataset", "jsonl_path", "field", "split", "data_dir", "num_prompts", "seed", "batch_size", "requests",
+    "stream", "max_new_tokens", "ignore_eos", "greedy", "temperature", "top_p", "run_id", "labels",
+    "client_db", "deadline_s", "ca", "cert", "key",
+)
+
+
+def _to_option(name, value):
+    if name == "labels":
+        return [f"{k}={v}" for k, v in (value or {}).items()]
+    return value
+
+
+def _from_option(name, value):
+    if name == "labels":
+        return parse_labels(value)
+    return value
+
+
+def parse_labels(items) -> dict[str, str]:
+    """``["k=v", ...]`` (or a JSON object string) → dict."""
+    if isinstance(items, dict):
+        return {str(k): str(v) for k, v in items.items()}
+    if isinstance(items, str):
+        items = json.loads(items) if items.startswith("{") else [items]
+        if isinstance(items, dict):
+            return {str(k): str(v) for k, v in items.items()}
+    labels = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"--label must be KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def _strip_scheme(host: str) -> str:
+    for scheme in ("grpc://", "grpcs://", "http://", "https://"):
+        if host.startswith(scheme):
+            return host[len(scheme):].rstrip("/")
+    return host
+
+
+def add_locust_arguments(parser) -> None:
+    """The ``--llm-*`` options of ``locust -f loadgen/locustfile.py`` (also shown in the web UI)."""
+    group = parser.add_argument_group("llmwatts", "LLM inference load (see docs/loadgen.md)")
+    d = LoadConfig()
+    group.add_argument("--llm-dataset", choices=DATASETS, default=d.dataset, help="prompt source")
+    group.add_argument("--llm-jsonl-path", default=None, help="JSONL file for --llm-dataset jsonl")
+    group.add_argument("--llm-field", default=None, help="JSONL field holding the prompt")
+    group.add_argument("--llm-split", choices=GSM8K_SPLITS, default=d.split, help="GSM8K split")
+    group.add_argument("--llm-data-dir", default=None, help="folder searched first for prompt files")
+    group.add_argument("--llm-num-prompts", type=int, default=d.num_prompts, help="prompts sampled (4096)")
+    group.add_argument("--llm-seed", type=int, default=d.seed, help="sampling seed")
+    group.add_argument("--llm-batch-size", type=int, default=d.batch_size, help="prompts per request")
+    group.add_argument("--llm-requests", type=int, default=None, help="stop after exactly N requests in total")
+    group.add_argument("--llm-stream", action="store_true", default=False, help="use GenerateStream")
+    group.add_argument("--llm-max-new-tokens", type=int, default=None, help="default: the server's")
+    group.add_argument("--llm-ignore-eos", action="store_true", default=False, help="fixed-length outputs")
+    group.add_argument("--llm-greedy", action="store_true", default=False, help="greedy decoding")
+    group.add_argument("--llm-temperature", type=float, default=d.temperature)
+    group.add_argument("--llm-top-p", type=float, default=d.top_p)
+    group.add_argument("--llm-run-id", default="", help="default: generated per test")
+    group.add_argument("--llm-label", dest="llm_labels", action="append", default=[], metavar="K=V",
+                       help="run label (repeatable)")
+    group.add_argument("--llm-client-db", default="", help="client DB (default llmwatts-client-<run_id>.db)")
+    group.add_argument("--llm-deadline-s", type=float, default=d.deadline_s, help="per-call deadline")
+    group.add_argument("--llm-ca", default=None, help="TLS: server CA bundle")
+    group.add_argument("--llm-cert", default=None, help="mutual TLS: client certificate")
+    group.add_argument("--llm-key", default=None, help="mutual TLS: client key")
+
+
+@dataclass
+class LoadResult:
+    """Summary of a finished run, computed from the exact client rows (not Locust's rounded stats)."""
+
+    run_id: str
+    client_db: str | None       # None on a worker (its rows went to the master)
+    role: str                   # local, master or worker
+    requests_ok: int = 0
+    requests_failed: int = 0
+    duration_s: float = 0.0     # first send to last done
+    rps: float = 0.0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    ttft_p50_ms: float | None = None
+    output_tokens: int = 0
+    clock_offset_ns: int | None = None
+    failures: dict[str, int] = dataclass_field(default_factory=dict)  # status → count
+
+    @property
+    def requests(self) -> int:
+        return self.requests_ok + self.requests_failed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few human lines."""
+        def ms(v):
+            return "-" if v is None else f"{v:.1f} ms"
+
+        lines = [
+            f"run {self.run_id} ({self.role}): {self.requests_ok} ok, {self.requests_failed} failed"
+            f" in {self.duration_s:.1f} s ({self.rps:.2f} req/s), {self.output_tokens} output tokens",
+            f"latency p50 {ms(self.latency_p50_ms)}, p95 {ms(self.latency_p95_ms)}"
+            + (f"; time to first token p50 {ms(self.ttft_p50_ms)}" if self.ttft_p50_ms is not None else ""),
+        ]
+        if self.failures:
+            lines.append("failures: " + ", ".join(f"{k} × {v}" for k, v in sorted(self.failures.items())))
+        if self.client_db:
+            lines.append(f"client records: {self.client_db}")
+        return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""Fixtures for the loadgen tests: a real `llmwatts serve` (tiny model, CPU, simulated GPU) in a subprocess.
+
+Everything that imports Locust runs in a subprocess too: Locust monkey-patches its process for gevent,
+which must not leak into the other boxes' tests sharing this pytest process.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LLMWATTS = [sys.executable, "-m", "llmwatts.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline_env(tmp: Path) -> dict:
+    """Environment for subprocesses: no network for prompt files, a private cache, no real data dir."""
+    env = dict(os.environ)
+    env["LLMWATTS_OFFLINE"] = "1"
+    env["LLMWATTS_CACHE_DIR"] = str(tmp / "cache")
+    env.pop("LLMWATTS_DATA_DIR", None)
+    env.pop("LLMWATTS_INFERENCE_TOKEN", None)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMWATTS_OFFLINE", "1")
+    monkeypatch.setenv("LLMWATTS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLMWATTS_DATA_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """``(target, server_db)`` of a real server shared by the loadgen tests."""
+    tmp = tmp_path_factory.mktemp("server")
+    port_file, db = tmp / "port", tmp / "server.db"
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen(
+        [*LLMWATTS, "serve", "--model", "tiny", "--device", "cpu", "--power-backend", "simulated", "--port", "0",
+         "--port-file", str(port_file), "--db", str(db), "--telemetry-hz", "5"],
+        stdout=log, stderr=subprocess.STDOUT, env=offline_env(tmp), cwd=tmp,
+    )
+    deadline = time.monotonic() + 60
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"llmwatts serve did not start:\n{(tmp / 'serve.log').read_text()}")
+        time.sleep(0.1)
+    yield f"127.0.0.1:{port_file.read_text().strip()}", db
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
