@@ -95,7 +95,12 @@ def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torc
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
-    # Buffers (rotary inv_freq) are computed, not random: rebuild those modules on the device.
+    materialize_buffers(model, device)
+
+
+def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Buffers (rotary inv_freq) are computed, not loaded: rebuild the modules holding meta buffers on
+    ``device``."""
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
             with torch.device(device):
@@ -123,9 +128,11 @@ def load_checkpoint(spec: str, dev: torch.device, torch_dtype: torch.dtype) -> L
     if not local and (os.sep in spec and not spec.count("/") == 1 or spec.startswith((".", "~"))):
         raise NotFound(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     source = str(path) if local else spec
+    # Read at call time (huggingface_hub reads it once at import): offline means no network attempt.
+    files_only = local or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local,
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=files_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=files_only,
                                                      device_map=str(dev) if dev.type == "cuda" else None)
     except (OSError, ValueError) as e:
         if local:

@@ -1,0 +1,45 @@
+"""Shared fixtures: a real llmwatts server (tiny preset, CPU, simulated GPU) on port 0."""
+
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmwatts.server.config import ServerConfig
+from llmwatts.server.service import create_server
+from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the tokenizer cache per test session unless the user points elsewhere (CI starts empty)."""
+    if "LLMWATTS_CACHE_DIR" not in os.environ:
+        os.environ["LLMWATTS_CACHE_DIR"] = str(Path.home() / ".cache" / "llmwatts-tests")
+
+
+def start_server(tmp_path: Path, **overrides):
+    config = ServerConfig(model="tiny", device="cpu", power_backend="simulated", port=0,
+                          db_path=tmp_path / "server.db", telemetry_hz=20, **overrides)
+    server, port = create_server(config)
+    server.start()
+    return server, port
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A started server; yields (server, target)."""
+    srv, port = start_server(tmp_path)
+    yield srv, f"127.0.0.1:{port}"
+    srv.stop(1)
+
+
+@pytest.fixture
+def stubs(server):
+    srv, target = server
+    channel = grpc.insecure_channel(target)
+    yield pb_grpc.InferenceStub(channel), pb_grpc.ControlStub(channel), srv
+    channel.close()
