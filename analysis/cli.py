@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.sla_p95_ms is not None and not (args.sla_p95_ms > 0 and math.isfinite(args.sla_p95_ms)):
         raise InvalidArgument(f"--sla-p95-ms must be a positive number of ms, got {args.sla_p95_ms:g}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InvalidArgument(f"--out {args.out} is a file; give a folder")
     if not args.server_db and not args.client_db and not Path(args.study_db).exists():
         raise NotFound(f"no study DB at {args.study_db}; give --server-db and --client-db to build one")
     if args.server_db or args.client_db:

@@ -61,6 +61,24 @@ METRIC_COLUMNS: dict[str, str] = {
     "labels": "other run labels (JSON)",
 }
 LABEL_COLUMNS = ("model", "engine", "dtype", "dataset", "batch_size", "shard_count", "cap_w", "users")
+NUMERIC_LABELS = ("batch_size", "shard_count", "cap_w", "users")
+
+
+def is_ok(status) -> bool:
+    """True for a successful request. The server writes the gRPC code name ``OK``, the client ``ok``."""
+    return isinstance(status, str) and status.lower() == "ok"
+
+
+def _number(value):
+    """Run labels travel as strings (a proto ``map<string, string>``): "300" -> 300, "0.5" -> 0.5."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def percentile(values: list[float], pct: float) -> float | None:
@@ -156,8 +174,8 @@ def reconcile(study_db, run_id: str) -> Reconciliation:
     return Reconciliation(
         run_id=run_id,
         client_sent=len(join.client_rows),
-        server_ok=sum(1 for m in join.matched if m["server_status"] == "ok"),
-        server_error=sum(1 for m in join.matched if m["server_status"] != "ok"),
+        server_ok=sum(1 for m in join.matched if is_ok(m["server_status"])),
+        server_error=sum(1 for m in join.matched if not is_ok(m["server_status"])),
         missing=len(join.client_only),
         duplicated=len(join.duplicated),
         server_only=len(join.server_only),
@@ -206,6 +224,8 @@ def _labels(db, run_id: str, windows: list[joins.RunWindow]) -> tuple[dict, dict
             values = sorted({s.get(key) for s in servers if s.get(key) is not None}, key=str)
             if values:
                 columns[key] = values[0] if len(values) == 1 else "/".join(map(str, values))
+    for key in NUMERIC_LABELS:
+        columns[key] = _number(columns.get(key))
     return columns, {"_servers": servers, **labels}
 
 
@@ -236,7 +256,7 @@ def run_metrics(study_db, run_id: str) -> dict:
     servers = extra.pop("_servers")
     join = joins.join_requests(db, run_id)
     server_rows = _unique_server_rows(join.server_rows)
-    ok_rows = [r for r in server_rows if r.get("status") == "ok"]
+    ok_rows = [r for r in server_rows if is_ok(r.get("status"))]
 
     telemetry = [row for w in windows for row in joins.telemetry_in_window(db, w)]
     durations = [w.duration_s for w in windows if w.duration_s is not None]
@@ -255,7 +275,7 @@ def run_metrics(study_db, run_id: str) -> dict:
 
     responses = sum(r.get("n_prompts") or 0 for r in ok_rows)
     output_tokens = sum(r.get("output_tokens") or 0 for r in ok_rows)
-    client_ok = [r for r in join.client_rows if r.get("status") == "ok"]
+    client_ok = [r for r in join.client_rows if is_ok(r.get("status"))]
     output_words = sum(r.get("output_words") or 0 for r in client_ok) if join.client_rows else None
     latencies = [r["latency_ms"] for r in client_ok if r.get("latency_ms") is not None]
     ttfts = [r["ttft_ms"] for r in client_ok if r.get("ttft_ms") is not None]

@@ -95,7 +95,8 @@ def build_small(tmp_path: Path, simulated: bool = False, server_id: str = "srv-a
         {"gpu_uuid": u, "node": "node-a", "rank": r, "gpu_index": r, "name": "H100",
          "memory_total_bytes": 80 * GIB, "simulated": int(simulated)} for u, r in gpus
     ])
-    store.begin_run("run-1", T0, 1000.0, {"dataset": "alpaca", "batch_size": 4, "note": "small"}, simulated)
+    # Labels travel as strings (proto map<string, string>), as the real BeginRun stores them.
+    store.begin_run("run-1", T0, 1000.0, {"dataset": "alpaca", "batch_size": "4", "note": "small"}, simulated)
     rows = []
     # Out-of-window samples (1 s before and after) carry values that would spoil every mean if counted.
     for k in range(-1, 12):
@@ -124,7 +125,7 @@ def build_small(tmp_path: Path, simulated: bool = False, server_id: str = "srv-a
              for u, r in gpus],
             [{"request_id": rid, "run_id": "run-1", "batch_id": batch_id, "received_ns": start_ns - S // 2,
               "batch_start_ns": start_ns, "first_token_ns": start_ns + S // 10, "done_ns": end_ns,
-              "n_prompts": n, "prompt_tokens": 10, "output_tokens": out, "energy_j": ej, "status": "ok",
+              "n_prompts": n, "prompt_tokens": 10, "output_tokens": out, "energy_j": ej, "status": "OK",
               "error": None} for rid, n, out, ej in reqs],
         )
     store.record_requests([
@@ -180,7 +181,8 @@ def build_sweep(tmp_path: Path, points: list[tuple[int, int, float, float]], sim
         begin = T0 + i * 10 * S
         tokens = 4 * batch_size * 100
         run_energy = j_per_token * tokens
-        store.begin_run(run_id, begin, energy_j, {"cap_w": cap_w, "batch_size": batch_size}, simulated)
+        store.begin_run(run_id, begin, energy_j, {"cap_w": str(cap_w), "batch_size": str(batch_size)},
+                        simulated)
         store.add_telemetry([
             _telemetry("GPU-S", 0, begin + k * S // 2, int((energy_j + run_energy * k / 4) * 1000), 50.0,
                        25.0, 10 * GIB, int(run_energy / 2 * 1000), cap_w * 1000, simulated)
@@ -200,7 +202,7 @@ def build_sweep(tmp_path: Path, points: list[tuple[int, int, float, float]], sim
                 [],
                 [{"request_id": rid, "run_id": run_id, "batch_id": f"{run_id}-b{j}",
                   "received_ns": begin + j * S // 4, "n_prompts": batch_size, "prompt_tokens": 10,
-                  "output_tokens": batch_size * 100, "energy_j": run_energy / 5, "status": "ok", "error": None}],
+                  "output_tokens": batch_size * 100, "energy_j": run_energy / 5, "status": "OK", "error": None}],
             )
             client_requests.append({
                 "request_id": rid, "run_id": run_id, "worker": "w0", "dataset": "gsm8k",

@@ -27,6 +27,12 @@ def test_percentile_matches_linear_interpolation_by_hand():
         metrics.percentile(values, 101)
 
 
+def test_status_ok_in_either_spelling():
+    # Regression: the server writes the gRPC code name "OK", the client "ok"; both are successes.
+    assert metrics.is_ok("OK") and metrics.is_ok("ok")
+    assert not metrics.is_ok("RESOURCE_EXHAUSTED") and not metrics.is_ok(None)
+
+
 def test_small_run_metrics_are_exact(study):
     row = metrics.run_metrics(study, "run-1")
     assert list(row) == list(metrics.METRIC_COLUMNS)

@@ -66,16 +66,19 @@ def llmwatts(*args, cwd):
                           capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
-def test_cli_report_end_to_end(tmp_path, small):
+def test_cli_report_end_to_end(tmp_path, small, capsys):
+    # In-process through llmwatts.cli.main, the function the console script runs (a subprocess costs
+    # seconds of imports; test_cli_mistake_in_a_subprocess covers the process boundary).
     out = tmp_path / "out"
-    args = ["--server-db", small.server_db, "--client-db", small.client_db, "--study-db",
+    args = ["report", "--server-db", small.server_db, "--client-db", small.client_db, "--study-db",
             tmp_path / "study.db", "--out", out, "--sla-p95-ms", "1000"]
-    first = llmwatts(*args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    assert main([str(a) for a in args]) == 0
+    stdout = capsys.readouterr().out
     assert (out / "report.html").exists() and (out / "runs.csv").exists()
-    assert "run run-1" in first.stdout and "meets latency p95 <= 1000 ms" in first.stdout
-    # Re-ingesting the same files adds nothing twice (in-process: the same main() the command runs).
-    assert main(["report", *map(str, args)]) == 0
+    assert "run run-1" in stdout and "meets latency p95 <= 1000 ms" in stdout
+    # Re-ingesting the same files adds nothing twice (the report is not rebuilt: plots cost seconds).
+    ingest.ingest(tmp_path / "study.db", [small.server_db], [small.client_db])
+    assert metrics.all_run_metrics(tmp_path / "study.db")[0]["responses"] == 12
     with open(out / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["responses"] == "12"
@@ -98,8 +101,6 @@ def test_cli_report_end_to_end(tmp_path, small):
     ],
 )
 def test_cli_user_mistakes_exit_2_with_one_line(tmp_path, small, capsys, make_args, message):
-    # In-process through llmwatts.cli.main, the function the console script runs (fast); the
-    # subprocess test below checks the same path end to end.
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite, just text" * 100)
     assert main(["report", *map(str, make_args(tmp_path, small))]) == 2
     err = capsys.readouterr().err
