@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from llmwatts.errors import InvalidArgument, LlmwattsError, ReadOnlyPowerError
+from llmwatts.errors import FailedPrecondition, InvalidArgument, LlmwattsError, ReadOnlyPowerError
 from llmwatts.server.gpu import GPU
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class PowerCapManager:
             )
         lease_s = self._validate_lease_s(lease_s)
         with self._lock:
+            if self._closed:
+                raise FailedPrecondition("the server is stopping and has restored its power caps; set caps after it restarts")
             gpus = self.select(selector)
             cap_mw = self._validate_cap_w(cap_w, gpus)
             now_ns = self._clock.time_ns()
@@ -243,9 +245,10 @@ class PowerCapManager:
         return restored
 
     def close(self) -> None:
-        """Restore every cap and stop the lease thread."""
+        """Restore every cap and stop the lease thread; later sets are refused."""
+        with self._lock:
+            self._closed = True
         self.restore_all()
-        self._closed = True
         self._kick()
         if self._lease_thread is not threading.current_thread():
             self._lease_thread.join(timeout=5.0)

@@ -213,3 +213,14 @@ def test_record_event_failure_does_not_block_restore(tmp_path):
     m.set([], 175, 60, "a", "")
     m.close()
     assert gpus[0].power_limit_mw() == 250_000
+
+
+def test_set_after_close_is_refused(make_manager):
+    # Guards against a cap set while the server stops: no lease thread would ever restore it.
+    from llmwatts.errors import FailedPrecondition
+
+    m = make_manager()
+    m.close()
+    with pytest.raises(FailedPrecondition, match="stopping"):
+        m.set([], 175, 60, "a", "")
+    assert caps_w(m) == [250.0, 250.0]
