@@ -170,3 +170,17 @@ def test_choose_sla(sweep_study):
     assert "sweep-700w-b1" in none.message
     with pytest.raises(InvalidArgument):
         metrics.choose_sla(sweep_study, latency_p95_ms_max=-1)
+
+
+def test_run_without_end_marker_leaves_rates_blank(tmp_path, small):
+    # A server killed mid-run never writes EndRun: no window, so no rate or energy, but no crash either.
+    import sqlite_utils
+
+    study = tmp_path / "study.db"
+    ingest.ingest(study, [small.server_db], [small.client_db])
+    db = sqlite_utils.Database(study)
+    db.execute("UPDATE runs SET end_ns = NULL, end_energy_j = NULL")
+    db.conn.commit()
+    row = metrics.run_metrics(study, "run-1")
+    assert row["duration_s"] is None and row["tokens_per_s"] is None and row["j_per_token"] is None
+    assert row["responses"] == 12 and row["latency_p50_ms"] == 250.0
