@@ -135,6 +135,10 @@ class Reconciliation:
     missing_ids: list[str] = field(default_factory=list)
     duplicated_ids: list[str] = field(default_factory=list)
     server_only_ids: list[str] = field(default_factory=list)
+    # Client rows sent before BeginRun or after EndRun of their server, compared on the server clock
+    # (client_send_ns + clock_offset_ns): their energy is outside the run window.
+    outside_window: int = 0
+    outside_window_ids: list[str] = field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
@@ -171,6 +175,15 @@ def reconcile(study_db, run_id: str) -> Reconciliation:
     server_rows = _unique_server_rows(join.server_rows)
     attributed_j = sum(r.get("energy_j") or 0.0 for r in server_rows)
     batch_j = _batch_energy_j(db, server_rows)
+    windows = {w.server_id: w for w in joins.run_windows(db, run_id)}
+    outside = []
+    for m in join.matched:
+        window = windows.get(m["server_server_id"])
+        send_ns = joins.client_to_server_ns(m["client_client_send_ns"], m["client_client_clock_offset_ns"])
+        if window is None or send_ns is None:
+            continue
+        if send_ns < window.begin_ns or (window.end_ns is not None and send_ns > window.end_ns):
+            outside.append(m["request_id"])
     return Reconciliation(
         run_id=run_id,
         client_sent=len(join.client_rows),
@@ -185,6 +198,8 @@ def reconcile(study_db, run_id: str) -> Reconciliation:
         missing_ids=[r["request_id"] for r in join.client_only],
         duplicated_ids=sorted(join.duplicated),
         server_only_ids=[r["request_id"] for r in join.server_only],
+        outside_window=len(outside),
+        outside_window_ids=outside,
     )
 
 

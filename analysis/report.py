@@ -41,7 +41,7 @@ TERMINAL_COLUMNS = {
 }
 RECONCILE_COLUMNS = [
     "run_id", "client_sent", "server_ok", "server_error", "missing", "duplicated", "server_only",
-    "attributed_j", "batch_j", "attribution_rel_diff",
+    "outside_window", "attributed_j", "batch_j", "attribution_rel_diff",
 ]
 PLOT_NAMES = ("j_per_token_vs_batch", "tokens_per_s_vs_batch", "tradeoff", "power_timeline")
 MAX_POINTS_PER_GPU = 5000
@@ -260,6 +260,15 @@ def _write_markdown(result: ReportResult) -> None:
     result.runs_md.write_text("\n".join(lines), encoding="utf-8")
 
 
+def orphan_client_runs(db) -> list[str]:
+    """Client run ids that no ingested server saw (their server DB was not ingested)."""
+    if not db["client_runs"].exists():
+        return []
+    server_runs = set(r[0] for r in db.execute("SELECT run_id FROM runs")) if db["runs"].exists() else set()
+    client_runs = [r[0] for r in db.execute("SELECT DISTINCT run_id FROM client_runs ORDER BY run_id")]
+    return [run_id for run_id in client_runs if run_id not in server_runs]
+
+
 def build_report(
     study_db,
     out_dir: str | os.PathLike,
@@ -314,6 +323,8 @@ def build_report(
                 f"run {rec.run_id}: {rec.missing} client request(s) with no server row, "
                 f"{rec.duplicated} on several servers, {rec.server_only} server row(s) no client sent"
             )
+    for run_id in orphan_client_runs(db):
+        console.print(f"client run {run_id} has no server run: ingest its server DB (--server-db)")
     if result.sla is not None:
         console.print(result.sla.message)
     console.print(f"wrote {result.runs_csv}, {result.runs_md}, {result.report_html} and "

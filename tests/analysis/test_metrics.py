@@ -122,7 +122,21 @@ def test_reconcile_attribution_matches_batches(study):
     rec = metrics.reconcile(study, "run-1")
     assert rec.attributed_j == pytest.approx(1200.0) and rec.batch_j == pytest.approx(1200.0)
     assert rec.attribution_rel_diff == pytest.approx(0.0)
-    assert (rec.missing, rec.duplicated, rec.server_only) == (1, 0, 0)
+    assert (rec.missing, rec.duplicated, rec.server_only, rec.outside_window) == (1, 0, 0, 0)
+
+
+def test_reconcile_flags_requests_sent_before_begin_run_on_the_server_clock(study):
+    import sqlite_utils
+
+    db = sqlite_utils.Database(study)
+    # r1 and r2 were sent 499 ms after BeginRun (server clock); the client's clock is 5 ms behind.
+    # r1 moved 600 ms earlier: before BeginRun. r2 moved 496 ms earlier: its raw client stamp reads 2 ms
+    # before BeginRun, but on the server clock it is 3 ms after; only the offset tells the two apart.
+    db.execute("UPDATE client_requests SET client_send_ns = client_send_ns - 600000000 WHERE request_id = 'r1'")
+    db.execute("UPDATE client_requests SET client_send_ns = client_send_ns - 496000000 WHERE request_id = 'r2'")
+    db.conn.commit()
+    rec = metrics.reconcile(study, "run-1")
+    assert (rec.outside_window, rec.outside_window_ids) == (1, ["r1"])
 
 
 def test_unknown_run_and_missing_study_db(tmp_path, study):

@@ -18,8 +18,9 @@ SWEEP = [(700, 1, 4.0, 50.0), (700, 8, 1.0, 120.0), (300, 8, 0.8, 200.0), (200, 
 
 def test_report_writes_every_file(tmp_path):
     built = build_sweep(tmp_path, SWEEP, simulated=True)
+    orphan = build_small(tmp_path)  # its client DB only: a run no ingested server saw
     study = tmp_path / "study.db"
-    ingest.ingest(study, [built.server_db], [built.client_db])
+    ingest.ingest(study, [built.server_db], [built.client_db, orphan.client_db])
     console = Console(record=True, width=300)
     result = report.build_report(study, tmp_path / "out", sla_p95_ms=250, console=console)
 
@@ -41,6 +42,7 @@ def test_report_writes_every_file(tmp_path):
     assert "SIMULATED power" in page and page.count("data:image/png;base64,") == 4
     text = console.export_text()
     assert "SIMULATED power" in text and "sweep-300w-b8" in text and "meets latency p95 <= 250 ms" in text
+    assert "client run run-1 has no server run: ingest its server DB" in text
 
 
 def test_real_power_is_not_labelled_simulated(tmp_path, small):
