@@ -8,7 +8,7 @@ import sys
 
 from llmwatts.errors import InvalidArgument
 from llmwatts.loadgen.config import DEFAULT_DEADLINE_S, LoadConfig, parse_labels
-from llmwatts.loadgen.prompts import DATASETS, DEFAULT_NUM_PROMPTS, DEFAULT_SEED, GSM8K_SPLITS
+from llmwatts.loadgen.prompts import DATASETS, DEFAULT_NUM_PROMPTS, DEFAULT_SEED, GSM8K_SPLITS, load_prompts
 
 _SPAN = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
 
@@ -100,6 +100,9 @@ def config_from_args(args) -> LoadConfig:
 def run(args) -> int:
     config = config_from_args(args)
     config.validate()  # before importing Locust: a usage mistake should not cost a gevent start
+    if not (config.master or config.worker):  # a missing prompt file, too (workers load their own)
+        load_prompts(config.dataset, num_prompts=config.num_prompts, seed=config.seed, data_dir=config.data_dir,
+                     split=config.split, jsonl_path=config.jsonl_path, field=config.field)
     from llmwatts.loadgen.runner import run_load
 
     result = run_load(config)

@@ -27,6 +27,7 @@ def offline_env(tmp: Path) -> dict:
     """Environment for subprocesses: no network for prompt files, a private cache, no real data dir."""
     env = dict(os.environ)
     env["LLMWATTS_OFFLINE"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"  # the tiny preset needs no hub; never wait on a network timeout
     env["LLMWATTS_CACHE_DIR"] = str(tmp / "cache")
     env.pop("LLMWATTS_DATA_DIR", None)
     env.pop("LLMWATTS_INFERENCE_TOKEN", None)
@@ -60,7 +61,7 @@ def server(tmp_path_factory):
     yield f"127.0.0.1:{port_file.read_text().strip()}", db
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
