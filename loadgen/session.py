@@ -12,6 +12,7 @@ import itertools
 import logging
 import socket
 import time
+from pathlib import Path
 
 import gevent
 import gevent.event
@@ -22,7 +23,6 @@ from llmwatts.errors import LlmwattsError
 from llmwatts.loadgen import records
 from llmwatts.loadgen.config import LoadConfig
 from llmwatts.loadgen.grpc_user import ChannelOptions, call_metadata, make_channel, normalise_target
-from llmwatts.loadgen.grpc_user import INFERENCE_TOKEN_ENV  # noqa: F401  (documented alongside)
 from llmwatts.loadgen.prompts import PromptSet, dataset_label, load_prompts
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
@@ -280,12 +280,9 @@ class LoadSession:
         c = self.config
         key = (c.dataset, c.jsonl_path, c.field, c.split, c.data_dir, self.local_data_dir, c.num_prompts, c.seed)
         if key != self._prompt_key:
-            extra = [self.local_data_dir] if self.local_data_dir else None
-            from pathlib import Path
-
             self.prompts = load_prompts(
                 c.dataset, num_prompts=c.num_prompts, seed=c.seed, data_dir=c.data_dir,
-                extra_dirs=[Path(p) for p in extra] if extra else None, split=c.split,
+                extra_dirs=[Path(self.local_data_dir)] if self.local_data_dir else None, split=c.split,
                 jsonl_path=c.jsonl_path, field=c.field,
             )
             self._prompt_key = key

@@ -101,6 +101,9 @@ class LlmUser(GrpcUser):
             code = e.code() if hasattr(e, "code") else None
             row["status"] = code.name if code else "UNKNOWN"
             row["error"] = (e.details() if hasattr(e, "details") else None) or str(e)
+        except Exception as e:  # a client-side bug: still one row, and Locust logs the traceback
+            row["status"], row["error"] = "INTERNAL", f"load generator error: {e!r}"
+            raise
         finally:
             # Exactly one row per request, also when the user is killed mid-call (status CANCELLED).
             self.session.record(row)
