@@ -1,0 +1,151 @@
+"""End to end against a real `llmwatts serve`: headless runs, exact rows, distributed mode, CLI errors.
+
+Every Locust run happens in a subprocess (see conftest.py).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import sqlite_utils
+
+from conftest import LLMWATTS, REPO, free_port, offline_env
+
+
+def load(tmp_path, *args, timeout=60):
+    return subprocess.run([*LLMWATTS, "load", *args], capture_output=True, text=True, timeout=timeout,
+                          env=offline_env(tmp_path), cwd=tmp_path)
+
+
+def client_rows(db_path, run_id=None):
+    db = sqlite_utils.Database(db_path)
+    where = ("run_id = ?", [run_id]) if run_id else (None, None)
+    return list(db["client_requests"].rows_where(*where))
+
+
+def assert_sane(rows, stream: bool):
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["client_send_ns"] < r["done_ns"] and r["latency_ms"] > 0
+        assert r["stream"] == int(stream) and r["batch_id"] and r["output_tokens"] > 0 and r["prompt_tokens"] > 0
+        if stream:
+            assert r["client_send_ns"] <= r["first_token_ns"] <= r["done_ns"]
+            assert 0 < r["ttft_ms"] <= r["latency_ms"]
+        else:
+            assert r["first_token_ns"] is None
+
+
+def server_request_ids(server_db, run_id, expected: int, wait_s=10.0):
+    """The server's own request rows of a run (it may write them a moment after replying)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        ids = {r["request_id"] for r in sqlite_utils.Database(server_db).query(
+            "select request_id from requests where run_id = ?", [run_id])}
+        if len(ids) >= expected or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.2)
+
+
+def test_unary_and_streaming_runs_record_every_request_exactly_once(server, tmp_path):
+    target, server_db = server
+    db = tmp_path / "client.db"
+    # Two runs through the library in one process: run_load must be callable repeatedly.
+    script = textwrap.dedent(f"""
+        import json
+        from llmwatts.loadgen.config import LoadConfig
+        from llmwatts.loadgen.runner import run_load
+        out = []
+        for stream in (False, True):
+            config = LoadConfig(target={target!r}, dataset="mini", requests=7, users=3, batch_size=2,
+                                max_new_tokens=6, stream=stream, client_db={str(db)!r}, quiet=True,
+                                labels={{"case": "stream" if stream else "unary"}})
+            out.append(run_load(config).to_dict())
+        print(json.dumps(out))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                          env=offline_env(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len({r["run_id"] for r in results}) == 2
+    for result, stream in zip(results, (False, True)):
+        rows = client_rows(db, result["run_id"])
+        assert result["requests_ok"] == 7 and result["requests_failed"] == 0
+        assert len(rows) == 7 and len({r["request_id"] for r in rows}) == 7  # exactly N, each once
+        assert_sane(rows, stream)
+        assert all(r["batch_size"] == 2 and r["dataset"].startswith("mini (embedded") for r in rows)
+        # The client-made request id is the join key: the server saw the same requests under this run.
+        assert server_request_ids(server_db, result["run_id"], 7) == {r["request_id"] for r in rows}
+        run = sqlite_utils.Database(db)["client_runs"].get(result["run_id"])
+        assert run["ended_ns"] > run["started_ns"] and run["clock_offset_ns"] is not None
+        assert abs(run["clock_offset_ns"]) < 1_000_000_000  # same machine: well under a second
+        assert json.loads(run["labels"])["case"] == ("stream" if stream else "unary")
+        (marker,) = sqlite_utils.Database(server_db).query("select * from runs where run_id = ?",
+                                                           [result["run_id"]])
+        assert marker["end_ns"] is not None  # BeginRun and EndRun reached the server
+
+
+def test_distributed_master_and_worker_write_each_row_once(server, tmp_path):
+    target, _ = server
+    port, db = free_port(), tmp_path / "master.db"
+    master = subprocess.Popen(
+        [*LLMWATTS, "load", "--master", "--expect-workers", "1", "--master-bind-host", "127.0.0.1",
+         "--master-port", str(port), "--target", target, "--dataset", "mini", "--requests", "9", "--users", "3",
+         "--max-new-tokens", "4", "--stream", "--client-db", str(db), "--run-id", "dist-run", "--json", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env(tmp_path), cwd=tmp_path)
+    worker = subprocess.Popen(
+        [*LLMWATTS, "load", "--worker", "--master-host", "127.0.0.1", "--master-port", str(port), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env(tmp_path), cwd=tmp_path)
+    try:
+        out, err = master.communicate(timeout=90)
+        worker_out, worker_err = worker.communicate(timeout=30)
+    finally:
+        master.kill()
+        worker.kill()
+    assert master.returncode == 0, err
+    assert worker.returncode == 0, worker_err
+    assert json.loads(out)["requests_ok"] == 9
+    rows = client_rows(db, "dist-run")
+    assert len(rows) == 9 and len({r["request_id"] for r in rows}) == 9
+    assert_sane(rows, stream=True)
+    (worker_name,) = {r["worker"] for r in rows}  # written by the master, made by the worker
+    assert worker_name != "" and sqlite_utils.Database(db)["client_runs"].get("dist-run")["users"] == 3
+
+
+def test_locustfile_runs_headless_with_llm_options(server, tmp_path):
+    target, _ = server
+    db = tmp_path / "locust.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(REPO / "loadgen" / "locustfile.py"), "--headless", "-u", "2",
+         "-r", "2", "--host", target, "-t", "60s", "--llm-dataset", "mini", "--llm-requests", "5",
+         "--llm-max-new-tokens", "4", "--llm-client-db", str(db), "--llm-run-id", "via-locust",
+         "--llm-label", "who=test"],
+        capture_output=True, text=True, timeout=90, env=offline_env(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = client_rows(db, "via-locust")
+    assert len(rows) == 5 and {r["status"] for r in rows} == {"ok"}
+    assert json.loads(sqlite_utils.Database(db)["client_runs"].get("via-locust")["labels"])["who"] == "test"
+
+
+def test_unreachable_server_is_one_line_without_traceback(tmp_path):
+    port = free_port()
+    done = load(tmp_path, "--target", f"127.0.0.1:{port}", "--dataset", "mini", "--requests", "1")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"llmwatts load: error: cannot reach 127.0.0.1:{port}: is `llmwatts serve` running?")
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_missing_dataset_is_one_line_naming_the_file(tmp_path):
+    done = load(tmp_path, "--target", "127.0.0.1:1", "--dataset", "gsm8k", "--data-dir", str(tmp_path / "none"),
+                "--requests", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "gsm8k_test.jsonl" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_parser_does_not_import_locust():
+    # Regression guard: `llmwatts serve` builds the same parser; Locust's gevent monkey-patching must
+    # never reach the server process.
+    code = "import sys, llmwatts.cli as c; c.build_parser(); sys.exit('locust' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
