@@ -186,7 +186,7 @@ class Batcher:
                 "request_id": w.request_id, "run_id": w.run_id, "batch_id": batch_id,
                 "received_ns": w.received_ns, "batch_start_ns": start.ts_ns, "first_token_ns": out.first_token_ns,
                 "done_ns": done_ns, "n_prompts": len(idx), "prompt_tokens": sum(p_tok),
-                "output_tokens": sum(o_tok), "energy_j": share_j, "status": "OK", "error": None,
+                "output_tokens": sum(o_tok), "energy_j": share_j, "status": "ok", "error": None,
             })
             results.append(Result(batch_id, w.received_ns, steps, [out.tokens[k] for k in idx],
                                   [out.finish_reasons[k] for k in idx], p_tok, start.ts_ns, out.first_token_ns,

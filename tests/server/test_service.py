@@ -91,7 +91,7 @@ def test_run_markers_and_per_request_energy_reconcile_with_batches(stubs):
     srv.host.store.flush()
     db = sqlite_utils.Database(srv.host.config.db_path)
     rows = list(db.query("select * from requests where run_id = 'r1'"))
-    assert len(rows) == 3 and all(r["status"] == "OK" for r in rows)
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     batch_j = db.execute("select sum(energy_j) from batches where batch_id in "
                          "(select batch_id from requests where run_id='r1')").fetchone()[0]
     assert sum(r["energy_j"] for r in rows) == pytest.approx(batch_j, rel=1e-9)
@@ -162,7 +162,7 @@ def test_full_queue_answers_resource_exhausted_and_loses_nothing(tmp_path):
         statuses = {r["request_id"]: r["status"] for r in db.query("select * from requests")}
         # Every refused request the server saw has its row; every answered one too.
         ok = sum(1 for c in codes if c == grpc.StatusCode.OK)
-        assert list(statuses.values()).count("OK") == ok
+        assert list(statuses.values()).count("ok") == ok
         assert stub.Generate(req("later", ["x"], max_new_tokens=1)).completions
     finally:
         srv.stop(1)

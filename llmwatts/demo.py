@@ -1,0 +1,119 @@
+"""``llmwatts demo``: the whole pipeline on one machine in a few minutes, on an embedded default.
+
+Starts ``llmwatts serve`` (``tiny`` preset, CPU, simulated GPU) in a subprocess, replays Alpaca and
+GSM8K prompts (from ``--data-dir`` / ``LLMWATTS_DATA_DIR``; the embedded mini set, labelled as such,
+when those files are absent) at batch sizes 1, 4 and 8 with headless Locust, ingests both databases into
+a study DB and prints the paper-style table; report files land in ``--out``. The server always stops.
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmwatts.errors import LlmwattsError, NotFound, Unavailable
+
+DEMO_BATCH_SIZES = (1, 4, 8)
+SERVER_START_TIMEOUT_S = 120
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="run server, load and report end to end on CPU (simulated GPU)",
+        description="Serve the tiny preset on CPU with a simulated GPU, replay Alpaca and GSM8K prompts at "
+                    "batch sizes 1, 4 and 8, and print the energy/latency table.")
+    p.add_argument("--data-dir", help="folder with alpaca_5k.jsonl and gsm8k_test.jsonl "
+                                      "(default: $LLMWATTS_DATA_DIR, then the cache; else the embedded mini set)")
+    p.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for DBs and the report")
+    p.add_argument("--requests", type=int, default=6, help="requests per run (default 6)")
+    p.add_argument("--users", type=int, default=2, help="concurrent Locust users (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="fixed output length (default 32)")
+    p.set_defaults(func=run)
+
+
+def _start_server(out: Path) -> tuple[subprocess.Popen, str]:
+    port_file = out / "server.port"
+    port_file.unlink(missing_ok=True)
+    log = open(out / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--device", "cpu",
+         "--power-backend", "simulated", "--port", "0", "--port-file", str(port_file), "--db",
+         str(out / "server.db"), "--log-level", "WARNING"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise Unavailable(f"the demo server did not start; see {out / 'server.log'}")
+        time.sleep(0.2)
+    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _datasets(data_dir: str | None) -> list[tuple[str, str]]:
+    """(dataset, label) pairs: Alpaca and GSM8K when their files are found, else the embedded mini set."""
+    from llmwatts.loadgen.prompts import load_prompts
+
+    found = []
+    for name in ("alpaca", "gsm8k"):
+        try:
+            load_prompts(name, num_prompts=8, seed=0, data_dir=data_dir, fetch=False)
+            found.append((name, name))
+        except NotFound as e:
+            print(f"demo: {e}", file=sys.stderr)
+    if not found:
+        print("demo: using the embedded mini prompt set (written for llmwatts; not Alpaca/GSM8K)", file=sys.stderr)
+        found.append(("mini", "mini (embedded)"))
+    return found
+
+
+def run(args) -> int:
+    started = time.monotonic()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("server.db", "client.db", "study.db"):
+        for suffix in ("", "-wal", "-shm"):
+            (out / (stale + suffix)).unlink(missing_ok=True)
+    data_dir = args.data_dir or os.environ.get("LLMWATTS_DATA_DIR")
+    datasets = _datasets(data_dir)
+    # Locust monkey-patches this process for gevent; the server runs in its own process.
+    from llmwatts.loadgen.config import LoadConfig
+    from llmwatts.loadgen.runner import run_load
+
+    proc, target = _start_server(out)
+    try:
+        for dataset, label in datasets:
+            for batch_size in DEMO_BATCH_SIZES:
+                result = run_load(LoadConfig(
+                    target=target, dataset=dataset, data_dir=data_dir, batch_size=batch_size, users=args.users,
+                    requests=args.requests, max_new_tokens=args.max_new_tokens, ignore_eos=True,
+                    run_id=f"demo-{dataset}-bs{batch_size}", client_db=str(out / "client.db"), quiet=True,
+                    labels={"dataset": label, "batch_size": str(batch_size), "model": "tiny", "demo": "1"},
+                ))
+                print(f"demo: {label:>16} batch {batch_size}: {result.requests_ok} ok, {result.requests_failed} failed")
+                if result.requests_failed:
+                    raise LlmwattsError(f"{result.requests_failed} requests failed in the demo; see {out / 'server.log'}")
+    finally:
+        _stop_server(proc)
+    from llmwatts.analysis.ingest import ingest
+    from llmwatts.analysis.report import build_report
+
+    ingest(out / "study.db", server_dbs=[out / "server.db"], client_dbs=[out / "client.db"])
+    report = build_report(out / "study.db", out)
+    bad = [r for r in report.reconciliations if not r.consistent]
+    if bad:
+        raise LlmwattsError(f"reconciliation failed for {[r.run_id for r in bad]}: see {report.report_html}")
+    print(f"demo: done in {time.monotonic() - started:.0f} s; report: {report.report_html}")
+    return 0
