@@ -42,14 +42,24 @@ MAX_REQUEST_ID_CHARS = 128
 class Host:
     """Everything a server holds: the loaded model, engine, GPUs, store, batcher, telemetry, caps."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, *, loaded: LoadedModel | None = None, engine=None,
+                 gpus: list | None = None, local_gpus: list | None = None, layout: dict | None = None,
+                 node: str | None = None):
+        """Unsharded: everything is built from ``config``. Sharded (``sharded.py``, rank 0): the loaded
+        slice, the lockstep engine, every rank's GPUs (``gpus``, followers' as proxies), the GPUs this
+        process samples itself (``local_gpus``) and the rank layout are passed in."""
         self.config = config
         self.server_id = uuid.uuid4().hex[:12]
-        self.node = socket.gethostname()
-        self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype, config.seed)
-        self.engine = make_engine(config.engine, self.loaded)
-        self.gpus = open_gpus(config.power_backend, node=self.node, sim_gpus=config.sim_gpus,
-                              sim_profile=config.sim_profile, device_indices=_cuda_indices(self.loaded))
+        self.node = node or socket.gethostname()
+        self.loaded: LoadedModel = loaded or load_model(config.model, config.device, config.dtype, config.seed)
+        self.engine = engine or make_engine(config.engine, self.loaded)
+        self.gpus = gpus if gpus is not None else open_gpus(
+            config.power_backend, node=self.node, sim_gpus=config.sim_gpus, sim_profile=config.sim_profile,
+            device_indices=_cuda_indices(self.loaded))
+        self.layout = layout or {"ranks": [{"rank": 0, "node": self.node, "device": str(self.loaded.device),
+                                            "gpus": [g.uuid for g in self.gpus]}]}
+        self.shard_count = len(self.layout["ranks"])
+        self.devices = [r["device"] for r in self.layout["ranks"]]
         self.power_source = power_source(self.gpus)
         self.simulated = any(g.simulated for g in self.gpus)
         self.store = ServerStore(config.db_path, self.server_id)
@@ -59,7 +69,8 @@ class Host:
             record_event=self.store.record_cap_event, default_lease_s=config.default_lease_s,
         )
         self.caps.recover()
-        self.sampler = TelemetrySampler(self.gpus, self.store, config.telemetry_hz)
+        self.sampler = TelemetrySampler(self.gpus if local_gpus is None else local_gpus, self.store,
+                                        config.telemetry_hz)
         self.batcher = Batcher(self.engine, self.gpus, self.store, max_batch_size=config.max_batch_size,
                                queue_size=config.queue_size, merge_requests=config.merge_requests,
                                batch_wait_ms=config.batch_wait_ms)
@@ -70,9 +81,7 @@ class Host:
         self.store.record_server({
             "started_ns": time.time_ns(), "node": self.node, "model": self.loaded.name,
             "dtype": str(self.loaded.dtype).removeprefix("torch."), "engine": self.engine.name,
-            "power_source": self.power_source, "shard_count": 1,
-            "layout": {"ranks": [{"rank": 0, "node": self.node, "device": str(self.loaded.device),
-                                  "gpus": [g.uuid for g in self.gpus]}]},
+            "power_source": self.power_source, "shard_count": self.shard_count, "layout": self.layout,
             "simulated": int(self.simulated), "versions": versions(),
         })
         self.store.record_gpus([{"gpu_uuid": g.uuid, "node": g.node, "rank": g.rank, "gpu_index": g.index,
@@ -91,6 +100,9 @@ class Host:
         self.batcher.stop()
         self.caps.restore_all()
         self.caps.close()
+        engine_close = getattr(self.engine, "close", None)  # sharded: stop the follower ranks
+        if engine_close is not None:
+            engine_close()
         self.sampler.stop()
         self.store.close()
 
@@ -267,8 +279,8 @@ class ControlServicer(pb_grpc.ControlServicer):
         gpus = [pb.GpuInfo(index=g.index, uuid=g.uuid, name=g.name, node=g.node, rank=g.rank,
                            memory_total_bytes=g.memory_total_bytes, simulated=g.simulated) for g in h.gpus]
         return pb.ServerInfo(
-            model=h.loaded.name, dtype=str(h.loaded.dtype).removeprefix("torch."), devices=[str(h.loaded.device)],
-            gpus=gpus, shard_count=1, engine=h.engine.name, power_source=h.power_source, versions=versions(),
+            model=h.loaded.name, dtype=str(h.loaded.dtype).removeprefix("torch."), devices=h.devices,
+            gpus=gpus, shard_count=h.shard_count, engine=h.engine.name, power_source=h.power_source, versions=versions(),
             max_batch_size=c.max_batch_size, max_new_tokens_limit=c.max_new_tokens_limit,
             context_length=h.loaded.context_length, default_max_new_tokens=c.default_max_new_tokens,
             server_id=h.server_id, server_time_ns=time.time_ns(), node=h.node, telemetry_hz=int(c.telemetry_hz))
@@ -331,8 +343,9 @@ class LlmwattsServer:
         return self.grpc_server.wait_for_termination(timeout)
 
 
-def create_server(config: ServerConfig) -> tuple[LlmwattsServer, int]:
-    """Build the host and a bound (not started) gRPC server. Returns the server and its port."""
+def create_server(config: ServerConfig, host: Host | None = None) -> tuple[LlmwattsServer, int]:
+    """Build the host (unless given: the sharded rank 0 builds its own) and a bound (not started) gRPC
+    server. Returns the server and its port."""
     loopback = auth.is_loopback_host(config.host)
     if config.allow_insecure_loopback_control and not loopback:
         raise InvalidArgument("--allow-insecure-loopback-control needs a loopback --host (127.0.0.1, ::1, "
@@ -345,7 +358,7 @@ def create_server(config: ServerConfig) -> tuple[LlmwattsServer, int]:
         if config.tls_cert else None
     if not math.isfinite(config.telemetry_hz):
         raise InvalidArgument("--telemetry-hz must be a number")
-    host = Host(config)
+    host = host or Host(config)
     try:
         interceptor = auth.BearerTokenInterceptor(
             config.control_token, inference_token=config.inference_token, loopback_only=loopback,

@@ -1,0 +1,532 @@
+"""Sharded serving: one process per GPU (per CPU process on gloo), tensor parallel, in lockstep.
+
+``llmwatts serve --shards N`` starts N-1 follower processes beside itself (rank 0); under ``torchrun``
+(several nodes) every process runs ``python -m llmwatts.server.sharded [serve flags]`` and finds its rank
+in the environment. docs/sharding.md describes the design; in short:
+
+- Two process groups: the default one (NCCL on GPUs, gloo on CPU) carries the model's tensors (FairScale
+  all-reduces / all-gathers); a gloo group carries control messages (pickled commands and replies).
+- Rank 0 runs the gRPC server and the batcher. ``ShardedEngine`` broadcasts each ``BatchSpec`` (with a
+  seed, so sampling is identical everywhere) and every rank runs its local engine in lockstep.
+- Every command is one broadcast from rank 0 and one gather of every follower's reply; replies carry the
+  follower's buffered telemetry rows. An idle rank 0 sends a ``collect`` each second: the heartbeat.
+- Followers' GPUs appear on rank 0 as ``RemoteGPU`` proxies (the ``GPU`` interface over commands), so the
+  batcher's energy meter, the power-cap manager and GetServerInfo see every rank's GPUs.
+- A dead rank makes the next command fail (gloo reports the closed connection; the process-group timeout
+  bounds a hung one): the server goes NOT_SERVING with a message naming what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
+from llmwatts.server.config import ServerConfig
+from llmwatts.server.engine import BatchOutput, BatchSpec
+from llmwatts.server.gpu import GPU, GpuSample, open_gpus
+from llmwatts.server.telemetry import TelemetrySampler
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "LLMWATTS_SHARD_CONFIG"   # follower config (JSON) when rank 0 spawned the followers
+NODE_ENV = "LLMWATTS_NODE"             # node name override (two "nodes" on one host in tests)
+TIMEOUT_ENV = "LLMWATTS_SHARD_TIMEOUT_S"
+HEARTBEAT_S = 1.0
+MAX_BUFFERED_ROWS = 100_000
+FOLLOWER_FIELDS = ("model", "device", "dtype", "engine", "seed", "power_backend", "telemetry_hz", "sim_profile")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process groups and this rank's slice
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Rank:
+    rank: int
+    world: int
+    local_rank: int
+    node_rank: int
+    node: str
+    device: torch.device
+    ctrl: object            # gloo process group for control messages
+
+
+def _timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "300")))
+
+
+def rank_device(device: str, local_rank: int) -> torch.device:
+    """One device per local rank: ``cuda:LOCAL_RANK`` when CUDA is asked for (or auto), else CPU."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InvalidArgument(f"device {device!r} asked for, but no CUDA GPU is visible: use --device cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise InvalidArgument(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible on this node")
+    return torch.device("cuda", local_rank)
+
+
+def init_rank(config: ServerConfig) -> Rank:
+    """Join the process groups (env:// rendezvous: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    from fairscale.nn.model_parallel.initialize import initialize_model_parallel
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = rank_device(config.device, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on lent GPUs
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=_timeout())
+    ctrl = dist.new_group(backend="gloo", timeout=_timeout())
+    initialize_model_parallel(world, model_parallel_backend=backend)
+    node = os.environ.get(NODE_ENV) or socket.gethostname()
+    return Rank(rank, world, local_rank, int(os.environ.get("GROUP_RANK", 0)), node, device, ctrl)
+
+
+def _nvml_index(device: torch.device) -> int:
+    """NVML counts every GPU of the node; CUDA only the visible ones."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    index = device.index or 0
+    if index < len(visible) and visible[index].strip().isdigit():
+        return int(visible[index])
+    return index
+
+
+def open_rank_gpus(config: ServerConfig, r: Rank) -> list[GPU]:
+    """This rank's GPU: its CUDA device through NVML, or one simulated GPU named after the global rank."""
+    if r.device.type == "cuda" and config.power_backend != "simulated":
+        indices = [_nvml_index(r.device)]
+    else:
+        indices = [r.rank]
+    return open_gpus(config.power_backend, node=r.node, rank=r.rank, sim_profile=config.sim_profile,
+                     device_indices=indices)
+
+
+def load_rank(config: ServerConfig, r: Rank):
+    from llmwatts.server.models import resolve_dtype
+    from llmwatts.server.service import make_engine
+    from llmwatts.server.tp import load_sharded
+
+    dtype = resolve_dtype(config.dtype, r.device)
+    loaded, shard = load_sharded(config.model, r.device, dtype, config.seed, r.rank, r.world)
+    # The fast engine has not been proven under tensor parallelism: auto means eager here.
+    engine = make_engine("eager" if config.engine == "auto" else config.engine, loaded)
+    return loaded, engine, shard
+
+
+def _gpu_info(g: GPU) -> dict:
+    return {"index": g.index, "uuid": g.uuid, "name": g.name, "node": g.node, "rank": g.rank,
+            "simulated": g.simulated, "memory_total_bytes": g.memory_total_bytes, "power_source": g.power_source,
+            "default_mw": g.default_power_limit_mw(), "constraints_mw": g.power_limit_constraints_mw()}
+
+
+def _hello(r: Rank, loaded, gpus: list[GPU], shard) -> dict:
+    return {"rank": r.rank, "node": r.node, "node_rank": r.node_rank, "local_rank": r.local_rank,
+            "device": str(loaded.device), "pid": os.getpid(), "gpus": [_gpu_info(g) for g in gpus],
+            "shard": shard.as_dict(), "time_ns": time.time_ns()}
+
+
+class _RowBuffer:
+    """A ``ServerStore`` stand-in for a follower's telemetry sampler: rows wait for rank 0 to collect."""
+
+    def __init__(self):
+        self._rows: list[dict] = []
+        self._lock = threading.Lock()
+
+    def add_telemetry(self, rows: list[dict]) -> None:
+        with self._lock:
+            self._rows.extend(rows)
+            del self._rows[:-MAX_BUFFERED_ROWS]  # a rank 0 that stopped collecting must not exhaust memory
+
+    def drain(self) -> list[dict]:
+        with self._lock:
+            rows, self._rows = self._rows, []
+        return rows
+
+    def flush(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Followers
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_follower(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU], shard) -> int:
+    """Follow rank 0's commands until ``shutdown`` (0) or until rank 0 goes away (1)."""
+    dist.gather_object(_hello(r, loaded, gpus, shard), None, dst=0, group=r.ctrl)
+    by_uuid = {g.uuid: g for g in gpus}
+    buffer = _RowBuffer()
+    sampler = TelemetrySampler(gpus, buffer, config.telemetry_hz)
+    sampler.start()
+
+    def pace(busy_s: float) -> None:  # a capped simulated GPU here slows every rank: lockstep
+        slowest = max(gpus, key=lambda g: getattr(g, "slowdown", lambda: 1.0)())
+        slowest.pace(busy_s)
+
+    try:
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=r.ctrl)
+            cmd = box[0]
+            reply = {"result": None, "error": None}
+            try:
+                if cmd["op"] == "generate":
+                    for g in gpus:
+                        g.set_load(len(cmd["batch"].prompts))
+                    try:
+                        reply["result"] = engine.generate(cmd["batch"], pace=pace).tokens
+                    finally:
+                        for g in gpus:
+                            g.set_load(0)
+                elif cmd["op"] == "gpu" and cmd["target"] == r.rank:
+                    reply["result"] = getattr(by_uuid[cmd["uuid"]], cmd["method"])(*cmd["args"])
+            except LlmwattsError as e:  # a refused cap and the like: rank 0 re-raises it to the caller
+                reply["error"] = e
+            reply["telemetry"] = buffer.drain()
+            dist.gather_object(reply, None, dst=0, group=r.ctrl)
+            if cmd["op"] == "shutdown":
+                return 0
+    except (RuntimeError, dist.DistBackendError) as e:
+        log.error("rank %d: lost rank 0 (%s); exiting", r.rank, e)
+        return 1
+    finally:
+        sampler.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rank 0: controller, proxies, lockstep engine
+# ---------------------------------------------------------------------------------------------------
+
+
+class Controller:
+    """Rank 0's end of the control group: one command at a time, a heartbeat, failure → NOT_SERVING."""
+
+    def __init__(self, r: Rank, children: dict[int, subprocess.Popen] | None = None):
+        self.r = r
+        self.children = children or {}  # rank -> process, when this process spawned the followers
+        self._lock = threading.Lock()
+        self.failure: Unavailable | None = None
+        self.on_failure = None           # called once with the Unavailable error
+        self._store = None
+        self._pending_rows: list[dict] = []
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="shard-heartbeat", daemon=True)
+
+    def hello(self, mine: dict) -> list[dict]:
+        """Every rank's description (rank order), with each follower's clock offset to rank 0."""
+        t0 = time.time_ns()
+        infos: list[dict] = [None] * self.r.world
+        dist.gather_object(mine, infos, dst=0, group=self.r.ctrl)
+        t1 = time.time_ns()
+        for info in infos:
+            # Followers stamped before the gather; an upper bound of the offset's error is (t1 - t0) / 2.
+            info["clock_offset_ns"] = 0 if info["rank"] == 0 else info.pop("time_ns") - (t0 + t1) // 2
+            info.pop("time_ns", None)
+        return infos
+
+    def attach_store(self, store) -> None:
+        with self._lock:
+            self._store = store
+            rows, self._pending_rows = self._pending_rows, []
+        store.add_telemetry(rows)
+
+    def start_heartbeat(self) -> None:
+        self._heartbeat.start()
+
+    def call(self, op: str, *, local=None, **fields):
+        """Broadcast a command, run ``local()`` here (the lockstep part), gather every follower's reply.
+        Returns (local result, replies by rank). A follower's project error is re-raised here."""
+        with self._lock:
+            return self._call_locked(op, local, fields)
+
+    def _call_locked(self, op: str, local, fields):
+        if self.failure is not None:
+            raise self.failure
+        try:
+            dist.broadcast_object_list([dict(fields, op=op)], src=0, group=self.r.ctrl)
+            mine = local() if local is not None else None
+            replies: list[dict] = [None] * self.r.world
+            dist.gather_object({"result": None, "error": None, "telemetry": []}, replies, dst=0, group=self.r.ctrl)
+        except Exception as e:
+            raise self._fail(e) from e
+        rows = [row for rep in replies[1:] for row in rep["telemetry"]]
+        if self._store is not None:
+            self._store.add_telemetry(rows)
+        else:
+            self._pending_rows.extend(rows)
+        for rep in replies[1:]:
+            if rep["error"] is not None:
+                raise rep["error"]
+        return mine, replies
+
+    def _dead_children(self) -> str:
+        dead = [f"rank {rank} (pid {p.pid}) exited with code {p.returncode}"
+                for rank, p in self.children.items() if p.poll() is not None]
+        return "; ".join(dead)
+
+    def _fail(self, cause: BaseException) -> Unavailable:
+        if self.failure is None:
+            time.sleep(0.2)  # let a dying child's exit code land, so the message names it
+            what = self._dead_children() or f"a rank stopped answering ({type(cause).__name__}: {cause})"
+            self.failure = Unavailable(f"sharded server lost a rank: {what}; it is no longer serving, restart it")
+            log.error("%s", self.failure)
+            if self.on_failure is not None:
+                self.on_failure(self.failure)
+        return self.failure
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if self.failure is not None:
+                return
+            dead = self._dead_children()
+            if dead:
+                self._fail(RuntimeError(dead))
+                return
+            if not self._lock.acquire(blocking=False):
+                continue  # a batch or a cap command is running: that is proof of life enough
+            try:
+                self._call_locked("collect", None, {})
+            except Exception:
+                return  # _fail already reported it
+            finally:
+                self._lock.release()
+
+    def close(self) -> None:
+        """Stop the followers (they send their last telemetry). Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join(timeout=10)
+        if self.failure is None:
+            try:
+                self.call("shutdown")
+            except Exception:
+                log.exception("followers did not shut down cleanly")
+
+
+class RemoteGPU(GPU):
+    """A follower's GPU seen from rank 0: every read and set is a command to the owning rank."""
+
+    def __init__(self, controller: Controller, info: dict):
+        self.controller = controller
+        self.index, self.uuid, self.name = info["index"], info["uuid"], info["name"]
+        self.node, self.rank, self.simulated = info["node"], info["rank"], info["simulated"]
+        self.memory_total_bytes, self.power_source = info["memory_total_bytes"], info["power_source"]
+        self._default_mw, self._constraints_mw = info["default_mw"], tuple(info["constraints_mw"])
+
+    def _remote(self, method: str, *args):
+        _, replies = self.controller.call("gpu", target=self.rank, uuid=self.uuid, method=method, args=args)
+        return replies[self.rank]["result"]
+
+    def sample(self) -> GpuSample:
+        return self._remote("sample")
+
+    def energy_mj(self) -> int:
+        return self._remote("energy_mj")
+
+    def power_limit_mw(self) -> int:
+        return self._remote("power_limit_mw")
+
+    def enforced_power_limit_mw(self) -> int:
+        return self._remote("enforced_power_limit_mw")
+
+    def default_power_limit_mw(self) -> int:
+        return self._default_mw
+
+    def power_limit_constraints_mw(self) -> tuple[int, int]:
+        return self._constraints_mw
+
+    def set_power_limit_mw(self, limit_mw: int) -> None:
+        self._remote("set_power_limit_mw", int(limit_mw))
+
+    # set_load / pace: the owning rank sets its own load when it runs a batch and paces itself.
+
+
+class ShardedEngine:
+    """The Engine interface on rank 0: every rank runs the wrapped engine on the same batch in lockstep."""
+
+    def __init__(self, inner, controller: Controller):
+        self.inner, self.controller = inner, controller
+        self.name = inner.name
+
+    def generate(self, batch: BatchSpec, on_step=None, pace=None) -> BatchOutput:
+        sampling = batch.sampling
+        if sampling.seed is None:  # one seed for every rank: identical sampling, identical tokens
+            sampling = dataclasses.replace(sampling, seed=random.getrandbits(63))
+        spec = dataclasses.replace(batch, sampling=sampling)
+        out, replies = self.controller.call(
+            "generate", batch=spec, local=lambda: self.inner.generate(spec, on_step=on_step, pace=pace))
+        for rank, rep in enumerate(replies[1:], start=1):
+            if rep["result"] != out.tokens:
+                raise Unavailable(f"rank {rank} generated other tokens than rank 0: the shards diverged; restart")
+        return out
+
+    def close(self) -> None:
+        self.controller.close()
+
+
+def _layout(infos: list[dict]) -> dict:
+    return {"tp": "fairscale", "world": len(infos), "ranks": [
+        {"rank": i["rank"], "node": i["node"], "node_rank": i["node_rank"], "local_rank": i["local_rank"],
+         "device": i["device"], "pid": i["pid"], "gpus": [g["uuid"] for g in i["gpus"]],
+         "clock_offset_ns": i["clock_offset_ns"], **{k: i["shard"][k] for k in (
+             "param_numel", "full_numel", "read_numel", "shapes")}} for i in infos]}
+
+
+def run_leader(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU], shard,
+               port_file: Path | None = None, children: dict | None = None) -> int:
+    from llmwatts.server.service import Host, create_server
+
+    controller = Controller(r, children)
+    infos = controller.hello(_hello(r, loaded, gpus, shard))
+    controller.start_heartbeat()
+    proxies = [RemoteGPU(controller, g) for info in infos[1:] for g in info["gpus"]]
+    try:
+        host = Host(config, loaded=loaded, engine=ShardedEngine(engine, controller), gpus=gpus + proxies,
+                    local_gpus=gpus, layout=_layout(infos), node=r.node)
+    except BaseException:
+        controller.close()
+        raise
+    controller.attach_store(host.store)
+    server, port = create_server(config, host=host)
+    controller.on_failure = lambda err: server.set_not_serving()
+    stopping = threading.Event()
+    stopper = threading.Thread(target=server.stop, args=(5.0,), name="stop")
+
+    def on_signal(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            log.info("signal %d: stopping (restoring caps on every rank)", signum)
+            stopper.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+        print(f"llmwatts serving {config.model} on {config.host}:{port} over {r.world} shards "
+              f"(db {config.db_path})", flush=True)
+        if port_file:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(str(port))
+            tmp.replace(port_file)
+        server.wait_for_termination()
+    finally:
+        if stopping.is_set():
+            stopper.join()  # the host's close stops the followers: finish before the groups go
+        else:
+            server.stop(0)
+    return 0
+
+
+def run_rank(config: ServerConfig, port_file: Path | None = None, children: dict | None = None) -> int:
+    """Run this process's rank (from the environment) until shutdown."""
+    r = init_rank(config)
+    try:
+        loaded, engine, shard = load_rank(config, r)
+        gpus = open_rank_gpus(config, r)
+        log.info("rank %d/%d on %s (%s): %d of %d parameters", r.rank, r.world, r.node, r.device,
+                 shard.param_numel, shard.full_numel)
+        if r.rank == 0:
+            return run_leader(config, r, loaded, engine, gpus, shard, port_file, children)
+        if os.environ.get(CONFIG_ENV):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0, which stops us in order
+        return run_follower(config, r, loaded, engine, gpus, shard)
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a broken group (a rank died) may refuse a clean teardown
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_sharded(config: ServerConfig, shards: int, port_file: Path | None = None) -> int:
+    """``llmwatts serve --shards N``: under torchrun, run this rank; otherwise spawn N-1 followers on
+    this node and become rank 0."""
+    if shards < 1:
+        raise InvalidArgument("--shards must be at least 1")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        if int(os.environ["WORLD_SIZE"]) != shards:
+            raise InvalidArgument(f"--shards {shards} but torchrun started {os.environ['WORLD_SIZE']} processes")
+        return run_rank(config, port_file)
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise InvalidArgument("with --shards use --device auto, cuda or cpu: each rank takes cuda:LOCAL_RANK")
+    if rank_device(config.device, 0).type == "cuda" and torch.cuda.device_count() < shards:
+        raise InvalidArgument(f"--shards {shards} needs {shards} GPUs; {torch.cuda.device_count()} are visible")
+    follower_config = {k: getattr(config, k) for k in FOLLOWER_FIELDS}
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(shards),
+               LOCAL_WORLD_SIZE=str(shards), GROUP_RANK="0", **{CONFIG_ENV: json.dumps(follower_config)})
+    for secret in ("LLMWATTS_CONTROL_TOKEN", "LLMWATTS_INFERENCE_TOKEN"):  # followers serve no RPCs
+        env.pop(secret, None)
+    children = {}
+    for rank in range(1, shards):
+        children[rank] = subprocess.Popen([sys.executable, "-m", "llmwatts.server.sharded"],
+                                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+    os.environ.update({k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                           "GROUP_RANK")}, RANK="0", LOCAL_RANK="0")
+    try:
+        return run_rank(config, port_file, children)
+    finally:
+        for p in children.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _config_from_argv(argv: list[str]) -> tuple[ServerConfig, Path | None]:
+    from llmwatts.server import cli
+
+    parser = argparse.ArgumentParser(prog="python -m llmwatts.server.sharded",
+                                     description="One rank of a sharded llmwatts server (run under torchrun).")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", *argv])
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cli.config_from_args(args), args.port_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of every rank under torchrun, and of the followers ``serve_sharded`` spawns."""
+    spawned = os.environ.get(CONFIG_ENV)
+    try:
+        if spawned:
+            logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            return run_rank(ServerConfig(**json.loads(spawned)))
+        config, port_file = _config_from_argv(sys.argv[1:] if argv is None else argv)
+        return run_rank(config, port_file)
+    except LlmwattsError as e:
+        print(f"llmwatts: rank {os.environ.get('RANK', '?')}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
