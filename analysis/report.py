@@ -10,6 +10,7 @@ import base64
 import csv
 import html
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -315,7 +316,8 @@ def build_report(
     _write_markdown(result)
     _write_html(result)
 
-    console = console or Console()
+    # Piped output (CI logs, `make demo | tee`) gets a wide table instead of rich's 80-column default.
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     _print_table(console, runs, simulated)
     for rec in result.reconciliations:
         if not rec.consistent:
