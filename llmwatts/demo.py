@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmwatts.errors import LlmwattsError, NotFound, Unavailable
+from llmwatts.errors import InvalidArgument, LlmwattsError, NotFound, Unavailable
 
 DEMO_BATCH_SIZES = (1, 4, 8)
 SERVER_START_TIMEOUT_S = 120
@@ -31,20 +31,39 @@ def add_parser(subparsers) -> None:
     p.add_argument("--requests", type=int, default=6, help="requests per run (default 6)")
     p.add_argument("--users", type=int, default=2, help="concurrent Locust users (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="fixed output length (default 32)")
+    study = p.add_argument_group("the same study on other hardware (defaults: the demo)")
+    study.add_argument("--model", default="tiny", help="preset or checkpoint (default tiny)")
+    study.add_argument("--device", default="cpu", help="server device (default cpu)")
+    study.add_argument("--engine", default="auto", help="server engine (default auto)")
+    study.add_argument("--power-backend", default="simulated",
+                       help="simulated (default) or nvml-readonly for a real GPU")
+    study.add_argument("--batch-sizes", default=",".join(map(str, DEMO_BATCH_SIZES)),
+                       help="comma-separated prompts per request (default 1,4,8)")
+    study.add_argument("--datasets", default="alpaca,gsm8k", help="comma-separated: alpaca, gsm8k (default both)")
     p.set_defaults(func=run)
 
 
-def _start_server(out: Path) -> tuple[subprocess.Popen, str]:
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise InvalidArgument(f"{flag} wants positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _start_server(out: Path, args) -> tuple[subprocess.Popen, str]:
     port_file = out / "server.port"
     port_file.unlink(missing_ok=True)
     log = open(out / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--device", "cpu",
-         "--power-backend", "simulated", "--port", "0", "--port-file", str(port_file), "--db",
-         str(out / "server.db"), "--log-level", "WARNING"],
+        [sys.executable, "-m", "llmwatts.cli", "serve", "--model", args.model, "--device", args.device,
+         "--engine", args.engine, "--power-backend", args.power_backend, "--port", "0", "--port-file",
+         str(port_file), "--db", str(out / "server.db"), "--log-level", "WARNING"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    deadline = time.monotonic() + (SERVER_START_TIMEOUT_S if args.model == "tiny" else 900)
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -62,12 +81,15 @@ def _stop_server(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-def _datasets(data_dir: str | None) -> list[tuple[str, str]]:
-    """(dataset, label) pairs: Alpaca and GSM8K when their files are found, else the embedded mini set."""
+def _datasets(data_dir: str | None, names: list[str]) -> list[tuple[str, str]]:
+    """(dataset, label) pairs: the named sets whose files are found, else the embedded mini set."""
     from llmwatts.loadgen.prompts import load_prompts
 
+    unknown = set(names) - {"alpaca", "gsm8k"}
+    if unknown:
+        raise InvalidArgument(f"--datasets knows alpaca and gsm8k, not {', '.join(sorted(unknown))}")
     found = []
-    for name in ("alpaca", "gsm8k"):
+    for name in names:
         try:
             load_prompts(name, num_prompts=8, seed=0, data_dir=data_dir, fetch=False)
             found.append((name, name))
@@ -87,20 +109,21 @@ def run(args) -> int:
         for suffix in ("", "-wal", "-shm"):
             (out / (stale + suffix)).unlink(missing_ok=True)
     data_dir = args.data_dir or os.environ.get("LLMWATTS_DATA_DIR")
-    datasets = _datasets(data_dir)
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    datasets = _datasets(data_dir, [d.strip() for d in args.datasets.split(",") if d.strip()])
     # Locust monkey-patches this process for gevent; the server runs in its own process.
     from llmwatts.loadgen.config import LoadConfig
     from llmwatts.loadgen.runner import run_load
 
-    proc, target = _start_server(out)
+    proc, target = _start_server(out, args)
     try:
         for dataset, label in datasets:
-            for batch_size in DEMO_BATCH_SIZES:
+            for batch_size in batch_sizes:
                 result = run_load(LoadConfig(
                     target=target, dataset=dataset, data_dir=data_dir, batch_size=batch_size, users=args.users,
                     requests=args.requests, max_new_tokens=args.max_new_tokens, ignore_eos=True,
-                    run_id=f"demo-{dataset}-bs{batch_size}", client_db=str(out / "client.db"), quiet=True,
-                    labels={"dataset": label, "batch_size": str(batch_size), "model": "tiny", "demo": "1"},
+                    run_id=f"{args.model}-{dataset}-bs{batch_size}", client_db=str(out / "client.db"), quiet=True,
+                    labels={"dataset": label, "batch_size": str(batch_size), "model": args.model},
                 ))
                 print(f"demo: {label:>16} batch {batch_size}: {result.requests_ok} ok, {result.requests_failed} failed")
                 if result.requests_failed:
