@@ -1,0 +1,366 @@
+"""Engine benchmark: throughput, energy per token and power of every engine, in one table.
+
+Rows: raw transformers eager ``generate``; transformers static cache (``cache_implementation="static"``,
+which makes ``generate`` compile itself); our fast engine in-process; the same engine through the gRPC
+server (unary ``Generate``, fixed-length prompts). Columns: tok/s, J/token and W from the NVML energy
+counter, read only at the start and end of each timed region (one read costs ~4 ms and the counter
+refreshes every ~100 ms, so each region runs for at least ``--min-seconds``). Also: the batch-1
+memory-bandwidth roofline (weights / measured copy bandwidth), the telemetry sampler's cost at 10 and
+100 Hz, and the teacher-forced argmax agreement of the fast engine with eager (fp16, 256 tokens).
+
+Read-only NVML only: no setter is ever called (shared GPUs).
+
+    python bench/engine.py                      # llama-7b on cuda, everything (~7 min on an H100)
+    python bench/engine.py --quick              # tiny on cpu: proves the script runs
+    python bench/engine.py --engines fast,server --batches 1,64,256
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from llmwatts.server.engine import BatchSpec, Sampling
+
+ENGINES = ("eager", "static", "fast", "server")
+
+
+class EnergyCounter:
+    """NVML's cumulative energy counter of one GPU (read-only), or nothing on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type == "cuda":
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            # NVML indexes GPUs in PCI order; honour CUDA_VISIBLE_DEVICES when it names one index.
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            index = int(visible.split(",")[device.index or 0]) if visible and visible.split(",")[0].isdigit() \
+                else (device.index or 0)
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.name = pynvml.nvmlDeviceGetName(self.handle)
+
+    def energy_mj(self) -> int | None:
+        return None if self.handle is None else self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run, tokens_per_run: int, counter: EnergyCounter, device: torch.device, min_s: float) -> dict:
+    """Repeat ``run`` until ``min_s`` passed; tok/s, J/token and W over the whole region."""
+    sync(device)
+    e0, t0, runs = counter.energy_mj(), time.perf_counter(), 0
+    while True:
+        run()
+        runs += 1
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_s:
+            break
+    e1 = counter.energy_mj()
+    tokens = tokens_per_run * runs
+    row = {"tok_s": tokens / elapsed, "seconds": elapsed, "runs": runs, "tokens": tokens}
+    if e0 is not None:
+        joules = (e1 - e0) / 1000.0
+        row.update(j_per_token=joules / tokens, watts=joules / elapsed)
+    return row
+
+
+def copy_bandwidth_bytes_s(device: torch.device) -> float:
+    """Device-memory copy rate (bytes read + written per second) of a 1 GiB buffer."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(1 << 29, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    t0, iters = time.perf_counter(), 20
+    for _ in range(iters):
+        dst.copy_(src)
+    sync(device)
+    rate = 2 * src.numel() * src.element_size() * iters / (time.perf_counter() - t0)
+    del src, dst
+    return rate
+
+
+def fixed_length_prompts(tokenizer, n_tokens: int, count: int) -> tuple[list[str], list[list[int]]]:
+    """``count`` distinct texts that the server's tokenizer turns into exactly ``n_tokens`` ids."""
+    words = "energy power token model batch server latency watt joule cache graph decode prefill".split()
+    texts, ids = [], []
+    for i in range(count):
+        parts, text = [], ""
+        k = i
+        while True:
+            parts.append(words[k % len(words)])
+            k = k * 7 + 3
+            candidate = " ".join(parts)
+            n = len(tokenizer(candidate)["input_ids"])
+            if n == n_tokens:
+                text = candidate
+                break
+            if n > n_tokens:  # overshot by a multi-token word: pad the previous text with 1-token words
+                parts.pop()
+                text = " ".join(parts)
+                while len(tokenizer(text)["input_ids"]) < n_tokens:
+                    text += " a"
+                if len(tokenizer(text)["input_ids"]) != n_tokens:
+                    raise RuntimeError("could not build a prompt of the exact length")
+                break
+        texts.append(text)
+        ids.append(tokenizer(text)["input_ids"])
+    return texts, ids
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"subset of {','.join(ENGINES)}")
+    ap.add_argument("--batches", default="1,8,32,64,128,256", help="batch sizes for fast and server")
+    ap.add_argument("--eager-batches", default="1,8,32,64,128")
+    ap.add_argument("--static-batches", default="1,32", help="each size compiles afresh (~1 min)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--min-seconds", type=float, default=3.0, help="shortest timed region")
+    ap.add_argument("--telemetry-hz", default="10,100", help="sampler rates to price ('' skips)")
+    ap.add_argument("--telemetry-batch", type=int, default=1)
+    ap.add_argument("--no-agreement", action="store_true", help="skip the teacher-forced argmax check")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="tiny on cpu, short: proves the script runs")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.device, args.prompt_tokens, args.new_tokens = "tiny", "cpu", 16, 8
+        args.batches, args.eager_batches, args.static_batches = "1,4", "1,4", "1"
+        args.min_seconds, args.telemetry_hz = 0.2, "10"
+    engines = [e for e in args.engines.split(",") if e]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        ap.error(f"unknown engines {sorted(unknown)}: use {','.join(ENGINES)}")
+    batches = [int(b) for b in args.batches.split(",") if b]
+    results = run_bench(args, engines, batches)
+    print_report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def run_bench(args, engines: list[str], batches: list[int]) -> dict:
+    import grpc
+
+    from llmwatts.server.config import ServerConfig
+    from llmwatts.server.service import create_server
+    from llmwatts.server.telemetry import TelemetrySampler
+    from llmwatts.v1 import llmwatts_pb2 as pb
+    from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
+
+    device = torch.device(args.device)
+    counter = EnergyCounter(device)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": getattr(counter, "name", "cpu"),
+               "model": args.model, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+               "torch": torch.__version__, "rows": [], "events": []}
+    import transformers
+    results["transformers"] = transformers.__version__
+
+    def note(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        results["events"].append(msg)
+        if args.json:  # after every row, so a run cut short still leaves its numbers
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+
+    t_load = time.perf_counter()
+    db = Path(tempfile.mkdtemp()) / "bench.db"
+    largest = max(batches + [1])
+    cfg = ServerConfig(model=args.model, device=args.device, engine="fast",
+                       power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
+                       port=0, db_path=db, telemetry_hz=0, max_batch_size=max(largest, 256),
+                       queue_size=8, cap_state_path=db.with_suffix(".caps.json"))
+    srv, port = create_server(cfg)
+    srv.start()
+    host = srv.host
+    model, engine, tokenizer = host.loaded.model, host.engine, host.loaded.tokenizer
+    note(f"server up on port {port} with {args.model} in {time.perf_counter() - t_load:.1f} s "
+         f"(engine {engine.name}, compiled {getattr(engine, 'compiled', None)})")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth_bytes_s(device)
+    results.update(weight_bytes=weight_bytes, copy_bandwidth_bytes_s=bw, roofline_tok_s=bw / weight_bytes)
+    note(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, "
+         f"batch-1 roofline {bw / weight_bytes:.1f} tok/s")
+    texts, ids = fixed_length_prompts(tokenizer, args.prompt_tokens, largest)
+    new = args.new_tokens
+
+    def add(engine_name: str, batch: int, row: dict) -> None:
+        row.update(engine=engine_name, batch=batch)
+        results["rows"].append(row)
+        note(f"{engine_name:>7} b={batch:<4} " + (row.get("error") or
+             f"{row['tok_s']:9.1f} tok/s  {row.get('j_per_token', float('nan')):.4f} J/tok  "
+             f"{row.get('watts', float('nan')):6.1f} W  ({row['runs']} runs, {row['seconds']:.1f} s)"))
+
+    def guarded(engine_name: str, batch: int, fn) -> None:
+        try:
+            add(engine_name, batch, fn())
+        except torch.OutOfMemoryError as e:
+            add(engine_name, batch, {"error": f"OOM ({str(e).splitlines()[0][:80]})"})
+            engine.release()
+            torch.cuda.empty_cache()
+        except Exception as e:  # one failing row must not lose the rest of a paid GPU run
+            add(engine_name, batch, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+
+    def fast_spec(b: int) -> BatchSpec:
+        return BatchSpec([ids[i] for i in range(b)], [new] * b, Sampling(greedy=True), ignore_eos=True)
+
+    if "fast" in engines:
+        for b in batches:
+            def fast_row(b=b):
+                t0 = time.perf_counter()
+                out = engine.generate(fast_spec(b))  # warm-up: captures this bucket's graphs
+                assert all(len(t) == new for t in out.tokens)
+                note(f"fast b={b}: warm-up (compile/capture) {time.perf_counter() - t0:.1f} s")
+                return timed(lambda: engine.generate(fast_spec(b)), b * new, counter, device, args.min_seconds)
+            guarded("fast", b, fast_row)
+
+    if "server" in engines:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+        def call(b: int) -> None:
+            r = stub.Generate(pb.GenerateRequest(
+                request_id=uuid.uuid4().hex, run_id="bench", prompts=texts[:b], max_new_tokens=new,
+                sampling=pb.SamplingParams(greedy=True), ignore_eos=True), timeout=600)
+            assert len(r.completions) == b
+        for b in batches:
+            def server_row(b=b):
+                call(b)
+                return timed(lambda: call(b), b * new, counter, device, args.min_seconds)
+            guarded("server", b, server_row)
+
+    hz_list = [float(h) for h in args.telemetry_hz.split(",") if h]
+    if "fast" in engines and hz_list:
+        b = args.telemetry_batch
+        base = []
+        for hz in [0.0] + hz_list + [0.0]:  # bracketed by two runs without, against drift
+            sampler = TelemetrySampler(host.gpus, host.store, hz) if hz else None
+            if sampler:
+                sampler.start()
+            try:
+                row = timed(lambda: engine.generate(fast_spec(b)), b * new, counter, device, max(args.min_seconds, 5.0))
+            finally:
+                if sampler:
+                    sampler.stop()
+            if hz == 0:
+                base.append(row["tok_s"])
+            results.setdefault("telemetry", []).append({"hz": hz, "batch": b, **row})
+            note(f"telemetry {hz:g} Hz b={b}: {row['tok_s']:.1f} tok/s")
+        ref = sum(base) / len(base)
+        for r in results["telemetry"]:
+            r["overhead_pct"] = 100.0 * (1 - r["tok_s"] / ref)
+
+    if "fast" in engines and not args.no_agreement:
+        try:
+            g = torch.Generator().manual_seed(1)
+            seq = torch.randint(3, model.config.vocab_size, (256,), generator=g).tolist()
+            with torch.inference_mode():
+                ref = model(torch.tensor([seq], device=device)).logits[0].argmax(-1).tolist()
+            got = engine.teacher_forced_argmax(seq)
+            agree = sum(a == b for a, b in zip(ref, got)) / len(seq)
+            results["agreement"] = agree
+            note(f"teacher-forced argmax agreement with eager over {len(seq)} positions: {100 * agree:.2f}%")
+            # The noise floor: eager itself, one token at a time with its dynamic cache, vs its full forward.
+            past, own = None, []
+            with torch.inference_mode():
+                for tok in seq:
+                    out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
+                    past = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+                    own.append(int(out.logits[0, -1].argmax()))
+            results["agreement_eager_incremental"] = sum(a == b for a, b in zip(ref, own)) / len(seq)
+            note(f"eager token-by-token vs eager full forward: {100 * results['agreement_eager_incremental']:.2f}%")
+        except Exception as e:
+            note(f"agreement check failed: {type(e).__name__}: {e}")
+
+    if hasattr(engine, "release"):
+        engine.release()
+
+    def hf_ids(b: int):
+        x = torch.tensor([ids[i] for i in range(b)], device=device)
+        return x, torch.ones_like(x)
+
+    def hf_generate(b: int, **kw):
+        x, m = hf_ids(b)
+        with torch.inference_mode():
+            out = model.generate(input_ids=x, attention_mask=m, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
+        assert out.shape[1] == x.shape[1] + new
+
+    if "eager" in engines:
+        for b in [int(x) for x in args.eager_batches.split(",") if x]:
+            def eager_row(b=b):
+                x, m = hf_ids(b)
+                with torch.inference_mode():
+                    model.generate(input_ids=x, attention_mask=m, max_new_tokens=2, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+                return timed(lambda: hf_generate(b), b * new, counter, device, args.min_seconds)
+            guarded("eager", b, eager_row)
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    if "static" in engines and device.type == "cuda":
+        for b in [int(x) for x in args.static_batches.split(",") if x]:
+            def static_row(b=b):
+                t0 = time.perf_counter()
+                hf_generate(b, cache_implementation="static")  # compiles at this shape
+                note(f"static b={b}: warm-up (compile) {time.perf_counter() - t0:.1f} s")
+                return timed(lambda: hf_generate(b, cache_implementation="static"), b * new, counter, device,
+                             args.min_seconds)
+            guarded("static", b, static_row)
+    srv.stop(grace=1)
+    return results
+
+
+TARGETS = "≥160 tok/s @1; ≥3,500 tok/s @32; ≤0.10 J/tok @64; ≤0.06 J/tok @largest; server ≤3% below fast; telemetry ≤1%"
+
+
+def print_report(results: dict) -> None:
+    print()
+    print(f"# {results['model']} on {results['device']}, {results['prompt_tokens']} prompt + "
+          f"{results['new_tokens']} new tokens, greedy fixed length; torch {results['torch']}, "
+          f"transformers {results['transformers']}; {results['date']}")
+    rows = results["rows"]
+    fast = {r["batch"]: r for r in rows if r["engine"] == "fast" and "tok_s" in r}
+    print()
+    print("| engine | batch | tok/s | J/token | W | % of fast in-process |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['engine']} | {r['batch']} | {r['error']} | | | |")
+            continue
+        rel = f"{100 * r['tok_s'] / fast[r['batch']]['tok_s']:.1f}%" if r["batch"] in fast else ""
+        j = f"{r['j_per_token']:.4f}" if "j_per_token" in r else "-"
+        w = f"{r['watts']:.0f}" if "watts" in r else "-"
+        print(f"| {r['engine']} | {r['batch']} | {r['tok_s']:.1f} | {j} | {w} | {rel} |")
+    roof = results.get("roofline_tok_s")
+    if roof and roof == roof and 1 in fast:
+        print(f"\nbatch-1 roofline: {results['weight_bytes'] / 1e9:.2f} GB weights / "
+              f"{results['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s copy = {roof:.1f} tok/s; "
+              f"fast engine at {100 * fast[1]['tok_s'] / roof:.1f}% of it")
+    for t in results.get("telemetry", []):
+        print(f"telemetry sampler {t['hz']:g} Hz, batch {t['batch']}: {t['tok_s']:.1f} tok/s "
+              f"({t['overhead_pct']:+.2f}% vs without)")
+    if "agreement" in results:
+        print(f"teacher-forced argmax agreement with eager (256 positions): {100 * results['agreement']:.2f}%"
+              + (f" (eager token-by-token vs eager full forward: "
+                 f"{100 * results['agreement_eager_incremental']:.2f}%)" if "agreement_eager_incremental" in results else ""))
+    print(f"targets: {TARGETS}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""The fast engine: a static KV cache, separate prefill and decode, and a decode step replayed as a CUDA graph.
+
+Modelled on gpt-fast's ``generate.py``: prefill runs once per batch; every decode step is one fixed-shape
+function (embed → 32 layers → sample) that on CUDA is captured once per (batch bucket, attention window,
+greedy?) and replayed, so a step costs one graph launch instead of ~1,000 kernel launches. The per-layer
+element-wise work (RMSNorm, rotary, SiLU·mul, residuals) is fused by ``torch.compile`` on CUDA; matmuls
+stay cuBLAS and attention is SDPA over the cache window.
+
+The engine runs the loaded transformers model's own parameters and modules (embedding, rotary, final
+norm, lm_head); it only replaces the decoder layers' forward, with the same operations in the same
+order as ``LlamaDecoderLayer``, so greedy tokens on CPU in fp32 equal ``EagerEngine``'s exactly
+(tests/server/test_fast_engine.py). When a layer's projections are not plain ``nn.Linear`` (a sharded
+model: FairScale column/row-parallel layers that all-reduce inside ``forward``) the layer calls the
+modules themselves, uncompiled, and the collectives are captured into the graph with the rest
+(docs/performance.md).
+
+Cache layout: a batch is left-padded to width ``S``; slot ``j`` of the cache holds column ``j`` of
+the padded batch, so prefill fills slots ``0..S-1`` and decode step ``t`` writes slot ``S+t-1`` for
+every sequence at once. Each sequence masks its own padding (``key_valid``) and gets its own positions
+(``len_i + t``), exactly as ``generate`` derives them from the attention mask. Attention reads only
+the window ``[0, W)`` of the cache, ``W`` the next multiple of ``WINDOW_SLOTS`` above the live slots,
+so a short batch does not pay for the whole cache.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from llmwatts.server.engine import BatchOutput, BatchSpec, PaceCallback, SequenceTracker, StepCallback
+
+log = logging.getLogger(__name__)
+
+# Batches are padded up to one of these sizes, so a handful of graphs serve every batch size.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+# Cache length and attention window granularity, in slots (tokens).
+WINDOW_SLOTS = 128
+# Head-room kept free when sizing a new cache against the GPU's free memory.
+CACHE_HEADROOM_BYTES = 2 << 30
+
+
+def _bucket(n: int) -> int:
+    for b in BATCH_BUCKETS:
+        if b >= n:
+            return b
+    return n
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder layer, split around attention. Same ops, same order as transformers' LlamaRMSNorm,
+# apply_rotary_pos_emb, LlamaMLP and LlamaDecoderLayer (fp32 results are bit-identical).
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos, sin: [B, 1, T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def _pre_attention(h, cos, sin, ln_w, eps: float, wq, bq, wk, bk, wv, bv, head_dim: int):
+    """h: [B, T, E] -> q: [B, Hq, T, D], k, v: [B, Hkv, T, D] (rotary applied to q and k)."""
+    b, t, _ = h.shape
+    x = _rms_norm(h, ln_w, eps)
+    q = F.linear(x, wq, bq).view(b, t, -1, head_dim).transpose(1, 2)
+    k = F.linear(x, wk, bk).view(b, t, -1, head_dim).transpose(1, 2)
+    v = F.linear(x, wv, bv).view(b, t, -1, head_dim).transpose(1, 2)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _post_attention(h, attn, wo, bo, ln_w, eps: float, wg, bg, wu, bu, wd, bd):
+    """h: [B, T, E], attn: [B, Hq, T, D] -> the layer's output [B, T, E]."""
+    b, t, _ = h.shape
+    h = h + F.linear(attn.transpose(1, 2).reshape(b, t, -1).contiguous(), wo, bo)
+    x = _rms_norm(h, ln_w, eps)
+    return h + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's tensors (plain mode) or modules (module mode: sharded or unusual linears)."""
+
+    module: torch.nn.Module
+    plain: bool
+    head_dim: int
+    eps1: float
+    eps2: float
+
+    def pre(self, fn, h, cos, sin):
+        m = self.module
+        a = m.self_attn
+        if not self.plain:
+            b, t, _ = h.shape
+            x = m.input_layernorm(h)
+            q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
+            return _rope(q, cos, sin), _rope(k, cos, sin), v
+        return fn(h, cos, sin, m.input_layernorm.weight, self.eps1, a.q_proj.weight, a.q_proj.bias,
+                  a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, self.head_dim)
+
+    def post(self, fn, h, attn):
+        m = self.module
+        if not self.plain:
+            b, t, _ = h.shape
+            h = h + m.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1).contiguous())
+            return h + m.mlp(m.post_attention_layernorm(h))
+        a, mlp = m.self_attn, m.mlp
+        return fn(h, attn, a.o_proj.weight, a.o_proj.bias, m.post_attention_layernorm.weight, self.eps2,
+                  mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+                  mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+def _is_plain(layer: torch.nn.Module) -> bool:
+    a, mlp = layer.self_attn, layer.mlp
+    linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    act = getattr(mlp, "act_fn", None)
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
+    return all(type(p) is torch.nn.Linear for p in linears) and silu and type(layer.input_layernorm).__name__.endswith("RMSNorm")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling on the device: no host syncs.
+
+def _sample(logits: torch.Tensor, greedy: bool, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V] fp32 -> token ids [B]. Temperature then nucleus (top-p) filtering, as generate's
+    warpers do with top_k=0; the draw is argmax(p / Exp(1)) (gpt-fast), an exact categorical sample."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, sorted_ids = probs.sort(dim=-1, descending=True)
+    outside = (sorted_p.cumsum(dim=-1) - sorted_p) > top_p  # the first token always stays
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    draw = (sorted_p / torch.empty_like(sorted_p).exponential_(1)).argmax(dim=-1, keepdim=True)
+    return sorted_ids.gather(-1, draw).squeeze(-1)
+
+
+@dataclass
+class _Workspace:
+    """Static buffers for one batch bucket: the KV cache and the decode step's inputs and outputs."""
+
+    batch: int
+    cache_len: int
+    k: list[torch.Tensor]           # per layer [B, Hkv, L, D]
+    v: list[torch.Tensor]
+    tok: torch.Tensor               # [B] the token each sequence feeds into the next step
+    out: torch.Tensor               # [B] the token the last step produced
+    pos: torch.Tensor               # [B] its position id
+    slot: torch.Tensor              # [1] the cache slot the next step writes
+    key_valid: torch.Tensor         # [B, L] slot j holds a real token of sequence b (not padding)
+    temperature: torch.Tensor       # [1] fp32
+    top_p: torch.Tensor             # [1] fp32
+    graphs: dict = field(default_factory=dict)   # (window, greedy) -> torch.cuda.CUDAGraph
+    pool: object = None
+    last_used: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class FastEngine:
+    """Static-cache, CUDA-graph decode engine (``--engine fast``); same interface as ``EagerEngine``.
+
+    ``compile`` (torch.compile of the layer's fused element-wise parts) and ``cuda_graphs`` default to
+    on for CUDA and off elsewhere; ``LLMWATTS_FAST_COMPILE=0`` turns compile off for debugging.
+    """
+
+    name = "fast"
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None,
+                 device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
+                 cuda_graphs: bool | None = None):
+        self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
+        self.device = torch.device(device)
+        self.context_length = context_length
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if compile is None:
+            compile = on_cuda and os.environ.get("LLMWATTS_FAST_COMPILE", "1") != "0"
+        inner = model.model
+        self.embed, self.rotary, self.norm, self.lm_head = inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head
+        self.layers = []
+        for layer in inner.layers:
+            a = layer.self_attn
+            self.layers.append(_Layer(layer, _is_plain(layer), a.head_dim,
+                                      layer.input_layernorm.variance_epsilon,
+                                      layer.post_attention_layernorm.variance_epsilon))
+        self.scale = self.layers[0].module.self_attn.scaling
+        self.dtype = self.embed.weight.dtype
+        self.pre_fn, self.post_fn = _pre_attention, _post_attention
+        self.compiled = bool(compile) and all(l.plain for l in self.layers)
+        if self.compiled:
+            # Dynamic shapes: one compile serves every batch bucket (batch 1 gets its own specialisation).
+            # Rounding fused fp16 intermediates as eager does keeps argmax agreement with eager high
+            # on near-tied logits (random weights).
+            import torch._inductor.config as inductor_config
+
+            options = {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else {}
+            self.pre_fn = torch.compile(_pre_attention, dynamic=True, fullgraph=True, options=options)
+            self.post_fn = torch.compile(_post_attention, dynamic=True, fullgraph=True, options=options)
+        self._workspaces: dict[int, _Workspace] = {}
+        self._pinned = None
+
+    # -- public -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, batch: BatchSpec, on_step: StepCallback | None = None,
+                 pace: PaceCallback | None = None) -> BatchOutput:
+        tracker = SequenceTracker(batch, self.eos_id)
+        n = len(batch.prompts)
+        width = max(len(p) for p in batch.prompts)
+        max_new = max(batch.max_new_tokens)
+        if width + max_new > self.context_length:
+            raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+                             f"context of {self.context_length} tokens")
+        s = batch.sampling
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        ws = self._workspace(_bucket(n), width + max_new)
+        ws.temperature.fill_(s.temperature)
+        ws.top_p.fill_(s.top_p)
+        started = time.perf_counter()
+        first = self._prefill(ws, batch.prompts, s.greedy)
+        host = self._host_buffers(ws.batch)
+
+        def emit(ids: list[int]) -> None:
+            nonlocal started
+            if tracker.all_done:
+                return
+            if pace is not None:
+                pace(time.perf_counter() - started)
+            deltas = tracker.step(ids[:n])
+            if on_step is not None:
+                on_step(tracker.steps - 1, deltas)
+            started = time.perf_counter()
+
+        emit(first.tolist())
+        pending = None  # (event, pinned buffer) of the step in flight: its copy overlaps the next step
+        for t in range(1, max_new):
+            if tracker.all_done:
+                break
+            self._decode_step(ws, width + t, s.greedy)
+            buf, event = host[t % 2]
+            if self.device.type == "cuda":
+                buf.copy_(ws.out, non_blocking=True)
+                event.record()
+            else:
+                buf.copy_(ws.out)
+            if pending is not None:
+                self._emit_pending(pending, emit)
+            pending = (buf, event)
+        if pending is not None:
+            self._emit_pending(pending, emit)
+        return tracker.output()
+
+    @torch.inference_mode()
+    def teacher_forced_argmax(self, ids: list[int]) -> list[int]:
+        """Argmax next token after each prefix of ``ids`` through the decode path (prefill of the first
+        token, then one graphed step per token fed in): ``len(ids)`` predictions, for agreement checks."""
+        ws = self._workspace(1, len(ids) + 1)
+        out = [int(self._prefill(ws, [ids[:1]], True)[0])]
+        forced = torch.tensor(ids, dtype=torch.long, device=self.device)
+        for t in range(1, len(ids)):
+            ws.tok.copy_(forced[t:t + 1])
+            self._decode_step(ws, 1 + t, True)
+            out.append(int(ws.out[0]))
+        return out
+
+    def release(self) -> None:
+        """Drop every cache and graph (frees GPU memory; the next batch rebuilds what it needs)."""
+        self._workspaces.clear()
+        self._pinned = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _emit_pending(self, pending, emit) -> None:
+        buf, event = pending
+        if event is not None and self.device.type == "cuda":
+            event.synchronize()  # the one host sync per step: this step's tokens, for streaming
+        emit(buf.tolist())
+
+    def _host_buffers(self, batch: int):
+        if self._pinned is None or self._pinned[0][0].numel() != batch:
+            cuda = self.device.type == "cuda"
+            self._pinned = [(torch.empty(batch, dtype=torch.long, pin_memory=cuda),
+                             torch.cuda.Event() if cuda else None) for _ in range(2)]
+        return self._pinned
+
+    def _workspace(self, batch: int, needed_slots: int) -> _Workspace:
+        cache_len = min(_round_up(needed_slots, WINDOW_SLOTS), _round_up(self.context_length, WINDOW_SLOTS))
+        ws = self._workspaces.get(batch)
+        if ws is not None and ws.cache_len >= cache_len:
+            ws.last_used = time.monotonic()
+            return ws
+        if ws is not None:
+            del self._workspaces[batch]
+        a = self.layers[0].module.self_attn
+        n_kv = a.k_proj.weight.shape[0] // a.head_dim if self.layers[0].plain else None
+        if n_kv is None:  # module mode: ask the module (a sharded k_proj knows its local width)
+            probe = a.k_proj(torch.zeros(1, 1, self.embed.weight.shape[-1], device=self.device, dtype=self.dtype))
+            n_kv = probe.shape[-1] // a.head_dim
+        shape = (batch, n_kv, cache_len, a.head_dim)
+        need = 2 * len(self.layers) * batch * n_kv * cache_len * a.head_dim * self.embed.weight.element_size()
+        self._make_room(need)
+        dev = self.device
+        ws = _Workspace(
+            batch=batch, cache_len=cache_len,
+            k=[torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.layers],
+            v=[torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.layers],
+            tok=torch.zeros(batch, dtype=torch.long, device=dev), out=torch.zeros(batch, dtype=torch.long, device=dev),
+            pos=torch.zeros(batch, dtype=torch.long, device=dev), slot=torch.zeros(1, dtype=torch.long, device=dev),
+            key_valid=torch.zeros(batch, cache_len, dtype=torch.bool, device=dev),
+            temperature=torch.ones(1, device=dev), top_p=torch.ones(1, device=dev),
+            pool=torch.cuda.graph_pool_handle() if self.cuda_graphs else None, last_used=time.monotonic(),
+        )
+        self._workspaces[batch] = ws
+        return ws
+
+    def _make_room(self, need_bytes: int) -> None:
+        """Evict least recently used caches (and their graphs) until a new cache fits on the GPU."""
+        if self.device.type != "cuda":
+            return
+        while self._workspaces:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if free >= need_bytes + CACHE_HEADROOM_BYTES:
+                return
+            oldest = min(self._workspaces.values(), key=lambda w: w.last_used)
+            del self._workspaces[oldest.batch]
+            torch.cuda.empty_cache()
+
+    def _prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool) -> torch.Tensor:
+        """Run the left-padded prompts through the model, fill cache slots [0, S), set up the decode
+        state; returns the first sampled token per row [B]."""
+        b, width = ws.batch, max(len(p) for p in prompts)
+        rows = list(prompts) + [[self.pad_id]] * (b - len(prompts))  # filler rows: one pad token
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in rows], dtype=torch.long)
+        for i, p in enumerate(rows):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)                                               # ids: [B, S]
+        lengths = lengths.to(self.device)
+        col = torch.arange(width, device=self.device)
+        real = col[None, :] >= (width - lengths)[:, None]                      # [B, S]
+        # Positions as generate derives them from the mask: cumsum - 1 on real tokens, 1 on padding.
+        positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
+        slots = torch.arange(ws.cache_len, device=self.device)
+        ws.key_valid.copy_(slots[None, :] >= (width - lengths)[:, None])
+        # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
+        mask = (real[:, None, None, :] & (col[None, :] <= col[:, None])[None, None]) | torch.eye(
+            width, dtype=torch.bool, device=self.device)[None, None]               # [B, 1, S, S]
+        mask = self._additive(mask)
+        logits = self._forward(ws, ids, positions, mask, col, width, compiled=False)
+        first = _sample(logits, greedy, ws.temperature, ws.top_p)
+        ws.tok.copy_(first)
+        ws.pos.copy_(lengths)
+        ws.slot.fill_(width)
+        return first.cpu()
+
+    def _forward(self, ws: _Workspace, ids, positions, mask, slots, window: int, compiled: bool) -> torch.Tensor:
+        """ids, positions: [B, T]; mask: [B, 1, T, window]; writes k, v at ``slots`` [T] -> logits [B, V] fp32."""
+        pre, post = (self.pre_fn, self.post_fn) if compiled else (_pre_attention, _post_attention)
+        h = self.embed(ids)                                                     # [B, T, E]
+        cos, sin = self.rotary(h, positions)                                    # [B, T, D]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for layer, kc, vc in zip(self.layers, ws.k, ws.v):
+            q, k, v = layer.pre(pre, h, cos, sin)                              # q: [B, Hq, T, D]
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+            kw, vw = kc[:, :, :window], vc[:, :, :window]                       # k: [B, Hkv, W, D]
+            attn = F.scaled_dot_product_attention(q, kw, vw, attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=kw.shape[1] != q.shape[1])
+            h = layer.post(post, h, attn)
+        return self.lm_head(self.norm(h[:, -1:, :]))[:, -1].float()
+
+    def _additive(self, keep: torch.Tensor) -> torch.Tensor:
+        # Once per step, not once per layer: SDPA would convert a bool mask like this in every layer.
+        return torch.zeros(keep.shape, dtype=self.dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+    def _decode_body(self, ws: _Workspace, window: int, greedy: bool) -> None:
+        """One decode step on the workspace's static buffers (this is what a CUDA graph captures)."""
+        slot = ws.slot
+        cols = torch.arange(window, device=self.device)
+        mask = self._additive((ws.key_valid[:, :window] & (cols[None, :] <= slot))[:, None, None, :])  # [B,1,1,W]
+        logits = self._forward(ws, ws.tok[:, None], ws.pos[:, None], mask, slot, window, compiled=self.compiled)
+        nxt = _sample(logits, greedy, ws.temperature, ws.top_p)
+        ws.out.copy_(nxt)
+        ws.tok.copy_(nxt)
+        ws.pos.add_(1)
+        ws.slot.add_(1)
+
+    def _decode_step(self, ws: _Workspace, live_slots: int, greedy: bool) -> None:
+        window = min(_round_up(live_slots, WINDOW_SLOTS), ws.cache_len)
+        if not self.cuda_graphs:
+            self._decode_body(ws, window, greedy)
+            return
+        graph = ws.graphs.get((window, greedy))
+        if graph is None:
+            graph = self._capture(ws, window, greedy)
+        graph.replay()
+
+    def _capture(self, ws: _Workspace, window: int, greedy: bool):
+        """Warm up (compiles, autotunes) then capture the step. The warm-up writes the cache slot the
+        coming step writes anyway; the step's inputs and the RNG are restored afterwards."""
+        saved = [t.clone() for t in (ws.tok, ws.out, ws.pos, ws.slot)]
+        rng = torch.cuda.get_rng_state(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                try:
+                    self._decode_body(ws, window, greedy)
+                except Exception:
+                    if not self.compiled:
+                        raise
+                    # A compiler failure must not take the server down: fall back to uncompiled layers.
+                    log.exception("torch.compile of the decode step failed; running it uncompiled")
+                    self.compiled = False
+                    self._decode_body(ws, window, greedy)
+                for t, v in zip((ws.tok, ws.out, ws.pos, ws.slot), saved):
+                    t.copy_(v)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.set_rng_state(rng, self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=ws.pool):
+            self._decode_body(ws, window, greedy)
+        ws.graphs[(window, greedy)] = graph
+        log.info("captured decode step: batch %d, window %d, greedy %s", ws.batch, window, greedy)
+        return graph
