@@ -6,6 +6,8 @@
 set -uo pipefail
 data=${1:?data dir with alpaca_5k.jsonl}; out=${2:?output dir}
 work=$(mktemp -d); mkdir -p "$out"
+data=$(realpath "$data"); out=$(realpath "$out")
+cd "$work"  # not the repo root: its llmwatts/ folder would shadow the installed package's mapped boxes
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 llm() { python3 -m llmwatts.cli "$@"; }
 nvidia-smi --query-gpu=name,driver_version,power.limit,power.default_limit,power.min_limit,power.max_limit \
