@@ -295,6 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="llama-7b,llama-13b,llama-65b")
     p.add_argument("--shards", default="1,2,4", help="shard counts to run (each needs that many GPUs)")
     p.add_argument("--baseline", default="", help="models to also run with transformers' tp_plan='auto' ('all')")
+    p.add_argument("--no-llmwatts", action="store_true", help="run only the transformers baseline rows")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--batch", type=int, default=64)
@@ -336,7 +337,8 @@ def main(argv=None) -> int:
             if not fits(model, shards, args.batch, args.prompt_tokens + args.new_tokens, gpu_bytes):
                 rows.append(dict(base, system="llmwatts", error="does not fit"))
                 continue
-            for system in ("llmwatts", "transformers-tp") if model in baseline else ("llmwatts",):
+            systems = (() if args.no_llmwatts else ("llmwatts",)) + (("transformers-tp",) if model in baseline else ())
+            for system in systems:
                 t0 = time.monotonic()
                 try:
                     row = llmwatts_row(args, model, shards, texts, work) if system == "llmwatts" \
