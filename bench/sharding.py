@@ -347,7 +347,10 @@ def main(argv=None) -> int:
                     row = {"error": f"failed: {str(e).splitlines()[0][:80]}"}
                     print(f"{system} {model} x{shards} failed: {e}", file=sys.stderr)
                 rows.append(dict(base, system=system, **row))
-                print(f"# {system} {model} x{shards}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+                print(f"# {system} {model} x{shards}: {time.monotonic() - t0:.0f} s {json.dumps(rows[-1])}",
+                      file=sys.stderr, flush=True)
+                if args.json:  # after every row: a run cut off by a time limit keeps what it measured
+                    args.json.write_text(json.dumps(rows, indent=1))
         shutil.rmtree(work / f"ckpt-{model}", ignore_errors=True)  # 65b: ~130 GB
     print_table(rows, args)
     if args.json:
