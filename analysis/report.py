@@ -10,7 +10,6 @@ import base64
 import csv
 import html
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from rich.table import Table  # noqa: E402
 
 from llmwatts.analysis import metrics  # noqa: E402
 from llmwatts.analysis.ingest import open_study_db  # noqa: E402
+from llmwatts.console import console as llmwatts_console  # noqa: E402
 from llmwatts.errors import FailedPrecondition, InvalidArgument  # noqa: E402
 
 # The columns shown in the terminal, runs.md and report.html; runs.csv has every METRIC_COLUMNS column.
@@ -316,8 +316,7 @@ def build_report(
     _write_markdown(result)
     _write_html(result)
 
-    # Piped output (CI logs, `make demo | tee`) gets a wide table instead of rich's 80-column default.
-    console = console or Console(width=None if sys.stdout.isatty() else 200)
+    console = console or llmwatts_console()
     _print_table(console, runs, simulated)
     for rec in result.reconciliations:
         if not rec.consistent:

@@ -59,8 +59,9 @@ def call_control(args: argparse.Namespace):
 
 
 def print_caps(reply, target: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from llmwatts.console import console
 
     table = Table(title=f"power caps on {target} (backend {reply.backend})")
     for column in ("gpu", "uuid", "node", "cap W", "enforced W", "default W", "range W", "lease left"):
@@ -72,7 +73,7 @@ def print_caps(reply, target: str) -> None:
             f"{g.rank}:{g.index}", g.uuid, g.node, f"{g.cap_w:g}",
             f"{g.enforced_w:g}", f"{g.default_w:g}", f"{g.min_w:g}–{g.max_w:g}", lease,
         )
-    Console().print(table)
+    console().print(table)
 
 
 def run(args: argparse.Namespace) -> int:
