@@ -34,6 +34,27 @@ def add_parser(subparsers) -> None:
         "in the client DB (SQLite). Bound the run with --requests and/or --run-time. Distributed: one "
         "`--master --expect-workers K` and K `--worker --master-host HOST`.",
     )
+    add_load_arguments(p, distributed=True)
+    p.set_defaults(func=run)
+
+    s = subparsers.add_parser(
+        "sweep",
+        help="one load run per power cap (set over the Control RPC), for latency-vs-energy studies",
+        description="For each cap in --caps: set it on the server's GPUs (leased, needs the control token from "
+        "$LLMWATTS_CONTROL_TOKEN or --control-token-file), run the load, label the run cap_w=W. The caps are "
+        "reset when the sweep ends. Then `llmwatts report` shows the runs side by side, the trade-off and the "
+        "SLA choice.",
+    )
+    s.add_argument("--caps", required=True, metavar="W,W,...", help="caps in watts, in the order to run them")
+    s.add_argument("--gpus", action="append", metavar="SEL", help="GPUs to cap (uuid, index or rank:index; default all)")
+    s.add_argument("--lease-s", type=float, default=0.0, help="lease of each cap (default: the server's)")
+    s.add_argument("--control-token-file", metavar="PATH", help="file holding the control bearer token")
+    add_load_arguments(s, distributed=False)
+    s.set_defaults(func=run_sweep)
+
+
+def add_load_arguments(p, *, distributed: bool) -> None:
+    """The flags of one load run (shared by ``load`` and ``sweep``)."""
     p.add_argument("--target", metavar="HOST:PORT", help="address of `llmwatts serve` (required unless --worker)")
     g = p.add_argument_group("prompts")
     g.add_argument("--dataset", choices=DATASETS, default="alpaca",
@@ -66,6 +87,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--cert", metavar="PEM", help="mutual TLS: client certificate")
     g.add_argument("--key", metavar="PEM", help="mutual TLS: client private key")
     g.add_argument("--token-file", metavar="PATH", help="file holding the inference bearer token")
+    if not distributed:
+        p.set_defaults(master=False, expect_workers=1, master_bind_host="*", master_port=5557, worker=False,
+                       master_host="127.0.0.1")
+        return
     g = p.add_argument_group("distributed")
     g.add_argument("--master", action="store_true", help="run as master: hands out work, writes the client DB")
     g.add_argument("--expect-workers", type=int, default=1, help="master: workers to wait for (default 1)")
@@ -73,7 +98,6 @@ def add_parser(subparsers) -> None:
     g.add_argument("--master-port", type=int, default=5557, help="master port (default 5557)")
     g.add_argument("--worker", action="store_true", help="run as worker of --master-host")
     g.add_argument("--master-host", default="127.0.0.1", help="worker: the master's address")
-    p.set_defaults(func=run)
 
 
 def config_from_args(args) -> LoadConfig:
@@ -112,3 +136,21 @@ def run(args) -> int:
     else:
         print(result.summary())
     return 1 if result.requests_failed else 0
+
+
+def run_sweep(args) -> int:
+    from llmwatts.loadgen.sweep import parse_caps
+    from llmwatts.server.auth import load_token
+
+    caps = parse_caps(args.caps)
+    config = config_from_args(args)
+    config.validate()
+    load_prompts(config.dataset, num_prompts=config.num_prompts, seed=config.seed, data_dir=config.data_dir,
+                 split=config.split, jsonl_path=config.jsonl_path, field=config.field)
+    token = load_token(path=args.control_token_file)
+    from llmwatts.loadgen.sweep import run_cap_sweep
+
+    steps = run_cap_sweep(config, caps, gpus=args.gpus, lease_s=args.lease_s, control_token=token)
+    for step in steps:
+        print(f"cap {step.cap_w:g} W: {step.result.summary().splitlines()[0]}")
+    return 1 if any(s.result.requests_failed for s in steps) else 0

@@ -15,14 +15,14 @@ class CapCommandError(LlmwattsError):
     """A Control RPC of ``llmwatts cap`` failed; the message is ``CODE: details``."""
 
 
-def _selector(gpus: list[str] | None):
+def selector_of(gpus: list[str] | None):
     from llmwatts.v1 import llmwatts_pb2
 
     names = [name.strip() for entry in gpus or [] for name in entry.split(",") if name.strip()]
     return llmwatts_pb2.GpuSelector(gpus=names)
 
 
-def _rpc_error(e: grpc.RpcError, target: str) -> CapCommandError:
+def rpc_error(e: grpc.RpcError, target: str) -> CapCommandError:
     code = e.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return CapCommandError(
@@ -42,7 +42,7 @@ def call_control(args: argparse.Namespace):
     channel = client_channel(args.target, ca=args.ca, cert=args.cert, key=args.key, token=token)
     try:
         stub = llmwatts_pb2_grpc.ControlStub(channel)
-        selector = _selector(args.gpus)
+        selector = selector_of(args.gpus)
         if args.cap_command == "get":
             return stub.GetPowerCaps(llmwatts_pb2.GetPowerCapsRequest(selector=selector), timeout=args.timeout_s)
         if args.cap_command == "set":
@@ -53,7 +53,7 @@ def call_control(args: argparse.Namespace):
         request = llmwatts_pb2.ResetPowerCapRequest(selector=selector, reason=args.reason)
         return stub.ResetPowerCap(request, timeout=args.timeout_s)
     except grpc.RpcError as e:
-        raise _rpc_error(e, args.target) from None
+        raise rpc_error(e, args.target) from None
     finally:
         channel.close()
 
