@@ -111,6 +111,15 @@ def _series_key(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _save(fig, ax, path: Path) -> Path:
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plot_vs_batch(runs: list[dict], column: str, ylabel: str, title: str, path: Path, simulated: bool):
     usable = [r for r in runs if r.get("batch_size") is not None and r.get(column) is not None]
     if not usable:
@@ -127,12 +136,7 @@ def _plot_vs_batch(runs: list[dict], column: str, ylabel: str, title: str, path:
     ax.set_xlabel("batch size (prompts per request)")
     ax.set_ylabel(ylabel)
     ax.set_title(_title(title, simulated))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _plot_tradeoff(points: list[metrics.TradeoffPoint], path: Path, simulated: bool):
@@ -150,12 +154,7 @@ def _plot_tradeoff(points: list[metrics.TradeoffPoint], path: Path, simulated: b
     ax.set_xlabel("latency p95 (ms, client)")
     ax.set_ylabel("energy per output token (J)")
     ax.set_title(_title("Latency vs energy trade-off", simulated))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _plot_power_timeline(db, path: Path):

@@ -81,6 +81,14 @@ def run(args) -> int:
     return serve(config, port_file=args.port_file)
 
 
+def write_port_file(port_file: Path | None, port: int) -> None:
+    """Tell scripts the bound port once serving: written whole (temp file + rename) or not at all."""
+    if port_file:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)
+
+
 def serve(config: ServerConfig, port_file: Path | None = None) -> int:
     from llmwatts.server.service import create_server
 
@@ -100,10 +108,7 @@ def serve(config: ServerConfig, port_file: Path | None = None) -> int:
         server.start()
         info = f"llmwatts serving {config.model} on {config.host}:{port} (db {config.db_path})"
         print(info, flush=True)
-        if port_file:
-            tmp = port_file.with_suffix(".tmp")
-            tmp.write_text(str(port))
-            tmp.replace(port_file)
+        write_port_file(port_file, port)
         server.wait_for_termination()
     finally:
         if not stopping.is_set():

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
+from llmwatts.server.cli import write_port_file
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import BatchOutput, BatchSpec
 from llmwatts.server.gpu import GPU, GpuSample, open_gpus
@@ -425,10 +426,7 @@ def run_leader(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU], s
         server.start()
         print(f"llmwatts serving {config.model} on {config.host}:{port} over {r.world} shards "
               f"(db {config.db_path})", flush=True)
-        if port_file:
-            tmp = port_file.with_suffix(".tmp")
-            tmp.write_text(str(port))
-            tmp.replace(port_file)
+        write_port_file(port_file, port)
         server.wait_for_termination()
     finally:
         if stopping.is_set():
