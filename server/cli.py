@@ -64,6 +64,15 @@ def config_from_args(args) -> ServerConfig:
         raise InvalidArgument(f"--telemetry-hz must be between 0 and 100, got {args.telemetry_hz:g}")
     if args.default_max_new_tokens > args.max_new_tokens_limit:
         raise InvalidArgument("--default-max-new-tokens exceeds --max-new-tokens-limit")
+    # Checked before the model loads (minutes for a large one), not after.
+    from llmwatts.server.gpu import BACKENDS
+
+    if args.engine not in ("auto", "eager", "fast"):
+        raise InvalidArgument(f"unknown engine {args.engine!r}: use auto, eager or fast")
+    if args.power_backend not in BACKENDS:
+        raise InvalidArgument(f"unknown power backend {args.power_backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if args.shards < 1:
+        raise InvalidArgument("--shards must be at least 1")
     fields = {k: getattr(args, k) for k in ServerConfig.__dataclass_fields__ if hasattr(args, k)}
     fields["control_token"] = auth.load_token(
         auth.CONTROL_TOKEN_ENV, auth.CONTROL_TOKEN_FILE_ENV, path=args.control_token_file)
