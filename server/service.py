@@ -372,7 +372,10 @@ def create_server(config: ServerConfig, host: Host | None = None) -> tuple[Llmwa
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{config.host}:{config.port}"
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:  # grpc raises (older releases returned 0) when the address cannot be bound
+            port = 0
         if port == 0:
             raise Unavailable(f"cannot listen on {address}: is the port in use? pick another with --port")
     except BaseException:

@@ -22,8 +22,9 @@ def _isolated_cache(tmp_path_factory):
 
 
 def start_server(tmp_path: Path, **overrides):
-    config = ServerConfig(model="tiny", device="cpu", power_backend="simulated", port=0,
-                          db_path=tmp_path / "server.db", telemetry_hz=20, **overrides)
+    settings = dict(model="tiny", device="cpu", power_backend="simulated", port=0, db_path=tmp_path / "server.db",
+                    telemetry_hz=20)
+    config = ServerConfig(**{**settings, **overrides})
     server, port = create_server(config)
     server.start()
     return server, port

@@ -184,3 +184,17 @@ def test_merged_batches_split_energy_by_tokens(tmp_path):
         assert ra.energy_j / rb.energy_j == pytest.approx(tokens_a / tokens_b)
     finally:
         srv.stop(1)
+
+
+def test_port_in_use_is_a_clear_error_not_a_traceback(tmp_path):
+    # Regression: grpc raises RuntimeError on a failed bind (older releases returned port 0).
+    import socket
+
+    from llmwatts.errors import Unavailable
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(Unavailable, match="is the port in use"):
+            start_server(tmp_path, port=port)
