@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # LLaMA-1 shapes (Touvron et al. 2023, table 2); vocab 32000, context 2048.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4),
+    # tiny: 8 heads of 16 so that CPU tests can shard it up to 8 ways (head, vocab and MLP splits all divide).
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=8),
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64),
