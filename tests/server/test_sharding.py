@@ -39,15 +39,15 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def serve_cmd(d: Path, model: str = "tiny") -> list[str]:
+def serve_cmd(d: Path, model: str = "tiny", engine: str = "eager") -> list[str]:
     return ["--model", model, "--device", "cpu", "--dtype", "float32", "--power-backend", "simulated",
             "--port", "0", "--port-file", str(d / "port"), "--db", str(d / "server.db"), "--telemetry-hz", "20",
-            "--engine", "eager"]
+            "--engine", engine]
 
 
-def start_sharded(d: Path, shards: int, model: str = "tiny") -> subprocess.Popen:
+def start_sharded(d: Path, shards: int, model: str = "tiny", engine: str = "eager") -> subprocess.Popen:
     d.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "llmwatts.cli", "serve", "--shards", str(shards), *serve_cmd(d, model)]
+    cmd = [sys.executable, "-m", "llmwatts.cli", "serve", "--shards", str(shards), *serve_cmd(d, model, engine)]
     return subprocess.Popen(cmd, env=_env(), stdout=open(d / "log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -201,6 +201,18 @@ def test_four_and_eight_shards_same_tokens(tmp_path, reference, shards):
     finally:
         stop([proc])
     check_rank_slices(layout(d / "server.db"), shards)
+
+
+def test_fast_engine_on_two_shards_same_tokens_as_eager_on_one(tmp_path, reference):
+    # The fast engine calls FairScale's layers itself (collectives inside its decode step).
+    d = tmp_path / "tp2-fast"
+    proc = start_sharded(d, 2, engine="fast")
+    try:
+        target = wait_port(d, [proc])
+        assert server_info(target).engine == "fast"
+        assert generate(target) == reference["greedy"]
+    finally:
+        stop([proc])
 
 
 def test_two_torchrun_nodes_same_tokens(tmp_path, reference):
