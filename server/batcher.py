@@ -128,6 +128,10 @@ class Batcher:
                 return
 
     def _fail_pending(self, e: BaseException) -> None:
+        """Answer every request that will never run: the one held back for the next batch and the queue."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.events.put(("error", e))
         while True:
             try:
                 self._queue.get_nowait().events.put(("error", e))

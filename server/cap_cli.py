@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import grpc
@@ -38,6 +39,8 @@ def call_control(args: argparse.Namespace):
     """Make the Control call ``args.cap_command`` names; the ``PowerCapsReply``."""
     from llmwatts.v1 import llmwatts_pb2, llmwatts_pb2_grpc
 
+    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
+        raise CapCommandError(f"--timeout-s must be a positive number of seconds, got {args.timeout_s:g}")
     token = load_token(path=args.token_file)
     channel = client_channel(args.target, ca=args.ca, cert=args.cert, key=args.key, token=token)
     try:

@@ -49,7 +49,8 @@ def add_parser(subparsers) -> None:
                    help="where cap changes are persisted for restore after a crash (default: DB path + .caps.json)")
     p.add_argument("--default-lease-s", type=float, default=d.default_lease_s)
     p.add_argument("--shards", type=int, default=1, help="tensor-parallel shards (one process per GPU)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     p.set_defaults(func=run)
 
 

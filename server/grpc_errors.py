@@ -32,7 +32,7 @@ def mapped(method):
         def stream(self, request, context):
             try:
                 yield from method(self, request, context)
-            except LlmwattsError as e:
+            except Exception as e:  # project errors get their status; anything else INTERNAL, logged
                 abort(context, e)
         return stream
 
@@ -40,6 +40,6 @@ def mapped(method):
     def unary(self, request, context):
         try:
             return method(self, request, context)
-        except LlmwattsError as e:
+        except Exception as e:  # project errors get their status; anything else INTERNAL, logged
             abort(context, e)
     return unary

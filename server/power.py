@@ -223,6 +223,11 @@ class PowerCapManager:
                 "`llmwatts cap get` or nvidia-smi -q -d POWER, then delete the file"
             ) from e
         entries = state.get("gpus", {}) if isinstance(state, dict) else {}
+        if not isinstance(entries, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("original_mw"), (int, float)) for e in entries.values()):
+            raise LlmwattsError(
+                f"the power-cap state file {self.state_path} is malformed (each GPU needs an original_mw); check "
+                "the caps with `llmwatts cap get` or nvidia-smi -q -d POWER, then delete the file")
         restored = []
         with self._lock:
             for uuid, entry in entries.items():

@@ -8,8 +8,10 @@ import json
 import logging
 import math
 import platform
+import queue
 import socket
 import sys
+import threading
 import time
 import uuid
 from concurrent import futures
@@ -20,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmwatts import __version__
-from llmwatts.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from llmwatts.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from llmwatts.server import auth
 from llmwatts.server.batcher import Batcher, Result, Work
 from llmwatts.server.config import ServerConfig
@@ -37,6 +39,7 @@ from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAMES = ("llmwatts.v1.Inference", "llmwatts.v1.Control")
 MAX_REQUEST_ID_CHARS = 128
+MAX_LEASE_S = 86400.0  # PowerCapManager's own longest lease
 
 
 class Host:
@@ -67,6 +70,7 @@ class Host:
         self.caps = PowerCapManager(
             self.gpus, self.power_source, state_path=config.cap_state_path or _default_cap_state(config),
             record_event=self.store.record_cap_event, default_lease_s=config.default_lease_s,
+            max_lease_s=MAX_LEASE_S,
         )
         self.caps.recover()
         self.sampler = TelemetrySampler(self.gpus if local_gpus is None else local_gpus, self.store,
@@ -74,7 +78,8 @@ class Host:
         self.batcher = Batcher(self.engine, self.gpus, self.store, max_batch_size=config.max_batch_size,
                                queue_size=config.queue_size, merge_requests=config.merge_requests,
                                batch_wait_ms=config.batch_wait_ms)
-        self.seen_request_ids: set[str] = set()
+        self.seen_request_ids: set[str] = set()  # ~100 B an id: a million requests cost ~100 MB
+        self.seen_lock = threading.Lock()
         self._record_server()
 
     def _record_server(self) -> None:
@@ -187,21 +192,42 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     f"prompt {i} has {len(p)} tokens; the limit is {prompt_limit} (context "
                     f"{self.host.loaded.context_length} minus max_new_tokens {max_new}): shorten it or ask for "
                     f"fewer new tokens")
-        if request.request_id in self.host.seen_request_ids:
-            raise AlreadyExists(f"request_id {request.request_id!r} was already used: make a fresh id per request")
-        self.host.seen_request_ids.add(request.request_id)
+        with self.host.seen_lock:  # check-and-add as one step: two concurrent calls with one id
+            if request.request_id in self.host.seen_request_ids:
+                raise AlreadyExists(f"request_id {request.request_id!r} was already used: make a fresh id per request")
+            self.host.seen_request_ids.add(request.request_id)
         return Work(request.request_id, request.run_id, ids, max_new, sampling, request.ignore_eos, received_ns)
+
+    def _record_failure(self, work: Work, err: BaseException) -> None:
+        """A request that never got an answer still gets its server row, with the status it was given."""
+        self.host.store.record_requests([{
+            "request_id": work.request_id, "run_id": work.run_id, "received_ns": work.received_ns,
+            "n_prompts": len(work.prompts), "prompt_tokens": sum(map(len, work.prompts)),
+            "output_tokens": 0, "energy_j": 0.0, "status": getattr(err, "grpc_code", "INTERNAL"),
+            "error": str(err)}])
 
     def _submit(self, work: Work) -> None:
         try:
             self.host.batcher.submit(work)
         except Exception as e:
-            self.host.store.record_requests([{
-                "request_id": work.request_id, "run_id": work.run_id, "received_ns": work.received_ns,
-                "n_prompts": len(work.prompts), "prompt_tokens": sum(map(len, work.prompts)),
-                "output_tokens": 0, "energy_j": 0.0, "status": getattr(e, "grpc_code", "INTERNAL"),
-                "error": str(e)}])
+            self._record_failure(work, e)
             raise
+
+    def _events(self, work: Work, context):
+        """The batcher's events for ``work``; stops early when the client has gone away."""
+        while True:
+            try:
+                event = work.events.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():  # cancelled or past its deadline: free this thread
+                    return
+                continue
+            if event[0] == "error":
+                self._record_failure(work, event[1])
+                self._raise(event)
+            yield event
+            if event[0] == "done":
+                return
 
     def _response(self, request: pb.GenerateRequest, r: Result) -> pb.GenerateResponse:
         completions = []
@@ -228,12 +254,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def Generate(self, request, context):
         work = self._work(request)
         self._submit(work)
-        while True:
-            event = work.events.get()
+        for event in self._events(work, context):
             if event[0] == "done":
                 return self._response(request, event[1])
-            if event[0] == "error":
-                self._raise(event)
+        return pb.GenerateResponse()  # the client left; nobody reads this
 
     @mapped
     def GenerateStream(self, request, context):
@@ -242,9 +266,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         n = len(work.prompts)
         tokens: list[list[int]] = [[] for _ in range(n)]
         texts = [""] * n
-        batch_id = ""
-        while True:
-            event = work.events.get()
+        for event in self._events(work, context):
             if event[0] == "step":
                 _, step, deltas = event
                 out = []
@@ -260,13 +282,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     texts[i] = text
                 yield pb.GenerateChunk(request_id=request.request_id, step=step, deltas=out,
                                        server_ns=time.time_ns())
-            elif event[0] == "done":
+            else:
                 final = self._response(request, event[1])
                 yield pb.GenerateChunk(request_id=request.request_id, batch_id=final.batch_id,
                                        step=event[1].steps, server_ns=time.time_ns(), done=True, final=final)
-                return
-            else:
-                self._raise(event)
 
 
 class ControlServicer(pb_grpc.ControlServicer):
@@ -275,6 +294,7 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     @mapped
     def GetServerInfo(self, request, context):
+        now_ns = time.time_ns()  # first: clients estimate their clock offset from it and the round trip
         h, c = self.host, self.host.config
         gpus = [pb.GpuInfo(index=g.index, uuid=g.uuid, name=g.name, node=g.node, rank=g.rank,
                            memory_total_bytes=g.memory_total_bytes, simulated=g.simulated) for g in h.gpus]
@@ -283,21 +303,25 @@ class ControlServicer(pb_grpc.ControlServicer):
             gpus=gpus, shard_count=h.shard_count, engine=h.engine.name, power_source=h.power_source, versions=versions(),
             max_batch_size=c.max_batch_size, max_new_tokens_limit=c.max_new_tokens_limit,
             context_length=h.loaded.context_length, default_max_new_tokens=c.default_max_new_tokens,
-            server_id=h.server_id, server_time_ns=time.time_ns(), node=h.node, telemetry_hz=int(c.telemetry_hz))
+            server_id=h.server_id, server_time_ns=now_ns, node=h.node, telemetry_hz=int(c.telemetry_hz))
 
     @mapped
     def BeginRun(self, request, context):
         if not request.run_id:
             raise InvalidArgument("run_id is empty: name the run")
         now, energy_j = time.time_ns(), self.host.meter.total_j()
-        self.host.store.begin_run(request.run_id, now, energy_j, dict(request.labels), self.host.simulated)
+        if not self.host.store.begin_run(request.run_id, now, energy_j, dict(request.labels), self.host.simulated):
+            raise AlreadyExists(f"run {request.run_id!r} was already begun on this server: use a new run id")
         return pb.RunMarker(run_id=request.run_id, server_ns=now, energy_j=energy_j, simulated=self.host.simulated)
 
     @mapped
     def EndRun(self, request, context):
         now, energy_j = time.time_ns(), self.host.meter.total_j()
-        if not self.host.store.end_run(request.run_id, now, energy_j):
+        outcome = self.host.store.end_run(request.run_id, now, energy_j)
+        if outcome == "unknown":
             raise NotFound(f"run {request.run_id!r} was never begun on this server: call BeginRun first")
+        if outcome == "already-ended":
+            raise FailedPrecondition(f"run {request.run_id!r} has already ended; its end marker stays as it was")
         return pb.RunMarker(run_id=request.run_id, server_ns=now, energy_j=energy_j, simulated=self.host.simulated)
 
     @mapped
@@ -358,12 +382,17 @@ def create_server(config: ServerConfig, host: Host | None = None) -> tuple[Llmwa
         if config.tls_cert else None
     if not math.isfinite(config.telemetry_hz):
         raise InvalidArgument("--telemetry-hz must be a number")
+    if not (math.isfinite(config.default_lease_s) and 0 < config.default_lease_s <= MAX_LEASE_S):
+        raise InvalidArgument(f"--default-lease-s must be between 0 and {MAX_LEASE_S:g} seconds, "
+                              f"got {config.default_lease_s:g}")
     host = host or Host(config)
     try:
         interceptor = auth.BearerTokenInterceptor(
             config.control_token, inference_token=config.inference_token, loopback_only=loopback,
             allow_insecure_loopback_control=config.allow_insecure_loopback_control)
-        workers = config.queue_size + 16
+        # Every queued request, the batch in flight (up to max_batch_size merged requests) and room for
+        # Control and health calls, so a full queue never starves SetPowerCap or a health check.
+        workers = config.queue_size + config.max_batch_size + 16
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                              interceptors=[interceptor], maximum_concurrent_rpcs=workers)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(host), server)

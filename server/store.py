@@ -127,32 +127,46 @@ class ServerStore:
 
     def record_batch(self, batch: dict, gpu_energy: list[dict], requests: list[dict]) -> None:
         """Write one finished batch, its per-GPU energy and its requests in one transaction."""
-        with self._lock, self.db.conn:
-            self.db["batches"].insert(dict(batch, server_id=self.server_id))
-            self.db["batch_gpu_energy"].insert_all(gpu_energy)
-            self.db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests],
-                                           replace=True)
+        with self._lock:
+            # The connection is in autocommit mode (isolation_level=None): open the transaction ourselves,
+            # or a failed request insert would leave the batch's energy without its requests.
+            self.db.conn.execute("BEGIN")
+            try:
+                self.db["batches"].insert(dict(batch, server_id=self.server_id))
+                self.db["batch_gpu_energy"].insert_all(gpu_energy)
+                self.db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests],
+                                               replace=True)
+            except BaseException:
+                self.db.conn.execute("ROLLBACK")
+                raise
+            self.db.conn.execute("COMMIT")
 
     def record_requests(self, requests: list[dict]) -> None:
         """Requests that never reached a batch (refused, cancelled) still get their row."""
         self._insert("requests", [dict(r, server_id=self.server_id) for r in requests], replace=True)
 
-    def begin_run(self, run_id: str, ts_ns: int, energy_j: float, labels: dict, simulated: bool) -> None:
+    def begin_run(self, run_id: str, ts_ns: int, energy_j: float, labels: dict, simulated: bool) -> bool:
+        """Open a run; False (nothing written) when ``run_id`` was already begun: moving its start marker
+        would push its earlier requests out of its window."""
         with self._lock:
-            self.db["runs"].upsert(
+            if self.db.execute("select 1 from runs where run_id = ?", [run_id]).fetchone():
+                return False
+            self.db["runs"].insert(
                 {"run_id": run_id, "server_id": self.server_id, "begin_ns": ts_ns, "begin_energy_j": energy_j,
                  "labels": json.dumps(labels, sort_keys=True), "simulated": int(simulated),
-                 "end_ns": None, "end_energy_j": None},
-                pk="run_id",
-            )
-
-    def end_run(self, run_id: str, ts_ns: int, energy_j: float) -> bool:
-        """Close a run; False when no such run was begun."""
-        with self._lock:
-            if not self.db.execute("select 1 from runs where run_id = ?", [run_id]).fetchone():
-                return False
-            self.db["runs"].update(run_id, {"end_ns": ts_ns, "end_energy_j": energy_j})
+                 "end_ns": None, "end_energy_j": None})
             return True
+
+    def end_run(self, run_id: str, ts_ns: int, energy_j: float) -> str:
+        """Close a run: "ended", or "unknown" (never begun) or "already-ended" (nothing written)."""
+        with self._lock:
+            row = self.db.execute("select end_ns from runs where run_id = ?", [run_id]).fetchone()
+            if row is None:
+                return "unknown"
+            if row[0] is not None:
+                return "already-ended"
+            self.db["runs"].update(run_id, {"end_ns": ts_ns, "end_energy_j": energy_j})
+            return "ended"
 
     def record_cap_event(self, event: dict) -> None:
         self._insert("cap_events", [dict(event, server_id=self.server_id)])

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 MAX_HZ = 100.0
 # Below this a counter delta is quantised by the ~100 ms refresh: use power x time instead.
 COUNTER_REFRESH_S = 0.1
+FLUSH_EVERY_S = 2.0  # telemetry rows reach the DB at least this often (and in batches of 256)
 
 
 def _int(value) -> int | None:
@@ -51,9 +52,13 @@ class TelemetrySampler:
     def _run(self) -> None:
         period = 1.0 / self.hz
         next_t = time.perf_counter()
+        next_flush = next_t + FLUSH_EVERY_S
         while not self._stop.is_set():
             try:
                 self.store.add_telemetry([sample_row(g, g.sample()) for g in self.gpus])
+                if time.perf_counter() >= next_flush:  # a report taken while serving sees the recent tail
+                    self.store.flush()
+                    next_flush = time.perf_counter() + FLUSH_EVERY_S
             except Exception:  # a failed read must not kill the series; it shows as a gap
                 log.exception("telemetry sample failed")
             next_t += period
@@ -99,7 +104,9 @@ class EnergyMeter:
             delta_j = (b.energy_mj - a.energy_mj) / 1000.0
             method = "counter"
             if not g.simulated and (dt_s < COUNTER_REFRESH_S or delta_j <= 0):
-                delta_j = (a.power_mw + b.power_mw) / 2 / 1000.0 * dt_s
+                # Instant power where the GPU has it: the averaged reading spans ~1 s, mostly before the batch.
+                power = [s.power_instant_mw if s.power_instant_mw is not None else s.power_mw for s in (a, b)]
+                delta_j = sum(power) / 2 / 1000.0 * dt_s
                 method = "interpolated"
             rows.append({"gpu_uuid": g.uuid, "node": g.node, "rank": g.rank, "energy_start_mj": a.energy_mj,
                          "energy_end_mj": b.energy_mj, "energy_j": delta_j, "method": method})

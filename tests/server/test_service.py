@@ -198,3 +198,50 @@ def test_port_in_use_is_a_clear_error_not_a_traceback(tmp_path):
         port = taken.getsockname()[1]
         with pytest.raises(Unavailable, match="is the port in use"):
             start_server(tmp_path, port=port)
+
+
+def test_a_run_id_is_begun_and_ended_once(stubs):
+    # Regression: a second BeginRun moved the run's start marker, pushing its requests out of its window.
+    inference, control, srv = stubs
+    first = control.BeginRun(pb.BeginRunRequest(run_id="once"))
+    inference.Generate(req("once-1", ["x"], run_id="once", max_new_tokens=2))
+    with pytest.raises(grpc.RpcError) as e:
+        control.BeginRun(pb.BeginRunRequest(run_id="once"))
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    control.EndRun(pb.EndRunRequest(run_id="once"))
+    with pytest.raises(grpc.RpcError) as e:
+        control.EndRun(pb.EndRunRequest(run_id="once"))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    run = sqlite_utils.Database(srv.host.config.db_path)["runs"].get("once")
+    assert run["begin_ns"] == first.server_ns
+
+
+def test_a_batch_is_written_whole_or_not_at_all(tmp_path):
+    # Regression: the autocommit connection kept the batch row when its request rows failed to insert.
+    from llmwatts.server.store import ServerStore
+
+    store = ServerStore(tmp_path / "s.db", "sid")
+    with pytest.raises(Exception):
+        store.record_batch({"batch_id": "b1", "energy_j": 1.0}, [{"batch_id": "b1", "gpu_uuid": "g", "energy_j": 1.0}],
+                           [{"request_id": None, "status": "ok"}])  # NOT NULL request_id
+    assert store.db["batches"].count == 0 and store.db["batch_gpu_energy"].count == 0
+    store.close()
+
+
+def test_shutdown_answers_a_request_held_for_the_next_merged_batch(tmp_path):
+    # Regression: with --merge-requests an incompatible request parked for the next batch never got an
+    # answer at shutdown, and its handler thread kept the server process alive.
+    srv, port = start_server(tmp_path, merge_requests=True, batch_wait_ms=2000)
+    stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(stub.Generate, req("long", ["x"], max_new_tokens=200, ignore_eos=True, sampling=GREEDY))
+        time.sleep(0.3)
+        held = pool.submit(stub.Generate, req("held", ["y"], max_new_tokens=5))  # not greedy: not mergeable
+        time.sleep(0.5)
+        srv.stop(1)
+        with pytest.raises(grpc.RpcError) as e:
+            held.result(timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        long.result(timeout=30)  # the batch in flight finished
+    db = sqlite_utils.Database(tmp_path / "server.db")
+    assert db["requests"].get("held")["status"] == "UNAVAILABLE"
