@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -259,6 +260,31 @@ def _nvml_init() -> int:
         return int(pynvml.nvmlDeviceGetCount())
     except pynvml.NVMLError as e:
         raise Unavailable(f"NVML did not initialise ({e}); is an NVIDIA driver installed?") from e
+
+
+def nvml_index_of_cuda_device(cuda_index: int) -> int:
+    """The NVML index of torch's ``cuda:<cuda_index>``. NVML lists every GPU of the node in PCI order and
+    ignores ``CUDA_VISIBLE_DEVICES`` (numbers or UUIDs) and ``CUDA_DEVICE_ORDER``; the UUID is what both
+    agree on. Falls back to the first visible number, then to the index itself, when no UUID matches."""
+    import torch
+
+    count = _nvml_init()
+    try:
+        torch_uuid = str(torch.cuda.get_device_properties(cuda_index).uuid).lower()
+    except (RuntimeError, AttributeError, AssertionError):
+        torch_uuid = ""
+    if torch_uuid:
+        for i in range(count):
+            try:
+                nvml_uuid = _text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))).lower()
+            except pynvml.NVMLError:
+                continue
+            if nvml_uuid.removeprefix("gpu-") == torch_uuid.removeprefix("gpu-"):
+                return i
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if cuda_index < len(visible) and visible[cuda_index].strip().isdigit():
+        return int(visible[cuda_index])
+    return cuda_index
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from llmwatts.server import auth
 from llmwatts.server.batcher import Batcher, Result, Work
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import validate_sampling
-from llmwatts.server.gpu import open_gpus, power_source
+from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus, power_source
 from llmwatts.server.grpc_errors import mapped
 from llmwatts.server.models import LoadedModel, load_model
 from llmwatts.server.power import PowerCapManager, caps_reply
@@ -58,7 +58,7 @@ class Host:
         self.engine = engine or make_engine(config.engine, self.loaded)
         self.gpus = gpus if gpus is not None else open_gpus(
             config.power_backend, node=self.node, sim_gpus=config.sim_gpus, sim_profile=config.sim_profile,
-            device_indices=_cuda_indices(self.loaded))
+            device_indices=_nvml_indices(config, self.loaded))
         self.layout = layout or {"ranks": [{"rank": 0, "node": self.node, "device": str(self.loaded.device),
                                             "gpus": [g.uuid for g in self.gpus]}]}
         self.shard_count = len(self.layout["ranks"])
@@ -129,10 +129,14 @@ def make_engine(name: str, loaded: LoadedModel):
     raise InvalidArgument(f"unknown engine {name!r}: use auto, eager or fast")
 
 
-def _cuda_indices(loaded: LoadedModel) -> list[int] | None:
-    if loaded.device.type != "cuda":
+def _nvml_indices(config: ServerConfig, loaded: LoadedModel) -> list[int] | None:
+    """The NVML index of the model's GPU (None: let the factory choose, e.g. simulated GPUs on a CPU)."""
+    if loaded.device.type != "cuda" or config.power_backend == "simulated":
         return None
-    return [loaded.device.index or 0]
+    try:
+        return [nvml_index_of_cuda_device(loaded.device.index or 0)]
+    except Unavailable:  # no NVML: the factory says so (or falls back to simulated under auto)
+        return None
 
 
 def _default_cap_state(config: ServerConfig) -> Path:

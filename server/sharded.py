@@ -40,7 +40,7 @@ from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
 from llmwatts.server.cli import write_port_file
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import BatchOutput, BatchSpec
-from llmwatts.server.gpu import GPU, GpuSample, open_gpus
+from llmwatts.server.gpu import GPU, GpuSample, nvml_index_of_cuda_device, open_gpus
 from llmwatts.server.telemetry import TelemetrySampler
 
 log = logging.getLogger(__name__)
@@ -102,19 +102,10 @@ def init_rank(config: ServerConfig) -> Rank:
     return Rank(rank, world, local_rank, int(os.environ.get("GROUP_RANK", 0)), node, device, ctrl)
 
 
-def _nvml_index(device: torch.device) -> int:
-    """NVML counts every GPU of the node; CUDA only the visible ones."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-    index = device.index or 0
-    if index < len(visible) and visible[index].strip().isdigit():
-        return int(visible[index])
-    return index
-
-
 def open_rank_gpus(config: ServerConfig, r: Rank) -> list[GPU]:
     """This rank's GPU: its CUDA device through NVML, or one simulated GPU named after the global rank."""
     if r.device.type == "cuda" and config.power_backend != "simulated":
-        indices = [_nvml_index(r.device)]
+        indices = [nvml_index_of_cuda_device(r.device.index or 0)]
     else:
         indices = [r.rank]
     return open_gpus(config.power_backend, node=r.node, rank=r.rank, sim_profile=config.sim_profile,

@@ -286,3 +286,22 @@ def test_predicted_cap_table_shape():
     assert [r["cap_w"] for r in rows] == [250, 225, 200, 175, 150, 125]
     assert rows[0]["time_change_pct"] == 0 and rows[0]["energy_change_pct"] == 0
     assert all(b["time_change_pct"] >= a["time_change_pct"] for a, b in zip(rows, rows[1:]))
+
+
+def test_cuda_device_maps_to_its_nvml_index_by_uuid(fake_nvml, monkeypatch):
+    # Regression: cuda:0 under CUDA_VISIBLE_DEVICES=3 was read as NVML GPU 0 (NVML ignores the variable).
+    import torch
+
+    handles = [object() for _ in range(4)]
+    fake_nvml.nvmlDeviceGetCount.return_value = 4
+    fake_nvml.nvmlDeviceGetHandleByIndex.side_effect = lambda i: handles[i]
+    fake_nvml.nvmlDeviceGetUUID.side_effect = lambda h: f"GPU-0000000{handles.index(h)}-aaaa"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000003-aaaa")  # a UUID: no number to fall back on
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(uuid="00000003-aaaa"))
+    assert gpu_mod.nvml_index_of_cuda_device(0) == 3
+    # Without a UUID from torch, the visible number is the best guess.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=""))
+    assert gpu_mod.nvml_index_of_cuda_device(1) == 3
+    assert not fake_nvml.nvmlDeviceSetPowerManagementLimit.called
