@@ -42,7 +42,7 @@ def _env() -> dict:
 def serve_cmd(d: Path, model: str = "tiny", engine: str = "eager") -> list[str]:
     return ["--model", model, "--device", "cpu", "--dtype", "float32", "--power-backend", "simulated",
             "--port", "0", "--port-file", str(d / "port"), "--db", str(d / "server.db"), "--telemetry-hz", "20",
-            "--engine", engine]
+            "--engine", engine, "--allow-insecure-loopback-control"]
 
 
 def start_sharded(d: Path, shards: int, model: str = "tiny", engine: str = "eager") -> subprocess.Popen:
@@ -163,6 +163,14 @@ def test_two_shards_same_tokens_as_one_every_rank_reported_and_a_dead_follower_s
         info = server_info(target)
         assert info.shard_count == 2 and list(info.devices) == ["cpu", "cpu"]
         assert sorted(g.rank for g in info.gpus) == [0, 1]
+        # Power caps apply on every rank's GPU: the follower's through its proxy on rank 0.
+        with grpc.insecure_channel(target) as channel:
+            control = pb_grpc.ControlStub(channel)
+            capped = control.SetPowerCap(pb.SetPowerCapRequest(cap_w=175, lease_s=60, reason="tp"), timeout=30)
+            assert sorted((g.rank, g.cap_w) for g in capped.gpus) == [(0, 175.0), (1, 175.0)]
+            control.ResetPowerCap(pb.ResetPowerCapRequest(reason="tp"), timeout=30)
+            caps = control.GetPowerCaps(pb.GetPowerCapsRequest(), timeout=30)
+            assert sorted((g.rank, g.cap_w) for g in caps.gpus) == [(0, 250.0), (1, 250.0)]
         time.sleep(1.5)  # an idle heartbeat: the follower's buffered samples reach rank 0
 
         # A follower killed while idle: the heartbeat notices, health goes NOT_SERVING, calls say why.
