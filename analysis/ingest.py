@@ -11,9 +11,10 @@ processes on one machine (a power-cap sweep) share GPU uuids and may both number
 server-side tables are keyed with ``server_id``. Added columns:
 
 - ``batch_gpu_energy.server_id`` (looked up from the same file's ``batches``) when the source lacks it;
-- ``client_requests.client_clock_offset_ns`` and ``client_requests.client_started_ns``: the
-  ``clock_offset_ns`` (server − client) and ``started_ns`` of the same file's ``client_runs`` row for that
-  run, so a client timestamp can be put on the server clock even when workers ran on several machines.
+- ``client_requests.client_clock_offset_ns`` and ``client_requests.client_started_ns``: the row's own
+  ``clock_offset_ns`` (server − client, measured by the worker that sent it) or, in client DBs that lack it,
+  the same file's ``client_runs`` offset for that run; and that run's ``started_ns``. So a client timestamp is
+  put on the server clock with its own machine's offset even when workers ran on several machines.
 """
 
 from __future__ import annotations
@@ -235,7 +236,9 @@ def _copy_table(db, conn, path: Path, table: str, pk: tuple[str, ...], tables: s
                 record["server_id"] = lookup(record)
             if client_runs is not None:
                 offset_ns, started_ns = client_runs.get(record.get("run_id"), (None, None))
-                record["client_clock_offset_ns"] = offset_ns
+                # The row's own offset (its worker's machine) wins over the run's (the master's).
+                own_ns = record.get("clock_offset_ns")
+                record["client_clock_offset_ns"] = own_ns if own_ns is not None else offset_ns
                 record["client_started_ns"] = started_ns
             records.append(record)
         # Every record here has the same keys (one SELECT *), so upsert never writes NULL over a value.

@@ -37,6 +37,7 @@ CLIENT_REQUESTS_COLUMNS: dict[str, type] = {
     "status": str,            # "ok" or the gRPC status code name
     "error": str,
     "batch_id": str,
+    "clock_offset_ns": int,   # server − client clock of the machine that sent it (each worker measures its own)
 }
 CLIENT_RUNS_COLUMNS: dict[str, type] = {
     "run_id": str,

@@ -135,6 +135,7 @@ class LoadSession:
                 self._fail(str(e))
         if self.role == "worker":
             self.recorder = records.RequestRecorder(self._ship_rows, flush_rows=64)
+            self._measure_clock_offset()  # this machine's clock, not the master's
         else:
             self.db = records.open_client_db(config.resolved_client_db())
             self.recorder = records.RequestRecorder(records.db_sink(self.db))
@@ -189,7 +190,8 @@ class LoadSession:
         return seq
 
     def record(self, row: dict) -> None:
-        """One finished (or failed) request."""
+        """One finished (or failed) request, stamped with this machine's clock offset to the server."""
+        row.setdefault("clock_offset_ns", self.clock_offset_ns)
         self.recorder.add(row)
         if self.role == "local":
             self._count_done(1)
@@ -316,17 +318,23 @@ class LoadSession:
         channel = make_channel(self.channel_options(self.environment.host or self.config.target))
         return channel, pb_grpc.ControlStub(channel)
 
+    def _measure_clock_offset(self) -> None:
+        channel, control = self._control()
+        try:
+            _, self.clock_offset_ns = server_clock_offset_ns(control, call_metadata(self.token))
+        except grpc.RpcError as e:
+            log.error("GetServerInfo failed, no clock offset recorded: %s", _rpc_text(e))
+        finally:
+            channel.close()
+
     def _mark_begin(self):
         c = self.config
         labels = self.run_labels()
         started_ns = time.time_ns()
+        self._measure_clock_offset()
         channel, control = self._control()
         metadata = call_metadata(self.token)
         try:
-            try:
-                _, self.clock_offset_ns = server_clock_offset_ns(control, metadata)
-            except grpc.RpcError as e:
-                log.error("GetServerInfo failed, no clock offset recorded: %s", _rpc_text(e))
             try:
                 control.BeginRun(pb.BeginRunRequest(run_id=self.run_id, labels=labels),
                                  timeout=CONTROL_DEADLINE_S, metadata=metadata)

@@ -109,6 +109,8 @@ def test_distributed_master_and_worker_write_each_row_once(server, tmp_path):
     rows = client_rows(db, "dist-run")
     assert len(rows) == 9 and len({r["request_id"] for r in rows}) == 9
     assert_sane(rows, stream=True)
+    # Each row carries its worker's own clock offset (measured on the worker, not the master).
+    assert all(r["clock_offset_ns"] is not None for r in rows)
     (worker_name,) = {r["worker"] for r in rows}  # written by the master, made by the worker
     assert worker_name != "" and sqlite_utils.Database(db)["client_runs"].get("dist-run")["users"] == 3
 
