@@ -63,6 +63,10 @@ def open_client_db(path: str | os.PathLike) -> sqlite_utils.Database:
         db[CLIENT_REQUESTS].create_index(["run_id"], if_not_exists=True)
     if not db[CLIENT_RUNS].exists():
         db[CLIENT_RUNS].create(CLIENT_RUNS_COLUMNS, pk="run_id", strict=True)
+    for table, columns in ((CLIENT_REQUESTS, CLIENT_REQUESTS_COLUMNS), (CLIENT_RUNS, CLIENT_RUNS_COLUMNS)):
+        for name, kind in columns.items():  # a DB from an older llmwatts gains the newer columns
+            if name not in db[table].columns_dict:
+                db[table].add_column(name, kind)
     return db
 
 

@@ -192,9 +192,11 @@ class LoadSession:
     def record(self, row: dict) -> None:
         """One finished (or failed) request, stamped with this machine's clock offset to the server."""
         row.setdefault("clock_offset_ns", self.clock_offset_ns)
-        self.recorder.add(row)
-        if self.role == "local":
-            self._count_done(1)
+        try:
+            self.recorder.add(row)  # a failing sink keeps the row buffered and raises...
+        finally:
+            if self.role == "local":  # ...but the request is done: --requests N must still end the run
+                self._count_done(1)
 
     # --- permits and rows across nodes -----------------------------------------------------------
 
@@ -225,8 +227,10 @@ class LoadSession:
         if self.recorder is None:  # rows after the master already closed: keep them anyway
             log.error("dropping %d rows from %s: no test running on the master", len(rows), msg.node_id)
             return
-        self.recorder.add_many(rows)
-        self._count_done(len(rows))
+        try:
+            self.recorder.add_many(rows)
+        finally:
+            self._count_done(len(rows))
 
     def _on_final(self, environment, msg, **_kw):
         self._finals[msg.node_id] = msg.data["shipped"]

@@ -3,6 +3,7 @@
 import sqlite3
 
 import pytest
+import sqlite_utils
 
 from llmwatts.loadgen import records
 
@@ -62,3 +63,15 @@ def test_run_rows_start_then_end(tmp_path):
     records.write_run_end(db, "run", 9)
     (run,) = db["client_runs"].rows
     assert run["ended_ns"] == 9 and run["labels"] == '{"a": "1", "b": "2"}' and run["clock_offset_ns"] == -3
+
+
+def test_a_client_db_from_before_per_row_offsets_gains_the_column(tmp_path):
+    # Regression: rows with clock_offset_ns could not be written into a DB created before that column.
+    path = tmp_path / "old.db"
+    old = sqlite_utils.Database(path)
+    columns = {k: v for k, v in records.CLIENT_REQUESTS_COLUMNS.items() if k != "clock_offset_ns"}
+    old["client_requests"].create(columns, pk="request_id", strict=True)
+    old.conn.close()
+    db = records.open_client_db(path)
+    records.db_sink(db)([dict(row(1), clock_offset_ns=-5)])
+    assert db["client_requests"].get(row(1)["request_id"])["clock_offset_ns"] == -5
