@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from llmwatts.errors import ResourceExhausted, Unavailable
 from llmwatts.server.engine import BatchOutput, BatchSpec, Engine, Sampling
-from llmwatts.server.gpu import GPU
+from llmwatts.server.gpu import GPU, pace_slowest
 from llmwatts.server.store import ServerStore
 from llmwatts.server.telemetry import EnergyMeter
 
@@ -139,10 +139,7 @@ class Batcher:
                 return
 
     def _pace(self, busy_s: float) -> None:
-        # Simulated GPUs throttle under a cap; the slowest GPU sets the pace of a lockstep step.
-        slowest = max(self.gpus, key=lambda g: getattr(g, "slowdown", lambda: 1.0)(), default=None)
-        if slowest is not None:
-            slowest.pace(busy_s)  # returns at once on real GPUs
+        pace_slowest(self.gpus, busy_s)  # simulated GPUs throttle under a cap; real ones return at once
 
     def _run_batch(self, group: list[Work]) -> None:
         batch_id = uuid.uuid4().hex

@@ -115,6 +115,11 @@ class GPU(abc.ABC):
         """Engine hook after ``busy_s`` seconds of GPU work: a simulated GPU under a binding cap sleeps
         so the work takes as long as the throttled clock needs. Real GPUs return at once."""
 
+    def slowdown(self) -> float:
+        """How much longer work takes now than at full clock (1.0: not throttled by us). A real GPU's own
+        throttling is already in the time the work took, so it reports 1.0."""
+        return 1.0
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(node={self.node!r}, rank={self.rank}, index={self.index}, uuid={self.uuid!r})"
 
@@ -260,6 +265,12 @@ def _nvml_init() -> int:
         return int(pynvml.nvmlDeviceGetCount())
     except pynvml.NVMLError as e:
         raise Unavailable(f"NVML did not initialise ({e}); is an NVIDIA driver installed?") from e
+
+
+def pace_slowest(gpus: list[GPU], busy_s: float) -> None:
+    """After a lockstep step of ``busy_s`` seconds: the most throttled GPU sets everyone's pace."""
+    if gpus:
+        max(gpus, key=lambda g: g.slowdown()).pace(busy_s)
 
 
 def nvml_index_of_cuda_device(cuda_index: int) -> int:

@@ -40,7 +40,7 @@ from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
 from llmwatts.server.cli import write_port_file
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import BatchOutput, BatchSpec
-from llmwatts.server.gpu import GPU, GpuSample, nvml_index_of_cuda_device, open_gpus
+from llmwatts.server.gpu import GPU, GpuSample, nvml_index_of_cuda_device, open_gpus, pace_slowest
 from llmwatts.server.telemetry import TelemetrySampler
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ def run_follower(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU],
     sampler.start()
 
     def pace(busy_s: float) -> None:  # a capped simulated GPU here slows every rank: lockstep
-        slowest = max(gpus, key=lambda g: getattr(g, "slowdown", lambda: 1.0)())
-        slowest.pace(busy_s)
+        pace_slowest(gpus, busy_s)
 
     try:
         while True:
