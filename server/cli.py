@@ -99,28 +99,36 @@ def write_port_file(port_file: Path | None, port: int) -> None:
         tmp.replace(port_file)
 
 
-def serve(config: ServerConfig, port_file: Path | None = None) -> int:
-    from llmwatts.server.service import create_server
-
-    server, port = create_server(config)
+def run_until_stopped(server, banner: str, port: int, port_file: Path | None) -> int:
+    """Start ``server``, announce it, and serve until SIGTERM/SIGINT, which stop it in order (caps restored,
+    followers stopped) on a thread of its own; that stop finishes before this returns."""
     stopping = threading.Event()
+    stopper = threading.Thread(target=server.stop, args=(5.0,), name="stop")
 
     def on_signal(signum, frame):
-        if stopping.is_set():
-            return
-        stopping.set()
-        logging.getLogger(__name__).info("signal %d: stopping (restoring caps)", signum)
-        threading.Thread(target=server.stop, args=(5.0,), daemon=False).start()
+        if not stopping.is_set():
+            stopping.set()
+            logging.getLogger(__name__).info("signal %d: stopping (restoring caps)", signum)
+            stopper.start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         server.start()
-        info = f"llmwatts serving {config.model} on {config.host}:{port} (db {config.db_path})"
-        print(info, flush=True)
+        print(banner, flush=True)
         write_port_file(port_file, port)
         server.wait_for_termination()
     finally:
-        if not stopping.is_set():
+        if stopping.is_set():
+            stopper.join()
+        else:
             server.stop(0)
     return 0
+
+
+def serve(config: ServerConfig, port_file: Path | None = None) -> int:
+    from llmwatts.server.service import create_server
+
+    server, port = create_server(config)
+    banner = f"llmwatts serving {config.model} on {config.host}:{port} (db {config.db_path})"
+    return run_until_stopped(server, banner, port, port_file)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
-from llmwatts.server.cli import write_port_file
+from llmwatts.server.cli import run_until_stopped
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import BatchOutput, BatchSpec
 from llmwatts.server.gpu import GPU, GpuSample, nvml_index_of_cuda_device, open_gpus, pace_slowest
@@ -401,29 +401,10 @@ def run_leader(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU], s
     controller.attach_store(host.store)
     server, port = create_server(config, host=host)
     controller.on_failure = lambda err: server.set_not_serving()
-    stopping = threading.Event()
-    stopper = threading.Thread(target=server.stop, args=(5.0,), name="stop")
-
-    def on_signal(signum, frame):
-        if not stopping.is_set():
-            stopping.set()
-            log.info("signal %d: stopping (restoring caps on every rank)", signum)
-            stopper.start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        server.start()
-        print(f"llmwatts serving {config.model} on {config.host}:{port} over {r.world} shards "
-              f"(db {config.db_path})", flush=True)
-        write_port_file(port_file, port)
-        server.wait_for_termination()
-    finally:
-        if stopping.is_set():
-            stopper.join()  # the host's close stops the followers: finish before the groups go
-        else:
-            server.stop(0)
-    return 0
+    # The stop joins before return: the host's close stops the followers, before the groups go.
+    return run_until_stopped(
+        server, f"llmwatts serving {config.model} on {config.host}:{port} over {r.world} shards "
+                f"(db {config.db_path})", port, port_file)
 
 
 def run_rank(config: ServerConfig, port_file: Path | None = None, children: dict | None = None) -> int:
