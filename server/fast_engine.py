@@ -8,11 +8,12 @@ stay cuBLAS and attention is SDPA over the cache window.
 
 The engine runs the loaded transformers model's own parameters and modules (embedding, rotary, final
 norm, lm_head); it only replaces the decoder layers' forward, with the same operations in the same
-order as ``LlamaDecoderLayer``, so greedy tokens on CPU in fp32 equal ``EagerEngine``'s exactly
-(tests/server/test_fast_engine.py). When a layer's projections are not plain ``nn.Linear`` (a sharded
-model: FairScale column/row-parallel layers that all-reduce inside ``forward``) the layer calls the
-modules themselves, uncompiled, and the collectives are captured into the graph with the rest
-(docs/performance.md).
+order as ``LlamaDecoderLayer``, except that q/k/v and gate/up each run as one matmul over their stacked
+weights (the modules' weights become views of the stacked tensor: no extra memory). Greedy tokens on CPU
+in fp32 equal ``EagerEngine``'s (tests/server/test_fast_engine.py). A sharded model (``server/tp.py``:
+FairScale column-parallel q/k/v/gate/up, row-parallel o/down) runs the same compiled functions on each
+rank's slices, with the two all-reduces per layer between them; they are captured into the CUDA graph
+with the rest (docs/performance.md). Layers of any other make call their own modules, uncompiled.
 
 Cache layout: a batch is left-padded to width ``S``; slot ``j`` of the cache holds column ``j`` of
 the padded batch, so prefill fills slots ``0..S-1`` and decode step ``t`` writes slot ``S+t-1`` for
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 # Batches are padded up to one of these sizes, so a handful of graphs serve every batch size.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 # Cache length and attention window granularity, in slots (tokens).
-WINDOW_SLOTS = 128
+WINDOW_SLOTS = 64
 # Head-room kept free when sizing a new cache against the GPU's free memory.
 CACHE_HEADROOM_BYTES = 2 << 30
 
@@ -71,63 +72,154 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (rotated * sin)
 
 
-def _pre_attention(h, cos, sin, ln_w, eps: float, wq, bq, wk, bk, wv, bv, head_dim: int):
-    """h: [B, T, E] -> q: [B, Hq, T, D], k, v: [B, Hkv, T, D] (rotary applied to q and k)."""
+def _pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: int, head_dim: int):
+    """h: [B, T, E] -> q: [B, Hq, T, D], k, v: [B, Hkv, T, D] (rotary applied to q and k). One matmul for
+    q, k and v (``wqkv``: their weights stacked), split afterwards."""
     b, t, _ = h.shape
     x = _rms_norm(h, ln_w, eps)
-    q = F.linear(x, wq, bq).view(b, t, -1, head_dim).transpose(1, 2)
-    k = F.linear(x, wk, bk).view(b, t, -1, head_dim).transpose(1, 2)
-    v = F.linear(x, wv, bv).view(b, t, -1, head_dim).transpose(1, 2)
+    q, k, v = F.linear(x, wqkv, bqkv).split((n_q, n_kv, n_kv), dim=-1)
+    q = q.reshape(b, t, -1, head_dim).transpose(1, 2)
+    k = k.reshape(b, t, -1, head_dim).transpose(1, 2)
+    v = v.reshape(b, t, -1, head_dim).transpose(1, 2)
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
-def _post_attention(h, attn, wo, bo, ln_w, eps: float, wg, bg, wu, bu, wd, bd):
+def _swiglu(x, wgu, bgu, n_inter: int, wd, bd):
+    """x: [B, T, E] -> down(silu(gate(x)) * up(x)), gate and up as one matmul (``wgu``: stacked)."""
+    gate, up = F.linear(x, wgu, bgu).split((n_inter, n_inter), dim=-1)
+    return F.linear(F.silu(gate) * up, wd, bd)
+
+
+def _post_attention(h, attn, wo, bo, ln_w, eps: float, wgu, bgu, n_inter: int, wd, bd):
     """h: [B, T, E], attn: [B, Hq, T, D] -> the layer's output [B, T, E]."""
     b, t, _ = h.shape
     h = h + F.linear(attn.transpose(1, 2).reshape(b, t, -1).contiguous(), wo, bo)
-    x = _rms_norm(h, ln_w, eps)
-    return h + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+    return h + _swiglu(_rms_norm(h, ln_w, eps), wgu, bgu, n_inter, wd, bd)
 
 
-@dataclass
+def _mlp_partial(h, o, ln_w, eps: float, wgu, bgu, n_inter: int, wd):
+    """Tensor-parallel half of ``_post_attention`` after o's all-reduce: h: [B, T, E], o: [B, T, E] (summed
+    over ranks) -> (h + o, this rank's partial down projection [B, T, E], to be all-reduced)."""
+    h = h + o
+    return h, _swiglu(_rms_norm(h, ln_w, eps), wgu, bgu, n_inter, wd, None)
+
+
+def _attend_bmm(q, k, v, mask, scale: float):
+    """Attention as two batched matmuls around an fp32 softmax (an alternative to SDPA for decode, where
+    T = 1). q: [B, H, T, D], k, v: [B, H, W, D], mask: [B, 1, T, W] additive -> [B, H, T, D]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
+def _stack(owner: torch.nn.Module, linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack the weights (and biases) of ``linears`` along the output dimension into one tensor and
+    re-point each module's weight at its rows of it: one matmul instead of several, no extra memory.
+    The stack is kept on ``owner``, so a second engine on the same model reuses it instead of copying."""
+    kept = getattr(owner, "_llmwatts_stacked", None)
+    if kept is not None and kept[0].data_ptr() == linears[0].weight.data_ptr():
+        return kept
+    fused = torch.cat([m.weight.detach() for m in linears])
+    biases = [m.bias for m in linears]
+    fused_bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else torch.zeros(m.weight.shape[0], dtype=fused.dtype, device=fused.device)
+         for m, b in zip(linears, biases)])
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(fused[row:row + n], requires_grad=False)
+        if m.bias is not None:
+            m.bias = torch.nn.Parameter(fused_bias[row:row + n], requires_grad=False)
+        row += n
+    owner._llmwatts_stacked = (fused, fused_bias)
+    return fused, fused_bias
+
+
 class _Layer:
-    """One decoder layer's tensors (plain mode) or modules (module mode: sharded or unusual linears)."""
+    """One decoder layer, in one of three modes:
 
-    module: torch.nn.Module
-    plain: bool
-    head_dim: int
-    eps1: float
-    eps2: float
+    - ``plain``: every projection is an ``nn.Linear``; the layer runs as two (compilable) functions of
+      its tensors, with q/k/v and gate/up each stacked into one matmul;
+    - ``tp``: FairScale's column-parallel q/k/v/gate/up and row-parallel o/down (``server/tp.py``); the
+      same functions on this rank's slices, with the two all-reduces a row-parallel layer does
+      (after o and after down) made explicitly between them;
+    - ``module``: anything else; the layer calls its modules, uncompiled.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = m = module
+        a, mlp = m.self_attn, m.mlp
+        self.head_dim = a.head_dim
+        self.eps1, self.eps2 = m.input_layernorm.variance_epsilon, m.post_attention_layernorm.variance_epsilon
+        self.mode = _mode(m)
+        if self.mode == "module":
+            return
+        self.n_q, self.n_kv = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
+        self.n_inter = mlp.gate_proj.weight.shape[0]
+        self.wqkv, self.bqkv = _stack(a, (a.q_proj, a.k_proj, a.v_proj))
+        self.wgu, self.bgu = _stack(mlp, (mlp.gate_proj, mlp.up_proj))
+        self.wo, self.bo, self.wd, self.bd = a.o_proj.weight, a.o_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias
+
+    @property
+    def n_kv_heads(self) -> int | None:
+        return None if self.mode == "module" else self.n_kv // self.head_dim
 
     def pre(self, fn, h, cos, sin):
         m = self.module
-        a = m.self_attn
-        if not self.plain:
+        if self.mode == "module":
+            a = m.self_attn
             b, t, _ = h.shape
             x = m.input_layernorm(h)
             q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
             return _rope(q, cos, sin), _rope(k, cos, sin), v
-        return fn(h, cos, sin, m.input_layernorm.weight, self.eps1, a.q_proj.weight, a.q_proj.bias,
-                  a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, self.head_dim)
+        return fn(h, cos, sin, m.input_layernorm.weight, self.eps1, self.wqkv, self.bqkv, self.n_q, self.n_kv,
+                  self.head_dim)
 
-    def post(self, fn, h, attn):
+    def post(self, fns, h, attn):
         m = self.module
-        if not self.plain:
-            b, t, _ = h.shape
-            h = h + m.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1).contiguous())
+        post_fn, mlp_fn = fns
+        if self.mode == "plain":
+            return post_fn(h, attn, self.wo, self.bo, m.post_attention_layernorm.weight, self.eps2,
+                           self.wgu, self.bgu, self.n_inter, self.wd, self.bd)
+        b, t, _ = h.shape
+        flat = attn.transpose(1, 2).reshape(b, t, -1).contiguous()             # [B, T, Hq_local * D]
+        if self.mode == "module":
+            h = h + m.self_attn.o_proj(flat)
             return h + m.mlp(m.post_attention_layernorm(h))
-        a, mlp = m.self_attn, m.mlp
-        return fn(h, attn, a.o_proj.weight, a.o_proj.bias, m.post_attention_layernorm.weight, self.eps2,
-                  mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
-                  mlp.down_proj.weight, mlp.down_proj.bias)
+        # What RowParallelLinear.forward does: the local matmul, the all-reduce, then the bias.
+        o = _all_reduce(F.linear(flat, self.wo))
+        if self.bo is not None:
+            o = o + self.bo
+        h, down = mlp_fn(h, o, m.post_attention_layernorm.weight, self.eps2, self.wgu, self.bgu, self.n_inter,
+                         self.wd)
+        down = _all_reduce(down)
+        return h + (down if self.bd is None else down + self.bd)
 
 
-def _is_plain(layer: torch.nn.Module) -> bool:
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
+
+    return reduce_from_model_parallel_region(x)
+
+
+def _mode(layer: torch.nn.Module) -> str:
     a, mlp = layer.self_attn, layer.mlp
-    linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     act = getattr(mlp, "act_fn", None)
     silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
-    return all(type(p) is torch.nn.Linear for p in linears) and silu and type(layer.input_layernorm).__name__.endswith("RMSNorm")
+    if not (silu and type(layer.input_layernorm).__name__.endswith("RMSNorm")
+            and type(layer.post_attention_layernorm).__name__.endswith("RMSNorm")):
+        return "module"
+    column = (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj)
+    row = (a.o_proj, mlp.down_proj)
+    if all(type(p) is torch.nn.Linear for p in column + row):
+        return "plain"
+    try:
+        from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    except ImportError:
+        return "module"
+    if all(type(p) is ColumnParallelLinear and not p.gather_output for p in column) and \
+            all(type(p) is RowParallelLinear and p.input_is_parallel for p in row):
+        return "tp"
+    return "module"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,7 +273,7 @@ class FastEngine:
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None,
                  device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, attention: str | None = None):
         self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
         self.device = torch.device(device)
         self.context_length = context_length
@@ -191,16 +283,16 @@ class FastEngine:
             compile = on_cuda and os.environ.get("LLMWATTS_FAST_COMPILE", "1") != "0"
         inner = model.model
         self.embed, self.rotary, self.norm, self.lm_head = inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head
-        self.layers = []
-        for layer in inner.layers:
-            a = layer.self_attn
-            self.layers.append(_Layer(layer, _is_plain(layer), a.head_dim,
-                                      layer.input_layernorm.variance_epsilon,
-                                      layer.post_attention_layernorm.variance_epsilon))
+        self.layers = [_Layer(layer) for layer in inner.layers]
         self.scale = self.layers[0].module.self_attn.scaling
         self.dtype = self.embed.weight.dtype
-        self.pre_fn, self.post_fn = _pre_attention, _post_attention
-        self.compiled = bool(compile) and all(l.plain for l in self.layers)
+        # Decode attention: SDPA over the cache window, or two batched matmuls (``bmm``); the bench
+        # measures both. Prefill always uses SDPA.
+        self.attention = attention or os.environ.get("LLMWATTS_FAST_ATTENTION", "sdpa")
+        if self.attention not in ("sdpa", "bmm"):
+            raise ValueError(f"unknown attention {self.attention!r}: use sdpa or bmm")
+        self.fns = self.eager_fns = (_pre_attention, _post_attention, _mlp_partial, _attend_bmm)
+        self.compiled = bool(compile) and all(l.mode != "module" for l in self.layers)
         if self.compiled:
             # Dynamic shapes: one compile serves every batch bucket (batch 1 gets its own specialisation).
             # Rounding fused fp16 intermediates as eager does keeps argmax agreement with eager high
@@ -208,8 +300,7 @@ class FastEngine:
             import torch._inductor.config as inductor_config
 
             options = {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else {}
-            self.pre_fn = torch.compile(_pre_attention, dynamic=True, fullgraph=True, options=options)
-            self.post_fn = torch.compile(_post_attention, dynamic=True, fullgraph=True, options=options)
+            self.fns = tuple(torch.compile(fn, dynamic=True, fullgraph=True, options=options) for fn in self.eager_fns)
         self._workspaces: dict[int, _Workspace] = {}
         self._pinned = None
 
@@ -309,7 +400,7 @@ class FastEngine:
         if ws is not None:
             del self._workspaces[batch]
         a = self.layers[0].module.self_attn
-        n_kv = a.k_proj.weight.shape[0] // a.head_dim if self.layers[0].plain else None
+        n_kv = self.layers[0].n_kv_heads
         if n_kv is None:  # module mode: ask the module (a sharded k_proj knows its local width)
             probe = a.k_proj(torch.zeros(1, 1, self.embed.weight.shape[-1], device=self.device, dtype=self.dtype))
             n_kv = probe.shape[-1] // a.head_dim
@@ -372,7 +463,8 @@ class FastEngine:
 
     def _forward(self, ws: _Workspace, ids, positions, mask, slots, window: int, compiled: bool) -> torch.Tensor:
         """ids, positions: [B, T]; mask: [B, 1, T, window]; writes k, v at ``slots`` [T] -> logits [B, V] fp32."""
-        pre, post = (self.pre_fn, self.post_fn) if compiled else (_pre_attention, _post_attention)
+        pre, post, mlp, attend = self.fns if compiled else self.eager_fns
+        decode = ids.shape[1] == 1 and self.attention == "bmm"
         h = self.embed(ids)                                                     # [B, T, E]
         cos, sin = self.rotary(h, positions)                                    # [B, T, D]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -381,9 +473,12 @@ class FastEngine:
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             kw, vw = kc[:, :, :window], vc[:, :, :window]                       # k: [B, Hkv, W, D]
-            attn = F.scaled_dot_product_attention(q, kw, vw, attn_mask=mask, scale=self.scale,
-                                                  enable_gqa=kw.shape[1] != q.shape[1])
-            h = layer.post(post, h, attn)
+            if decode and kw.shape[1] == q.shape[1]:
+                attn = attend(q, kw, vw, mask, self.scale)
+            else:
+                attn = F.scaled_dot_product_attention(q, kw, vw, attn_mask=mask, scale=self.scale,
+                                                      enable_gqa=kw.shape[1] != q.shape[1])
+            h = layer.post((post, mlp), h, attn)
         return self.lm_head(self.norm(h[:, -1:, :]))[:, -1].float()
 
     def _additive(self, keep: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ Greedy tokens must be identical: the fast engine replays the decoder layer's own
 a bug in padding, positions, masks or the cache (the bugs these tests guard against).
 """
 
+import socket
+
 import pytest
 import torch
 
@@ -92,3 +94,54 @@ def test_too_long_for_the_context_is_refused(tiny):
     _, fast = engines(tiny, tiny.eos_token_id)
     with pytest.raises(ValueError, match="context"):
         fast.generate(BatchSpec(prompts([10]), [tiny.context_length], GREEDY, ignore_eos=True))
+
+
+def test_qkv_and_gate_up_run_as_one_matmul_over_views_of_one_tensor(tiny):
+    before = sum(p.numel() for p in tiny.model.parameters())
+    _, fast = engines(tiny, tiny.eos_token_id)
+    layer = fast.layers[0]
+    a, mlp = layer.module.self_attn, layer.module.mlp
+    assert layer.mode == "plain"
+    assert layer.wqkv.shape[0] == a.q_proj.weight.shape[0] + a.k_proj.weight.shape[0] + a.v_proj.weight.shape[0]
+    # The modules' weights are rows of the stacked tensor (same storage), so the model did not grow.
+    assert a.q_proj.weight.data_ptr() == layer.wqkv.data_ptr()
+    assert a.v_proj.weight.data_ptr() == layer.wqkv[layer.n_q + layer.n_kv:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == layer.wgu[layer.n_inter:].data_ptr()
+    assert sum(p.numel() for p in tiny.model.parameters()) == before
+    again = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device).layers[0]
+    assert again.wqkv.data_ptr() == layer.wqkv.data_ptr()  # a second engine reuses the stack, no copy
+
+
+def test_bmm_decode_attention_gives_eagers_greedy_tokens(tiny):
+    eager, _ = engines(tiny, tiny.eos_token_id)
+    fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, tiny.eos_token_id, tiny.device, attention="bmm")
+    spec = BatchSpec(prompts([5, 17, 1, 11]), [8, 3, 10, 6], GREEDY, ignore_eos=True)
+    assert fast.generate(spec).tokens == eager.generate(spec).tokens
+    with pytest.raises(ValueError, match="unknown attention"):
+        FastEngine(tiny.model, 0, None, tiny.device, attention="flash")
+
+
+def test_fairscale_layers_run_the_functional_tensor_parallel_path(tiny):
+    """A FairScale-sharded model (world 1 here; 2, 4 and 8 ranks run in tests/server/test_sharding.py) is
+    not a black box of modules: the engine runs its slices through the same functions, all-reducing
+    after o and down, and gives the unsharded eager tokens."""
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel.initialize import destroy_model_parallel, initialize_model_parallel
+
+    from llmwatts.server.tp import load_sharded
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        initialize_model_parallel(1, model_parallel_backend="gloo")
+        loaded, _ = load_sharded("tiny", torch.device("cpu"), torch.float32, 0, 0, 1)
+        fast = FastEngine(loaded.model, loaded.tokenizer.pad_token_id, None, loaded.device)
+        assert {layer.mode for layer in fast.layers} == {"tp"}
+        eager, _ = engines(tiny, None)
+        spec = BatchSpec(prompts([5, 12]), [6, 6], GREEDY, ignore_eos=True)
+        assert fast.generate(spec).tokens == eager.generate(spec).tokens
+    finally:
+        destroy_model_parallel()
+        dist.destroy_process_group()
