@@ -1,19 +1,28 @@
-"""Sharding benchmark: tokens/s, power, J/token, J/response, SM % and memory % per (model, shard count).
+r"""Sharding benchmark: tokens/s, power, J/token, J/response, SM % and memory % per (model, shards, engine, batch).
 
-Rows: llmwatts (``llmwatts serve --shards N``: FairScale tensor parallel, eager engine in lockstep, one
-batch of ``--batch`` fixed-length prompts through gRPC), and optionally the baseline, transformers' own
-tensor parallel (``from_pretrained(..., tp_plan="auto")`` under ``torchrun``) on the same prompts, batch
-and shard count. The baseline needs a checkpoint: this script writes one with the *same* random weights
-as the llmwatts preset (``weights.tiled_normal`` tensor by tensor, straight into safetensors files, never
-the whole model in memory), then deletes it.
+llmwatts rows: one ``llmwatts serve --shards N --engine E`` per (model, shards, engine) serves each
+``--batches`` size in turn through gRPC: one untimed warm-up request of the same prompts and length (the
+fast engine captures a batch bucket's CUDA graphs, one per attention window, on its first request of a
+size), then ``--repeats`` timed ones. ``max``: the largest of ``MAX_BATCH_CANDIDATES`` that ``fits()``,
+per (model, shards). Baseline rows (``--baseline``): transformers' tensor parallel (``from_pretrained(...,
+tp_plan="auto")``, one process per rank with torchrun's environment), loaded once per shard count, same
+prompts and sizes (not ``max``), on a checkpoint of the *same* random weights written here
+(``weights.tiled_normal`` on the device) to /dev/shm when it has room, else the workdir, deleted after
+the model's rows.
 
-Energy: the sum over every GPU of NVML's cumulative counter between the start and the end of the timed
+Energy: the sum over every GPU of NVML's cumulative counter between the start and the end of a timed
 batch (llmwatts: the server's per-batch ``energy_j``; baseline: read here, read-only). W = J / s.
 SM % and memory % (memory-controller busy) are the mean over GPUs of 10 Hz samples inside the batch.
 
-    # on a 4-GPU H100 node (~15-20 min with the baseline for 7b/13b; 65b adds a ~130 GB checkpoint)
-    python bench/sharding.py --models llama-7b,llama-13b,llama-65b --shards 1,2,4 --baseline llama-7b,llama-13b
-    # CPU smoke run of every code path (gloo, tiny): ~2 min
+Time: a configuration (a server and all its sizes; a baseline run, checkpoint write included) gets
+``--row-timeout-s``, cut at ``--deadline-s``, then its processes are killed and its unfinished sizes
+become error rows; one that would start after the deadline gets ``skipped: deadline`` rows. ``--json`` is
+rewritten after every configuration; the table is printed whatever failed; phase timings go to stderr.
+
+    # 4-GPU H100 node, inside a ~570 s limit
+    python bench/sharding.py --models llama-7b,llama-13b,llama-65b --shards 1,2,4 --engines fast \
+        --batches 1,64,max --baseline llama-7b --json OUT.json --deadline-s 540
+    # CPU smoke run of every code path (gloo, tiny, both engines, the baseline): ~1.5 min on 2 cores
     python bench/sharding.py --quick
 
 Read-only NVML only: no power limit is ever set.
@@ -31,98 +40,196 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 1024**3
+# What ``max`` in --batches may resolve to: the fast engine's batch buckets above 64.
+MAX_BATCH_CANDIDATES = (96, 128, 160, 192, 256, 320, 384, 512)
+# fits() rounds prompt + new tokens up to this many KV-cache slots.
+KV_SLOT_ROUNDING = 128
 
 
-# ---------------------------------------------------------------------------------------------------
-# Prompts: exactly --prompt-tokens ids with the server's tokenizer
-# ---------------------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+# -- Prompts: exactly --prompt-tokens ids with the server's tokenizer ------------------------------
 
 
 def fixed_length_prompts(n_tokens: int, count: int) -> tuple[list[str], list[list[int]]]:
-    """``count`` distinct texts that the preset tokenizer turns into exactly ``n_tokens`` ids (BOS included)."""
+    """``count`` distinct texts that the preset tokenizer turns into exactly ``n_tokens`` ids (BOS included).
+    Text ``i`` does not depend on ``count``, so the first ``b`` texts are the prompts of batch ``b``."""
     from llmwatts.server.tokenizer import llama_like_tokenizer
 
     tok = llama_like_tokenizer()
     words = "energy power token model batch server latency watt joule cache graph decode prefill".split()
+
+    def n_ids(text: str) -> int:
+        return len(tok(text)["input_ids"])
+
+    word_tokens_max = max(n_ids(f"0 {w}") - n_ids("0") for w in words)
     texts, ids = [], []
     for i in range(count):
         text, k = f"{i}", i
-        while len(tok(text)["input_ids"]) < n_tokens:
-            k = k * 7 + 3
-            candidate = f"{text} {words[k % len(words)]}"
-            text = candidate if len(tok(candidate)["input_ids"]) <= n_tokens else f"{text} a"
-        if len(tok(text)["input_ids"]) != n_tokens:  # " a" overshot by a merge: trim words off the end
+        while (short_tokens := n_tokens - n_ids(text)) > 0:
+            # Several words per tokenizer call while far from the target (each adds at most
+            # word_tokens_max ids), one at a time near it: ~log(n) calls per prompt instead of ~n.
+            candidate = text
+            for _ in range(max(1, short_tokens // (2 * word_tokens_max))):
+                k = k * 7 + 3
+                candidate += f" {words[k % len(words)]}"
+            text = candidate if n_ids(candidate) <= n_tokens else f"{text} a"
+        if n_ids(text) != n_tokens:  # " a" overshot by a merge
             raise RuntimeError(f"could not build a prompt of exactly {n_tokens} tokens")
         texts.append(text)
         ids.append(tok(text)["input_ids"])
     return texts, ids
 
 
-# ---------------------------------------------------------------------------------------------------
-# Fit: skip configurations that cannot fit (weights + KV cache per GPU)
-# ---------------------------------------------------------------------------------------------------
+# -- Fit: skip configurations that cannot fit (weights + KV cache per GPU); resolve ``max`` --------
+
+
+def preset_shape(model: str) -> tuple[int, int, int]:
+    """(parameters (untied embeddings), layers, K/V width) of a preset, from its config alone."""
+    from llmwatts.server.models import preset_config
+
+    c = preset_config(model)
+    h, kv_dim = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * c.intermediate_size + 2 * h  # q,o; k,v; MLP; norms
+    return c.num_hidden_layers * per_layer + 2 * c.vocab_size * h + h, c.num_hidden_layers, kv_dim
 
 
 def fits(model: str, shards: int, batch: int, seq_tokens: int, gpu_bytes: int) -> bool:
-    from llmwatts.server.models import PRESETS
-
-    p = PRESETS[model]
-    h, layers = p["hidden_size"], p["num_hidden_layers"]
-    weights = 2 * (layers * (4 * h * h + 3 * h * p["intermediate_size"]) + 2 * 32000 * h)  # fp16
-    kv = 2 * 2 * layers * h * batch * seq_tokens
-    return (weights + kv) / shards < 0.9 * gpu_bytes
-
-
-# ---------------------------------------------------------------------------------------------------
-# llmwatts rows: a real sharded server per configuration
-# ---------------------------------------------------------------------------------------------------
+    """fp16 weights + KV cache (``seq_tokens`` rounded up to ``KV_SLOT_ROUNDING``), both split over the
+    shards (tensor parallel splits the heads), under 0.9 × ``gpu_bytes`` per GPU."""
+    n_params, n_layers, kv_dim = preset_shape(model)
+    seq_slots = -(-seq_tokens // KV_SLOT_ROUNDING) * KV_SLOT_ROUNDING
+    kv_bytes = 2 * 2 * n_layers * kv_dim * batch * seq_slots  # K and V, fp16
+    return (2 * n_params + kv_bytes) / shards < 0.9 * gpu_bytes
 
 
-def llmwatts_row(args, model: str, shards: int, texts: list[str], work: Path) -> dict:
+def resolve_batches(tokens: list[str], model: str, shards: int, seq_tokens: int, gpu_bytes: int) -> list[int]:
+    """``tokens`` (ints and ``max``) as batch sizes for (model, shards); ``max`` dropped when the largest
+    candidate that fits is not above the other sizes."""
+    fixed = [int(t) for t in tokens if t != "max"]
+    out = []
+    for t in tokens:
+        if t != "max":
+            out.append(int(t))
+            continue
+        fitting = [b for b in MAX_BATCH_CANDIDATES if fits(model, shards, b, seq_tokens, gpu_bytes)]
+        if fitting and fitting[-1] > max(fixed, default=0):
+            out.append(fitting[-1])
+            log(f"{model} x{shards}: max batch = {fitting[-1]}")
+        else:
+            log(f"{model} x{shards}: max batch dropped (largest fitting: {fitting[-1] if fitting else 'none'})")
+    return out
+
+
+# -- Processes: one session each, so a timeout kills everything a process started ------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a configuration must be done, and what its unfinished rows then say."""
+    t_end: float   # time.monotonic()
+    reason: str    # "timeout after 300 s", "timeout: deadline"
+
+    def left_s(self) -> float:
+        return self.t_end - time.monotonic()
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
+    """SIGTERM ``proc`` and wait up to ``grace_s`` (when > 0), then SIGKILL its whole process group."""
+    if grace_s > 0 and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children outlive their leader: the group may still exist
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+
+
+# -- llmwatts rows: one real sharded server per (model, shards, engine), all its batch sizes in turn ---
+
+
+def llmwatts_rows(args, model: str, shards: int, engine: str, batches: list[int], texts: list[str],
+                  work: Path, budget: Budget) -> dict[int, dict]:
+    """Metrics (or an error) per batch size; the server is killed when the budget runs out."""
     import grpc
 
     from llmwatts.v1 import llmwatts_pb2 as pb
     from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
-    d = work / f"llmwatts-{model}-{shards}"
+    label = f"llmwatts-{engine} {model} x{shards}"
+    t_start = time.monotonic()
+    d = work / f"llmwatts-{engine}-{model}-{shards}"
     d.mkdir(parents=True)
     cmd = [sys.executable, "-m", "llmwatts.cli", "serve", "--shards", str(shards), "--model", model,
-           "--device", args.device, "--dtype", args.dtype, "--engine", "eager", "--port", "0",
+           "--device", args.device, "--dtype", args.dtype, "--engine", engine, "--port", "0",
            "--port-file", str(d / "port"), "--db", str(d / "server.db"), "--telemetry-hz", "10",
            "--power-backend", "nvml-readonly" if args.device != "cpu" else "simulated",
-           "--max-batch-size", str(args.batch), "--max-new-tokens-limit", str(args.new_tokens),
+           "--max-batch-size", str(max(batches)), "--max-new-tokens-limit", str(args.new_tokens),
            "--default-max-new-tokens", str(args.new_tokens)]
     with open(d / "log", "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    batch_ids: dict[int, list[str]] = {}  # batch size -> the server's batch ids of its timed requests
+    error = None
     try:
-        deadline = time.monotonic() + args.start_timeout_s
         while not ((d / "port").exists() and (d / "port").read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{(d / 'log').read_text()[-3000:]}")
+            if proc.poll() is not None:
+                last_line = ([ln for ln in (d / "log").read_text().splitlines() if ln.strip()] or [""])[-1]
+                raise RuntimeError(f"server exited ({proc.returncode}): {last_line}")
+            if budget.left_s() < 0:
+                raise TimeoutError(f"{budget.reason}: server not up")
             time.sleep(0.5)
-        target = f"127.0.0.1:{int((d / 'port').read_text())}"
-        with grpc.insecure_channel(target) as channel:
+        log(f"{label}: server up in {time.monotonic() - t_start:.0f} s")
+        with grpc.insecure_channel(f"127.0.0.1:{int((d / 'port').read_text())}") as channel:
             stub = pb_grpc.InferenceStub(channel)
 
-            def ask(new_tokens: int) -> pb.GenerateResponse:
+            def ask(batch: int) -> str:
                 return stub.Generate(pb.GenerateRequest(
-                    request_id=uuid.uuid4().hex, run_id="bench-sharding", prompts=texts, max_new_tokens=new_tokens,
-                    sampling=pb.SamplingParams(greedy=True), ignore_eos=True), timeout=3600)
+                    request_id=uuid.uuid4().hex, run_id="bench-sharding", prompts=texts[:batch],
+                    max_new_tokens=args.new_tokens, sampling=pb.SamplingParams(greedy=True), ignore_eos=True),
+                    timeout=max(1.0, budget.left_s())).batch_id
 
-            ask(min(8, args.new_tokens))  # warm-up: allocator, kernels, first-batch effects
-            batch_ids = [ask(args.new_tokens).batch_id for _ in range(args.repeats)]
+            for batch in batches:
+                t0 = time.monotonic()
+                ask(batch)  # warm-up: CUDA graphs of this bucket and every window, allocator, kernels
+                t1 = time.monotonic()
+                ids = [ask(batch) for _ in range(args.repeats)]
+                batch_ids[batch] = ids
+                log(f"{label} batch {batch}: warm-up {t1 - t0:.1f} s, {args.repeats} timed "
+                    f"{time.monotonic() - t1:.1f} s")
+    except grpc.RpcError as e:
+        timed_out = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        error = budget.reason if timed_out else f"failed: {e.code().name} {e.details()}"
+    except Exception as e:  # noqa: BLE001 - the row records it; the next configuration still runs
+        error = first_line(e) if isinstance(e, TimeoutError) else f"failed: {first_line(e)}"
     finally:
-        proc.send_signal(signal.SIGTERM)
+        kill_group(proc, grace_s=5 if error else 60)  # SIGTERM flushes the telemetry buffer
+    if error:
+        log(f"{label}: {error}; server log tail:\n{(d / 'log').read_text()[-3000:]}")
+    rows = {}
+    for batch in batches:
         try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return batch_metrics(d / "server.db", batch_ids, args.batch)
+            rows[batch] = batch_metrics(d / "server.db", batch_ids[batch], batch) if batch in batch_ids \
+                else {"error": error or "failed: no result"}
+        except Exception as e:  # noqa: BLE001
+            rows[batch] = {"error": f"failed: reading the server DB: {first_line(e)}"}
+    return rows
 
 
 def batch_metrics(db: Path, batch_ids: list[str], batch: int) -> dict:
@@ -136,9 +243,11 @@ def batch_metrics(db: Path, batch_ids: list[str], batch: int) -> dict:
             sm, mem = conn.execute("select avg(sm_pct), avg(mem_pct) from telemetry where ts_ns between ? and ?",
                                    [start, end]).fetchone()
             rows.append(metrics((end - start) / 1e9, out_tok, energy_j, batch, sm, mem))
-    out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    out["gpus"] = n_gpus
-    return out
+    return dict(mean(rows), gpus=n_gpus)
+
+
+def mean(rows: list[dict]) -> dict:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 def metrics(seconds: float, out_tokens: int, energy_j: float, batch: int, sm_pct, mem_pct) -> dict:
@@ -148,9 +257,7 @@ def metrics(seconds: float, out_tokens: int, energy_j: float, batch: int, sm_pct
             "mem_pct": mem_pct if mem_pct is not None else float("nan")}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Baseline: transformers' tensor parallel under torchrun, on a checkpoint of the same random weights
-# ---------------------------------------------------------------------------------------------------
+# -- Baseline: transformers' tensor parallel, on a checkpoint of the same random weights -----------
 
 
 def write_checkpoint(model: str, out: Path, device: str, dtype: str, seed: int = 0) -> None:
@@ -176,7 +283,7 @@ def write_checkpoint(model: str, out: Path, device: str, dtype: str, seed: int =
         for name, shape in params:
             if name.endswith("norm.weight"):
                 value = torch.ones(shape, dtype=torch_dtype)
-            else:
+            else:  # generated on the device (tile by tile, seeded per tile), copied to host once
                 value = weights.tiled_normal(name, shape, seed=seed, std=0.02, device=dev, dtype=torch_dtype)
             tensors[name] = value.cpu().contiguous()
         file = f"model-{part}.safetensors"
@@ -188,33 +295,71 @@ def write_checkpoint(model: str, out: Path, device: str, dtype: str, seed: int =
     llama_like_tokenizer().save_pretrained(out)
 
 
-def hf_worker(args) -> int:
-    """One torchrun rank of the baseline; rank 0 measures and prints one JSON line."""
-    import threading
+def checkpoint(args, model: str, work: Path, budget: Budget) -> Path:
+    """Write the baseline checkpoint in a killable subprocess: /dev/shm when it has 1.3 × the room."""
+    import torch
 
+    from llmwatts.server.models import DTYPES
+
+    itemsize = DTYPES.get(args.dtype, torch.float16).itemsize
+    size_bytes = preset_shape(model)[0] * itemsize
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and shutil.disk_usage(shm).free > 1.3 * size_bytes else work
+    out = Path(tempfile.mkdtemp(prefix=f"bench-sharding-ckpt-{model}-", dir=root))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, __file__, "--write-checkpoint", str(out), "--models", model,
+                             "--device", args.device, "--dtype", args.dtype], start_new_session=True)
+    try:
+        returncode = proc.wait(timeout=max(0.0, budget.left_s()))
+    except subprocess.TimeoutExpired:
+        returncode = None
+    finally:
+        kill_group(proc)
+    if returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise (TimeoutError(f"{budget.reason}: writing the checkpoint") if returncode is None
+               else RuntimeError(f"writing the checkpoint failed ({returncode})"))
+    log(f"baseline {model}: checkpoint ({size_bytes / GIB:.2f} GiB) written in {time.monotonic() - t0:.1f} s "
+        f"to {out}")
+    return out
+
+
+def hf_worker(args) -> int:
+    """One rank of the baseline: load once, then per batch size a warm-up and ``--repeats`` timed
+    generates; rank 0 measures, prints one ``HF_ROW {json}`` line per batch size on stdout and its
+    phase timings on stderr."""
+    t_imports = time.perf_counter()
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from llmwatts.server.gpu import open_gpus
+    from llmwatts.server.models import resolve_dtype
     from llmwatts.server.telemetry import sample_row
 
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+    def say(msg: str) -> None:
+        if rank == 0:
+            log(f"baseline {args.models} x{world}: {msg}")
+
     cuda = args.device != "cpu" and torch.cuda.is_available()
     dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         torch.cuda.set_device(dev)
+    t0 = time.perf_counter()
     dist.init_process_group("nccl" if cuda else "gloo")
-    dtype = {"float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16,
-             "auto": torch.float16 if cuda else torch.float32}[args.dtype]
+    dtype = resolve_dtype(args.dtype, dev)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, tp_plan="auto").eval()
-    _, ids = fixed_length_prompts(args.prompt_tokens, args.batch)
-    input_ids = torch.tensor(ids, device=model.device)  # [B, S], all the same length: no padding
+    say(f"imports {t0 - t_imports:.1f} s, process group + loaded in {time.perf_counter() - t0:.1f} s")
+    batches = [int(b) for b in args.batches.split(",")]
+    _, ids = fixed_length_prompts(args.prompt_tokens, max(batches))
+    all_ids = torch.tensor(ids, device=model.device)  # [B_max, S], all the same length: no padding
     gpus = open_gpus("nvml-readonly", node=socket.gethostname(), device_indices=list(range(world))) \
         if cuda and rank == 0 else []
 
-    def run(new_tokens: int) -> None:
+    def run(input_ids: torch.Tensor, new_tokens: int) -> None:
         with torch.inference_mode():
             model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
@@ -222,97 +367,134 @@ def hf_worker(args) -> int:
             torch.cuda.synchronize()
         dist.barrier()
 
-    run(min(8, args.new_tokens))
-    results = []
-    for _ in range(args.repeats):
-        samples, stop = [], threading.Event()
-
-        def sampler():
-            while not stop.wait(0.1):
-                samples.extend(sample_row(g, g.sample()) for g in gpus)
-
-        thread = threading.Thread(target=sampler, daemon=True)
-        e0 = sum(g.energy_mj() for g in gpus)
+    for batch in batches:
+        input_ids = all_ids[:batch]  # [B, S]
         t0 = time.perf_counter()
-        thread.start()
-        run(args.new_tokens)
-        seconds = time.perf_counter() - t0
-        stop.set()
-        thread.join()
-        energy_j = (sum(g.energy_mj() for g in gpus) - e0) / 1000.0
-        sm = sum(s["sm_pct"] for s in samples) / len(samples) if samples else None
-        mem = sum(s["mem_pct"] for s in samples) / len(samples) if samples else None
-        results.append(metrics(seconds, args.batch * args.new_tokens, energy_j, args.batch, sm, mem))
-    if rank == 0:
-        row = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
-        row["gpus"] = world
-        print("HF_ROW " + json.dumps(row), flush=True)
+        run(input_ids, min(8, args.new_tokens))  # warm-up: HF eager captures nothing, 8 tokens suffice
+        t1 = time.perf_counter()
+        results = []
+        for _ in range(args.repeats):
+            samples, stop = [], threading.Event()
+
+            def sampler():
+                while not stop.wait(0.1):
+                    samples.extend(sample_row(g, g.sample()) for g in gpus)
+
+            thread = threading.Thread(target=sampler, daemon=True)
+            e0_mj = sum(g.energy_mj() for g in gpus)
+            t_run = time.perf_counter()
+            thread.start()
+            run(input_ids, args.new_tokens)
+            seconds = time.perf_counter() - t_run
+            stop.set()
+            thread.join()
+            energy_j = (sum(g.energy_mj() for g in gpus) - e0_mj) / 1000.0
+            sm = sum(s["sm_pct"] for s in samples) / len(samples) if samples else None
+            mem = sum(s["mem_pct"] for s in samples) / len(samples) if samples else None
+            results.append(metrics(seconds, batch * args.new_tokens, energy_j, batch, sm, mem))
+        if rank == 0:
+            print("HF_ROW " + json.dumps(dict(mean(results), batch=batch, gpus=world)), flush=True)
+        say(f"batch {batch}: warm-up {t1 - t0:.1f} s, {args.repeats} timed {time.perf_counter() - t1:.1f} s")
     dist.destroy_process_group()
     return 0
 
 
-def baseline_row(args, model: str, shards: int, work: Path) -> dict:
-    ckpt = work / f"ckpt-{model}"
-    if not ckpt.exists():
-        subprocess.run([sys.executable, __file__, "--write-checkpoint", str(ckpt), "--models", model,
-                        "--device", args.device, "--dtype", args.dtype], check=True)
+def baseline_rows(args, model: str, shards: int, batches: list[int], ckpt: Path, budget: Budget) -> dict[int, dict]:
+    """Run ``shards`` hf_worker ranks (the environment torchrun would give them; each its own session so a
+    timeout kills all, which torchrun's own per-worker sessions would not allow); rows per batch size."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    cmd = [torchrun, "--nproc-per-node", str(shards), "--master-addr", "127.0.0.1", "--master-port", str(port),
-           __file__, "--hf-worker", "--checkpoint", str(ckpt), "--device", args.device, "--dtype", args.dtype,
-           "--batch", str(args.batch), "--prompt-tokens", str(args.prompt_tokens),
-           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith("HF_ROW "):
-            return json.loads(line.removeprefix("HF_ROW "))
-    raise RuntimeError(f"transformers TP run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(shards),
+               LOCAL_WORLD_SIZE=str(shards), GROUP_RANK="0")
+    cmd = [sys.executable, __file__, "--hf-worker", "--checkpoint", str(ckpt), "--models", model,
+           "--device", args.device, "--dtype", args.dtype, "--batches", ",".join(map(str, batches)),
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+           "--repeats", str(args.repeats)]
+    ranks = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                              stdout=subprocess.PIPE if r == 0 else sys.stderr.fileno(), start_new_session=True)
+             for r in range(shards)]
+    rows: dict[int, dict] = {}
+
+    def read_rank0() -> None:  # stream rank 0's stdout to stderr as it comes, keeping the HF_ROW lines
+        for line in ranks[0].stdout:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if line.startswith("HF_ROW "):
+                row = json.loads(line.removeprefix("HF_ROW "))
+                rows[row.pop("batch")] = row
+
+    reader = threading.Thread(target=read_rank0, daemon=True)
+    reader.start()
+    error = None
+    try:
+        while (codes := [p.poll() for p in ranks]) != [0] * shards:
+            if any(codes) or budget.left_s() < 0:  # a rank failed (the others would hang), or out of time
+                error = f"failed: rank exit codes {codes}" if any(codes) else budget.reason
+                break
+            time.sleep(0.5)
+    finally:
+        for p in ranks:
+            kill_group(p)
+        reader.join(timeout=10)
+    return {b: rows.get(b, {"error": error or "failed: no HF_ROW line"}) for b in batches}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------------
+# -- Report ----------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[dict], args) -> None:
-    print(f"\nbatch {args.batch}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens (fixed), "
-          f"{args.dtype}, greedy, mean of {args.repeats}\n")
-    print("| system | model | shards | tok/s | W (sum) | J/token | J/response | SM % | mem % | s/batch |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+def print_table(rows: list[dict], args, device_name: str) -> None:
+    print(f"\n{device_name}, {time.strftime('%Y-%m-%d')}: {args.prompt_tokens}-token prompts, "
+          f"{args.new_tokens} new tokens (fixed), {args.dtype}, greedy, mean of {args.repeats} timed request(s) "
+          f"per batch after one warm-up\n")
+    print("| system | model | shards | batch | tok/s | W (sum) | J/token | J/response | SM % | mem % | s/batch |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        head = f"| {r['system']} | {r['model']} | {r['shards']} | {r['batch']} |"
         if "error" in r:
-            print(f"| {r['system']} | {r['model']} | {r['shards']} | {r['error']} | | | | | | |")
+            print(f"{head} {r['error']} | | | | | | |")
             continue
-        print(f"| {r['system']} | {r['model']} | {r['shards']} | {r['tok_s']:.1f} | {r['watts']:.0f} | "
-              f"{r['j_per_token']:.3f} | {r['j_per_response']:.1f} | {r['sm_pct']:.0f} | {r['mem_pct']:.0f} | "
-              f"{r['seconds']:.2f} |")
+        print(f"{head} {r['tok_s']:.1f} | {r['watts']:.0f} | {r['j_per_token']:.3f} | {r['j_per_response']:.1f} | "
+              f"{r['sm_pct']:.0f} | {r['mem_pct']:.0f} | {r['seconds']:.2f} |")
+
+
+def parse_batches(text: str) -> list[str]:
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens or any(t != "max" and not (t.isdigit() and int(t) > 0) for t in tokens):
+        raise SystemExit(f"--batches {text!r}: use positive integers and 'max', comma-separated")
+    return tokens
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="llama-7b,llama-13b,llama-65b")
     p.add_argument("--shards", default="1,2,4", help="shard counts to run (each needs that many GPUs)")
+    p.add_argument("--engines", default="fast", help="llmwatts engines, comma-separated: fast, eager")
+    p.add_argument("--batches", "--batch", dest="batches", default="64",
+                   help="batch sizes, comma-separated, in order; 'max': the largest of 96..512 that fits")
     p.add_argument("--baseline", default="", help="models to also run with transformers' tp_plan='auto' ('all')")
     p.add_argument("--no-llmwatts", action="store_true", help="run only the transformers baseline rows")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16")
-    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--start-timeout-s", type=float, default=900)
-    p.add_argument("--workdir", type=Path, help="where checkpoints and server DBs go (default: a temp dir)")
+    p.add_argument("--repeats", type=int, default=1, help="timed requests per batch size")
+    p.add_argument("--row-timeout-s", type=float, default=300,
+                   help="per configuration (a server with all its batches; a baseline run): killed past it")
+    p.add_argument("--deadline-s", type=float, help="wall-clock budget of the whole script; later configurations "
+                   "are skipped and running ones cut at it")
+    p.add_argument("--workdir", type=Path, help="where server DBs (and checkpoints without /dev/shm room) go")
     p.add_argument("--json", type=Path, help="also write the rows here")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny, shards 1,2, batch 2, 4 tokens")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU smoke run: tiny, shards 1,2, batches 1,2, fast and eager, baseline, 4 tokens")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    t_start = time.monotonic()
     if args.quick:
         args.models, args.shards, args.baseline, args.device, args.dtype = "tiny", "1,2", "all", "cpu", "float32"
-        args.batch, args.prompt_tokens, args.new_tokens = 2, 8, 4
+        args.batches, args.engines, args.prompt_tokens, args.new_tokens = "1,2", "fast,eager", 8, 4
     if args.hf_worker:
         return hf_worker(args)
     if args.write_checkpoint:
@@ -323,40 +505,73 @@ def main(argv=None) -> int:
 
     models_ = args.models.split(",")
     baseline = models_ if args.baseline == "all" else [m for m in args.baseline.split(",") if m]
-    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if args.device != "cpu" else 1 << 50
-    n_gpus = torch.cuda.device_count() if args.device != "cpu" else 1 << 10
-    texts, _ = fixed_length_prompts(args.prompt_tokens, args.batch)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sharding-"))
-    work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    engines = [] if args.no_llmwatts else [e for e in args.engines.split(",") if e]
+    tokens = parse_batches(args.batches)
+    cuda = args.device != "cpu"
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 1 << 50
+    n_gpus = torch.cuda.device_count() if cuda else 1 << 10
+    device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    seq_tokens = args.prompt_tokens + args.new_tokens
+    deadline = t_start + args.deadline_s if args.deadline_s else float("inf")
+
+    # The plan: models outer, then shards, then the llmwatts engines, then the baseline of that (model, shards).
+    plan: list[tuple[str, int, str, list[int]]] = []
     for model in models_:
         for shards in map(int, args.shards.split(",")):
-            base = {"model": model, "shards": shards}
             if shards > n_gpus:
+                log(f"{model} x{shards}: skipped, {n_gpus} GPUs")
                 continue
-            if not fits(model, shards, args.batch, args.prompt_tokens + args.new_tokens, gpu_bytes):
-                rows.append(dict(base, system="llmwatts", error="does not fit"))
-                continue
-            systems = (() if args.no_llmwatts else ("llmwatts",)) + (("transformers-tp",) if model in baseline else ())
-            for system in systems:
-                t0 = time.monotonic()
+            llmwatts_batches = resolve_batches(tokens, model, shards, seq_tokens, gpu_bytes)
+            plan += [(model, shards, f"llmwatts-{e}", llmwatts_batches) for e in engines]
+            if model in baseline:
+                plan.append((model, shards, "transformers-tp", [int(t) for t in tokens if t != "max"]))
+    max_batch = max((b for *_, batches in plan for b in batches), default=1)
+    t0 = time.monotonic()
+    texts, _ = fixed_length_prompts(args.prompt_tokens, max_batch)
+    log(f"{max_batch} prompts of {args.prompt_tokens} tokens built in {time.monotonic() - t0:.1f} s")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sharding-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    checkpoints: dict[str, Path] = {}
+    try:
+        for i, (model, shards, system, batches) in enumerate(plan):
+            base = {"model": model, "shards": shards, "system": system}
+            fitting = [b for b in batches if fits(model, shards, b, seq_tokens, gpu_bytes)]
+            results = {b: {"error": "does not fit"} for b in batches if b not in fitting}
+            t_cfg = time.monotonic()
+            budget = Budget(t_cfg + args.row_timeout_s, f"timeout after {args.row_timeout_s:.0f} s") \
+                if t_cfg + args.row_timeout_s < deadline else Budget(deadline, "timeout: deadline")
+            if fitting and budget.left_s() <= 0:
+                results.update({b: {"error": "skipped: deadline"} for b in fitting})
+            elif fitting:
                 try:
-                    row = llmwatts_row(args, model, shards, texts, work) if system == "llmwatts" \
-                        else baseline_row(args, model, shards, work)
-                except Exception as e:  # one broken configuration must not cost the others
-                    row = {"error": f"failed: {str(e).splitlines()[0][:80]}"}
-                    print(f"{system} {model} x{shards} failed: {e}", file=sys.stderr)
-                rows.append(dict(base, system=system, **row))
-                print(f"# {system} {model} x{shards}: {time.monotonic() - t0:.0f} s {json.dumps(rows[-1])}",
-                      file=sys.stderr, flush=True)
-                if args.json:  # after every row: a run cut off by a time limit keeps what it measured
-                    args.json.write_text(json.dumps(rows, indent=1))
-        shutil.rmtree(work / f"ckpt-{model}", ignore_errors=True)  # 65b: ~130 GB
-    print_table(rows, args)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
+                    if system.startswith("llmwatts-"):
+                        results.update(llmwatts_rows(args, model, shards, system.removeprefix("llmwatts-"),
+                                                     fitting, texts, work, budget))
+                    else:
+                        if model not in checkpoints:
+                            checkpoints[model] = checkpoint(args, model, work, budget)
+                        results.update(baseline_rows(args, model, shards, fitting, checkpoints[model], budget))
+                except Exception as e:  # noqa: BLE001 - one broken configuration must not cost the others
+                    error = first_line(e) if isinstance(e, TimeoutError) else f"failed: {first_line(e)}"
+                    log(f"{system} {model} x{shards}: {error}")
+                    results.update({b: {"error": error} for b in fitting if b not in results})
+            rows += [dict(base, batch=b, **results[b]) for b in batches]
+            log(f"{system} {model} x{shards}: {time.monotonic() - t_cfg:.0f} s "
+                f"(script {time.monotonic() - t_start:.0f} s) {json.dumps(rows[-len(batches):])}")
+            if args.json:  # after every configuration: a run cut off by a time limit keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1))
+            if model in checkpoints and all(m != model for m, *_ in plan[i + 1:]):
+                shutil.rmtree(checkpoints.pop(model), ignore_errors=True)  # after the model's rows (65b: ~130 GB)
+    finally:
+        for ckpt in checkpoints.values():
+            shutil.rmtree(ckpt, ignore_errors=True)
+        print_table(rows, args, device_name)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    log(f"done in {time.monotonic() - t_start:.0f} s")
     return 0
 
 
