@@ -333,7 +333,7 @@ def hf_worker(args) -> int:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from llmwatts.server.gpu import open_gpus
+    from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus
     from llmwatts.server.models import resolve_dtype
     from llmwatts.server.telemetry import sample_row
 
@@ -356,8 +356,9 @@ def hf_worker(args) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     _, ids = fixed_length_prompts(args.prompt_tokens, max(batches))
     all_ids = torch.tensor(ids, device=model.device)  # [B_max, S], all the same length: no padding
-    gpus = open_gpus("nvml-readonly", node=socket.gethostname(), device_indices=list(range(world))) \
-        if cuda and rank == 0 else []
+    # NVML numbers GPUs in PCI order, ignoring CUDA_VISIBLE_DEVICES: map each rank's device by uuid.
+    gpus = open_gpus("nvml-readonly", node=socket.gethostname(),
+                     device_indices=[nvml_index_of_cuda_device(i) for i in range(world)]) if cuda and rank == 0 else []
 
     def run(input_ids: torch.Tensor, new_tokens: int) -> None:
         with torch.inference_mode():
