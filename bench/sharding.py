@@ -352,7 +352,15 @@ def hf_worker(args) -> int:
     dist.init_process_group("nccl" if cuda else "gloo")
     dtype = resolve_dtype(args.dtype, dev)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, tp_plan="auto").eval()
-    say(f"imports {t0 - t_imports:.1f} s, process group + loaded in {time.perf_counter() - t0:.1f} s")
+    placed = {p.device.type for p in model.parameters()}
+    if cuda and placed != {"cuda"}:
+        # transformers 5.17 leaves a world-of-1 tp_plan model on the CPU (seen on the H100s: 2.8 tok/s);
+        # one rank is plain transformers on one GPU, so move it. A real split must already be on GPU.
+        if world > 1:
+            raise RuntimeError(f"tp_plan='auto' left parameters on {sorted(placed)} with {world} ranks")
+        model.to(dev)
+    say(f"imports {t0 - t_imports:.1f} s, process group + loaded in {time.perf_counter() - t0:.1f} s "
+        f"(on {model.device})")
     batches = [int(b) for b in args.batches.split(",")]
     _, ids = fixed_length_prompts(args.prompt_tokens, max(batches))
     all_ids = torch.tensor(ids, device=model.device)  # [B_max, S], all the same length: no padding

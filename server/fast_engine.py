@@ -319,7 +319,7 @@ class FastEngine:
         s = batch.sampling
         if s.seed is not None:
             torch.manual_seed(s.seed)
-        ws = self._workspace(_bucket(n), width + max_new)
+        ws = self._workspace(_bucket(n), width + max_new, prefill_tokens=_bucket(n) * width)
         ws.temperature.fill_(s.temperature)
         ws.top_p.fill_(s.top_p)
         started = time.perf_counter()
@@ -391,7 +391,7 @@ class FastEngine:
                              torch.cuda.Event() if cuda else None) for _ in range(2)]
         return self._pinned
 
-    def _workspace(self, batch: int, needed_slots: int) -> _Workspace:
+    def _workspace(self, batch: int, needed_slots: int, prefill_tokens: int = 0) -> _Workspace:
         cache_len = min(_round_up(needed_slots, WINDOW_SLOTS), _round_up(self.context_length, WINDOW_SLOTS))
         ws = self._workspaces.get(batch)
         if ws is not None and ws.cache_len >= cache_len:
@@ -405,8 +405,12 @@ class FastEngine:
             probe = a.k_proj(torch.zeros(1, 1, self.embed.weight.shape[-1], device=self.device, dtype=self.dtype))
             n_kv = probe.shape[-1] // a.head_dim
         shape = (batch, n_kv, cache_len, a.head_dim)
-        need = 2 * len(self.layers) * batch * n_kv * cache_len * a.head_dim * self.embed.weight.element_size()
-        self._make_room(need)
+        elem = self.embed.weight.element_size()
+        need = 2 * len(self.layers) * batch * n_kv * cache_len * a.head_dim * elem
+        # Prefill's activations come on top of the cache: per token, about 8 hidden-sized and 4
+        # intermediate-sized tensors at once (q/k/v, gate/up, SiLU·up, fp32 norm temporaries).
+        hidden, inter = self.embed.weight.shape[-1], self.layers[0].module.mlp.gate_proj.weight.shape[0]
+        self._make_room(need + prefill_tokens * (8 * hidden + 4 * inter) * elem)
         dev = self.device
         ws = _Workspace(
             batch=batch, cache_len=cache_len,
