@@ -1,0 +1,43 @@
+"""The GPU benchmarks' own code paths, on CPU (``--quick``): a benchmark that rots is found here, not on a
+paid GPU call. These check that every row is produced and that the engines agree; no timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, tmp_path, *args: str, timeout_s: int) -> object:
+    out = tmp_path / "rows.json"
+    # From tmp_path: run from the repo root, ``llmwatts/`` there would shadow the installed package.
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", "--json", str(out), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_engine_bench_runs_every_engine_and_the_fast_engine_agrees_with_eager(tmp_path):
+    results = run_bench("engine.py", tmp_path, timeout_s=600)
+    rows = {(r["engine"], r["batch"]): r for r in results["rows"]}
+    for engine in ("fast", "server", "fast-bmm", "eager"):
+        for batch in (1, 4):
+            assert rows[(engine, batch)]["tok_s"] > 0, (engine, batch, rows.get((engine, batch)))
+    # On CPU in fp32 the fast engine (both attentions) and eager's two paths give the same argmax everywhere.
+    assert results["agreement"] == results["agreement_bmm"] == results["agreement_eager_incremental"] == 1.0
+    assert [t["hz"] for t in results["telemetry"]] == [0.0, 10.0]
+
+
+def test_sharding_bench_runs_both_engines_and_the_baseline_on_two_ranks(tmp_path):
+    rows = run_bench("sharding.py", tmp_path, timeout_s=900)
+    done = {(r["system"], r["shards"], r["batch"]) for r in rows if "error" not in r}
+    failed = [r for r in rows if "error" in r]
+    assert not failed, failed
+    for system in ("llmwatts-fast", "llmwatts-eager", "transformers-tp"):
+        for shards in (1, 2):
+            assert {(system, shards, 1), (system, shards, 2)} <= done, (system, shards, done)
+    assert all(r["tok_s"] > 0 and r["j_per_token"] >= 0 for r in rows)
