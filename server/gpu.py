@@ -64,6 +64,16 @@ class GpuSample:
     cap_mw: int                    # enforced power limit
 
 
+@dataclass(frozen=True)
+class EnergySample:
+    """What a batch boundary needs of one GPU: the energy counter, and power for short batches."""
+
+    ts_ns: int                     # wall clock, time.time_ns()
+    energy_mj: int
+    power_mw: int
+    power_instant_mw: int | None
+
+
 class GPU(abc.ABC):
     """One GPU. Implementations: ``NvmlGPU``, ``NvmlReadOnlyGPU``, ``SimulatedGPU`` (and rank proxies)."""
 
@@ -83,6 +93,12 @@ class GPU(abc.ABC):
     @abc.abstractmethod
     def energy_mj(self) -> int:
         """The cumulative energy counter, millijoules (monotone; zero point arbitrary)."""
+
+    def energy_sample(self) -> EnergySample:
+        """The fields a batch boundary reads (``EnergyMeter``); a GPU whose full sample is costly reads
+        only these."""
+        s = self.sample()
+        return EnergySample(s.ts_ns, s.energy_mj, s.power_mw, s.power_instant_mw)
 
     @abc.abstractmethod
     def power_limit_mw(self) -> int:
@@ -216,6 +232,12 @@ class NvmlReadOnlyGPU(GPU):
 
     def energy_mj(self) -> int:
         return int(self._call("total energy", pynvml.nvmlDeviceGetTotalEnergyConsumption))
+
+    def energy_sample(self) -> EnergySample:
+        # Three reads instead of sample()'s eight: the energy counter (~4 ms on an H100) and power (µs).
+        return EnergySample(time.time_ns(), self.energy_mj(),
+                            int(self._call("power usage", pynvml.nvmlDeviceGetPowerUsage)),
+                            self._read_power_instant_mw() if self._has_power_instant else None)
 
     def power_limit_mw(self) -> int:
         return int(self._call("power limit", pynvml.nvmlDeviceGetPowerManagementLimit))

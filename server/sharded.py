@@ -40,7 +40,7 @@ from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
 from llmwatts.server.cli import run_until_stopped
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import BatchOutput, BatchSpec
-from llmwatts.server.gpu import GPU, GpuSample, nvml_index_of_cuda_device, open_gpus, pace_slowest
+from llmwatts.server.gpu import EnergySample, GPU, GpuSample, nvml_index_of_cuda_device, open_gpus, pace_slowest
 from llmwatts.server.telemetry import TelemetrySampler
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,9 @@ class RemoteGPU(GPU):
 
     def energy_mj(self) -> int:
         return self._remote("energy_mj")
+
+    def energy_sample(self) -> EnergySample:
+        return self._remote("energy_sample")
 
     def power_limit_mw(self) -> int:
         return self._remote("power_limit_mw")

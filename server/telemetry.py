@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from llmwatts.server.gpu import GPU, GpuSample
+from llmwatts.server.gpu import EnergySample, GPU, GpuSample
 from llmwatts.server.store import ServerStore
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class TelemetrySampler:
 class EnergyReading:
     ts_ns: int
     perf_s: float
-    samples: dict[str, GpuSample]  # gpu uuid -> sample
+    samples: dict[str, EnergySample]  # gpu uuid -> its reading
 
 
 class EnergyMeter:
@@ -89,7 +89,11 @@ class EnergyMeter:
         self.gpus = gpus
 
     def read(self) -> EnergyReading:
-        return EnergyReading(time.time_ns(), time.perf_counter(), {g.uuid: g.sample() for g in self.gpus})
+        """Every GPU's counter; stamped at the middle of the reads (an H100's counter read takes ~4 ms)."""
+        ns0, perf0 = time.time_ns(), time.perf_counter()
+        samples = {g.uuid: g.energy_sample() for g in self.gpus}
+        ns1, perf1 = time.time_ns(), time.perf_counter()
+        return EnergyReading((ns0 + ns1) // 2, (perf0 + perf1) / 2, samples)
 
     def total_j(self) -> float:
         """Sum of every GPU's counter, in joules (for run markers)."""
