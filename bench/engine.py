@@ -6,7 +6,9 @@ server (unary ``Generate``, fixed-length prompts). Columns: tok/s, J/token and W
 counter, read only at the start and end of each timed region (one read costs ~4 ms and the counter
 refreshes every ~100 ms, so each region runs for at least ``--min-seconds``). Also: the batch-1
 memory-bandwidth roofline (weights / measured copy bandwidth), the telemetry sampler's cost at 10 and
-100 Hz, and the teacher-forced argmax agreement of the fast engine with eager (fp16, 256 tokens).
+100 Hz (interleaved rounds, medians), the teacher-forced argmax agreement of the fast engine with eager's
+token-by-token argmax (fp16, 256 tokens; eager's own token-by-token vs full-forward agreement beside it as
+the noise floor), and rows for fast-engine variants (``--variants bmm``: decode attention as two matmuls).
 
 Read-only NVML only: no setter is ever called (shared GPUs).
 
