@@ -87,6 +87,7 @@ class LoadSession:
         self._rows_from: dict[str, int] = {}    # master: worker id → rows received
         self._tickets = itertools.count()
         self._waiting: dict[int, gevent.event.AsyncResult] = {}
+        self._late: list[int] = []              # worker: numbers granted after their user stopped waiting
         self._flusher = None
         self._explicit_run_id = None
         self._prompt_key = None
@@ -125,6 +126,7 @@ class LoadSession:
         self.finished.clear()
         self.exhausted = False
         self._issued = self._completed = self._shipped = 0
+        self._late.clear()
         self._finals.clear()
         self._rows_from.clear()
         self.errors.clear()
@@ -170,6 +172,8 @@ class LoadSession:
 
     def take_permit(self) -> int | None:
         """The number of this user's next request, or None when the run's ``--requests`` are used up."""
+        if self._late:  # granted to a user that gave up waiting: the master counts on this request
+            return self._late.pop(0)
         if self.exhausted:
             return None
         if self.role == "worker":
@@ -216,6 +220,10 @@ class LoadSession:
         waiter = self._waiting.get(msg.data["ticket"])
         if waiter is not None:
             waiter.set(msg.data["seq"])
+        elif msg.data["seq"] is not None:
+            # Its user stopped waiting (PERMIT_WAIT_S) before the grant came. The master has counted the
+            # number: keep it for this worker's next request, or --requests N would end only by --run-time.
+            self._late.append(msg.data["seq"])
 
     def _ship_rows(self, rows: list[dict]) -> None:
         self.runner.send_message(MSG_ROWS, rows)

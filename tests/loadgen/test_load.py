@@ -151,3 +151,50 @@ def test_cli_parser_does_not_import_locust():
     # never reach the server process.
     code = "import sys, llmwatts.cli as c; c.build_parser(); sys.exit('locust' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+LATE_PERMIT_SCRIPT = r"""
+import json, socket, sys
+import gevent
+from locust import User, task
+from locust.env import Environment
+from llmwatts.loadgen import session as session_mod
+from llmwatts.loadgen.config import LoadConfig
+
+class Idle(User):
+    @task
+    def nothing(self):
+        gevent.sleep(1)
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+master_env, worker_env = Environment(user_classes=[Idle]), Environment(user_classes=[Idle])
+master_env.create_master_runner("127.0.0.1", port)
+worker_env.create_worker_runner("127.0.0.1", port)
+master, worker = session_mod.LoadSession(master_env), session_mod.LoadSession(worker_env)
+master.config = LoadConfig(target="127.0.0.1:1", requests=2)
+for _ in range(100):  # until the master knows the worker
+    if master_env.runner.clients:
+        break
+    gevent.sleep(0.05)
+session_mod.PERMIT_WAIT_S = 0.0       # this user gives up before the master's grant arrives...
+gave_up = worker.take_permit()
+gevent.sleep(1.0)                     # ...which then comes, for nobody
+session_mod.PERMIT_WAIT_S = 10.0
+seqs = [worker.take_permit() for _ in range(3)]
+print(json.dumps({"gave_up": gave_up, "seqs": seqs}))
+sys.stdout.flush()
+worker_env.runner.quit()
+master_env.runner.quit()
+"""
+
+
+def test_a_grant_that_arrives_after_its_user_gave_up_is_used_not_lost(tmp_path):
+    """Distributed --requests N: the master counts every number it grants, so a grant that comes after the
+    worker's user stopped waiting must still become a request, or the run never reaches N."""
+    done = subprocess.run([sys.executable, "-c", LATE_PERMIT_SCRIPT], capture_output=True, text=True, timeout=90,
+                          cwd=tmp_path, env=offline_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"gave_up": None, "seqs": [0, 1, None]}
