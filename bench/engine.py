@@ -216,12 +216,12 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
              f"{row['tok_s']:9.1f} tok/s  {row.get('j_per_token', float('nan')):.4f} J/tok  "
              f"{row.get('watts', float('nan')):6.1f} W  ({row['runs']} runs, {row['seconds']:.1f} s)"))
 
-    def guarded(engine_name: str, batch: int, fn) -> None:
+    def guarded(engine_name: str, batch: int, fn, owner=None) -> None:
         try:
             add(engine_name, batch, fn())
         except torch.OutOfMemoryError as e:
             add(engine_name, batch, {"error": f"OOM ({str(e).splitlines()[0][:80]})"})
-            engine.release()
+            (owner or engine).release()
             torch.cuda.empty_cache()
         except Exception as e:  # one failing row must not lose the rest of a paid GPU run
             add(engine_name, batch, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
@@ -258,6 +258,7 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
         # Rounds of (without, each rate), interleaved so clock and thermal drift hit every rate alike;
         # the cost is the median over rounds of each rate's throughput against the median without.
         b, per_hz = args.telemetry_batch, {}
+        engine.generate(fast_spec(b))  # untimed: the larger batches may have evicted this one's cache
         for _ in range(args.telemetry_rounds):
             for hz in [0.0] + hz_list:
                 sampler = TelemetrySampler(host.gpus, host.store, hz) if hz else None
@@ -318,7 +319,7 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
                 def variant_row(b=b):
                     alt.generate(fast_spec(b))  # warm-up: compile and capture
                     return timed(lambda: alt.generate(fast_spec(b)), b * new, counter, device, args.min_seconds)
-                guarded(name, b, variant_row)
+                guarded(name, b, variant_row, owner=alt)
             if not args.no_agreement and "agreement" in results:
                 try:
                     results[f"agreement_{variant}"] = agreement(ref, alt.teacher_forced_argmax(seq))

@@ -219,7 +219,7 @@ def llmwatts_rows(args, model: str, shards: int, engine: str, batches: list[int]
     except Exception as e:  # noqa: BLE001 - the row records it; the next configuration still runs
         error = first_line(e) if isinstance(e, TimeoutError) else f"failed: {first_line(e)}"
     finally:
-        kill_group(proc, grace_s=5 if error else 60)  # SIGTERM flushes the telemetry buffer
+        kill_group(proc, grace_s=5 if error else min(60, max(5, budget.left_s())))  # SIGTERM flushes telemetry
     if error:
         log(f"{label}: {error}; server log tail:\n{(d / 'log').read_text()[-3000:]}")
     rows = {}
@@ -521,7 +521,7 @@ def main(argv=None) -> int:
     n_gpus = torch.cuda.device_count() if cuda else 1 << 10
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
     seq_tokens = args.prompt_tokens + args.new_tokens
-    deadline = t_start + args.deadline_s if args.deadline_s else float("inf")
+    deadline = t_start + args.deadline_s if args.deadline_s is not None else float("inf")
 
     # The plan: models outer, then shards, then the llmwatts engines, then the baseline of that (model, shards).
     plan: list[tuple[str, int, str, list[int]]] = []

@@ -88,6 +88,7 @@ class LoadSession:
         self._tickets = itertools.count()
         self._waiting: dict[int, gevent.event.AsyncResult] = {}
         self._late: list[int] = []              # worker: numbers granted after their user stopped waiting
+        self._first_ticket = 0                  # worker: tickets below this belong to an earlier test
         self._flusher = None
         self._explicit_run_id = None
         self._prompt_key = None
@@ -124,9 +125,8 @@ class LoadSession:
         self.dataset = dataset_label(config.dataset, split=config.split, jsonl_path=config.jsonl_path,
                                      field=config.field)
         self.finished.clear()
-        self.exhausted = False
         self._issued = self._completed = self._shipped = 0
-        self._late.clear()
+        self._new_test_permits()
         self._finals.clear()
         self._rows_from.clear()
         self.errors.clear()
@@ -169,6 +169,11 @@ class LoadSession:
     def channel_options(self, host: str) -> ChannelOptions:
         c = self.config
         return ChannelOptions(target=normalise_target(host), ca=c.ca, cert=c.cert, key=c.key, token=self.token)
+
+    def _new_test_permits(self) -> None:
+        self.exhausted = False
+        self._late.clear()
+        self._first_ticket = next(self._tickets)  # a grant still in flight from the last test is not ours
 
     def take_permit(self) -> int | None:
         """The number of this user's next request, or None when the run's ``--requests`` are used up."""
@@ -220,7 +225,7 @@ class LoadSession:
         waiter = self._waiting.get(msg.data["ticket"])
         if waiter is not None:
             waiter.set(msg.data["seq"])
-        elif msg.data["seq"] is not None:
+        elif msg.data["seq"] is not None and msg.data["ticket"] >= self._first_ticket:
             # Its user stopped waiting (PERMIT_WAIT_S) before the grant came. The master has counted the
             # number: keep it for this worker's next request, or --requests N would end only by --run-time.
             self._late.append(msg.data["seq"])

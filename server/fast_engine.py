@@ -107,7 +107,7 @@ def _mlp_partial(h, o, ln_w, eps: float, wgu, bgu, n_inter: int, wd):
 def _attend_bmm(q, k, v, mask, scale: float):
     """Attention as two batched matmuls around an fp32 softmax (an alternative to SDPA for decode, where
     T = 1). q: [B, H, T, D], k, v: [B, H, W, D], mask: [B, 1, T, W] additive -> [B, H, T, D]."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask
+    scores = torch.matmul(q * scale, k.transpose(-1, -2)) + mask  # scaled first: no fp16 overflow
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
 
 
@@ -193,6 +193,14 @@ class _Layer:
                          self.wd)
         down = _all_reduce(down)
         return h + (down if self.bd is None else down + self.bd)
+
+
+def _model_parallel_world() -> int:
+    try:
+        from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size, model_parallel_is_initialized
+    except ImportError:
+        return 1
+    return get_model_parallel_world_size() if model_parallel_is_initialized() else 1
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -293,6 +301,7 @@ class FastEngine:
             raise ValueError(f"unknown attention {self.attention!r}: use sdpa or bmm")
         self.fns = self.eager_fns = (_pre_attention, _post_attention, _mlp_partial, _attend_bmm)
         self.compiled = bool(compile) and all(l.mode != "module" for l in self.layers)
+        self._sharded = _model_parallel_world() > 1  # ranks run in lockstep and must stay so
         if self.compiled:
             # Dynamic shapes: one compile serves every batch bucket (batch 1 gets its own specialisation).
             # Rounding fused fp16 intermediates as eager does keeps argmax agreement with eager high
@@ -319,7 +328,7 @@ class FastEngine:
         s = batch.sampling
         if s.seed is not None:
             torch.manual_seed(s.seed)
-        ws = self._workspace(_bucket(n), width + max_new, prefill_tokens=_bucket(n) * width)
+        ws = self._workspace(_bucket(n), width + max_new, prefill_width=width)
         ws.temperature.fill_(s.temperature)
         ws.top_p.fill_(s.top_p)
         started = time.perf_counter()
@@ -391,11 +400,18 @@ class FastEngine:
                              torch.cuda.Event() if cuda else None) for _ in range(2)]
         return self._pinned
 
-    def _workspace(self, batch: int, needed_slots: int, prefill_tokens: int = 0) -> _Workspace:
+    def _workspace(self, batch: int, needed_slots: int, prefill_width: int = 1) -> _Workspace:
         cache_len = min(_round_up(needed_slots, WINDOW_SLOTS), _round_up(self.context_length, WINDOW_SLOTS))
+        elem = self.embed.weight.element_size()
+        hidden, inter = self.embed.weight.shape[-1], self.layers[0].module.mlp.gate_proj.weight.shape[0]
+        # Prefill's activations come on top of the caches: per token about 8 hidden-sized and 4
+        # intermediate-sized tensors at once (q/k/v, gate/up, SiLU·up, fp32 norm temporaries), plus the
+        # [B, 1, S, S] mask with its bool temporaries. Checked on every batch, a reused cache's too.
+        prefill = batch * prefill_width * ((8 * hidden + 4 * inter) * elem + 4 * prefill_width)
         ws = self._workspaces.get(batch)
         if ws is not None and ws.cache_len >= cache_len:
             ws.last_used = time.monotonic()
+            self._make_room(prefill, keep=batch)
             return ws
         if ws is not None:
             del self._workspaces[batch]
@@ -405,12 +421,8 @@ class FastEngine:
             probe = a.k_proj(torch.zeros(1, 1, self.embed.weight.shape[-1], device=self.device, dtype=self.dtype))
             n_kv = probe.shape[-1] // a.head_dim
         shape = (batch, n_kv, cache_len, a.head_dim)
-        elem = self.embed.weight.element_size()
         need = 2 * len(self.layers) * batch * n_kv * cache_len * a.head_dim * elem
-        # Prefill's activations come on top of the cache: per token, about 8 hidden-sized and 4
-        # intermediate-sized tensors at once (q/k/v, gate/up, SiLU·up, fp32 norm temporaries).
-        hidden, inter = self.embed.weight.shape[-1], self.layers[0].module.mlp.gate_proj.weight.shape[0]
-        self._make_room(need + prefill_tokens * (8 * hidden + 4 * inter) * elem)
+        self._make_room(need + prefill)
         dev = self.device
         ws = _Workspace(
             batch=batch, cache_len=cache_len,
@@ -425,17 +437,32 @@ class FastEngine:
         self._workspaces[batch] = ws
         return ws
 
-    def _make_room(self, need_bytes: int) -> None:
-        """Evict least recently used caches (and their graphs) until a new cache fits on the GPU."""
+    def _make_room(self, need_bytes: int, keep: int | None = None) -> None:
+        """Evict least recently used caches (and their graphs), never ``keep``'s, until ``need_bytes`` fit.
+
+        Sharded: every rank must keep the same caches, or one rank re-captures a graph (warm-up steps with
+        all-reduces) while another replays, and their collectives pair up wrongly. So the ranks decide on
+        the smallest free memory among them, and evict in the same (LRU) order."""
         if self.device.type != "cuda":
             return
-        while self._workspaces:
+        while True:
+            candidates = [w for w in self._workspaces.values() if w.batch != keep]
             free, _ = torch.cuda.mem_get_info(self.device)
-            if free >= need_bytes + CACHE_HEADROOM_BYTES:
+            if self._sharded:
+                free = self._min_over_ranks(free)
+            if free >= need_bytes + CACHE_HEADROOM_BYTES or not candidates:
                 return
-            oldest = min(self._workspaces.values(), key=lambda w: w.last_used)
+            oldest = min(candidates, key=lambda w: w.last_used)
             del self._workspaces[oldest.batch]
             torch.cuda.empty_cache()
+
+    def _min_over_ranks(self, value: int) -> int:
+        import torch.distributed as dist
+        from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=get_model_parallel_group())
+        return int(t.item())
 
     def _prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool) -> torch.Tensor:
         """Run the left-padded prompts through the model, fill cache slots [0, S), set up the decode
@@ -523,7 +550,9 @@ class FastEngine:
                 try:
                     self._decode_body(ws, window, greedy)
                 except Exception:
-                    if not self.compiled:
+                    if not self.compiled or self._sharded:
+                        # Sharded, a fallback on one rank alone would re-issue collectives the others do
+                        # not: fail the batch (every rank sees it) rather than desynchronise the ranks.
                         raise
                     # A compiler failure must not take the server down: fall back to uncompiled layers.
                     log.exception("torch.compile of the decode step failed; running it uncompiled")

@@ -180,6 +180,8 @@ for _ in range(100):  # until the master knows the worker
     gevent.sleep(0.05)
 session_mod.PERMIT_WAIT_S = 0.0       # this user gives up before the master's grant arrives...
 gave_up = worker.take_permit()
+if "--new-test" in sys.argv:          # ...and a new test starts on the worker before the grant lands
+    worker._new_test_permits()        # what on_test_start does about permits
 gevent.sleep(1.0)                     # ...which then comes, for nobody
 session_mod.PERMIT_WAIT_S = 10.0
 seqs = [worker.take_permit() for _ in range(3)]
@@ -193,8 +195,16 @@ master_env.runner.quit()
 def test_a_grant_that_arrives_after_its_user_gave_up_is_used_not_lost(tmp_path):
     """Distributed --requests N: the master counts every number it grants, so a grant that comes after the
     worker's user stopped waiting must still become a request, or the run never reaches N."""
-    done = subprocess.run([sys.executable, "-c", LATE_PERMIT_SCRIPT], capture_output=True, text=True, timeout=90,
-                          cwd=tmp_path, env=offline_env(tmp_path))
+    assert late_permit_run(tmp_path) == {"gave_up": None, "seqs": [0, 1, None]}
+
+
+def test_a_grant_from_an_earlier_test_is_not_used_in_the_next(tmp_path):
+    # Number 0 was the last test's; this test gets the master's next number, then none (2 in all).
+    assert late_permit_run(tmp_path, "--new-test") == {"gave_up": None, "seqs": [1, None, None]}
+
+
+def late_permit_run(tmp_path, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", LATE_PERMIT_SCRIPT, *args], capture_output=True, text=True,
+                          timeout=90, cwd=tmp_path, env=offline_env(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"gave_up": None, "seqs": [0, 1, None]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
