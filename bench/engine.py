@@ -19,7 +19,6 @@ Read-only NVML only: no setter is ever called (shared GPUs).
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from fixed_prompts import fixed_length_prompts
 
 from llmwatts.server.engine import BatchSpec, Sampling
 from llmwatts.server.fast_engine import FastEngine
@@ -36,24 +36,22 @@ ENGINES = ("eager", "static", "fast", "server")
 
 
 class EnergyCounter:
-    """NVML's cumulative energy counter of one GPU (read-only), or nothing on CPU."""
+    """NVML's cumulative energy counter of one GPU (the server's read-only GPU class), or nothing on CPU."""
 
     def __init__(self, device: torch.device):
-        self.handle = None
+        self.gpu = None
         if device.type == "cuda":
-            import pynvml
+            import socket
 
-            pynvml.nvmlInit()
-            self.nvml = pynvml
-            # NVML indexes GPUs in PCI order; honour CUDA_VISIBLE_DEVICES when it names one index.
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-            index = int(visible.split(",")[device.index or 0]) if visible and visible.split(",")[0].isdigit() \
-                else (device.index or 0)
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self.name = pynvml.nvmlDeviceGetName(self.handle)
+            from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus
+
+            # NVML numbers GPUs in PCI order, ignoring CUDA_VISIBLE_DEVICES: map the device by uuid.
+            self.gpu = open_gpus("nvml-readonly", node=socket.gethostname(),
+                                 device_indices=[nvml_index_of_cuda_device(device.index or 0)])[0]
+            self.name = self.gpu.name
 
     def energy_mj(self) -> int | None:
-        return None if self.handle is None else self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        return None if self.gpu is None else self.gpu.energy_mj()
 
 
 def sync(device: torch.device) -> None:
@@ -97,34 +95,6 @@ def copy_bandwidth_bytes_s(device: torch.device) -> float:
     rate = 2 * src.numel() * src.element_size() * iters / (time.perf_counter() - t0)
     del src, dst
     return rate
-
-
-def fixed_length_prompts(tokenizer, n_tokens: int, count: int) -> tuple[list[str], list[list[int]]]:
-    """``count`` distinct texts that the server's tokenizer turns into exactly ``n_tokens`` ids."""
-    words = "energy power token model batch server latency watt joule cache graph decode prefill".split()
-    texts, ids = [], []
-    for i in range(count):
-        parts, text = [], ""
-        k = i
-        while True:
-            parts.append(words[k % len(words)])
-            k = k * 7 + 3
-            candidate = " ".join(parts)
-            n = len(tokenizer(candidate)["input_ids"])
-            if n == n_tokens:
-                text = candidate
-                break
-            if n > n_tokens:  # overshot by a multi-token word: pad the previous text with 1-token words
-                parts.pop()
-                text = " ".join(parts)
-                while len(tokenizer(text)["input_ids"]) < n_tokens:
-                    text += " a"
-                if len(tokenizer(text)["input_ids"]) != n_tokens:
-                    raise RuntimeError("could not build a prompt of the exact length")
-                break
-        texts.append(text)
-        ids.append(tokenizer(text)["input_ids"])
-    return texts, ids
 
 
 def main(argv=None) -> int:

@@ -46,6 +46,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from fixed_prompts import fixed_length_prompts
+
 GIB = 1024**3
 # What ``max`` in --batches may resolve to: the fast engine's batch buckets above 64.
 MAX_BATCH_CANDIDATES = (96, 128, 160, 192, 256, 320, 384, 512)
@@ -55,39 +57,6 @@ KV_SLOT_ROUNDING = 128
 
 def log(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
-
-
-# -- Prompts: exactly --prompt-tokens ids with the server's tokenizer ------------------------------
-
-
-def fixed_length_prompts(n_tokens: int, count: int) -> tuple[list[str], list[list[int]]]:
-    """``count`` distinct texts that the preset tokenizer turns into exactly ``n_tokens`` ids (BOS included).
-    Text ``i`` does not depend on ``count``, so the first ``b`` texts are the prompts of batch ``b``."""
-    from llmwatts.server.tokenizer import llama_like_tokenizer
-
-    tok = llama_like_tokenizer()
-    words = "energy power token model batch server latency watt joule cache graph decode prefill".split()
-
-    def n_ids(text: str) -> int:
-        return len(tok(text)["input_ids"])
-
-    word_tokens_max = max(n_ids(f"0 {w}") - n_ids("0") for w in words)
-    texts, ids = [], []
-    for i in range(count):
-        text, k = f"{i}", i
-        while (short_tokens := n_tokens - n_ids(text)) > 0:
-            # Several words per tokenizer call while far from the target (each adds at most
-            # word_tokens_max ids), one at a time near it: ~log(n) calls per prompt instead of ~n.
-            candidate = text
-            for _ in range(max(1, short_tokens // (2 * word_tokens_max))):
-                k = k * 7 + 3
-                candidate += f" {words[k % len(words)]}"
-            text = candidate if n_ids(candidate) <= n_tokens else f"{text} a"
-        if n_ids(text) != n_tokens:  # " a" overshot by a merge
-            raise RuntimeError(f"could not build a prompt of exactly {n_tokens} tokens")
-        texts.append(text)
-        ids.append(tok(text)["input_ids"])
-    return texts, ids
 
 
 # -- Fit: skip configurations that cannot fit (weights + KV cache per GPU); resolve ``max`` --------
@@ -336,6 +305,7 @@ def hf_worker(args) -> int:
     from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus
     from llmwatts.server.models import resolve_dtype
     from llmwatts.server.telemetry import sample_row
+    from llmwatts.server.tokenizer import llama_like_tokenizer
 
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
@@ -362,7 +332,7 @@ def hf_worker(args) -> int:
     say(f"imports {t0 - t_imports:.1f} s, process group + loaded in {time.perf_counter() - t0:.1f} s "
         f"(on {model.device})")
     batches = [int(b) for b in args.batches.split(",")]
-    _, ids = fixed_length_prompts(args.prompt_tokens, max(batches))
+    _, ids = fixed_length_prompts(llama_like_tokenizer(), args.prompt_tokens, max(batches))
     all_ids = torch.tensor(ids, device=model.device)  # [B_max, S], all the same length: no padding
     # NVML numbers GPUs in PCI order, ignoring CUDA_VISIBLE_DEVICES: map each rank's device by uuid.
     gpus = open_gpus("nvml-readonly", node=socket.gethostname(),
@@ -512,6 +482,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from llmwatts.server.tokenizer import llama_like_tokenizer
+
     models_ = args.models.split(",")
     baseline = models_ if args.baseline == "all" else [m for m in args.baseline.split(",") if m]
     engines = [] if args.no_llmwatts else [e for e in args.engines.split(",") if e]
@@ -536,7 +508,7 @@ def main(argv=None) -> int:
                 plan.append((model, shards, "transformers-tp", [int(t) for t in tokens if t != "max"]))
     max_batch = max((b for *_, batches in plan for b in batches), default=1)
     t0 = time.monotonic()
-    texts, _ = fixed_length_prompts(args.prompt_tokens, max_batch)
+    texts, _ = fixed_length_prompts(llama_like_tokenizer(), args.prompt_tokens, max_batch)
     log(f"{max_batch} prompts of {args.prompt_tokens} tokens built in {time.monotonic() - t0:.1f} s")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sharding-"))
     work.mkdir(parents=True, exist_ok=True)
