@@ -121,12 +121,17 @@ def config_from_args(args) -> LoadConfig:
     )
 
 
+def check_prompts(config: LoadConfig) -> None:
+    """Load the run's prompts once here, so a missing file is one line before Locust starts."""
+    load_prompts(config.dataset, num_prompts=config.num_prompts, seed=config.seed, data_dir=config.data_dir,
+                 split=config.split, jsonl_path=config.jsonl_path, field=config.field)
+
+
 def run(args) -> int:
     config = config_from_args(args)
     config.validate()  # before importing Locust: a usage mistake should not cost a gevent start
     if not (config.master or config.worker):  # a missing prompt file, too (workers load their own)
-        load_prompts(config.dataset, num_prompts=config.num_prompts, seed=config.seed, data_dir=config.data_dir,
-                     split=config.split, jsonl_path=config.jsonl_path, field=config.field)
+        check_prompts(config)
     from llmwatts.loadgen.runner import run_load
 
     result = run_load(config)
@@ -145,8 +150,7 @@ def run_sweep(args) -> int:
     caps = parse_caps(args.caps)
     config = config_from_args(args)
     config.validate()
-    load_prompts(config.dataset, num_prompts=config.num_prompts, seed=config.seed, data_dir=config.data_dir,
-                 split=config.split, jsonl_path=config.jsonl_path, field=config.field)
+    check_prompts(config)
     token = load_token(path=args.control_token_file)
     from llmwatts.loadgen.sweep import run_cap_sweep
 
