@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from llmwatts.server.config import ServerConfig
+from llmwatts.server.config import ServerConfig, check_engine
 
 
 def add_parser(subparsers) -> None:
@@ -68,8 +68,7 @@ def config_from_args(args) -> ServerConfig:
     # Checked before the model loads (minutes for a large one), not after.
     from llmwatts.server.gpu import BACKENDS
 
-    if args.engine not in ("auto", "eager", "fast"):
-        raise InvalidArgument(f"unknown engine {args.engine!r}: use auto, eager or fast")
+    check_engine(args.engine)
     if args.power_backend not in BACKENDS:
         raise InvalidArgument(f"unknown power backend {args.power_backend!r}; choose one of: {', '.join(BACKENDS)}")
     if args.shards < 1:

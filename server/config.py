@@ -3,9 +3,17 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmwatts.errors import InvalidArgument
+
 # Paper defaults (Samsi et al. 2023): temperature 0.8, top-p 0.95.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
+ENGINES = ("auto", "eager", "fast")
+
+
+def check_engine(name: str) -> None:
+    if name not in ENGINES:
+        raise InvalidArgument(f"unknown engine {name!r}: use auto, eager or fast")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from llmwatts import __version__
 from llmwatts.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from llmwatts.server import auth
 from llmwatts.server.batcher import Batcher, Result, Work
-from llmwatts.server.config import ServerConfig
+from llmwatts.server.config import ServerConfig, check_engine
 from llmwatts.server.engine import validate_sampling
 from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus, power_source
 from llmwatts.server.grpc_errors import mapped
@@ -113,20 +113,19 @@ class Host:
 
 
 def make_engine(name: str, loaded: LoadedModel):
+    check_engine(name)
     if name == "auto":
         name = "fast" if loaded.device.type == "cuda" else "eager"
     if name == "eager":
         from llmwatts.server.engine import EagerEngine
 
         return EagerEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device)
-    if name == "fast":
-        try:
-            from llmwatts.server.fast_engine import FastEngine
-        except ModuleNotFoundError as e:
-            raise InvalidArgument("the fast engine is not available in this build: use --engine eager") from e
-        return FastEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device,
-                          context_length=loaded.context_length)
-    raise InvalidArgument(f"unknown engine {name!r}: use auto, eager or fast")
+    try:  # name is "fast"
+        from llmwatts.server.fast_engine import FastEngine
+    except ModuleNotFoundError as e:
+        raise InvalidArgument("the fast engine is not available in this build: use --engine eager") from e
+    return FastEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device,
+                      context_length=loaded.context_length)
 
 
 def _nvml_indices(config: ServerConfig, loaded: LoadedModel) -> list[int] | None:
