@@ -36,9 +36,13 @@ from llmwatts.server.engine import BatchOutput, BatchSpec, PaceCallback, Sequenc
 log = logging.getLogger(__name__)
 
 # Batches are padded up to one of these sizes, so a handful of graphs serve every batch size.
+ATTENTIONS = ("sdpa", "bmm", "flex")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 # Cache length and attention window granularity, in slots (tokens).
 WINDOW_SLOTS = 64
+# KV block size of the flex decode attention's block mask: the kernel skips whole blocks past the slot.
+FLEX_KV_BLOCK = 64
+FLEX_Q_BLOCK = 128
 # Head-room kept free when sizing a new cache against the GPU's free memory.
 CACHE_HEADROOM_BYTES = 2 << 30
 
@@ -109,6 +113,37 @@ def _attend_bmm(q, k, v, mask, scale: float):
     T = 1). q: [B, H, T, D], k, v: [B, H, W, D], mask: [B, 1, T, W] additive -> [B, H, T, D]."""
     scores = torch.matmul(q * scale, k.transpose(-1, -2)) + mask  # scaled first: no fp16 overflow
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
+def _attend_flex(q, k, v, block_mask, scale: float):
+    """Decode attention with FlexAttention (``attention="flex"``): compiled on CUDA into a split-KV
+    flash-decoding kernel that reads only the cache blocks the block mask lists (those up to the slot
+    being written), masking padding and the block's tail element-wise. q: [B, H, 1, D], k, v: the whole
+    cache [B, Hkv, L, D] -> [B, H, 1, D]."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def flex_block_mask(valid: torch.Tensor, slot: torch.Tensor, blocks: torch.Tensor, indices: torch.Tensor):
+    """The flex decode step's BlockMask over a cache of ``valid.shape[1]`` slots: blocks
+    ``0 .. slot // FLEX_KV_BLOCK`` of every row, and inside them only real tokens (not padding) up to the
+    slot. ``valid`` [B, L] bool, ``slot`` [1]; ``blocks`` [B, 1, 1] and ``indices`` [B, 1, 1, L / FLEX_KV_BLOCK]
+    (0, 1, 2, ...) are int32 buffers. All static tensors, so a CUDA graph captured once serves every step."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    blocks.copy_((slot // FLEX_KV_BLOCK + 1).to(torch.int32).view(1, 1, 1).expand_as(blocks))
+
+    def visible(b, h, q_idx, kv_idx):
+        return valid[b, kv_idx] & (kv_idx <= slot[0])
+
+    return BlockMask.from_kv_blocks(blocks, indices, BLOCK_SIZE=(FLEX_Q_BLOCK, FLEX_KV_BLOCK), mask_mod=visible,
+                                    seq_lengths=(1, valid.shape[1]))
+
+
+def _attend_sdpa(q, k, v, mask, scale: float):
+    """SDPA with an additive mask. q: [B, Hq, T, D], k, v: [B, Hkv, W, D], mask: [B, 1, T, W]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _stack(owner: torch.nn.Module, linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -261,6 +296,8 @@ class _Workspace:
     key_valid: torch.Tensor         # [B, L] slot j holds a real token of sequence b (not padding)
     temperature: torch.Tensor       # [1] fp32
     top_p: torch.Tensor             # [1] fp32
+    flex_blocks: torch.Tensor | None = None   # [B, 1, 1] int32: cache blocks the flex decode reads
+    flex_indices: torch.Tensor | None = None  # [B, 1, 1, L / FLEX_KV_BLOCK] int32: 0, 1, 2, ...
     graphs: dict = field(default_factory=dict)   # (window, greedy) -> torch.cuda.CUDAGraph
     pool: object = None
     last_used: float = 0.0
@@ -294,11 +331,12 @@ class FastEngine:
         self.layers = [_Layer(layer) for layer in inner.layers]
         self.scale = self.layers[0].module.self_attn.scaling
         self.dtype = self.embed.weight.dtype
-        # Decode attention: SDPA over the cache window, or two batched matmuls (``bmm``); the bench
-        # measures both. Prefill always uses SDPA.
+        # Decode attention: SDPA over the cache window, two batched matmuls (``bmm``), or FlexAttention
+        # over the whole cache with a block mask (``flex``: one graph per batch bucket, no windows); the
+        # bench measures all three. Prefill always uses SDPA.
         self.attention = attention or os.environ.get("LLMWATTS_FAST_ATTENTION", "sdpa")
-        if self.attention not in ("sdpa", "bmm"):
-            raise ValueError(f"unknown attention {self.attention!r}: use sdpa or bmm")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTIONS)}")
         self.fns = self.eager_fns = (_pre_attention, _post_attention, _mlp_partial, _attend_bmm)
         self.compiled = bool(compile) and all(l.mode != "module" for l in self.layers)
         self._sharded = _model_parallel_world() > 1  # ranks run in lockstep and must stay so
@@ -310,6 +348,14 @@ class FastEngine:
 
             options = {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else {}
             self.fns = tuple(torch.compile(fn, dynamic=True, fullgraph=True, options=options) for fn in self.eager_fns)
+        self.flex = _attend_flex
+        if self.attention == "flex" and on_cuda:
+            # Static shapes: flex's decode kernel needs a static batch and head count. One compile per
+            # (batch bucket, cache length), so allow more than dynamo's default 8 recompiles.
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            self.flex = torch.compile(_attend_flex, dynamic=False, fullgraph=True)
         self._workspaces: dict[int, _Workspace] = {}
         self._pinned = None
 
@@ -434,6 +480,10 @@ class FastEngine:
             temperature=torch.ones(1, device=dev), top_p=torch.ones(1, device=dev),
             pool=torch.cuda.graph_pool_handle() if self.cuda_graphs else None, last_used=time.monotonic(),
         )
+        if self.attention == "flex":
+            ws.flex_blocks = torch.zeros(batch, 1, 1, dtype=torch.int32, device=dev)
+            ws.flex_indices = torch.arange(cache_len // FLEX_KV_BLOCK, dtype=torch.int32, device=dev).expand(
+                batch, 1, 1, -1).contiguous()
         self._workspaces[batch] = ws
         return ws
 
@@ -492,10 +542,14 @@ class FastEngine:
         ws.slot.fill_(width)
         return first.cpu()
 
-    def _forward(self, ws: _Workspace, ids, positions, mask, slots, window: int, compiled: bool) -> torch.Tensor:
-        """ids, positions: [B, T]; mask: [B, 1, T, window]; writes k, v at ``slots`` [T] -> logits [B, V] fp32."""
+    def _forward(self, ws: _Workspace, ids, positions, mask, slots, window: int, compiled: bool,
+                 decode: bool = False) -> torch.Tensor:
+        """ids, positions: [B, T]; mask: [B, 1, T, window] additive (decode with flex: a BlockMask over the
+        whole cache); writes k, v at ``slots`` [T] -> logits [B, V] fp32. Prefill (even of one-token
+        prompts) always attends with SDPA; ``decode`` picks the engine's decode attention."""
         pre, post, mlp, attend = self.fns if compiled else self.eager_fns
-        decode = ids.shape[1] == 1 and self.attention == "bmm"
+        bmm = decode and self.attention == "bmm"
+        flex = decode and self.attention == "flex"
         h = self.embed(ids)                                                     # [B, T, E]
         cos, sin = self.rotary(h, positions)                                    # [B, T, D]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -504,11 +558,12 @@ class FastEngine:
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             kw, vw = kc[:, :, :window], vc[:, :, :window]                       # k: [B, Hkv, W, D]
-            if decode and kw.shape[1] == q.shape[1]:
+            if flex:
+                attn = (self.flex if compiled else _attend_flex)(q, kw, vw, mask, self.scale)
+            elif bmm and kw.shape[1] == q.shape[1]:
                 attn = attend(q, kw, vw, mask, self.scale)
             else:
-                attn = F.scaled_dot_product_attention(q, kw, vw, attn_mask=mask, scale=self.scale,
-                                                      enable_gqa=kw.shape[1] != q.shape[1])
+                attn = _attend_sdpa(q, kw, vw, mask, self.scale)
             h = layer.post((post, mlp), h, attn)
         return self.lm_head(self.norm(h[:, -1:, :]))[:, -1].float()
 
@@ -519,9 +574,13 @@ class FastEngine:
     def _decode_body(self, ws: _Workspace, window: int, greedy: bool) -> None:
         """One decode step on the workspace's static buffers (this is what a CUDA graph captures)."""
         slot = ws.slot
-        cols = torch.arange(window, device=self.device)
-        mask = self._additive((ws.key_valid[:, :window] & (cols[None, :] <= slot))[:, None, None, :])  # [B,1,1,W]
-        logits = self._forward(ws, ws.tok[:, None], ws.pos[:, None], mask, slot, window, compiled=self.compiled)
+        if self.attention == "flex":
+            mask = flex_block_mask(ws.key_valid, ws.slot, ws.flex_blocks, ws.flex_indices)
+        else:
+            cols = torch.arange(window, device=self.device)
+            mask = self._additive((ws.key_valid[:, :window] & (cols[None, :] <= slot))[:, None, None, :])  # [B,1,1,W]
+        logits = self._forward(ws, ws.tok[:, None], ws.pos[:, None], mask, slot, window, compiled=self.compiled,
+                               decode=True)
         nxt = _sample(logits, greedy, ws.temperature, ws.top_p)
         ws.out.copy_(nxt)
         ws.tok.copy_(nxt)
@@ -529,7 +588,8 @@ class FastEngine:
         ws.slot.add_(1)
 
     def _decode_step(self, ws: _Workspace, live_slots: int, greedy: bool) -> None:
-        window = min(_round_up(live_slots, WINDOW_SLOTS), ws.cache_len)
+        # flex reads the blocks up to the slot by itself: one window (the whole cache), one graph.
+        window = ws.cache_len if self.attention == "flex" else min(_round_up(live_slots, WINDOW_SLOTS), ws.cache_len)
         if not self.cuda_graphs:
             self._decode_body(ws, window, greedy)
             return

@@ -112,12 +112,17 @@ def test_qkv_and_gate_up_run_as_one_matmul_over_views_of_one_tensor(tiny):
     assert again.wqkv.data_ptr() == layer.wqkv.data_ptr()  # a second engine reuses the stack, no copy
 
 
-def test_bmm_decode_attention_gives_eagers_greedy_tokens(tiny):
+@pytest.mark.parametrize("attention", ["bmm", "flex"])
+def test_decode_attention_variants_give_eagers_greedy_tokens(tiny, attention):
     eager, _ = engines(tiny, tiny.eos_token_id)
-    fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, tiny.eos_token_id, tiny.device, attention="bmm")
-    spec = BatchSpec(prompts([5, 17, 1, 11]), [8, 3, 10, 6], GREEDY, ignore_eos=True)
+    fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, tiny.eos_token_id, tiny.device, attention=attention)
+    # Mixed lengths (padding masked per row) and a run past a 64-slot block boundary (flex's block mask).
+    spec = BatchSpec(prompts([5, 17, 1, 11]), [8, 3, 60, 6], GREEDY, ignore_eos=True)
     assert fast.generate(spec).tokens == eager.generate(spec).tokens
-    with pytest.raises(ValueError, match="unknown attention"):
+    # One-token prompts: the prefill is one position wide and must still take the prefill path.
+    spec = BatchSpec(prompts([1, 1]), [5, 5], GREEDY, ignore_eos=True)
+    assert fast.generate(spec).tokens == eager.generate(spec).tokens
+    with pytest.raises(ValueError, match="unknown attention 'flash': use one of sdpa, bmm, flex"):
         FastEngine(tiny.model, 0, None, tiny.device, attention="flash")
 
 
