@@ -3,7 +3,7 @@
 One decode step of llama-7b reads the weights once (13.5 GB) and every sequence's K/V cache once per layer;
 at batch 64-256 the cache read is as large as the weights, so the attention kernel decides much of a step's
 time and energy. This times each of the engine's decode-attention functions (``server/fast_engine.py``) on
-the same cache: ``sdpa`` (the default: SDPA with an additive mask over the 64-slot window), ``bmm`` (two
+the same cache: ``sdpa`` (the default: SDPA with an additive mask over the attention window), ``bmm`` (two
 batched matmuls, compiled as the engine compiles it), ``flex`` (FlexAttention with the engine's block mask
 over the whole cache, compiled), and, as a bound no engine path reaches, ``sdpa-nomask`` (SDPA over exactly
 the live keys, no mask: flash attention). Each runs as a CUDA graph of one call per layer over ``--layers``
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-len", type=int, default=384, help="slots in the cache (128 prompt + 256 new)")
     ap.add_argument("--slot", type=int, default=319, help="the slot this step writes (live keys = slot + 1)")
     ap.add_argument("--padding", type=int, default=0, help="left-padding slots masked in every other row")
+    ap.add_argument("--window-slots", type=int, default=fe.WINDOW_SLOTS, help="the engine's window granularity")
     ap.add_argument("--layers", type=int, default=8, help="distinct caches per graph replay")
     ap.add_argument("--impls", default="sdpa,bmm,flex,sdpa-nomask")
     ap.add_argument("--min-seconds", type=float, default=2.0)
@@ -47,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.device, args.batches, args.heads, args.head_dim = "cpu", "2", 2, 16
         args.cache_len, args.slot, args.padding, args.layers, args.min_seconds = 128, 70, 3, 2, 0.05
-    if not 0 <= args.slot < args.cache_len or args.cache_len % fe.WINDOW_SLOTS:
-        ap.error(f"need 0 <= --slot < --cache-len and --cache-len a multiple of {fe.WINDOW_SLOTS}")
+    if not 0 <= args.slot < args.cache_len or args.cache_len % fe.CACHE_SLOTS:
+        ap.error(f"need 0 <= --slot < --cache-len and --cache-len a multiple of {fe.CACHE_SLOTS}")
+    if args.window_slots <= 0 or fe.CACHE_SLOTS % args.window_slots:
+        ap.error(f"--window-slots must divide {fe.CACHE_SLOTS}")
     results = run(args)
     print_table(results)
     if args.json:
@@ -64,7 +67,7 @@ def run(args) -> dict:
     results = {"device": getattr(counter, "name", "cpu"), "torch": torch.__version__, "heads": args.heads,
                "head_dim": args.head_dim, "cache_len": args.cache_len, "slot": args.slot, "rows": []}
     scale = args.head_dim ** -0.5
-    window = min(fe._round_up(args.slot + 1, fe.WINDOW_SLOTS), args.cache_len)
+    window = min(fe._round_up(args.slot + 1, args.window_slots), args.cache_len)
     options = {}
     for b in [int(x) for x in args.batches.split(",") if x]:
         g = torch.Generator(device).manual_seed(0)

@@ -7,8 +7,10 @@ counter, read only at the start and end of each timed region (one read costs ~4 
 refreshes every ~100 ms, so each region runs for at least ``--min-seconds``). Also: the batch-1
 memory-bandwidth roofline (weights / measured copy bandwidth), the telemetry sampler's cost at 10 and
 100 Hz (interleaved rounds, medians), the teacher-forced argmax agreement of the fast engine with eager's
-token-by-token argmax (fp16, 256 tokens; eager's own token-by-token vs full-forward agreement beside it as
-the noise floor), and rows for fast-engine variants (``--variants bmm``: decode attention as two matmuls).
+token-by-token argmax (fp16, ``--agreement-seqs`` random sequences of 256 tokens; eager's own token-by-token
+vs full-forward agreement beside it as the noise floor, and eager's logit gap at every disagreement),
+and rows for fast-engine variants (``--variants bmm,flex``: decode attention as two matmuls, or as
+FlexAttention over the whole cache; ``sdpa:64`` etc. also sets the window granularity), run last.
 
 Read-only NVML only: no setter is ever called (shared GPUs).
 
@@ -31,7 +33,7 @@ from fixed_prompts import fixed_length_prompts
 from nvml_energy import EnergyCounter
 
 from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import FastEngine
+from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine
 
 ENGINES = ("eager", "static", "fast", "server")
 
@@ -94,9 +96,12 @@ def main(argv=None) -> int:
     ap.add_argument("--telemetry-hz", default="10,100", help="sampler rates to price ('' skips)")
     ap.add_argument("--telemetry-batch", type=int, default=1)
     ap.add_argument("--telemetry-rounds", type=int, default=3, help="interleaved rounds of (without, each rate)")
-    ap.add_argument("--variants", default="bmm", help="fast-engine attention variants to also run ('' skips)")
+    ap.add_argument("--variants", default="bmm,flex",
+                    help="fast-engine variants to also run: decode attention[:window slots], e.g. bmm,sdpa:64 "
+                         "('' skips)")
     ap.add_argument("--variant-batches", default="1,64,256")
     ap.add_argument("--no-agreement", action="store_true", help="skip the teacher-forced argmax check")
+    ap.add_argument("--agreement-seqs", type=int, default=4, help="random 256-token sequences it feeds")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="tiny on cpu, short: proves the script runs")
     args = ap.parse_args(argv)
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
         args.model, args.device, args.prompt_tokens, args.new_tokens = "tiny", "cpu", 16, 8
         args.batches, args.eager_batches, args.static_batches = "1,4", "1,4", "1"
         args.min_seconds, args.telemetry_hz, args.telemetry_rounds = 0.2, "10", 1
-        args.variant_batches = "1,4"
+        args.variant_batches, args.agreement_seqs = "1,4", 1
     engines = [e for e in args.engines.split(",") if e]
     unknown = set(engines) - set(ENGINES)
     if unknown:
@@ -229,58 +234,24 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
              "overhead_pct": 100.0 * (1 - statistics.median(v) / base),
              "spread_pct": 100.0 * (max(v) - min(v)) / statistics.median(v)} for hz, v in per_hz.items()]
 
+    check = None
     if "fast" in engines and not args.no_agreement:
         try:
-            g = torch.Generator().manual_seed(1)
-            seq = torch.randint(3, model.config.vocab_size, (256,), generator=g).tolist()
-            # Eager's own next-token argmax, as generate computes it: one token at a time, dynamic cache.
-            past, ref = None, []
-            with torch.inference_mode():
-                for tok in seq:
-                    out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
-                    past = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-                    ref.append(int(out.logits[0, -1].argmax()))
-                full = model(torch.tensor([seq], device=device)).logits[0].argmax(-1).tolist()
-
-            def agreement(a, b) -> float:
-                return sum(x == y for x, y in zip(a, b)) / len(seq)
-
-            got = engine.teacher_forced_argmax(seq)
-            results["agreement"] = agreement(ref, got)
-            results["agreement_full_forward"] = agreement(full, got)
+            check = AgreementCheck(model, device, args.agreement_seqs)
+            check.record(results, "", engine)
+            results["agreement_full_forward"] = check.rate(check.full, check.fast)
             # The noise floor of random weights in fp16: eager token by token vs eager's full forward.
-            results["agreement_eager_incremental"] = agreement(full, ref)
-            note(f"teacher-forced argmax agreement over {len(seq)} positions: fast vs eager token-by-token "
+            results["agreement_eager_incremental"] = check.rate(check.full, check.ref)
+            results["agreement_eager_incremental_gaps"] = check.gaps(check.full)
+            note(f"teacher-forced argmax agreement over {check.positions} positions: fast vs eager token-by-token "
                  f"{100 * results['agreement']:.2f}%, fast vs eager full forward "
                  f"{100 * results['agreement_full_forward']:.2f}%, eager token-by-token vs eager full forward "
-                 f"{100 * results['agreement_eager_incremental']:.2f}%")
+                 f"{100 * results['agreement_eager_incremental']:.2f}%; eager's logit gaps where fast differs "
+                 f"{fmt_gaps(results['agreement_gaps'])}, where its full forward differs "
+                 f"{fmt_gaps(results['agreement_eager_incremental_gaps'])}; median top-2 gap "
+                 f"{results['agreement_median_top2_gap']:.3f}")
         except Exception as e:
             note(f"agreement check failed: {type(e).__name__}: {e}")
-
-    if "fast" in engines and args.variants:
-        engine.release()  # frees the main engine's caches for the variant's
-        for variant in args.variants.split(","):
-            name = f"fast-{variant}"
-            try:
-                alt = FastEngine(model, tokenizer.pad_token_id, engine.eos_id, device, host.loaded.context_length,
-                                 attention=variant)
-            except Exception as e:
-                add(name, 0, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
-                continue
-            for b in [int(x) for x in args.variant_batches.split(",") if x]:
-                def variant_row(b=b):
-                    alt.generate(fast_spec(b))  # warm-up: compile and capture
-                    return timed(lambda: alt.generate(fast_spec(b)), b * new, counter, device, args.min_seconds)
-                guarded(name, b, variant_row, owner=alt)
-            if not args.no_agreement and "agreement" in results:
-                try:
-                    results[f"agreement_{variant}"] = agreement(ref, alt.teacher_forced_argmax(seq))
-                    note(f"{name}: teacher-forced agreement with eager token-by-token "
-                         f"{100 * results[f'agreement_{variant}']:.2f}%")
-                except Exception as e:
-                    note(f"{name} agreement check failed: {type(e).__name__}: {e}")
-            alt.release()
-            del alt
 
     if hasattr(engine, "release"):
         engine.release()
@@ -316,8 +287,83 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
                 return timed(lambda: hf_generate(b, cache_implementation="static"), b * new, counter, device,
                              args.min_seconds)
             guarded("static", b, static_row)
+    # Variants last: a run cut short by its time limit keeps the baselines.
+    if "fast" in engines and args.variants:
+        for variant in args.variants.split(","):
+            name = f"fast-{variant}"
+            attention, _, slots = variant.partition(":")  # e.g. "sdpa:64": SDPA, 64-slot windows
+            try:
+                alt = FastEngine(model, tokenizer.pad_token_id, engine.eos_id, device, host.loaded.context_length,
+                                 attention=attention or "sdpa", window_slots=int(slots or WINDOW_SLOTS))
+            except Exception as e:
+                add(name, 0, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+                continue
+            for b in [int(x) for x in args.variant_batches.split(",") if x]:
+                def variant_row(b=b):
+                    alt.generate(fast_spec(b))  # warm-up: compile and capture
+                    return timed(lambda: alt.generate(fast_spec(b)), b * new, counter, device, args.min_seconds)
+                guarded(name, b, variant_row, owner=alt)
+            if check is not None:
+                try:
+                    check.record(results, f"_{variant}", alt)
+                    note(f"{name}: teacher-forced agreement with eager token-by-token "
+                         f"{100 * results[f'agreement_{variant}']:.2f}%; eager's logit gaps where it differs "
+                         f"{fmt_gaps(results[f'agreement_{variant}_gaps'])}")
+                except Exception as e:
+                    note(f"{name} agreement check failed: {type(e).__name__}: {e}")
+            alt.release()
+            del alt
+
     srv.stop(grace=1)
     return results
+
+
+class AgreementCheck:
+    """Teacher-forced next-token argmax over ``n`` random 256-token sequences: eager as ``generate``
+    computes it (one token at a time, dynamic cache; the sequences batched), eager's full forward, and any
+    engine's ``teacher_forced_argmax``. Eager's logits are kept, so every disagreement comes with eager's
+    logit gap between its own choice and the engine's: near-ties (random weights) show as small gaps."""
+
+    def __init__(self, model, device: torch.device, n: int, length: int = 256):
+        g = torch.Generator().manual_seed(1)
+        self.seqs = torch.randint(3, model.config.vocab_size, (n, length), generator=g)
+        self.positions = n * length
+        x, past, steps = self.seqs.to(device), None, []
+        with torch.inference_mode():
+            for t in range(length):
+                out = model(input_ids=x[:, t:t + 1], past_key_values=past, use_cache=True)
+                past = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+                steps.append(out.logits[:, -1].float())
+            self.logits = torch.stack(steps, 1)                                 # [n, length, V]
+            self.ref = self.logits.argmax(-1)
+            self.full = model(x).logits.argmax(-1)
+        top2 = self.logits.topk(2, dim=-1).values
+        self.median_top2_gap = (top2[..., 0] - top2[..., 1]).median().item()
+        self.fast = None
+
+    def predict(self, engine) -> torch.Tensor:
+        return torch.tensor([engine.teacher_forced_argmax(s) for s in self.seqs.tolist()], device=self.ref.device)
+
+    def rate(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return (a == b).float().mean().item()
+
+    def gaps(self, pred: torch.Tensor) -> list[float]:
+        """Eager's logit of its argmax minus its logit of ``pred``'s token, where they differ (ascending)."""
+        gap = self.logits.gather(-1, self.ref[..., None]) - self.logits.gather(-1, pred[..., None])
+        return sorted(gap[..., 0][pred != self.ref].tolist())
+
+    def record(self, results: dict, suffix: str, engine) -> None:
+        pred = self.predict(engine)
+        if not suffix:
+            self.fast = pred
+            results["agreement_positions"] = self.positions
+            results["agreement_median_top2_gap"] = self.median_top2_gap
+        results[f"agreement{suffix}"] = self.rate(self.ref, pred)
+        results[f"agreement{suffix}_gaps"] = self.gaps(pred)
+
+
+def fmt_gaps(gaps: list[float]) -> str:
+    return "(none)" if not gaps else f"max {max(gaps):.3f} over {len(gaps)}"
 
 
 TARGETS = "≥160 tok/s @1; ≥3,500 tok/s @32; ≤0.10 J/tok @64; ≤0.06 J/tok @largest; server ≤3% below fast; telemetry ≤1%"
@@ -351,12 +397,18 @@ def print_report(results: dict) -> None:
         print(f"telemetry sampler {t['hz']:g} Hz, batch {t['batch']}: median {t['tok_s']:.1f} tok/s of [{runs}] "
               f"({t['overhead_pct']:+.2f}% vs without; spread {t['spread_pct']:.1f}%)")
     if "agreement" in results:
-        print(f"teacher-forced argmax agreement with eager token-by-token (256 positions): "
-              f"{100 * results['agreement']:.2f}%; vs eager full forward {100 * results['agreement_full_forward']:.2f}%; "
-              f"eager token-by-token vs full forward (the fp16 noise floor) "
-              f"{100 * results['agreement_eager_incremental']:.2f}%"
-              + "".join(f"; {k.removeprefix('agreement_')} variant {100 * v:.2f}%" for k, v in results.items()
-                        if k.startswith("agreement_") and k not in ("agreement_full_forward", "agreement_eager_incremental")))
+        known = ("agreement_full_forward", "agreement_eager_incremental", "agreement_positions",
+                 "agreement_median_top2_gap")
+        variants = [(k.removeprefix("agreement_"), v, results[f"{k}_gaps"]) for k, v in results.items()
+                    if k.startswith("agreement_") and k not in known and not k.endswith("_gaps")]
+        print(f"teacher-forced argmax agreement with eager token-by-token ({results['agreement_positions']} "
+              f"positions): {100 * results['agreement']:.2f}% (eager's logit gaps where it differs: "
+              f"{fmt_gaps(results['agreement_gaps'])}); vs eager full forward "
+              f"{100 * results['agreement_full_forward']:.2f}%; eager token-by-token vs full forward (the fp16 "
+              f"noise floor) {100 * results['agreement_eager_incremental']:.2f}% (gaps "
+              f"{fmt_gaps(results['agreement_eager_incremental_gaps'])}); median top-2 gap "
+              f"{results['agreement_median_top2_gap']:.3f}"
+              + "".join(f"; {name} variant {100 * v:.2f}% (gaps {fmt_gaps(g)})" for name, v, g in variants))
     print(f"targets: {TARGETS}")
 
 

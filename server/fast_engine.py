@@ -19,8 +19,8 @@ Cache layout: a batch is left-padded to width ``S``; slot ``j`` of the cache hol
 the padded batch, so prefill fills slots ``0..S-1`` and decode step ``t`` writes slot ``S+t-1`` for
 every sequence at once. Each sequence masks its own padding (``key_valid``) and gets its own positions
 (``len_i + t``), exactly as ``generate`` derives them from the attention mask. Attention reads only
-the window ``[0, W)`` of the cache, ``W`` the next multiple of ``WINDOW_SLOTS`` above the live slots,
-so a short batch does not pay for the whole cache.
+the window ``[0, W)`` of the cache, ``W`` the next multiple of ``window_slots`` (``WINDOW_SLOTS``, 32)
+above the live slots, so a short batch does not pay for the whole cache.
 """
 
 import logging
@@ -35,12 +35,18 @@ from llmwatts.server.engine import BatchOutput, BatchSpec, PaceCallback, Sequenc
 
 log = logging.getLogger(__name__)
 
-# Batches are padded up to one of these sizes, so a handful of graphs serve every batch size.
+# Decode attention implementations (FastEngine's ``attention``).
 ATTENTIONS = ("sdpa", "bmm", "flex")
+# Batches are padded up to one of these sizes, so a handful of graphs serve every batch size.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
-# Cache length and attention window granularity, in slots (tokens).
-WINDOW_SLOTS = 64
-# KV block size of the flex decode attention's block mask: the kernel skips whole blocks past the slot.
+# Cache length granularity, in slots (tokens).
+CACHE_SLOTS = 64
+# Default attention window granularity: a decode step attends over the next multiple of this above the
+# live slots. 32 ran 1-2% faster than 64 at batch 64-256 on an H100 (docs/performance.md), at twice the
+# graph captures per batch bucket.
+WINDOW_SLOTS = 32
+# KV block size of the flex decode attention's block mask (divides CACHE_SLOTS): the kernel skips whole
+# blocks past the slot.
 FLEX_KV_BLOCK = 64
 FLEX_Q_BLOCK = 128
 # Head-room kept free when sizing a new cache against the GPU's free memory.
@@ -318,7 +324,7 @@ class FastEngine:
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None,
                  device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, attention: str | None = None):
+                 cuda_graphs: bool | None = None, attention: str | None = None, window_slots: int = WINDOW_SLOTS):
         self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
         self.device = torch.device(device)
         self.context_length = context_length
@@ -337,6 +343,10 @@ class FastEngine:
         self.attention = attention or os.environ.get("LLMWATTS_FAST_ATTENTION", "sdpa")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTIONS)}")
+        # Attention window granularity: finer reads fewer stale slots per step but captures more graphs.
+        if window_slots <= 0 or CACHE_SLOTS % window_slots:
+            raise ValueError(f"window_slots must divide {CACHE_SLOTS}, got {window_slots}")
+        self.window_slots = window_slots
         self.fns = self.eager_fns = (_pre_attention, _post_attention, _mlp_partial, _attend_bmm)
         self.compiled = bool(compile) and all(l.mode != "module" for l in self.layers)
         self._sharded = _model_parallel_world() > 1  # ranks run in lockstep and must stay so
@@ -447,7 +457,7 @@ class FastEngine:
         return self._pinned
 
     def _workspace(self, batch: int, needed_slots: int, prefill_width: int = 1) -> _Workspace:
-        cache_len = min(_round_up(needed_slots, WINDOW_SLOTS), _round_up(self.context_length, WINDOW_SLOTS))
+        cache_len = min(_round_up(needed_slots, CACHE_SLOTS), _round_up(self.context_length, CACHE_SLOTS))
         elem = self.embed.weight.element_size()
         hidden, inter = self.embed.weight.shape[-1], self.layers[0].module.mlp.gate_proj.weight.shape[0]
         # Prefill's activations come on top of the caches: per token about 8 hidden-sized and 4
@@ -589,7 +599,7 @@ class FastEngine:
 
     def _decode_step(self, ws: _Workspace, live_slots: int, greedy: bool) -> None:
         # flex reads the blocks up to the slot by itself: one window (the whole cache), one graph.
-        window = ws.cache_len if self.attention == "flex" else min(_round_up(live_slots, WINDOW_SLOTS), ws.cache_len)
+        window = ws.cache_len if self.attention == "flex" else min(_round_up(live_slots, self.window_slots), ws.cache_len)
         if not self.cuda_graphs:
             self._decode_body(ws, window, greedy)
             return

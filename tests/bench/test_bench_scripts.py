@@ -24,11 +24,13 @@ def run_bench(script: str, tmp_path, *args: str, timeout_s: int) -> object:
 def test_engine_bench_runs_every_engine_and_the_fast_engine_agrees_with_eager(tmp_path):
     results = run_bench("engine.py", tmp_path, timeout_s=600)
     rows = {(r["engine"], r["batch"]): r for r in results["rows"]}
-    for engine in ("fast", "server", "fast-bmm", "eager"):
+    for engine in ("fast", "server", "fast-bmm", "fast-flex", "eager"):
         for batch in (1, 4):
             assert rows[(engine, batch)]["tok_s"] > 0, (engine, batch, rows.get((engine, batch)))
-    # On CPU in fp32 the fast engine (both attentions) and eager's two paths give the same argmax everywhere.
-    assert results["agreement"] == results["agreement_bmm"] == results["agreement_eager_incremental"] == 1.0
+    # On CPU in fp32 the fast engine (every decode attention) and eager's two paths give the same argmax
+    # everywhere.
+    assert (results["agreement"] == results["agreement_bmm"]
+            == results["agreement_flex"] == results["agreement_eager_incremental"] == 1.0)
     assert [t["hz"] for t in results["telemetry"]] == [0.0, 10.0]
 
 
@@ -41,3 +43,13 @@ def test_sharding_bench_runs_both_engines_and_the_baseline_on_two_ranks(tmp_path
         for shards in (1, 2):
             assert {(system, shards, 1), (system, shards, 2)} <= done, (system, shards, done)
     assert all(r["tok_s"] > 0 and r["j_per_token"] >= 0 for r in rows)
+
+
+def test_decode_attention_bench_times_every_kernel_and_they_agree(tmp_path):
+    results = run_bench("decode_attention.py", tmp_path, timeout_s=300)
+    rows = {r["impl"]: r for r in results["rows"]}
+    assert set(rows) == {"sdpa", "bmm", "flex", "sdpa-nomask"}
+    assert all("error" not in r and r["us"] > 0 for r in rows.values()), rows
+    # The engine's three decode attentions give the fp32 reference on a padded batch; the no-mask bound
+    # ignores padding by construction, so it has no error figure.
+    assert all(rows[i]["max_abs_err"] < 1e-5 for i in ("sdpa", "bmm", "flex")), rows

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmwatts.server.engine import BatchSpec, EagerEngine, Sampling
-from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine
+from llmwatts.server.fast_engine import CACHE_SLOTS, WINDOW_SLOTS, FastEngine
 from llmwatts.server.models import load_model
 
 GREEDY = Sampling(greedy=True)
@@ -44,7 +44,7 @@ def test_greedy_tokens_equal_eager_exactly(tiny, lengths, limits):
     assert got.tokens == want.tokens
     assert [len(t) for t in got.tokens] == limits
     assert got.finish_reasons == ["length"] * len(lengths)
-    assert all(ws.cache_len % WINDOW_SLOTS == 0 for ws in fast._workspaces.values())  # the static cache ran
+    assert all(ws.cache_len % CACHE_SLOTS == 0 for ws in fast._workspaces.values())  # the static cache ran
 
 
 def test_eos_stops_each_sequence_like_eager(tiny):
@@ -112,10 +112,11 @@ def test_qkv_and_gate_up_run_as_one_matmul_over_views_of_one_tensor(tiny):
     assert again.wqkv.data_ptr() == layer.wqkv.data_ptr()  # a second engine reuses the stack, no copy
 
 
-@pytest.mark.parametrize("attention", ["bmm", "flex"])
-def test_decode_attention_variants_give_eagers_greedy_tokens(tiny, attention):
+@pytest.mark.parametrize("attention,window_slots", [("bmm", 32), ("flex", 32), ("sdpa", 16), ("sdpa", 64)])
+def test_decode_attention_variants_give_eagers_greedy_tokens(tiny, attention, window_slots):
     eager, _ = engines(tiny, tiny.eos_token_id)
-    fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, tiny.eos_token_id, tiny.device, attention=attention)
+    fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, tiny.eos_token_id, tiny.device, attention=attention,
+                      window_slots=window_slots)
     # Mixed lengths (padding masked per row) and a run past a 64-slot block boundary (flex's block mask).
     spec = BatchSpec(prompts([5, 17, 1, 11]), [8, 3, 60, 6], GREEDY, ignore_eos=True)
     assert fast.generate(spec).tokens == eager.generate(spec).tokens
@@ -124,6 +125,8 @@ def test_decode_attention_variants_give_eagers_greedy_tokens(tiny, attention):
     assert fast.generate(spec).tokens == eager.generate(spec).tokens
     with pytest.raises(ValueError, match="unknown attention 'flash': use one of sdpa, bmm, flex"):
         FastEngine(tiny.model, 0, None, tiny.device, attention="flash")
+    with pytest.raises(ValueError, match="window_slots must divide 64, got 48"):
+        FastEngine(tiny.model, 0, None, tiny.device, window_slots=48)
 
 
 def test_fairscale_layers_run_the_functional_tensor_parallel_path(tiny):
