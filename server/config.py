@@ -1,5 +1,6 @@
 """Server configuration: one dataclass, filled by ``llmwatts serve`` flags or by tests directly."""
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,11 +10,18 @@ from llmwatts.errors import InvalidArgument
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 ENGINES = ("auto", "eager", "fast")
+# The fast engine's decode attention, chosen by this environment variable (docs/performance.md).
+ATTENTIONS = ("sdpa", "bmm", "flex")
+ATTENTION_ENV = "LLMWATTS_FAST_ATTENTION"
 
 
 def check_engine(name: str) -> None:
     if name not in ENGINES:
         raise InvalidArgument(f"unknown engine {name!r}: use auto, eager or fast")
+    attention = os.environ.get(ATTENTION_ENV)
+    if name != "eager" and attention is not None and attention not in ATTENTIONS:
+        raise InvalidArgument(f"{ATTENTION_ENV}={attention!r} is not a decode attention: use one of "
+                              f"{', '.join(ATTENTIONS)} (or unset it)")
 
 
 @dataclass

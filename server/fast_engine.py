@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llmwatts.server.config import ATTENTION_ENV, ATTENTIONS
 from llmwatts.server.engine import BatchOutput, BatchSpec, PaceCallback, SequenceTracker, StepCallback
 
 log = logging.getLogger(__name__)
 
-# Decode attention implementations (FastEngine's ``attention``).
-ATTENTIONS = ("sdpa", "bmm", "flex")
 # Batches are padded up to one of these sizes, so a handful of graphs serve every batch size.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 # Cache length granularity, in slots (tokens).
@@ -340,7 +339,7 @@ class FastEngine:
         # Decode attention: SDPA over the cache window, two batched matmuls (``bmm``), or FlexAttention
         # over the whole cache with a block mask (``flex``: one graph per batch bucket, no windows); the
         # bench measures all three. Prefill always uses SDPA.
-        self.attention = attention or os.environ.get("LLMWATTS_FAST_ATTENTION", "sdpa")
+        self.attention = attention or os.environ.get(ATTENTION_ENV, "sdpa")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTIONS)}")
         # Attention window granularity: finer reads fewer stale slots per step but captures more graphs.
