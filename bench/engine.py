@@ -14,7 +14,7 @@ FlexAttention over the whole cache; ``sdpa:64`` etc. also sets the window granul
 
 Read-only NVML only: no setter is ever called (shared GPUs).
 
-    python bench/engine.py                      # llama-7b on cuda, everything (~7 min on an H100)
+    python bench/engine.py                      # llama-7b on cuda, everything (~9 min on an H100)
     python bench/engine.py --quick              # tiny on cpu: proves the script runs
     python bench/engine.py --engines fast,server --batches 1,64,256
 """
