@@ -87,8 +87,8 @@ def run(args) -> dict:
         live = args.slot + 1
         ref = F.scaled_dot_product_attention(q.float(), ks[0][:, :, :window].float(), vs[0][:, :, :window].float(),
                                              attn_mask=additive.float(), scale=scale)
-        bmm = torch.compile(fe._attend_bmm, dynamic=True, fullgraph=True) if cuda else fe._attend_bmm
-        flex = torch.compile(fe._attend_flex, dynamic=False, fullgraph=True) if cuda else fe._attend_flex
+        bmm = fe.compiled_decode_attention("bmm") if cuda else fe._attend_bmm
+        flex = fe.compiled_decode_attention("flex") if cuda else fe._attend_flex
         impls = {
             "sdpa": lambda k, v: fe._attend_sdpa(q, k[:, :, :window], v[:, :, :window], additive, scale),
             "bmm": lambda k, v: bmm(q, k[:, :, :window], v[:, :, :window], additive, scale),

@@ -151,6 +151,29 @@ def _attend_sdpa(q, k, v, mask, scale: float):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def _inductor_options() -> dict:
+    # Rounding fused fp16 intermediates as eager does keeps argmax agreement with eager high on near-tied
+    # logits (random weights).
+    import torch._inductor.config as inductor_config
+
+    return {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else {}
+
+
+def compiled_decode_attention(attention: str):
+    """The decode attention the engine runs on CUDA when it compiles (``bench/decode_attention.py`` times
+    these same callables): SDPA as it is (one fused kernel already), bmm compiled like the layers, flex
+    compiled with static shapes (its decode kernel needs a static batch and head count: one compile per
+    batch bucket and cache length, so dynamo may recompile more than its default 8 times)."""
+    if attention == "sdpa":
+        return _attend_sdpa
+    if attention == "bmm":
+        return torch.compile(_attend_bmm, dynamic=True, fullgraph=True, options=_inductor_options())
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    return torch.compile(_attend_flex, dynamic=False, fullgraph=True)
+
+
 def _stack(owner: torch.nn.Module, linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack the weights (and biases) of ``linears`` along the output dimension into one tensor and
     re-point each module's weight at its rows of it: one matmul instead of several, no extra memory.
@@ -346,25 +369,15 @@ class FastEngine:
         if window_slots <= 0 or CACHE_SLOTS % window_slots:
             raise ValueError(f"window_slots must divide {CACHE_SLOTS}, got {window_slots}")
         self.window_slots = window_slots
-        self.fns = self.eager_fns = (_pre_attention, _post_attention, _mlp_partial, _attend_bmm)
+        decode_attend = {"sdpa": _attend_sdpa, "bmm": _attend_bmm, "flex": _attend_flex}[self.attention]
+        self.fns = self.eager_fns = (_pre_attention, _post_attention, _mlp_partial, decode_attend)
         self.compiled = bool(compile) and all(l.mode != "module" for l in self.layers)
         self._sharded = _model_parallel_world() > 1  # ranks run in lockstep and must stay so
         if self.compiled:
             # Dynamic shapes: one compile serves every batch bucket (batch 1 gets its own specialisation).
-            # Rounding fused fp16 intermediates as eager does keeps argmax agreement with eager high
-            # on near-tied logits (random weights).
-            import torch._inductor.config as inductor_config
-
-            options = {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else {}
-            self.fns = tuple(torch.compile(fn, dynamic=True, fullgraph=True, options=options) for fn in self.eager_fns)
-        self.flex = _attend_flex
-        if self.attention == "flex" and on_cuda:
-            # Static shapes: flex's decode kernel needs a static batch and head count. One compile per
-            # (batch bucket, cache length), so allow more than dynamo's default 8 recompiles.
-            import torch._dynamo.config as dynamo_config
-
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-            self.flex = torch.compile(_attend_flex, dynamic=False, fullgraph=True)
+            layer_fns = [torch.compile(fn, dynamic=True, fullgraph=True, options=_inductor_options())
+                         for fn in self.eager_fns[:3]]
+            self.fns = (*layer_fns, compiled_decode_attention(self.attention))
         self._workspaces: dict[int, _Workspace] = {}
         self._pinned = None
 
@@ -557,8 +570,6 @@ class FastEngine:
         whole cache); writes k, v at ``slots`` [T] -> logits [B, V] fp32. Prefill (even of one-token
         prompts) always attends with SDPA; ``decode`` picks the engine's decode attention."""
         pre, post, mlp, attend = self.fns if compiled else self.eager_fns
-        bmm = decode and self.attention == "bmm"
-        flex = decode and self.attention == "flex"
         h = self.embed(ids)                                                     # [B, T, E]
         cos, sin = self.rotary(h, positions)                                    # [B, T, D]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -567,9 +578,7 @@ class FastEngine:
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             kw, vw = kc[:, :, :window], vc[:, :, :window]                       # k: [B, Hkv, W, D]
-            if flex:
-                attn = (self.flex if compiled else _attend_flex)(q, kw, vw, mask, self.scale)
-            elif bmm and kw.shape[1] == q.shape[1]:
+            if decode and (self.attention != "bmm" or kw.shape[1] == q.shape[1]):  # bmm has no GQA: SDPA
                 attn = attend(q, kw, vw, mask, self.scale)
             else:
                 attn = _attend_sdpa(q, kw, vw, mask, self.scale)
