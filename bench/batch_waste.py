@@ -23,7 +23,11 @@ import random
 import sys
 from pathlib import Path
 
-DATASETS = {"alpaca": ("alpaca_5k.jsonl", "output"), "gsm8k": ("gsm8k_test.jsonl", "answer")}
+from llmwatts import paths
+from llmwatts.loadgen.prompts import ALPACA_FILES, _find, _read_records
+
+# The files the load generator reads (loadgen/prompts.py), and each record's reference response.
+DATASETS = {"alpaca": (ALPACA_FILES, "output"), "gsm8k": (("gsm8k_test.jsonl",), "answer")}
 
 
 def waste(lengths: list[int], batch: int, seed: int = 0) -> dict:
@@ -53,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from llmwatts import paths
     from llmwatts.server.tokenizer import llama_like_tokenizer
 
     dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
@@ -62,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in [d for d in args.datasets.split(",") if d]:
         if name not in DATASETS:
             ap.error(f"unknown dataset {name!r}: use {','.join(DATASETS)}")
-        file, field = DATASETS[name]
-        path = next((d / file for d in dirs if (d / file).exists()), None)
+        files, field = DATASETS[name]
+        path = _find(dirs, files)
         if path is None:
-            print(f"error: {file} not found in {', '.join(map(str, dirs))}", file=sys.stderr)
+            print(f"error: {' or '.join(files)} not found in {', '.join(map(str, dirs))}", file=sys.stderr)
             return 2
-        texts = [json.loads(line)[field] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [r[field] for r in _read_records(path)]
         lengths = [min(len(ids) + 1, args.max_new_tokens)  # + EOS; generation stops at the cap
                    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         for b in [int(x) for x in args.batches.split(",") if x]:
