@@ -238,8 +238,8 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
     if "fast" in engines and not args.no_agreement:
         try:
             check = AgreementCheck(model, device, args.agreement_seqs)
-            check.record(results, "", engine)
-            results["agreement_full_forward"] = check.rate(check.full, check.fast)
+            fast = check.record(results, "", engine)
+            results["agreement_full_forward"] = check.rate(check.full, fast)
             # The noise floor of random weights in fp16: eager token by token vs eager's full forward.
             results["agreement_eager_incremental"] = check.rate(check.full, check.ref)
             results["agreement_eager_incremental_gaps"] = check.gaps(check.full)
@@ -339,7 +339,6 @@ class AgreementCheck:
             self.full = model(x).logits.argmax(-1)
         top2 = self.logits.topk(2, dim=-1).values
         self.median_top2_gap = (top2[..., 0] - top2[..., 1]).median().item()
-        self.fast = None
 
     def predict(self, engine) -> torch.Tensor:
         return torch.tensor([engine.teacher_forced_argmax(s) for s in self.seqs.tolist()], device=self.ref.device)
@@ -352,14 +351,15 @@ class AgreementCheck:
         gap = self.logits.gather(-1, self.ref[..., None]) - self.logits.gather(-1, pred[..., None])
         return sorted(gap[..., 0][pred != self.ref].tolist())
 
-    def record(self, results: dict, suffix: str, engine) -> None:
+    def record(self, results: dict, suffix: str, engine) -> torch.Tensor:
+        """The engine's agreement and gaps into ``results`` (keys ``agreement{suffix}...``); its argmax."""
         pred = self.predict(engine)
         if not suffix:
-            self.fast = pred
             results["agreement_positions"] = self.positions
             results["agreement_median_top2_gap"] = self.median_top2_gap
         results[f"agreement{suffix}"] = self.rate(self.ref, pred)
         results[f"agreement{suffix}_gaps"] = self.gaps(pred)
+        return pred
 
 
 def fmt_gaps(gaps: list[float]) -> str:
