@@ -34,6 +34,7 @@ from nvml_energy import EnergyCounter
 
 from llmwatts.server.engine import BatchSpec, Sampling
 from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine
+from llmwatts.server.models import materialize_buffers, meta_model
 
 ENGINES = ("eager", "static", "fast", "server")
 
@@ -237,12 +238,18 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
     check = None
     if "fast" in engines and not args.no_agreement:
         try:
+            engine.release()  # the fp32 copy of the model needs the caches' memory
             check = AgreementCheck(model, device, args.agreement_seqs)
             fast = check.record(results, "", engine)
             results["agreement_full_forward"] = check.rate(check.full, fast)
             # The noise floor of random weights in fp16: eager token by token vs eager's full forward.
             results["agreement_eager_incremental"] = check.rate(check.full, check.ref)
             results["agreement_eager_incremental_gaps"] = check.gaps(check.full)
+            results["agreement_exact"] = {"fast": check.rate(check.exact, fast),
+                                          "eager token-by-token": check.rate(check.exact, check.ref),
+                                          "eager full forward": check.rate(check.exact, check.full)}
+            note("argmax agreement with exact (fp32) arithmetic on the same weights: " + ", ".join(
+                f"{k} {100 * v:.2f}%" for k, v in results["agreement_exact"].items()))
             note(f"teacher-forced argmax agreement over {check.positions} positions: fast vs eager token-by-token "
                  f"{100 * results['agreement']:.2f}%, fast vs eager full forward "
                  f"{100 * results['agreement_full_forward']:.2f}%, eager token-by-token vs eager full forward "
@@ -305,7 +312,8 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
                 guarded(name, b, variant_row, owner=alt)
             if check is not None:
                 try:
-                    check.record(results, f"_{variant}", alt)
+                    pred = check.record(results, f"_{variant}", alt)
+                    results["agreement_exact"][f"fast-{variant}"] = check.rate(check.exact, pred)
                     note(f"{name}: teacher-forced agreement with eager token-by-token "
                          f"{100 * results[f'agreement_{variant}']:.2f}%; eager's logit gaps where it differs "
                          f"{fmt_gaps(results[f'agreement_{variant}_gaps'])}")
@@ -337,6 +345,13 @@ class AgreementCheck:
             self.logits = torch.stack(steps, 1)                                 # [n, length, V]
             self.ref = self.logits.argmax(-1)
             self.full = model(x).logits.argmax(-1)
+            # Exact arithmetic on the same weights: the fp16 weights upcast, one fp32 full forward. How often
+            # each fp16 path (eager's two, the engine's) picks the exact argmax says which rounds more.
+            exact = meta_model(model.config, torch.float32)
+            exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False, assign=True)
+            materialize_buffers(exact, device)
+            self.exact = exact(x).logits.argmax(-1)
+            del exact
         top2 = self.logits.topk(2, dim=-1).values
         self.median_top2_gap = (top2[..., 0] - top2[..., 1]).median().item()
 
@@ -398,7 +413,7 @@ def print_report(results: dict) -> None:
               f"({t['overhead_pct']:+.2f}% vs without; spread {t['spread_pct']:.1f}%)")
     if "agreement" in results:
         known = ("agreement_full_forward", "agreement_eager_incremental", "agreement_positions",
-                 "agreement_median_top2_gap")
+                 "agreement_median_top2_gap", "agreement_exact")
         variants = [(k.removeprefix("agreement_"), v, results[f"{k}_gaps"]) for k, v in results.items()
                     if k.startswith("agreement_") and k not in known and not k.endswith("_gaps")]
         print(f"teacher-forced argmax agreement with eager token-by-token ({results['agreement_positions']} "
@@ -409,6 +424,9 @@ def print_report(results: dict) -> None:
               f"{fmt_gaps(results['agreement_eager_incremental_gaps'])}); median top-2 gap "
               f"{results['agreement_median_top2_gap']:.3f}"
               + "".join(f"; {name} variant {100 * v:.2f}% (gaps {fmt_gaps(g)})" for name, v, g in variants))
+        if "agreement_exact" in results:
+            print("argmax agreement with exact (fp32) arithmetic on the same weights: " + ", ".join(
+                f"{k} {100 * v:.2f}%" for k, v in results["agreement_exact"].items()))
     print(f"targets: {TARGETS}")
 
 

@@ -605,9 +605,13 @@ class FastEngine:
         ws.pos.add_(1)
         ws.slot.add_(1)
 
+    def _window(self, ws: _Workspace, live_slots: int) -> int:
+        """The cache slots a decode step with ``live_slots`` live slots attends over. flex reads the blocks up
+        to the slot by itself: one window (the whole cache), one graph."""
+        return ws.cache_len if self.attention == "flex" else min(_round_up(live_slots, self.window_slots), ws.cache_len)
+
     def _decode_step(self, ws: _Workspace, live_slots: int, greedy: bool) -> None:
-        # flex reads the blocks up to the slot by itself: one window (the whole cache), one graph.
-        window = ws.cache_len if self.attention == "flex" else min(_round_up(live_slots, self.window_slots), ws.cache_len)
+        window = self._window(ws, live_slots)
         if not self.cuda_graphs:
             self._decode_body(ws, window, greedy)
             return

@@ -53,3 +53,17 @@ def test_decode_attention_bench_times_every_kernel_and_they_agree(tmp_path):
     # The engine's three decode attentions give the fp32 reference on a padded batch; the no-mask bound
     # ignores padding by construction, so it has no error figure.
     assert all(rows[i]["max_abs_err"] < 1e-5 for i in ("sdpa", "bmm", "flex")), rows
+
+
+def test_profile_step_bench_sorts_every_kernel_of_the_decode_step(tmp_path):
+    results = run_bench("profile_step.py", tmp_path, "--variants", "bmm", timeout_s=300)
+    rows = {(r["variant"], r["batch"]): r for r in results["rows"]}
+    assert set(rows) == {("sdpa", 1), ("sdpa", 4), ("bmm", 1), ("bmm", 4)}
+    for r in rows.values():
+        assert r["wall_us"] > 0 and r["kernel_us"] > 0
+        assert abs(sum(r["kinds"].values()) - r["kernel_us"]) < 1e-6 * r["kernel_us"]
+        assert r["kinds"].get("matmul", 0) > 0, r["kinds"]  # the projections were found and sorted
+        assert r["kv_bytes_per_step"] > 0
+    # SDPA's decode attention is an attention kernel; bmm's is matmuls, so it has no attention time.
+    assert rows[("sdpa", 4)]["kinds"].get("attention", 0) > 0
+    assert rows[("bmm", 4)]["kinds"].get("attention", 0) < rows[("sdpa", 4)]["kinds"]["attention"]
