@@ -81,16 +81,21 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (rotated * sin)
 
 
-def _pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: int, head_dim: int):
-    """h: [B, T, E] -> q: [B, Hq, T, D], k, v: [B, Hkv, T, D] (rotary applied to q and k). One matmul for
-    q, k and v (``wqkv``: their weights stacked), split afterwards."""
+def _pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: int, head_dim: int,
+                   kc, vc, slots):
+    """h: [B, T, E] -> q: [B, Hq, T, D] (rotary applied); k (rotary applied) and v are written into the
+    caches ``kc``, ``vc`` [B, Hkv, L, D] at ``slots`` [T]. One matmul for q, k and v (``wqkv``: their
+    weights stacked), split afterwards. Compiled, the rotary and both cache writes are one kernel
+    (inductor writes into the caches in place)."""
     b, t, _ = h.shape
     x = _rms_norm(h, ln_w, eps)
     q, k, v = F.linear(x, wqkv, bqkv).split((n_q, n_kv, n_kv), dim=-1)
     q = q.reshape(b, t, -1, head_dim).transpose(1, 2)
     k = k.reshape(b, t, -1, head_dim).transpose(1, 2)
     v = v.reshape(b, t, -1, head_dim).transpose(1, 2)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+    kc.index_copy_(2, slots, _rope(k, cos, sin))
+    vc.index_copy_(2, slots, v)
+    return _rope(q, cos, sin)
 
 
 def _swiglu(x, wgu, bgu, n_inter: int, wd, bd):
@@ -226,16 +231,19 @@ class _Layer:
     def n_kv_heads(self) -> int | None:
         return None if self.mode == "module" else self.n_kv // self.head_dim
 
-    def pre(self, fn, h, cos, sin):
+    def pre(self, fn, h, cos, sin, kc, vc, slots):
+        """q [B, Hq, T, D]; k and v go into the caches ``kc``, ``vc`` at ``slots``."""
         m = self.module
         if self.mode == "module":
             a = m.self_attn
             b, t, _ = h.shape
             x = m.input_layernorm(h)
             q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-            return _rope(q, cos, sin), _rope(k, cos, sin), v
+            kc.index_copy_(2, slots, _rope(k, cos, sin))
+            vc.index_copy_(2, slots, v)
+            return _rope(q, cos, sin)
         return fn(h, cos, sin, m.input_layernorm.weight, self.eps1, self.wqkv, self.bqkv, self.n_q, self.n_kv,
-                  self.head_dim)
+                  self.head_dim, kc, vc, slots)
 
     def post(self, fns, h, attn):
         m = self.module
@@ -574,9 +582,7 @@ class FastEngine:
         cos, sin = self.rotary(h, positions)                                    # [B, T, D]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for layer, kc, vc in zip(self.layers, ws.k, ws.v):
-            q, k, v = layer.pre(pre, h, cos, sin)                              # q: [B, Hq, T, D]
-            kc.index_copy_(2, slots, k)
-            vc.index_copy_(2, slots, v)
+            q = layer.pre(pre, h, cos, sin, kc, vc, slots)                     # q: [B, Hq, T, D]
             kw, vw = kc[:, :, :window], vc[:, :, :window]                       # k: [B, Hkv, W, D]
             if decode and (self.attention != "bmm" or kw.shape[1] == q.shape[1]):  # bmm has no GQA: SDPA
                 attn = attend(q, kw, vw, mask, self.scale)
