@@ -28,7 +28,8 @@ import torch
 from engine import copy_bandwidth_bytes_s, sync
 from fixed_prompts import fixed_length_prompts
 
-from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine, _bucket
+from llmwatts.server.config import ATTENTIONS
+from llmwatts.server.fast_engine import CACHE_SLOTS, WINDOW_SLOTS, FastEngine, _bucket
 from llmwatts.server.models import load_model
 
 # First match wins; matched against the kernel's (demangled) name. Attention before matmul: flash
@@ -71,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if not batches or min(batches) < 1 or args.steps < 1 or args.prompt_tokens < 1:
         ap.error("--batches, --steps and --prompt-tokens must be positive")
+    for variant in (v for v in args.variants.split(",") if v):
+        attention, _, slots = variant.partition(":")
+        if attention not in ATTENTIONS or (slots and not (slots.isdigit() and int(slots) > 0
+                                                          and CACHE_SLOTS % int(slots) == 0)):
+            ap.error(f"bad variant {variant!r}: an attention ({', '.join(ATTENTIONS)}), optionally ':' and a "
+                     f"window size that divides {CACHE_SLOTS}, e.g. bmm or sdpa:16")
     results = run(args, batches)
     print_report(results, args.top)
     if args.json:
