@@ -3,8 +3,8 @@
 Modelled on gpt-fast's ``generate.py``: prefill runs once per batch; every decode step is one fixed-shape
 function (embed → 32 layers → sample) that on CUDA is captured once per (batch bucket, attention window,
 greedy?) and replayed, so a step costs one graph launch instead of ~1,000 kernel launches. The per-layer
-element-wise work (RMSNorm, rotary, SiLU·mul, residuals) is fused by ``torch.compile`` on CUDA; matmuls
-stay cuBLAS and attention is SDPA over the cache window.
+element-wise work (RMSNorm, rotary, SiLU·mul, residuals) and the K/V cache writes are fused by
+``torch.compile`` on CUDA; matmuls stay cuBLAS and attention is SDPA over the cache window.
 
 The engine runs the loaded transformers model's own parameters and modules (embedding, rotary, final
 norm, lm_head); it only replaces the decoder layers' forward, with the same operations in the same
@@ -85,8 +85,8 @@ def _pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: in
                    kc, vc, slots):
     """h: [B, T, E] -> q: [B, Hq, T, D] (rotary applied); k (rotary applied) and v are written into the
     caches ``kc``, ``vc`` [B, Hkv, L, D] at ``slots`` [T]. One matmul for q, k and v (``wqkv``: their
-    weights stacked), split afterwards. Compiled, the rotary and both cache writes are one kernel
-    (inductor writes into the caches in place)."""
+    weights stacked), split afterwards. Compiled, inductor fuses the cache writes with the rotary's
+    kernels and writes the caches in place (no copy kernels; on an H100 four Triton kernels remain)."""
     b, t, _ = h.shape
     x = _rms_norm(h, ln_w, eps)
     q, k, v = F.linear(x, wqkv, bqkv).split((n_q, n_kv, n_kv), dim=-1)

@@ -114,8 +114,8 @@ def test_qkv_and_gate_up_run_as_one_matmul_over_views_of_one_tensor(tiny):
 
 def test_compiled_layers_give_eagers_greedy_tokens(tiny):
     """The compiled path (the default on CUDA; here inductor's CPU backend, ~15 s): the layer functions
-    fused by torch.compile, the rotary and both cache writes in one kernel that writes the cache in place,
-    still give eager's tokens, across padding, a window boundary and one-token prompts."""
+    fused by torch.compile, the cache writes among them (inductor writes the cache in place), still give
+    eager's tokens, across padding, a window boundary and one-token prompts."""
     eager, _ = engines(tiny, None)
     fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device, compile=True)
     assert fast.compiled
