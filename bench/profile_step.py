@@ -28,6 +28,7 @@ import torch
 from engine import copy_bandwidth_bytes_s, sync
 from fixed_prompts import fixed_length_prompts
 
+from llmwatts.errors import InvalidArgument
 from llmwatts.server.config import ATTENTIONS
 from llmwatts.server.fast_engine import CACHE_SLOTS, WINDOW_SLOTS, FastEngine, _bucket
 from llmwatts.server.models import load_model
@@ -78,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                                                           and CACHE_SLOTS % int(slots) == 0)):
             ap.error(f"bad variant {variant!r}: an attention ({', '.join(ATTENTIONS)}), optionally ':' and a "
                      f"window size that divides {CACHE_SLOTS}, e.g. bmm or sdpa:16")
-    results = run(args, batches)
+    try:
+        results = run(args, batches)
+    except (InvalidArgument, ValueError) as e:  # a device without CUDA, a run past the context, ...
+        ap.error(str(e))
     print_report(results, args.top)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -88,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, batches: list[int]) -> dict:
     loaded = load_model(args.model, device=args.device)
     device, model = loaded.device, loaded.model
+    if args.prompt_tokens + args.steps + 1 > loaded.context_length:
+        raise ValueError(f"--prompt-tokens + --steps must stay below the model's context of "
+                         f"{loaded.context_length} tokens")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = args.bandwidth or copy_bandwidth_bytes_s(device)
     _, ids = fixed_length_prompts(loaded.tokenizer, args.prompt_tokens, max(batches))

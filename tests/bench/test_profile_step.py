@@ -37,6 +37,7 @@ def test_kernels_are_sorted_by_kind(name, kind):
     (["--variants", "sdpa:48"], "bad variant 'sdpa:48'"),
     (["--batches", "1,x"], "--batches must be comma-separated integers"),
     (["--steps", "0"], "must be positive"),
+    (["--model", "tiny", "--steps", "3000"], "must stay below the model's context of 2048 tokens"),
 ])
 def test_bad_arguments_exit_with_one_line(args, message):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "profile_step.py"), "--device", "cpu", *args],
