@@ -33,7 +33,7 @@ from fixed_prompts import fixed_length_prompts
 from nvml_energy import EnergyCounter
 
 from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine
+from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine, check_decode_options
 from llmwatts.server.models import materialize_buffers, meta_model
 
 ENGINES = ("eager", "static", "fast", "server")
@@ -296,12 +296,12 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
             guarded("static", b, static_row)
     # Variants last: a run cut short by its time limit keeps the baselines.
     if "fast" in engines and args.variants:
-        for variant in args.variants.split(","):
+        for variant in (v for v in args.variants.split(",") if v):
             name = f"fast-{variant}"
-            attention, _, slots = variant.partition(":")  # e.g. "sdpa:64": SDPA, 64-slot windows
             try:
+                attention, window_slots = parse_variant(variant)
                 alt = FastEngine(model, tokenizer.pad_token_id, engine.eos_id, device, host.loaded.context_length,
-                                 attention=attention or "sdpa", window_slots=int(slots or WINDOW_SLOTS))
+                                 attention=attention, window_slots=window_slots)
             except Exception as e:
                 add(name, 0, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
                 continue
@@ -324,6 +324,17 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
 
     srv.stop(grace=1)
     return results
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    """A fast-engine variant as the benches name it, decode attention[:window slots] ("bmm", "sdpa:64") ->
+    (attention, window_slots), checked as the engine checks them; ValueError otherwise."""
+    attention, _, slots = variant.partition(":")
+    if slots and not slots.isdigit():
+        raise ValueError(f"window slots must be a number, got {slots!r}")
+    window_slots = int(slots or WINDOW_SLOTS)
+    check_decode_options(attention, window_slots)
+    return attention, window_slots
 
 
 class AgreementCheck:

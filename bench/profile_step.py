@@ -25,12 +25,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from engine import copy_bandwidth_bytes_s, sync
+from engine import copy_bandwidth_bytes_s, parse_variant, sync
 from fixed_prompts import fixed_length_prompts
 
 from llmwatts.errors import InvalidArgument
-from llmwatts.server.config import ATTENTIONS
-from llmwatts.server.fast_engine import CACHE_SLOTS, WINDOW_SLOTS, FastEngine, _bucket
+from llmwatts.server.fast_engine import FastEngine, _bucket
 from llmwatts.server.models import load_model
 
 # First match wins; matched against the kernel's (demangled) name. Attention before matmul: flash
@@ -74,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if not batches or min(batches) < 1 or args.steps < 1 or args.prompt_tokens < 1:
         ap.error("--batches, --steps and --prompt-tokens must be positive")
     for variant in (v for v in args.variants.split(",") if v):
-        attention, _, slots = variant.partition(":")
-        if attention not in ATTENTIONS or (slots and not (slots.isdigit() and int(slots) > 0
-                                                          and CACHE_SLOTS % int(slots) == 0)):
-            ap.error(f"bad variant {variant!r}: an attention ({', '.join(ATTENTIONS)}), optionally ':' and a "
-                     f"window size that divides {CACHE_SLOTS}, e.g. bmm or sdpa:16")
+        try:  # before the model loads
+            parse_variant(variant)
+        except ValueError as e:
+            ap.error(f"bad variant {variant!r} ({e}): an attention, optionally ':' and a window size, e.g. "
+                     f"bmm or sdpa:16")
     try:
         results = run(args, batches)
     except (InvalidArgument, ValueError) as e:  # a device without CUDA, a run past the context, ...
@@ -102,19 +101,14 @@ def run(args, batches: list[int]) -> dict:
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "weight_bytes": weight_bytes, "bandwidth_bytes_s": bw, "steps": args.steps,
                "prompt_tokens": args.prompt_tokens, "rows": []}
-    cfg = model.config
-    kv_bytes_per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (
-        cfg.hidden_size // cfg.num_attention_heads) * model.dtype.itemsize
     for variant in ["sdpa"] + [v for v in args.variants.split(",") if v]:
-        attention, _, slots = variant.partition(":")
+        attention, window_slots = parse_variant(variant)
         engine = FastEngine(model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, device,
-                            loaded.context_length, attention=attention, window_slots=int(slots or WINDOW_SLOTS))
+                            loaded.context_length, attention=attention, window_slots=window_slots)
         for b in batches:
             row = profile_batch(engine, [ids[i] for i in range(b)], args.steps)
-            # K/V the timed steps read: each step's window, every layer, every row of the bucket.
-            kv = row["bucket"] * kv_bytes_per_slot * row.pop("mean_window")
-            row.update(variant=variant, batch=b, kv_bytes_per_step=kv,
-                       floor_us=1e6 * (weight_bytes + kv) / bw if bw == bw else float("nan"))
+            row.update(variant=variant, batch=b, floor_us=1e6 * (weight_bytes + row["kv_bytes_per_step"]) / bw
+                       if bw == bw else float("nan"))
             results["rows"].append(row)
             print(f"[{time.strftime('%H:%M:%S')}] {variant} b={b}: {row['wall_us']:.0f} µs/step wall, "
                   f"{row['kernel_us']:.0f} µs in kernels", flush=True)
@@ -135,24 +129,25 @@ def profile_batch(engine: FastEngine, prompts: list[list[int]], steps: int) -> d
     # with width + t live slots, as ``generate`` runs them.
     ws = engine._workspace(_bucket(len(prompts)), width + steps + 1, prefill_width=width)
 
-    def steps_from_prefill() -> float:
+    def prefill() -> None:
         engine._prefill(ws, prompts, True)
         sync(engine.device)
-        t0 = time.perf_counter()
+
+    def decode() -> None:
         for t in range(1, steps + 1):
             engine._decode_step(ws, width + t, True)
         sync(engine.device)
-        return time.perf_counter() - t0
 
-    steps_from_prefill()  # compile / capture every window these steps use
-    wall_us = 1e6 * steps_from_prefill() / steps
-    engine._prefill(ws, prompts, True)
-    sync(engine.device)
+    prefill()
+    decode()  # compile / capture every window these steps use
+    prefill()
+    t0 = time.perf_counter()
+    decode()
+    wall_us = 1e6 * (time.perf_counter() - t0) / steps
+    prefill()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        for t in range(1, steps + 1):
-            engine._decode_step(ws, width + t, True)
-        sync(engine.device)
+        decode()
     per_kind, per_kernel = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for e in prof.events():
         on_device = getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
@@ -167,8 +162,9 @@ def profile_batch(engine: FastEngine, prompts: list[list[int]], steps: int) -> d
         k[1] += 1
     kernel_us = sum(per_kind.values()) / steps
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
+    # K/V the steps read: each step's window of every layer's cache, every row of the bucket.
     mean_window = sum(engine._window(ws, width + t) for t in range(1, steps + 1)) / steps
-    return {"bucket": ws.batch, "mean_window": mean_window, "wall_us": wall_us, "kernel_us": kernel_us,
+    return {"bucket": ws.batch, "kv_bytes_per_step": ws.nbytes * mean_window / ws.cache_len, "wall_us": wall_us, "kernel_us": kernel_us,
             "kinds": {k: v / steps for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
             "top": [{"name": n, "us_per_step": us / steps, "calls_per_step": c / steps} for n, (us, c) in top]}
 

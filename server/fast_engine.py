@@ -93,6 +93,11 @@ def _pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: in
     q = q.reshape(b, t, -1, head_dim).transpose(1, 2)
     k = k.reshape(b, t, -1, head_dim).transpose(1, 2)
     v = v.reshape(b, t, -1, head_dim).transpose(1, 2)
+    return _rope_into_cache(q, k, v, cos, sin, kc, vc, slots)
+
+
+def _rope_into_cache(q, k, v, cos, sin, kc, vc, slots):
+    """Rotary on q and k; k and v written into the caches ``kc``, ``vc`` at ``slots`` -> q."""
     kc.index_copy_(2, slots, _rope(k, cos, sin))
     vc.index_copy_(2, slots, v)
     return _rope(q, cos, sin)
@@ -179,6 +184,14 @@ def compiled_decode_attention(attention: str):
     return torch.compile(_attend_flex, dynamic=False, fullgraph=True)
 
 
+def check_decode_options(attention: str, window_slots: int) -> None:
+    """ValueError unless ``attention`` is a decode attention and ``window_slots`` divides the cache rounding."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
+    if window_slots <= 0 or CACHE_SLOTS % window_slots:
+        raise ValueError(f"window_slots must divide {CACHE_SLOTS}, got {window_slots}")
+
+
 def _stack(owner: torch.nn.Module, linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack the weights (and biases) of ``linears`` along the output dimension into one tensor and
     re-point each module's weight at its rows of it: one matmul instead of several, no extra memory.
@@ -239,9 +252,7 @@ class _Layer:
             b, t, _ = h.shape
             x = m.input_layernorm(h)
             q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-            kc.index_copy_(2, slots, _rope(k, cos, sin))
-            vc.index_copy_(2, slots, v)
-            return _rope(q, cos, sin)
+            return _rope_into_cache(q, k, v, cos, sin, kc, vc, slots)
         return fn(h, cos, sin, m.input_layernorm.weight, self.eps1, self.wqkv, self.bqkv, self.n_q, self.n_kv,
                   self.head_dim, kc, vc, slots)
 
@@ -371,11 +382,8 @@ class FastEngine:
         # over the whole cache with a block mask (``flex``: one graph per batch bucket, no windows); the
         # bench measures all three. Prefill always uses SDPA.
         self.attention = attention or os.environ.get(ATTENTION_ENV, "sdpa")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTIONS)}")
         # Attention window granularity: finer reads fewer stale slots per step but captures more graphs.
-        if window_slots <= 0 or CACHE_SLOTS % window_slots:
-            raise ValueError(f"window_slots must divide {CACHE_SLOTS}, got {window_slots}")
+        check_decode_options(self.attention, window_slots)
         self.window_slots = window_slots
         decode_attend = {"sdpa": _attend_sdpa, "bmm": _attend_bmm, "flex": _attend_flex}[self.attention]
         self.fns = self.eager_fns = (_pre_attention, _post_attention, _mlp_partial, decode_attend)
