@@ -113,16 +113,27 @@ def test_qkv_and_gate_up_run_as_one_matmul_over_views_of_one_tensor(tiny):
 
 
 def test_compiled_layers_give_eagers_greedy_tokens(tiny):
-    """The compiled path (the default on CUDA; here inductor's CPU backend, ~15 s): the layer functions
+    """The compiled path (the default on CUDA; here inductor's CPU backend, ~30 s): the layer functions
     fused by torch.compile, the cache writes among them (inductor writes the cache in place), still give
-    eager's tokens, across padding, a window boundary and one-token prompts."""
+    eager's tokens, across padding, a window boundary, one-token prompts and a longer cache; compiled
+    once per batch bucket, not per cache length."""
+    from torch._dynamo.utils import counters
+
     eager, _ = engines(tiny, None)
     fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device, compile=True)
     assert fast.compiled
+    graphs = counters["stats"]["unique_graphs"]
     spec = BatchSpec(prompts([5, 17, 1, 11]), [8, 3, 40, 6], GREEDY, ignore_eos=True)
     assert fast.generate(spec).tokens == eager.generate(spec).tokens
-    spec = BatchSpec(prompts([1]), [5], GREEDY, ignore_eos=True)
+    spec = BatchSpec(prompts([1, 1]), [5, 4], GREEDY, ignore_eos=True)
     assert fast.generate(spec).tokens == eager.generate(spec).tokens
+    # Static shapes: the two layer functions compile once per batch bucket (4, then 2) ...
+    assert counters["stats"]["unique_graphs"] - graphs == 4
+    # ... and not again when the same bucket needs a longer cache (64 -> 128 slots).
+    spec = BatchSpec(prompts([5, 17, 2, 11]), [8, 3, 90, 6], GREEDY, ignore_eos=True)
+    assert fast.generate(spec).tokens == eager.generate(spec).tokens
+    assert fast._workspaces[4].cache_len == 128
+    assert counters["stats"]["unique_graphs"] - graphs == 4
 
 
 @pytest.mark.parametrize("attention,window_slots", [("bmm", 32), ("flex", 32), ("sdpa", 16), ("sdpa", 64)])
