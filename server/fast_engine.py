@@ -19,7 +19,7 @@ Cache layout: a batch is left-padded to width ``S``; slot ``j`` of the cache hol
 the padded batch, so prefill fills slots ``0..S-1`` and decode step ``t`` writes slot ``S+t-1`` for
 every sequence at once. Each sequence masks its own padding (``key_valid``) and gets its own positions
 (``len_i + t``), exactly as ``generate`` derives them from the attention mask. Attention reads only
-the window ``[0, W)`` of the cache, ``W`` the next multiple of ``window_slots`` (``WINDOW_SLOTS``, 32)
+the window ``[0, W)`` of the cache, ``W`` the next multiple of ``window_slots`` (``WINDOW_SLOTS``, 16)
 above the live slots, so a short batch does not pay for the whole cache.
 """
 
@@ -41,15 +41,20 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 38
 # Cache length granularity, in slots (tokens).
 CACHE_SLOTS = 64
 # Default attention window granularity: a decode step attends over the next multiple of this above the
-# live slots. 32 ran 1-2% faster than 64 at batch 64-256 on an H100 (docs/performance.md), at twice the
-# graph captures per batch bucket.
-WINDOW_SLOTS = 32
+# live slots. 16 ran 0.5-1.7% faster than 32 (and 32 1-2% faster than 64) at batch 64-320 on an H100
+# (docs/performance.md), at twice the graph captures per batch bucket.
+WINDOW_SLOTS = 16
 # KV block size of the flex decode attention's block mask (divides CACHE_SLOTS): the kernel skips whole
 # blocks past the slot.
 FLEX_KV_BLOCK = 64
 FLEX_Q_BLOCK = 128
 # Head-room kept free when sizing a new cache against the GPU's free memory.
 CACHE_HEADROOM_BYTES = 2 << 30
+# Prefill runs over the batch's rows in chunks of at most this many prompt tokens (at least one row), so
+# its activations (~150 KB a token for llama-7b: ~2.5 GB) do not grow with the batch: the caches, not
+# prefill, decide the largest batch that fits (llama-7b on an 80 GB H100: 320 rows of 128 + 256 tokens,
+# whose one-shot prefill ran out of memory).
+PREFILL_TOKENS = 16384
 
 
 def _bucket(n: int) -> int:
@@ -371,8 +376,12 @@ class FastEngine:
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None,
                  device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, attention: str | None = None, window_slots: int = WINDOW_SLOTS):
+                 cuda_graphs: bool | None = None, attention: str | None = None, window_slots: int = WINDOW_SLOTS,
+                 prefill_tokens: int = PREFILL_TOKENS):
         self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         self.device = torch.device(device)
         self.context_length = context_length
         on_cuda = self.device.type == "cuda"
@@ -499,10 +508,11 @@ class FastEngine:
         cache_len = min(_round_up(needed_slots, CACHE_SLOTS), _round_up(self.context_length, CACHE_SLOTS))
         elem = self.embed.weight.element_size()
         hidden, inter = self.embed.weight.shape[-1], self.layers[0].module.mlp.gate_proj.weight.shape[0]
-        # Prefill's activations come on top of the caches: per token about 8 hidden-sized and 4
-        # intermediate-sized tensors at once (q/k/v, gate/up, SiLU·up, fp32 norm temporaries), plus the
-        # [B, 1, S, S] mask with its bool temporaries. Checked on every batch, a reused cache's too.
-        prefill = batch * prefill_width * ((8 * hidden + 4 * inter) * elem + 4 * prefill_width)
+        # Prefill's activations come on top of the caches: per token of a chunk about 8 hidden-sized and
+        # 4 intermediate-sized tensors at once (q/k/v, gate/up, SiLU·up, fp32 norm temporaries), plus the
+        # chunk's [rows, 1, S, S] mask with its bool temporaries. Checked on every batch, a reused cache's too.
+        rows = min(batch, self._prefill_rows(prefill_width))
+        prefill = rows * prefill_width * ((8 * hidden + 4 * inter) * elem + 4 * prefill_width)
         ws = self._workspaces.get(batch)
         if ws is not None and ws.cache_len >= cache_len:
             ws.last_used = time.monotonic()
@@ -570,9 +580,14 @@ class FastEngine:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=get_model_parallel_group())
         return int(t.item())
 
+    def _prefill_rows(self, width: int) -> int:
+        """Rows of a ``width``-token left-padded batch that one prefill chunk runs at once."""
+        return max(1, self.prefill_tokens // width)
+
     def _prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool) -> torch.Tensor:
         """Run the left-padded prompts through the model, fill cache slots [0, S), set up the decode
-        state; returns the first sampled token per row [B]."""
+        state; returns the first sampled token per row [B]. Rows run in chunks of ``prefill_tokens``
+        (every row's result is its own: the chunks only bound the activations' memory)."""
         b, width = ws.batch, max(len(p) for p in prompts)
         rows = list(prompts) + [[self.pad_id]] * (b - len(prompts))  # filler rows: one pad token
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
@@ -588,26 +603,32 @@ class FastEngine:
         slots = torch.arange(ws.cache_len, device=self.device)
         ws.key_valid.copy_(slots[None, :] >= (width - lengths)[:, None])
         # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
-        mask = (real[:, None, None, :] & (col[None, :] <= col[:, None])[None, None]) | torch.eye(
-            width, dtype=torch.bool, device=self.device)[None, None]               # [B, 1, S, S]
-        mask = self._additive(mask)
-        logits = self._forward(ws, ids, positions, mask, col, width, compiled=False)
-        first = _sample(logits, greedy, ws.temperature, ws.top_p)
+        causal = (col[None, :] <= col[:, None])[None, None]                          # [1, 1, S, S]
+        own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]
+        logits = []
+        step = self._prefill_rows(width)
+        for r in range(0, b, step):
+            chunk = slice(r, r + step)
+            mask = self._additive((real[chunk, None, None, :] & causal) | own)    # [rows, 1, S, S]
+            caches = [(k[chunk], v[chunk]) for k, v in zip(ws.k, ws.v)]        # views: written in place
+            logits.append(self._forward(caches, ids[chunk], positions[chunk], mask, col, width, compiled=False))
+        first = _sample(torch.cat(logits), greedy, ws.temperature, ws.top_p)
         ws.tok.copy_(first)
         ws.pos.copy_(lengths)
         ws.slot.fill_(width)
         return first.cpu()
 
-    def _forward(self, ws: _Workspace, ids, positions, mask, slots, window: int, compiled: bool,
+    def _forward(self, caches, ids, positions, mask, slots, window: int, compiled: bool,
                  decode: bool = False) -> torch.Tensor:
         """ids, positions: [B, T]; mask: [B, 1, T, window] additive (decode with flex: a BlockMask over the
-        whole cache); writes k, v at ``slots`` [T] -> logits [B, V] fp32. Prefill (even of one-token
-        prompts) always attends with SDPA; ``decode`` picks the engine's decode attention."""
+        whole cache); writes k, v at ``slots`` [T] into ``caches`` (per layer a (k, v) pair of [B, Hkv, L, D])
+        -> logits [B, V] fp32. Prefill (even of one-token prompts) always attends with SDPA; ``decode``
+        picks the engine's decode attention."""
         pre, post, mlp, attend = self.fns if compiled else self.eager_fns
         h = self.embed(ids)                                                     # [B, T, E]
         cos, sin = self.rotary(h, positions)                                    # [B, T, D]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        for layer, kc, vc in zip(self.layers, ws.k, ws.v):
+        for layer, (kc, vc) in zip(self.layers, caches):
             q = layer.pre(pre, h, cos, sin, kc, vc, slots)                     # q: [B, Hq, T, D]
             kw, vw = kc[:, :, :window], vc[:, :, :window]                       # k: [B, Hkv, W, D]
             if decode and (self.attention != "bmm" or kw.shape[1] == q.shape[1]):  # bmm has no GQA: SDPA
@@ -629,8 +650,8 @@ class FastEngine:
         else:
             cols = torch.arange(window, device=self.device)
             mask = self._additive((ws.key_valid[:, :window] & (cols[None, :] <= slot))[:, None, None, :])  # [B,1,1,W]
-        logits = self._forward(ws, ws.tok[:, None], ws.pos[:, None], mask, slot, window, compiled=self.compiled,
-                               decode=True)
+        logits = self._forward(zip(ws.k, ws.v), ws.tok[:, None], ws.pos[:, None], mask, slot, window,
+                               compiled=self.compiled, decode=True)
         nxt = _sample(logits, greedy, ws.temperature, ws.top_p)
         ws.out.copy_(nxt)
         ws.tok.copy_(nxt)

@@ -136,7 +136,21 @@ def test_compiled_layers_give_eagers_greedy_tokens(tiny):
     assert counters["stats"]["unique_graphs"] - graphs == 4
 
 
-@pytest.mark.parametrize("attention,window_slots", [("bmm", 32), ("flex", 32), ("sdpa", 16), ("sdpa", 64)])
+def test_prefill_in_row_chunks_gives_eagers_greedy_tokens(tiny):
+    """Prefill over a few rows at a time (what bounds its memory at large batches) fills the same caches:
+    eager's tokens, with chunks of one row and of two rows (the last one short)."""
+    eager, _ = engines(tiny, None)
+    spec = BatchSpec(prompts([5, 17, 1, 11, 9]), [8, 3, 12, 6, 5], GREEDY, ignore_eos=True)  # bucket 8, width 17
+    want = eager.generate(spec).tokens
+    for prefill_tokens, rows in ((17, 1), (40, 2)):
+        fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device, prefill_tokens=prefill_tokens)
+        assert fast._prefill_rows(17) == rows
+        assert fast.generate(spec).tokens == want
+    with pytest.raises(ValueError, match="prefill_tokens must be positive, got 0"):
+        FastEngine(tiny.model, 0, None, tiny.device, prefill_tokens=0)
+
+
+@pytest.mark.parametrize("attention,window_slots", [("bmm", 16), ("flex", 16), ("sdpa", 32), ("sdpa", 64)])
 def test_decode_attention_variants_give_eagers_greedy_tokens(tiny, attention, window_slots):
     eager, _ = engines(tiny, tiny.eos_token_id)
     fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, tiny.eos_token_id, tiny.device, attention=attention,
