@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"subset of {','.join(ENGINES)}")
     ap.add_argument("--batches", default="1,8,32,64,128,256,320",
-                    help="batch sizes for fast and server (320: the largest that fits llama-7b, 128 + 256 tokens, on an 80 GB H100)")
+                    help="batch sizes for fast and server (320: the largest that fits llama-7b with 128 + 256 "
+                         "tokens on an 80 GB H100)")
     ap.add_argument("--eager-batches", default="1,8,32,64,128")
     ap.add_argument("--static-batches", default="1,32", help="each size compiles afresh (~1 min)")
     ap.add_argument("--prompt-tokens", type=int, default=128)

@@ -91,7 +91,8 @@ def _pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: in
     """h: [B, T, E] -> q: [B, Hq, T, D] (rotary applied); k (rotary applied) and v are written into the
     caches ``kc``, ``vc`` [B, Hkv, L, D] at ``slots`` [T]. One matmul for q, k and v (``wqkv``: their
     weights stacked), split afterwards. Compiled, inductor fuses the cache writes with the rotary's
-    kernels and writes the caches in place (no copy kernels; on an H100 four Triton kernels remain)."""
+    kernels and writes the caches in place (no copy kernels; on an H100 two Triton kernels: both rotaries
+    with the k write, and the v write)."""
     b, t, _ = h.shape
     x = _rms_norm(h, ln_w, eps)
     q, k, v = F.linear(x, wqkv, bqkv).split((n_q, n_kv, n_kv), dim=-1)
@@ -407,7 +408,7 @@ class FastEngine:
         if self.compiled:
             # Static shapes: one compile per batch bucket, so inductor tunes its kernels for that batch.
             # (With dynamic=True one compile served every bucket, but its kernels kept the launch configs
-            # tuned at the first batch size: 2.3x the fused kernels' time at batch 64, 3.3x at 256 on an
+            # tuned at the first batch size: 2.2x the fused kernels' time at batch 64, 3.3x at 256 on an
             # H100, docs/performance.md.) The caches' length is marked dynamic (``_workspace``), so a
             # longer cache for the same bucket does not compile again.
             _allow_recompiles()
