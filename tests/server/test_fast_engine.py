@@ -138,11 +138,11 @@ def test_compiled_layers_give_eagers_greedy_tokens(tiny):
 
 def test_prefill_in_row_chunks_gives_eagers_greedy_tokens(tiny):
     """Prefill over a few rows at a time (what bounds its memory at large batches) fills the same caches:
-    eager's tokens, with chunks of one row and of two rows (the last one short)."""
+    eager's tokens, with chunks of one row and of three rows (the last one short)."""
     eager, _ = engines(tiny, None)
     spec = BatchSpec(prompts([5, 17, 1, 11, 9]), [8, 3, 12, 6, 5], GREEDY, ignore_eos=True)  # bucket 8, width 17
     want = eager.generate(spec).tokens
-    for prefill_tokens, rows in ((17, 1), (40, 2)):
+    for prefill_tokens, rows in ((17, 1), (51, 3)):  # 8 rows: chunks of 1, and of 3, 3 and 2
         fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device, prefill_tokens=prefill_tokens)
         assert fast._prefill_rows(17) == rows
         assert fast.generate(spec).tokens == want
