@@ -35,6 +35,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
     p.add_argument("--merge-requests", action="store_true", help="merge concurrent requests into one batch")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    p.add_argument("--continuous", action="store_true",
+                   help="continuous batching: requests join the running batch between decode steps and leave it "
+                        "when they end (fast engine, one shard; --max-batch-size rows)")
+    p.add_argument("--continuous-slots", type=int, default=d.continuous_slots,
+                   help="with --continuous: cache tokens per row, the longest prompt + max_new_tokens that joins "
+                        "without waiting for the batch to drain (default 0: the first request's)")
     p.add_argument("--queue-size", type=int, default=d.queue_size)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random-weight presets")
     p.add_argument("--sim-gpus", type=int, default=d.sim_gpus, help="simulated GPUs (simulated backend)")
@@ -68,7 +74,11 @@ def config_from_args(args) -> ServerConfig:
     # Checked before the model loads (minutes for a large one), not after.
     from llmwatts.server.gpu import BACKENDS
 
-    check_engine(args.engine)
+    check_engine(args.engine, args.continuous)
+    if args.continuous and args.shards > 1:
+        raise InvalidArgument("--continuous runs on one shard: drop --shards or --continuous")
+    if args.continuous_slots < 0:
+        raise InvalidArgument(f"--continuous-slots must be 0 or more, got {args.continuous_slots}")
     if args.power_backend not in BACKENDS:
         raise InvalidArgument(f"unknown power backend {args.power_backend!r}; choose one of: {', '.join(BACKENDS)}")
     if args.shards < 1:

@@ -15,13 +15,18 @@ ATTENTIONS = ("sdpa", "bmm", "flex")
 ATTENTION_ENV = "LLMWATTS_FAST_ATTENTION"
 
 
-def check_engine(name: str) -> None:
+def check_engine(name: str, continuous: bool = False) -> None:
     if name not in ENGINES:
         raise InvalidArgument(f"unknown engine {name!r}: use auto, eager or fast")
+    if continuous and name == "eager":
+        raise InvalidArgument("continuous batching needs the fast engine: use --engine fast (or auto)")
     attention = os.environ.get(ATTENTION_ENV)
     if name != "eager" and attention is not None and attention not in ATTENTIONS:
         raise InvalidArgument(f"{ATTENTION_ENV}={attention!r} is not a decode attention: use one of "
                               f"{', '.join(ATTENTIONS)} (or unset it)")
+    if continuous and attention == "flex":
+        raise InvalidArgument(f"continuous batching runs with the sdpa or bmm decode attention: unset "
+                              f"{ATTENTION_ENV}=flex or drop --continuous")
 
 
 @dataclass
@@ -41,6 +46,8 @@ class ServerConfig:
     max_prompt_tokens: int | None = None # default: the model's context length minus max_new_tokens
     merge_requests: bool = False         # merge concurrent requests into one batch
     batch_wait_ms: float = 5.0           # how long the batcher waits for more requests to merge
+    continuous: bool = False             # requests join a running batch between decode steps (fast engine)
+    continuous_slots: int = 0            # its cache length per row; 0: the first request's prompt + new tokens
     queue_size: int = 64                 # bounded queue of pending requests; full → RESOURCE_EXHAUSTED
     seed: int = 0
     # Security (power-cap control).

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from llmwatts.server.config import ATTENTION_ENV, ATTENTIONS
-from llmwatts.server.engine import BatchOutput, BatchSpec, PaceCallback, SequenceTracker, StepCallback
+from llmwatts.server.engine import BatchOutput, BatchSpec, PaceCallback, Sampling, SequenceTracker, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: int, head_dim: int,
-                   kc, vc, slots):
+                   kc, vc, slots, per_row: bool = False):
     """h: [B, T, E] -> q: [B, Hq, T, D] (rotary applied); k (rotary applied) and v are written into the
-    caches ``kc``, ``vc`` [B, Hkv, L, D] at ``slots`` [T]. One matmul for q, k and v (``wqkv``: their
+    caches ``kc``, ``vc`` [B, Hkv, L, D] at ``slots`` (``_rope_into_cache``). One matmul for q, k and v (``wqkv``: their
     weights stacked), split afterwards. Compiled, inductor fuses the cache writes with the rotary's
     kernels and writes the caches in place (no copy kernels; on an H100 two Triton kernels: both rotaries
     with the k write, and the v write)."""
@@ -99,13 +99,20 @@ def _pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: in
     q = q.reshape(b, t, -1, head_dim).transpose(1, 2)
     k = k.reshape(b, t, -1, head_dim).transpose(1, 2)
     v = v.reshape(b, t, -1, head_dim).transpose(1, 2)
-    return _rope_into_cache(q, k, v, cos, sin, kc, vc, slots)
+    return _rope_into_cache(q, k, v, cos, sin, kc, vc, slots, per_row)
 
 
-def _rope_into_cache(q, k, v, cos, sin, kc, vc, slots):
-    """Rotary on q and k; k and v written into the caches ``kc``, ``vc`` at ``slots`` -> q."""
-    kc.index_copy_(2, slots, _rope(k, cos, sin))
-    vc.index_copy_(2, slots, v)
+def _rope_into_cache(q, k, v, cos, sin, kc, vc, slots, per_row: bool = False):
+    """Rotary on q and k; k and v written into the caches ``kc``, ``vc`` -> q. ``slots``: [T], the same
+    slots for every row; or with ``per_row`` (a decode step, T = 1, of a continuous batch) [B], each
+    row's own slot."""
+    if per_row:
+        rows = torch.arange(kc.shape[0], device=kc.device)
+        kc[rows, :, slots] = _rope(k, cos, sin)[:, :, 0]
+        vc[rows, :, slots] = v[:, :, 0]
+    else:
+        kc.index_copy_(2, slots, _rope(k, cos, sin))
+        vc.index_copy_(2, slots, v)
     return _rope(q, cos, sin)
 
 
@@ -256,7 +263,7 @@ class _Layer:
     def n_kv_heads(self) -> int | None:
         return None if self.mode == "module" else self.n_kv // self.head_dim
 
-    def pre(self, fn, h, cos, sin, kc, vc, slots):
+    def pre(self, fn, h, cos, sin, kc, vc, slots, per_row: bool = False):
         """q [B, Hq, T, D]; k and v go into the caches ``kc``, ``vc`` at ``slots``."""
         m = self.module
         if self.mode == "module":
@@ -264,9 +271,9 @@ class _Layer:
             b, t, _ = h.shape
             x = m.input_layernorm(h)
             q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-            return _rope_into_cache(q, k, v, cos, sin, kc, vc, slots)
+            return _rope_into_cache(q, k, v, cos, sin, kc, vc, slots, per_row)
         return fn(h, cos, sin, m.input_layernorm.weight, self.eps1, self.wqkv, self.bqkv, self.n_q, self.n_kv,
-                  self.head_dim, kc, vc, slots)
+                  self.head_dim, kc, vc, slots, per_row)
 
     def post(self, fns, h, attn):
         m = self.module
@@ -351,15 +358,19 @@ class _Workspace:
     tok: torch.Tensor               # [B] the token each sequence feeds into the next step
     out: torch.Tensor               # [B] the token the last step produced
     pos: torch.Tensor               # [B] its position id
-    slot: torch.Tensor              # [1] the cache slot the next step writes
+    slot: torch.Tensor              # [1] the cache slot the next step writes (a static batch)
     key_valid: torch.Tensor         # [B, L] slot j holds a real token of sequence b (not padding)
     temperature: torch.Tensor       # [1] fp32
     top_p: torch.Tensor             # [1] fp32
     flex_blocks: torch.Tensor | None = None   # [B, 1, 1] int32: cache blocks the flex decode reads
     flex_indices: torch.Tensor | None = None  # [B, 1, 1, L / FLEX_KV_BLOCK] int32: 0, 1, 2, ...
-    graphs: dict = field(default_factory=dict)   # (window, greedy) -> torch.cuda.CUDAGraph
+    graphs: dict = field(default_factory=dict)   # (window, greedy, per_row) -> torch.cuda.CUDAGraph
     pool: object = None
     last_used: float = 0.0
+    # A continuous batch (``ContinuousSession``): each row's own next slot, and 1 on rows a request holds.
+    row_slot: torch.Tensor | None = None      # [B] long
+    live: torch.Tensor | None = None          # [B] long
+    views: dict = field(default_factory=dict)  # n -> this workspace's first n rows (``_rows_view``)
 
     @property
     def nbytes(self) -> int:
@@ -469,6 +480,11 @@ class FastEngine:
         if pending is not None:
             self._emit_pending(pending, emit)
         return tracker.output()
+
+    def session(self, rows: int, cache_slots: int, sampling: Sampling, ignore_eos: bool,
+                prefill_width: int = 1) -> "ContinuousSession":
+        """A continuous batch of up to ``rows`` sequences of at most ``cache_slots`` tokens each."""
+        return ContinuousSession(self, rows, cache_slots, sampling, ignore_eos, prefill_width)
 
     @torch.inference_mode()
     def teacher_forced_argmax(self, ids: list[int]) -> list[int]:
@@ -585,11 +601,18 @@ class FastEngine:
         """Rows of a ``width``-token left-padded batch that one prefill chunk runs at once."""
         return max(1, self.prefill_tokens // width)
 
-    def _prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool) -> torch.Tensor:
+    def _prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool, row0: int | None = None) -> torch.Tensor:
         """Run the left-padded prompts through the model, fill cache slots [0, S), set up the decode
         state; returns the first sampled token per row [B]. Rows run in chunks of ``prefill_tokens``
-        (every row's result is its own: the chunks only bound the activations' memory)."""
-        b, width = ws.batch, max(len(p) for p in prompts)
+        (every row's result is its own: the chunks only bound the activations' memory).
+
+        A static batch (``row0`` None) fills every row of the workspace, filler rows past the prompts.
+        A continuous batch's join (``row0``) fills only rows ``row0 ..`` (one per prompt), and sets their
+        own slots (``row_slot``) and live flags; the other rows keep what they hold."""
+        static = row0 is None
+        row0 = 0 if static else row0
+        width = max(len(p) for p in prompts)
+        b = ws.batch if static else len(prompts)
         rows = list(prompts) + [[self.pad_id]] * (b - len(prompts))  # filler rows: one pad token
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         lengths = torch.tensor([len(p) for p in rows], dtype=torch.long)
@@ -602,7 +625,8 @@ class FastEngine:
         # Positions as generate derives them from the mask: cumsum - 1 on real tokens, 1 on padding.
         positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
         slots = torch.arange(ws.cache_len, device=self.device)
-        ws.key_valid.copy_(slots[None, :] >= (width - lengths)[:, None])
+        mine = slice(row0, row0 + b)
+        ws.key_valid[mine].copy_(slots[None, :] >= (width - lengths)[:, None])
         # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
         causal = (col[None, :] <= col[:, None])[None, None]                          # [1, 1, S, S]
         own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]
@@ -611,26 +635,31 @@ class FastEngine:
         for r in range(0, b, step):
             chunk = slice(r, r + step)
             mask = self._additive((real[chunk, None, None, :] & causal) | own)    # [rows, 1, S, S]
-            caches = [(k[chunk], v[chunk]) for k, v in zip(ws.k, ws.v)]        # views: written in place
+            rows_of_ws = slice(row0 + r, row0 + min(r + step, b))
+            caches = [(k[rows_of_ws], v[rows_of_ws]) for k, v in zip(ws.k, ws.v)]  # views: written in place
             logits.append(self._forward(caches, ids[chunk], positions[chunk], mask, col, width, compiled=False))
         first = _sample(torch.cat(logits), greedy, ws.temperature, ws.top_p)
-        ws.tok.copy_(first)
-        ws.pos.copy_(lengths)
-        ws.slot.fill_(width)
+        ws.tok[mine].copy_(first)
+        ws.pos[mine].copy_(lengths)
+        if static:
+            ws.slot.fill_(width)
+        else:
+            ws.row_slot[mine].fill_(width)
+            ws.live[mine].fill_(1)
         return first.cpu()
 
     def _forward(self, caches, ids, positions, mask, slots, window: int, compiled: bool,
-                 decode: bool = False) -> torch.Tensor:
+                 decode: bool = False, per_row: bool = False) -> torch.Tensor:
         """ids, positions: [B, T]; mask: [B, 1, T, window] additive (decode with flex: a BlockMask over the
-        whole cache); writes k, v at ``slots`` [T] into ``caches`` (per layer a (k, v) pair of [B, Hkv, L, D])
-        -> logits [B, V] fp32. Prefill (even of one-token prompts) always attends with SDPA; ``decode``
-        picks the engine's decode attention."""
+        whole cache); writes k, v at ``slots`` [T] (``per_row``: [B], T = 1) into ``caches`` (per layer a
+        (k, v) pair of [B, Hkv, L, D]) -> logits [B, V] fp32. Prefill (even of one-token prompts) always
+        attends with SDPA; ``decode`` picks the engine's decode attention."""
         pre, post, mlp, attend = self.fns if compiled else self.eager_fns
         h = self.embed(ids)                                                     # [B, T, E]
         cos, sin = self.rotary(h, positions)                                    # [B, T, D]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for layer, (kc, vc) in zip(self.layers, caches):
-            q = layer.pre(pre, h, cos, sin, kc, vc, slots)                     # q: [B, Hq, T, D]
+            q = layer.pre(pre, h, cos, sin, kc, vc, slots, per_row)            # q: [B, Hq, T, D]
             kw, vw = kc[:, :, :window], vc[:, :, :window]                       # k: [B, Hkv, W, D]
             if decode and (self.attention != "bmm" or kw.shape[1] == q.shape[1]):  # bmm has no GQA: SDPA
                 attn = attend(q, kw, vw, mask, self.scale)
@@ -643,48 +672,56 @@ class FastEngine:
         # Once per step, not once per layer: SDPA would convert a bool mask like this in every layer.
         return torch.zeros(keep.shape, dtype=self.dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
 
-    def _decode_body(self, ws: _Workspace, window: int, greedy: bool) -> None:
-        """One decode step on the workspace's static buffers (this is what a CUDA graph captures)."""
-        slot = ws.slot
+    def _decode_body(self, ws: _Workspace, window: int, greedy: bool, per_row: bool = False) -> None:
+        """One decode step on the workspace's static buffers (this is what a CUDA graph captures). A
+        static batch writes one slot for every row; a continuous one (``per_row``) each row's own slot,
+        and advances only live rows (an idle row rewrites its slot 0 and attends to it alone)."""
+        slot = ws.row_slot if per_row else ws.slot
         if self.attention == "flex":
             mask = flex_block_mask(ws.key_valid, ws.slot, ws.flex_blocks, ws.flex_indices)
         else:
             cols = torch.arange(window, device=self.device)
-            mask = self._additive((ws.key_valid[:, :window] & (cols[None, :] <= slot))[:, None, None, :])  # [B,1,1,W]
+            upto = cols[None, :] <= (slot[:, None] if per_row else slot)
+            mask = self._additive((ws.key_valid[:, :window] & upto)[:, None, None, :])  # [B, 1, 1, W]
         logits = self._forward(zip(ws.k, ws.v), ws.tok[:, None], ws.pos[:, None], mask, slot, window,
-                               compiled=self.compiled, decode=True)
+                               compiled=self.compiled, decode=True, per_row=per_row)
         nxt = _sample(logits, greedy, ws.temperature, ws.top_p)
         ws.out.copy_(nxt)
         ws.tok.copy_(nxt)
-        ws.pos.add_(1)
-        ws.slot.add_(1)
+        if per_row:
+            ws.pos.add_(ws.live)
+            ws.row_slot.add_(ws.live)
+        else:
+            ws.pos.add_(1)
+            ws.slot.add_(1)
 
     def _window(self, ws: _Workspace, live_slots: int) -> int:
         """The cache slots a decode step with ``live_slots`` live slots attends over. flex reads the blocks up
         to the slot by itself: one window (the whole cache), one graph."""
         return ws.cache_len if self.attention == "flex" else min(_round_up(live_slots, self.window_slots), ws.cache_len)
 
-    def _decode_step(self, ws: _Workspace, live_slots: int, greedy: bool) -> None:
+    def _decode_step(self, ws: _Workspace, live_slots: int, greedy: bool, per_row: bool = False) -> None:
         window = self._window(ws, live_slots)
         if not self.cuda_graphs:
-            self._decode_body(ws, window, greedy)
+            self._decode_body(ws, window, greedy, per_row)
             return
-        graph = ws.graphs.get((window, greedy))
+        graph = ws.graphs.get((window, greedy, per_row))
         if graph is None:
-            graph = self._capture(ws, window, greedy)
+            graph = self._capture(ws, window, greedy, per_row)
         graph.replay()
 
-    def _capture(self, ws: _Workspace, window: int, greedy: bool):
-        """Warm up (compiles, autotunes) then capture the step. The warm-up writes the cache slot the
+    def _capture(self, ws: _Workspace, window: int, greedy: bool, per_row: bool = False):
+        """Warm up (compiles, autotunes) then capture the step. The warm-up writes the cache slots the
         coming step writes anyway; the step's inputs and the RNG are restored afterwards."""
-        saved = [t.clone() for t in (ws.tok, ws.out, ws.pos, ws.slot)]
+        state = (ws.tok, ws.out, ws.pos, ws.row_slot if per_row else ws.slot)
+        saved = [t.clone() for t in state]
         rng = torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
                 try:
-                    self._decode_body(ws, window, greedy)
+                    self._decode_body(ws, window, greedy, per_row)
                 except Exception:
                     if not self.compiled or self._sharded:
                         # Sharded, a fallback on one rank alone would re-issue collectives the others do
@@ -693,14 +730,178 @@ class FastEngine:
                     # A compiler failure must not take the server down: fall back to uncompiled layers.
                     log.exception("torch.compile of the decode step failed; running it uncompiled")
                     self.compiled = False
-                    self._decode_body(ws, window, greedy)
-                for t, v in zip((ws.tok, ws.out, ws.pos, ws.slot), saved):
+                    self._decode_body(ws, window, greedy, per_row)
+                for t, v in zip(state, saved):
                     t.copy_(v)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.set_rng_state(rng, self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=ws.pool):
-            self._decode_body(ws, window, greedy)
-        ws.graphs[(window, greedy)] = graph
-        log.info("captured decode step: batch %d, window %d, greedy %s", ws.batch, window, greedy)
+            self._decode_body(ws, window, greedy, per_row)
+        ws.graphs[(window, greedy, per_row)] = graph
+        log.info("captured decode step: batch %d, window %d, greedy %s, per-row slots %s", ws.batch, window,
+                 greedy, per_row)
         return graph
+
+
+def _rows_view(ws: _Workspace, n: int, mark_dynamic: bool) -> _Workspace:
+    """The first ``n`` rows of ``ws`` as a workspace of their own: views of its tensors (a step on it
+    writes ``ws``), with their own graphs. Cached on ``ws``."""
+    if n == ws.batch:
+        return ws
+    view = ws.views.get(n)
+    if view is None:
+        view = _Workspace(
+            batch=n, cache_len=ws.cache_len, k=[t[:n] for t in ws.k], v=[t[:n] for t in ws.v], tok=ws.tok[:n],
+            out=ws.out[:n], pos=ws.pos[:n], slot=ws.slot, key_valid=ws.key_valid[:n], temperature=ws.temperature,
+            top_p=ws.top_p, pool=ws.pool, row_slot=ws.row_slot[:n], live=ws.live[:n])
+        if mark_dynamic:  # as ``_workspace`` marks the whole caches: one compile per bucket, any length
+            from torch._dynamo import mark_dynamic as mark
+
+            for t in view.k + view.v:
+                mark(t, 2)
+        ws.views[n] = view
+    return view
+
+
+class ContinuousSession:
+    """Continuous batching on one workspace: requests join free rows and leave between decode steps.
+
+    A joining request's prompts are prefilled into the lowest free rows (left-padded to their widest, one
+    prefill per run of adjacent rows) and then decode with every other live row: each row writes its own
+    cache slot (``row_slot``) and attends over its own slots only, so rows that joined at different steps
+    share every step. A row is freed the step its sequence ends (EOS or its limit); the next request
+    takes it. A step runs over rows ``0 .. bucket(highest live row)``, so a half-empty session does not
+    pay for its empty top rows. Sampling settings live in the step's graph: one setting per session.
+
+    ``admit`` and ``step`` return, per request key, what each of its sequences gained (``SequenceTracker``
+    deltas); ``done(key)`` says when all of them ended and ``pop(key)`` hands over its ``BatchOutput``.
+    Single process only (a sharded engine would have to broadcast every join and step to its ranks).
+    """
+
+    @torch.inference_mode()
+    def __init__(self, engine: "FastEngine", rows: int, cache_slots: int, sampling: Sampling,
+                 ignore_eos: bool, prefill_width: int = 1):
+        if engine.attention == "flex":
+            raise ValueError("continuous batching runs with the sdpa or bmm decode attention, not flex")
+        if rows < 1:
+            raise ValueError(f"a continuous batch needs at least one row, got {rows}")
+        self.engine, self.rows, self.sampling, self.ignore_eos = engine, rows, sampling, ignore_eos
+        cache_slots = min(cache_slots, engine.context_length)
+        ws = self.ws = engine._workspace(_bucket(rows), cache_slots, prefill_width=prefill_width)
+        dev = engine.device
+        if ws.row_slot is None:
+            ws.row_slot = torch.zeros(ws.batch, dtype=torch.long, device=dev)
+            ws.live = torch.zeros(ws.batch, dtype=torch.long, device=dev)
+        ws.live.zero_()
+        ws.row_slot.zero_()
+        ws.key_valid.zero_()
+        ws.key_valid[:, 0] = True  # an idle row attends to its slot 0 alone: no empty softmax row
+        ws.temperature.fill_(sampling.temperature)
+        ws.top_p.fill_(sampling.top_p)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        self.owner: list[tuple[object, int] | None] = [None] * rows  # row -> (request key, sequence index)
+        self.slot = [0] * rows                                         # host copy of the live rows' slots
+        self.trackers: dict[object, SequenceTracker] = {}
+        self.rows_of: dict[object, list[int | None]] = {}             # key -> row per sequence (None: ended)
+        self.steps = 0
+
+    @property
+    def cache_slots(self) -> int:
+        return self.ws.cache_len
+
+    @property
+    def free_rows(self) -> int:
+        return sum(o is None for o in self.owner)
+
+    @property
+    def live_rows(self) -> int:
+        return self.rows - self.free_rows
+
+    def fits(self, batch: BatchSpec) -> bool:
+        """Whether ``batch`` could ever join this session: same sampling, and room in the cache (now or
+        once rows free up)."""
+        width = max(len(p) for p in batch.prompts)
+        return (batch.sampling == self.sampling and batch.ignore_eos == self.ignore_eos
+                and len(batch.prompts) <= self.rows and width + max(batch.max_new_tokens) <= self.cache_slots)
+
+    def can_admit(self, batch: BatchSpec) -> bool:
+        return self.fits(batch) and len(batch.prompts) <= self.free_rows
+
+    @torch.inference_mode()
+    def admit(self, key, batch: BatchSpec) -> list[list[int]]:
+        """Prefill ``batch`` into free rows; its first token per sequence (as deltas)."""
+        if key in self.trackers:
+            raise ValueError(f"request {key!r} is already in this batch")
+        if not self.can_admit(batch):
+            raise ValueError("this batch cannot join now: check can_admit first")
+        free = [r for r, o in enumerate(self.owner) if o is None][:len(batch.prompts)]
+        first = [0] * len(free)
+        start = 0
+        while start < len(free):  # runs of adjacent rows: one prefill each, written in place
+            end = start + 1
+            while end < len(free) and free[end] == free[end - 1] + 1:
+                end += 1
+            prompts = batch.prompts[start:end]
+            tokens = self.engine._prefill(self.ws, prompts, self.sampling.greedy, row0=free[start]).tolist()
+            width = max(len(p) for p in prompts)
+            for i in range(start, end):
+                first[i] = tokens[i - start]
+                self.slot[free[i]] = width
+            start = end
+        tracker = self.trackers[key] = SequenceTracker(batch, self.engine.eos_id)
+        self.rows_of[key] = list(free)
+        for i, r in enumerate(free):
+            self.owner[r] = (key, i)
+        deltas = tracker.step(first)
+        self._free_ended(key)
+        return deltas
+
+    @torch.inference_mode()
+    def step(self) -> dict[object, list[list[int]]]:
+        """One decode step of every live row -> per request key with live sequences, each sequence's gain."""
+        live = [r for r, o in enumerate(self.owner) if o is not None]
+        if not live:
+            return {}
+        view = _rows_view(self.ws, _bucket(live[-1] + 1),
+                          mark_dynamic=self.engine.compiled and self.engine.attention != "flex")
+        self.engine._decode_step(view, max(self.slot[r] for r in live) + 1, self.sampling.greedy, per_row=True)
+        ids = view.out.tolist()  # the one host sync per step
+        self.steps += 1
+        for r in live:
+            self.slot[r] += 1
+        out = {}
+        for key in {self.owner[r][0] for r in live}:
+            rows = self.rows_of[key]
+            out[key] = self.trackers[key].step([ids[r] if r is not None else 0 for r in rows])
+            self._free_ended(key)
+        return out
+
+    def done(self, key) -> bool:
+        return self.trackers[key].all_done
+
+    def pop(self, key) -> BatchOutput:
+        """The ended request's output; forgets it."""
+        if not self.done(key):
+            raise ValueError(f"request {key!r} has not ended")
+        del self.rows_of[key]
+        return self.trackers.pop(key).output()
+
+    def _free_ended(self, key) -> None:
+        """Free the rows of ``key``'s sequences that just ended: idle, slot 0, attending to slot 0 only."""
+        rows, finish = self.rows_of[key], self.trackers[key].finish
+        ended = [r for i, r in enumerate(rows) if r is not None and finish[i] is not None]
+        if not ended:
+            return
+        for r in ended:
+            i = self.owner[r][1]
+            rows[i] = None
+            self.owner[r] = None
+            self.slot[r] = 0
+        idx = torch.tensor(ended, dtype=torch.long, device=self.engine.device)
+        ws = self.ws
+        ws.live.index_fill_(0, idx, 0)
+        ws.row_slot.index_fill_(0, idx, 0)
+        ws.key_valid.index_fill_(0, idx, False)
+        ws.key_valid[idx, 0] = True

@@ -25,6 +25,7 @@ from llmwatts import __version__
 from llmwatts.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from llmwatts.server import auth
 from llmwatts.server.batcher import Batcher, Result, Work
+from llmwatts.server.continuous import ContinuousBatcher
 from llmwatts.server.config import ServerConfig, check_engine
 from llmwatts.server.engine import validate_sampling
 from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus, power_source
@@ -55,7 +56,7 @@ class Host:
         self.server_id = uuid.uuid4().hex[:12]
         self.node = node or socket.gethostname()
         self.loaded: LoadedModel = loaded or load_model(config.model, config.device, config.dtype, config.seed)
-        self.engine = engine or make_engine(config.engine, self.loaded)
+        self.engine = engine or make_engine(config.engine, self.loaded, config.continuous)
         self.gpus = gpus if gpus is not None else open_gpus(
             config.power_backend, node=self.node, sim_gpus=config.sim_gpus, sim_profile=config.sim_profile,
             device_indices=_nvml_indices(config, self.loaded))
@@ -75,9 +76,17 @@ class Host:
         self.caps.recover()
         self.sampler = TelemetrySampler(self.gpus if local_gpus is None else local_gpus, self.store,
                                         config.telemetry_hz)
-        self.batcher = Batcher(self.engine, self.gpus, self.store, max_batch_size=config.max_batch_size,
-                               queue_size=config.queue_size, merge_requests=config.merge_requests,
-                               batch_wait_ms=config.batch_wait_ms)
+        if config.continuous:
+            if not hasattr(self.engine, "session"):
+                raise InvalidArgument(f"continuous batching needs the fast engine on one shard, not "
+                                      f"{self.engine.name!r} on {self.shard_count}")
+            self.batcher = ContinuousBatcher(self.engine, self.gpus, self.store,
+                                             max_batch_size=config.max_batch_size, queue_size=config.queue_size,
+                                             cache_slots=config.continuous_slots)
+        else:
+            self.batcher = Batcher(self.engine, self.gpus, self.store, max_batch_size=config.max_batch_size,
+                                   queue_size=config.queue_size, merge_requests=config.merge_requests,
+                                   batch_wait_ms=config.batch_wait_ms)
         self.seen_request_ids: set[str] = set()  # ~100 B an id: a million requests cost ~100 MB
         self.seen_lock = threading.Lock()
         self._record_server()
@@ -112,10 +121,10 @@ class Host:
         self.store.close()
 
 
-def make_engine(name: str, loaded: LoadedModel):
-    check_engine(name)
-    if name == "auto":
-        name = "fast" if loaded.device.type == "cuda" else "eager"
+def make_engine(name: str, loaded: LoadedModel, continuous: bool = False):
+    check_engine(name, continuous)
+    if name == "auto":  # continuous batching is a fast-engine feature, on CPU too
+        name = "fast" if loaded.device.type == "cuda" or continuous else "eager"
     if name == "eager":
         from llmwatts.server.engine import EagerEngine
 

@@ -141,6 +141,21 @@ class ServerStore:
                 raise
             self.db.conn.execute("COMMIT")
 
+    def record_segment(self, batch: dict, gpu_energy: list[dict], requests: list[dict]) -> None:
+        """Write a continuous batch's segment so far (upserted: it grows until it ends), its per-GPU energy
+        and the requests it answered since the last write, in one transaction."""
+        with self._lock:
+            self.db.conn.execute("BEGIN")
+            try:
+                self.db["batches"].upsert(dict(batch, server_id=self.server_id), pk="batch_id")
+                self.db["batch_gpu_energy"].upsert_all(gpu_energy, pk=("batch_id", "gpu_uuid"))
+                self.db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests],
+                                               replace=True)
+            except BaseException:
+                self.db.conn.execute("ROLLBACK")
+                raise
+            self.db.conn.execute("COMMIT")
+
     def record_requests(self, requests: list[dict]) -> None:
         """Requests that never reached a batch (refused, cancelled) still get their row."""
         self._insert("requests", [dict(r, server_id=self.server_id) for r in requests], replace=True)

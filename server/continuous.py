@@ -1,0 +1,301 @@
+"""Continuous batching in the server (``llmwatts serve --continuous``): requests join a running batch
+between decode steps and leave it the step they end, instead of waiting for the batch in flight.
+
+The engine side is ``fast_engine.ContinuousSession``. Here: admission and energy.
+
+Admission is first come, first served: the request at the head of the queue joins as soon as the session
+has a free row for each of its prompts; while it waits, nothing behind it jumps the queue. A session holds
+one sampling setting and one cache length (``--continuous-slots``, by default the first request's prompt +
+``max_new_tokens``); a request that differs waits until the session drains, and a new session opens for it.
+
+Energy: a *segment* is a busy period, from the first request joining an idle session until the session is
+idle again; it is the ``batches`` row of its requests (``batch_id``). Inside it, the energy counters are
+read off the decode path, by a meter thread, whenever a request has joined or ended (at most every
+``COUNTER_REFRESH_S`` on real GPUs, whose counters refresh that often) and at least every
+``SETTLE_EVERY_S``. The joules between two reads are split over the requests by the tokens each processed
+in that interval (prompt tokens at its join, one per live sequence per step): the same rule as a static
+batch (docs/energy.md), applied per interval, so a request pays for the steps it shared and not for the
+ones before it joined or after it left. A request's response waits for the first read after its last
+token (docs/performance.md measures what that adds). The segment's ``batches`` row, its
+``batch_gpu_energy`` rows and its requests' rows are upserted at every read, so the sums agree whenever
+the DB is read.
+"""
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from llmwatts.server.batcher import Batcher, Result, Work
+from llmwatts.server.engine import BatchSpec
+from llmwatts.server.telemetry import COUNTER_REFRESH_S, EnergyReading
+
+log = logging.getLogger(__name__)
+
+SETTLE_EVERY_S = 1.0  # the segment's rows in the DB are at most this old while it runs
+
+
+@dataclass
+class _Segment:
+    """A busy period: the ``batches`` row its requests point at, and what was settled into it so far."""
+
+    batch_id: str
+    start: EnergyReading
+    last: EnergyReading
+    first_token_ns: int = 0
+    energy_j: float = 0.0
+    gpu_j: dict = field(default_factory=dict)        # gpu uuid -> joules settled
+    interpolated: bool = False
+    works: dict = field(default_factory=dict)        # request id -> _Joined, every request that joined
+    sequences: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0                           # of the requests answered so far
+
+
+@dataclass
+class _Joined:
+    """A request inside the session: what the energy split and the response need."""
+
+    work: Work
+    spec: BatchSpec
+    joined_ns: int
+    energy_j: float = 0.0
+    steps: int = 0
+    output: object = None  # the engine's BatchOutput once it ended
+
+
+class ContinuousBatcher(Batcher):
+    """``Batcher``'s interface (submit, start, stop, failure) over a ``ContinuousSession``."""
+
+    def __init__(self, engine, gpus, store, *, max_batch_size: int, queue_size: int, cache_slots: int = 0,
+                 on_failure=None):
+        if not hasattr(engine, "session"):
+            raise ValueError(f"continuous batching needs the fast engine, not {engine.name!r}")
+        super().__init__(engine, gpus, store, max_batch_size=max_batch_size, queue_size=queue_size,
+                         on_failure=on_failure)
+        self.cache_slots = cache_slots
+        # Real counters refresh every ~100 ms: reading more often splits a lump, not a measurement.
+        self.min_gap_s = 0.0 if self.simulated else COUNTER_REFRESH_S
+        self.session = None
+        self.segment: _Segment | None = None
+        self.joined: dict[str, _Joined] = {}          # request id -> its state, while in the session
+        self._lock = threading.Lock()                 # guards the three below (batcher and meter threads)
+        self._tokens: dict[str, int] = {}             # request id -> tokens processed since the last read
+        self._ended: list[_Joined] = []               # ended, waiting for the read that settles them
+        self._settle_lock = threading.Lock()          # one read-and-split at a time
+        self._wake = threading.Event()
+        self._meter_stop = threading.Event()
+        self._meter_error: BaseException | None = None  # raised on the batcher thread: the same failure path
+        self._meter_thread = threading.Thread(target=self._meter_loop, name="continuous-meter", daemon=True)
+
+    def start(self) -> None:
+        self._meter_thread.start()
+        super().start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+        self._meter_stop.set()
+        self._wake.set()
+        if self._meter_thread.is_alive():
+            self._meter_thread.join(timeout=5)
+
+    # -- the batcher thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                if self._meter_error is not None:
+                    raise self._meter_error
+                if not self._stop.is_set():
+                    self._admit()
+                if self.session is not None and self.session.live_rows:
+                    self._step()
+                elif self.segment is not None:
+                    self._close_segment()
+                elif self._stop.is_set():
+                    return
+        except BaseException as e:  # the engine broke: fail every request it holds, refuse new ones
+            log.exception("continuous batch failed")
+            self.failure = e
+            with self._lock:
+                ended, self._ended = self._ended, []
+            for j in list(self.joined.values()) + ended:  # (answered requests are not in either)
+                j.work.events.put(("error", e))
+            self.joined.clear()
+            self._fail_pending(e)
+            if self.on_failure is not None:
+                self.on_failure(e)
+
+    def _next_work(self, block: bool) -> Work | None:
+        if self._held is not None:
+            work, self._held = self._held, None
+            return work
+        try:
+            return self._queue.get(timeout=0.1) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _admit(self) -> None:
+        """Join queued requests while the head of the queue fits; an idle session blocks briefly for one."""
+        while True:
+            idle = self.session is None or not self.session.live_rows
+            work = self._next_work(block=idle and self.segment is None)
+            if work is None:
+                return
+            spec = BatchSpec(work.prompts, [work.max_new_tokens] * len(work.prompts), work.sampling,
+                             work.ignore_eos)
+            if self.session is None or (idle and not self.session.fits(spec)):
+                if self.segment is not None:
+                    self._close_segment()
+                need = max(len(p) for p in spec.prompts) + work.max_new_tokens
+                self.session = self.engine.session(self.max_batch_size, max(need, self.cache_slots),
+                                                   work.sampling, work.ignore_eos,
+                                                   prefill_width=max(len(p) for p in spec.prompts))
+            if not self.session.can_admit(spec):
+                self._held = work  # first come, first served: it waits at the head of the queue
+                return
+            self._join(work, spec)
+
+    def _join(self, work: Work, spec: BatchSpec) -> None:
+        if self.segment is None:
+            start = self.meter.read()
+            self.segment = _Segment(uuid.uuid4().hex, start, start)
+        joined = _Joined(work, spec, time.time_ns())
+        self.joined[work.request_id] = joined
+        self.segment.works[work.request_id] = joined
+        self.segment.sequences += len(spec.prompts)
+        self.segment.prompt_tokens += sum(map(len, spec.prompts))
+        deltas = self.session.admit(work.request_id, spec)
+        if not self.segment.first_token_ns:
+            self.segment.first_token_ns = time.time_ns()
+        self._set_load()
+        work.events.put(("step", 0, deltas))
+        self._account({work.request_id: sum(map(len, spec.prompts))})  # its prefill: the prompt tokens
+        self._wake.set()  # a read soon: the steps before the join are not split with the one who joined
+
+    def _step(self) -> None:
+        # tokens a step processes: one per sequence that is live when it starts (its EOS step included)
+        ran = {key: sum(r is not None for r in rows) for key, rows in self.session.rows_of.items()}
+        t0 = time.perf_counter()
+        gained = self.session.step()
+        self._pace(time.perf_counter() - t0)
+        for request_id, deltas in gained.items():
+            self.joined[request_id].work.events.put(("step", self.session.trackers[request_id].steps - 1, deltas))
+        self._account(ran)
+
+    def _account(self, tokens: dict[str, int]) -> None:
+        """Add the tokens each request processed; hand the requests that ended to the meter thread. One
+        critical section: a request's last tokens and its end are settled by the same read."""
+        ended = []
+        for request_id in tokens:
+            if self.session.done(request_id):
+                j = self.joined.pop(request_id)
+                j.steps = self.session.trackers[request_id].steps
+                j.output = self.session.pop(request_id)
+                ended.append(j)
+        with self._lock:
+            for request_id, n in tokens.items():
+                self._tokens[request_id] = self._tokens.get(request_id, 0) + n
+            self._ended.extend(ended)
+        if ended:
+            self._set_load()
+            self._wake.set()
+
+    def _set_load(self) -> None:
+        for g in self.gpus:
+            g.set_load(self.session.live_rows)
+
+    def _close_segment(self) -> None:
+        """The session is idle: settle what is left, then the next request opens a new segment."""
+        self._settle()
+        self.segment = None
+
+    # -- energy: the meter thread (and the batcher thread when a segment closes) -----------------------
+
+    def _meter_loop(self) -> None:
+        while not self._meter_stop.is_set():
+            self._wake.wait(timeout=SETTLE_EVERY_S)
+            self._wake.clear()
+            segment = self.segment
+            if segment is None:
+                continue
+            wait = self.min_gap_s - (time.perf_counter() - segment.last.perf_s)
+            if wait > 0:
+                self._meter_stop.wait(wait)
+            try:
+                self._settle()
+            except Exception as e:  # a failed read or write: the batcher thread fails everything else
+                log.exception("settling continuous-batch energy failed")
+                self._meter_error = e
+                return
+
+    def _settle(self) -> None:
+        """Read the counters; split the joules since the last read over the tokens processed since then;
+        answer the requests that had ended before the read; write the segment's rows."""
+        with self._settle_lock:
+            segment = self.segment
+            if segment is None:
+                return
+            with self._lock:
+                tokens, self._tokens = self._tokens, {}
+                ended, self._ended = self._ended, []
+            if not tokens and not ended:
+                return
+            try:
+                self._settle_taken(segment, tokens, ended)
+            except BaseException as e:
+                for j in ended:
+                    j.work.events.put(("error", e))
+                raise
+
+    def _settle_taken(self, segment: _Segment, tokens: dict[str, int], ended: list[_Joined]) -> None:
+        if tokens:  # (every end comes with its last tokens: an end alone needs no read)
+            reading = self.meter.read()
+            rows = self.meter.between(segment.last, reading)
+            joules = sum(r["energy_j"] for r in rows)
+            for r in rows:
+                segment.gpu_j[r["gpu_uuid"]] = segment.gpu_j.get(r["gpu_uuid"], 0.0) + r["energy_j"]
+            segment.interpolated |= any(r["method"] != "counter" for r in rows)
+            segment.energy_j += joules
+            segment.last = reading
+            total = sum(tokens.values())
+            for request_id, n in tokens.items():
+                segment.works[request_id].energy_j += joules * n / total
+        segment.output_tokens += sum(len(t) for j in ended for t in j.output.tokens)
+        self._write(segment, ended)
+        for j in ended:
+            j.work.events.put(("done", self._result(segment, j)))
+
+    def _result(self, segment: _Segment, j: _Joined) -> Result:
+        out = j.output
+        return Result(segment.batch_id, j.work.received_ns, j.steps, out.tokens,
+                      out.finish_reasons, [len(p) for p in j.spec.prompts], j.joined_ns, out.first_token_ns,
+                      max(out.done_ns), j.energy_j, self.simulated)
+
+    def _write(self, segment: _Segment, ended: list[_Joined]) -> None:
+        batch = {"batch_id": segment.batch_id, "start_ns": segment.start.ts_ns,
+                 "first_token_ns": segment.first_token_ns, "end_ns": segment.last.ts_ns,
+                 "n_requests": len(segment.works), "n_sequences": segment.sequences,
+                 "prompt_tokens": segment.prompt_tokens, "output_tokens": segment.output_tokens,
+                 "energy_j": segment.energy_j, "energy_method": "interpolated" if segment.interpolated else "counter",
+                 "simulated": int(self.simulated)}
+        gpu_rows = []
+        for g in self.gpus:
+            gpu_rows.append({"batch_id": segment.batch_id, "gpu_uuid": g.uuid, "node": g.node, "rank": g.rank,
+                             "energy_start_mj": segment.start.samples[g.uuid].energy_mj,
+                             "energy_end_mj": segment.last.samples[g.uuid].energy_mj,
+                             "energy_j": segment.gpu_j.get(g.uuid, 0.0),
+                             "method": "interpolated" if segment.interpolated else "counter"})
+        requests = []
+        for j in ended:
+            out = j.output
+            requests.append({
+                "request_id": j.work.request_id, "run_id": j.work.run_id, "batch_id": segment.batch_id,
+                "received_ns": j.work.received_ns, "batch_start_ns": j.joined_ns,
+                "first_token_ns": out.first_token_ns, "done_ns": max(out.done_ns), "n_prompts": len(out.tokens),
+                "prompt_tokens": sum(len(p) for p in j.spec.prompts),
+                "output_tokens": sum(len(t) for t in out.tokens), "energy_j": j.energy_j, "status": "ok",
+                "error": None})
+        self.store.record_segment(batch, gpu_rows, requests)

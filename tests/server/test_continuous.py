@@ -1,0 +1,221 @@
+"""Continuous batching: requests join a running batch between decode steps and leave it when they end.
+
+On CPU in fp32 a request's greedy tokens must not depend on who it shared its steps with: any difference
+is a bug in the per-row slots, positions, masks, freed rows or the row-prefix steps. The server tests
+check that requests really share a segment, that its energy adds up, and that admission is first come,
+first served.
+"""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import sqlite_utils
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmwatts.server.engine import BatchSpec, Sampling
+from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine
+from llmwatts.server.models import load_model
+from llmwatts.v1 import llmwatts_pb2 as pb
+from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
+from tests.conftest import start_server
+
+GREEDY = Sampling(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", "cpu", "float32")
+
+
+def fast_engine(tiny, eos=None, **kw):
+    return FastEngine(tiny.model, tiny.tokenizer.pad_token_id, eos, tiny.device,
+                      context_length=tiny.context_length, **kw)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 32000, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_continuous(session, requests: dict[str, BatchSpec]):
+    """Admit ``requests`` first come, first served whenever rows are free; step until all ended.
+    -> (outputs, streamed tokens, {key: (step it joined, keys live then)})."""
+    streamed = {k: [[] for _ in s.prompts] for k, s in requests.items()}
+    outputs, joined, waiting = {}, {}, list(requests)
+
+    def take(key, deltas):
+        for i, d in enumerate(deltas):
+            streamed[key][i] += d
+
+    while waiting or session.live_rows:
+        while waiting and session.can_admit(requests[waiting[0]]):
+            key = waiting.pop(0)
+            joined[key] = (session.steps, set(session.trackers))
+            take(key, session.admit(key, requests[key]))
+        for key, deltas in session.step().items():
+            take(key, deltas)
+        for key in [k for k in session.trackers if session.done(k)]:
+            outputs[key] = session.pop(key)
+    return outputs, streamed, joined
+
+
+def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny):
+    fast = fast_engine(tiny)
+    p = prompts([5, 17, 9, 3, 30, 1, 12, WINDOW_SLOTS + 2])
+    requests = {
+        "a": BatchSpec(p[0:2], [6, 12], GREEDY, ignore_eos=True),      # its first row frees after 6 steps
+        "b": BatchSpec(p[2:3], [20], GREEDY, ignore_eos=True),
+        "c": BatchSpec(p[3:6], [15, 4, 9], GREEDY, ignore_eos=True),   # waits for three free rows: not adjacent
+        "d": BatchSpec(p[6:7], [25], GREEDY, ignore_eos=True),
+        "e": BatchSpec(p[7:8], [WINDOW_SLOTS + 5], GREEDY, ignore_eos=True),  # crosses window boundaries
+    }
+    alone = {k: fast.generate(s) for k, s in requests.items()}
+    session = fast.session(4, 64, GREEDY, ignore_eos=True)
+    outputs, streamed, joined = run_continuous(session, requests)
+    for key in requests:
+        assert outputs[key].tokens == alone[key].tokens, key
+        assert streamed[key] == alone[key].tokens, key
+        assert outputs[key].finish_reasons == ["length"] * len(requests[key].prompts)
+    # They really shared steps: c joined a running batch (into rows a freed), d and e later still.
+    assert joined["c"][0] > 0 and joined["c"][1] & {"a", "b"}
+    assert joined["d"][0] > joined["c"][0] and joined["e"][0] > joined["d"][0]
+    assert not session.trackers and session.live_rows == 0
+
+
+def test_eos_frees_a_row_and_the_sequence_stops_as_it_does_alone(tiny):
+    free = fast_engine(tiny).generate(BatchSpec(prompts([6, 9], seed=1), [10, 10], GREEDY, ignore_eos=True))
+    eos = free.tokens[1][3]  # a token greedy decoding really produces: sequence 1 stops at step 3 (or before)
+    fast = fast_engine(tiny, eos)
+    p = prompts([6, 9, 4], seed=1)
+    requests = {"a": BatchSpec(p[:2], [10, 10], GREEDY), "b": BatchSpec(p[2:], [8], GREEDY)}
+    alone = {k: fast.generate(s) for k, s in requests.items()}
+    outputs, _, joined = run_continuous(fast.session(2, 64, GREEDY, ignore_eos=False), requests)
+    for key in requests:
+        assert outputs[key].tokens == alone[key].tokens and outputs[key].finish_reasons == alone[key].finish_reasons
+    assert outputs["a"].finish_reasons[1] == "eos"
+    assert joined["b"][1] == {"a"}  # b took the row a's EOS freed while a's other sequence ran on
+
+
+def test_a_session_refuses_what_it_cannot_hold(tiny):
+    fast = fast_engine(tiny)
+    session = fast.session(2, 64, GREEDY, ignore_eos=True)
+    assert session.cache_slots == 64
+    assert not session.fits(BatchSpec(prompts([60]), [10], GREEDY, ignore_eos=True))   # past the cache
+    assert not session.fits(BatchSpec(prompts([6]), [10], Sampling(), ignore_eos=True))  # other sampling
+    assert not session.fits(BatchSpec(prompts([6]), [10], GREEDY, ignore_eos=False))
+    assert not session.fits(BatchSpec(prompts([2, 2, 2]), [4, 4, 4], GREEDY, ignore_eos=True))  # > rows
+    session.admit("x", BatchSpec(prompts([3, 3]), [5, 5], GREEDY, ignore_eos=True))
+    with pytest.raises(ValueError, match="cannot join now"):
+        session.admit("y", BatchSpec(prompts([3]), [5], GREEDY, ignore_eos=True))
+    with pytest.raises(ValueError, match="sdpa or bmm"):
+        fast_engine(tiny, attention="flex").session(2, 64, GREEDY, ignore_eos=True)
+
+
+def req(rid, prompt_list, n, greedy=True, **kw):
+    return pb.GenerateRequest(request_id=rid, run_id="cb", prompts=prompt_list, max_new_tokens=n, ignore_eos=True,
+                              sampling=pb.SamplingParams(greedy=greedy), return_token_ids=True, **kw)
+
+
+def test_the_server_lets_requests_join_a_running_batch_and_energy_adds_up(tmp_path):
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            a = pool.submit(stub.Generate, req("a", ["Tell me a long story about a cat", "x"], 80))
+            time.sleep(0.3)
+            b = pool.submit(stub.Generate, req("b", ["Why is the sky blue?"], 10))
+            c = pool.submit(lambda: list(stub.GenerateStream(req("c", ["one", "two"], 12))))
+            ra, rb, chunks = a.result(timeout=120), b.result(timeout=120), c.result(timeout=120)
+        rc = chunks[-1].final
+        assert ra.batch_id == rb.batch_id == rc.batch_id  # one segment
+        # b joined while a was decoding, and left before it.
+        assert ra.times.first_token_ns < rb.times.batch_start_ns < rb.times.done_ns < ra.times.done_ns
+        assert [c.output_tokens for c in ra.completions] == [80, 80]
+        streamed = [[t for ch in chunks[:-1] for t in ch.deltas[i].token_ids] for i in range(2)]
+        assert streamed == [list(x.token_ids) for x in rc.completions] and [len(s) for s in streamed] == [12, 12]
+        assert [ch.step for ch in chunks[:-1]] == list(range(12))
+        alone = stub.Generate(req("b-alone", ["Why is the sky blue?"], 10))
+        assert list(alone.completions[0].token_ids) == list(rb.completions[0].token_ids)
+        assert alone.batch_id != rb.batch_id  # the segment ended when the batch drained
+    finally:
+        srv.stop(1)
+    db = sqlite_utils.Database(tmp_path / "server.db")
+    rows = {r["request_id"]: r for r in db["requests"].rows}
+    segment = db["batches"].get(ra.batch_id)
+    assert segment["n_requests"] == 3 and segment["n_sequences"] == 5
+    assert segment["output_tokens"] == 80 * 2 + 10 + 12 * 2
+    parts = [rows[k]["energy_j"] for k in "abc"]
+    assert all(e > 0 for e in parts)
+    assert parts[1] < parts[0] / 4  # b processed ~21 tokens, a ~170: a share per token, not per request
+    assert sum(parts) == pytest.approx(segment["energy_j"], rel=1e-9)
+    gpu_j = sum(r["energy_j"] for r in db["batch_gpu_energy"].rows_where("batch_id = ?", [ra.batch_id]))
+    assert gpu_j == pytest.approx(segment["energy_j"], rel=1e-9)
+    assert [rows[k]["energy_j"] for k in "abc"] == pytest.approx([ra.energy_j, rb.energy_j, rc.energy_j])
+    assert rows["b"]["batch_start_ns"] == rb.times.batch_start_ns  # its join, not the segment's start
+    assert segment["start_ns"] < rows["b"]["batch_start_ns"]
+
+
+def test_admission_is_first_come_first_served(tmp_path):
+    """A request that cannot share the running batch (other sampling) waits for it to drain, and one
+    behind it does not jump the queue."""
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(stub.Generate, req("first", ["a"], 60))
+            time.sleep(0.3)
+            other = pool.submit(stub.Generate, req("other", ["b"], 5, greedy=False))
+            time.sleep(0.2)
+            behind = pool.submit(stub.Generate, req("behind", ["c"], 5))
+            r1, r2, r3 = (f.result(timeout=120) for f in (first, other, behind))
+    finally:
+        srv.stop(1)
+    assert r2.batch_id != r1.batch_id and r3.batch_id != r1.batch_id
+    assert r2.times.batch_start_ns >= r1.times.done_ns  # waited for the drain
+    assert r3.times.batch_start_ns >= r2.times.batch_start_ns  # did not jump ahead
+
+
+def test_a_failed_energy_write_fails_every_request_and_the_health_check(tmp_path):
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = pb_grpc.InferenceStub(channel)
+        stub.Generate(req("ok", ["fine"], 3))
+        with srv.host.store._lock:
+            srv.host.store.db.conn.execute(  # the next segment write fails
+                "CREATE TRIGGER refuse BEFORE INSERT ON batch_gpu_energy BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(req("lost", ["x"], 3))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(req("after", ["x"], 3))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
+        srv.stop(1)
+
+
+SERVE = [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--device", "cpu", "--power-backend",
+         "simulated", "--port", "0", "--continuous"]
+
+
+@pytest.mark.parametrize("flags,env,fragment", [
+    (["--engine", "eager"], {}, "continuous batching needs the fast engine"),
+    (["--shards", "2"], {}, "--continuous runs on one shard"),
+    (["--continuous-slots", "-1"], {}, "--continuous-slots must be 0 or more"),
+    ([], {"LLMWATTS_FAST_ATTENTION": "flex"}, "continuous batching runs with the sdpa or bmm decode attention"),
+])
+def test_bad_continuous_flags_exit_with_one_line(tmp_path, flags, env, fragment):
+    done = subprocess.run(SERVE + ["--db", str(tmp_path / "s.db"), *flags], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, **env})
+    assert done.returncode != 0
+    assert fragment in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
