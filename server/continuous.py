@@ -4,7 +4,10 @@ between decode steps and leave it the step they end, instead of waiting for the 
 The engine side is ``fast_engine.ContinuousSession``. Here: admission and energy.
 
 Admission is first come, first served: the request at the head of the queue joins as soon as the session
-has a free row for each of its prompts; while it waits, nothing behind it jumps the queue. A session holds
+has a free row for each of its prompts; while it waits, nothing behind it jumps the queue. Every request
+that can join at that point joins in the same prefill; with ``--continuous-join-rows N`` a running
+session waits for N free rows before a round, so that one prefill (which reads every weight once,
+whatever the rows) serves several joiners. A session holds
 one sampling setting and one cache length (``--continuous-slots``, by default the first request's prompt +
 ``max_new_tokens``); a request that differs waits until the session drains, and a new session opens for it.
 
@@ -70,12 +73,15 @@ class ContinuousBatcher(Batcher):
     """``Batcher``'s interface (submit, start, stop, failure) over a ``ContinuousSession``."""
 
     def __init__(self, engine, gpus, store, *, max_batch_size: int, queue_size: int, cache_slots: int = 0,
-                 on_failure=None):
+                 join_rows: int = 1, on_failure=None):
         if not hasattr(engine, "session"):
             raise ValueError(f"continuous batching needs the fast engine, not {engine.name!r}")
         super().__init__(engine, gpus, store, max_batch_size=max_batch_size, queue_size=queue_size,
                          on_failure=on_failure)
         self.cache_slots = cache_slots
+        if not 1 <= join_rows <= max_batch_size:
+            raise ValueError(f"join_rows must be between 1 and max_batch_size ({max_batch_size}), got {join_rows}")
+        self.join_rows = join_rows
         # Real counters refresh every ~100 ms: reading more often splits a lump, not a measurement.
         self.min_gap_s = 0.0 if self.simulated else COUNTER_REFRESH_S
         self.session = None
@@ -138,42 +144,51 @@ class ContinuousBatcher(Batcher):
             return None
 
     def _admit(self) -> None:
-        """Join queued requests while the head of the queue fits; an idle session blocks briefly for one."""
+        """Join queued requests first come, first served, all that fit in one prefill. While the session
+        runs, a round waits for ``join_rows`` free rows: one prefill costs about the same for one joiner
+        as for several (it reads every weight once)."""
+        idle = self.session is None or not self.session.live_rows
+        if not idle and self.session.free_rows < self.join_rows:
+            return
+        joins: dict[str, tuple[Work, BatchSpec]] = {}
         while True:
-            idle = self.session is None or not self.session.live_rows
-            work = self._next_work(block=idle and self.segment is None)
+            work = self._next_work(block=idle and self.segment is None and not joins)
             if work is None:
-                return
+                break
             spec = BatchSpec(work.prompts, [work.max_new_tokens] * len(work.prompts), work.sampling,
                              work.ignore_eos)
-            if self.session is None or (idle and not self.session.fits(spec)):
+            if self.session is None or (idle and not joins and not self.session.fits(spec)):
                 if self.segment is not None:
                     self._close_segment()
                 need = max(len(p) for p in spec.prompts) + work.max_new_tokens
                 self.session = self.engine.session(self.max_batch_size, max(need, self.cache_slots),
                                                    work.sampling, work.ignore_eos,
                                                    prefill_width=max(len(p) for p in spec.prompts))
-            if not self.session.can_admit(spec):
+            if not self.session.can_admit([s for _, s in joins.values()] + [spec]):
                 self._held = work  # first come, first served: it waits at the head of the queue
-                return
-            self._join(work, spec)
+                break
+            joins[work.request_id] = (work, spec)
+        if joins:
+            self._join(joins)
 
-    def _join(self, work: Work, spec: BatchSpec) -> None:
+    def _join(self, joins: dict[str, tuple[Work, BatchSpec]]) -> None:
         if self.segment is None:
             start = self.meter.read()
             self.segment = _Segment(uuid.uuid4().hex, start, start)
-        joined = _Joined(work, spec, time.time_ns())
-        self.joined[work.request_id] = joined
-        self.segment.works[work.request_id] = joined
-        self.segment.sequences += len(spec.prompts)
-        self.segment.prompt_tokens += sum(map(len, spec.prompts))
-        deltas = self.session.admit(work.request_id, spec)
+        now = time.time_ns()
+        for request_id, (work, spec) in joins.items():
+            self.joined[request_id] = self.segment.works[request_id] = _Joined(work, spec, now)
+            self.segment.sequences += len(spec.prompts)
+            self.segment.prompt_tokens += sum(map(len, spec.prompts))
+        deltas = self.session.admit({request_id: spec for request_id, (_, spec) in joins.items()})
         if not self.segment.first_token_ns:
             self.segment.first_token_ns = time.time_ns()
         self._set_load()
-        work.events.put(("step", 0, deltas))
-        self._account({work.request_id: sum(map(len, spec.prompts))})  # its prefill: the prompt tokens
-        self._wake.set()  # a read soon: the steps before the join are not split with the one who joined
+        for request_id, (work, _) in joins.items():
+            work.events.put(("step", 0, deltas[request_id]))
+        # their prefill: the prompt tokens
+        self._account({request_id: sum(map(len, spec.prompts)) for request_id, (_, spec) in joins.items()})
+        self._wake.set()  # a read soon: the steps before the join are not split with the ones who joined
 
     def _step(self) -> None:
         # tokens a step processes: one per sequence that is live when it starts (its EOS step included)

@@ -601,22 +601,24 @@ class FastEngine:
         """Rows of a ``width``-token left-padded batch that one prefill chunk runs at once."""
         return max(1, self.prefill_tokens // width)
 
-    def _prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool, row0: int | None = None) -> torch.Tensor:
+    def _prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool,
+                 rows: list[int] | None = None) -> torch.Tensor:
         """Run the left-padded prompts through the model, fill cache slots [0, S), set up the decode
         state; returns the first sampled token per row [B]. Rows run in chunks of ``prefill_tokens``
         (every row's result is its own: the chunks only bound the activations' memory).
 
-        A static batch (``row0`` None) fills every row of the workspace, filler rows past the prompts.
-        A continuous batch's join (``row0``) fills only rows ``row0 ..`` (one per prompt), and sets their
-        own slots (``row_slot``) and live flags; the other rows keep what they hold."""
-        static = row0 is None
-        row0 = 0 if static else row0
+        A static batch (``rows`` None) fills every row of the workspace, filler rows past the prompts.
+        A continuous batch's join fills only ``rows`` (one per prompt, in any order: rows that are not
+        adjacent go through ``_ScatterCaches``) and sets their own slots (``row_slot``) and live flags; the
+        other rows keep what they hold."""
+        static = rows is None
         width = max(len(p) for p in prompts)
         b = ws.batch if static else len(prompts)
-        rows = list(prompts) + [[self.pad_id]] * (b - len(prompts))  # filler rows: one pad token
+        rows = list(range(b)) if static else list(rows)
+        padded = list(prompts) + [[self.pad_id]] * (b - len(prompts))  # filler rows: one pad token
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in rows], dtype=torch.long)
-        for i, p in enumerate(rows):
+        lengths = torch.tensor([len(p) for p in padded], dtype=torch.long)
+        for i, p in enumerate(padded):
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         ids = ids.to(self.device)                                               # ids: [B, S]
         lengths = lengths.to(self.device)
@@ -625,8 +627,8 @@ class FastEngine:
         # Positions as generate derives them from the mask: cumsum - 1 on real tokens, 1 on padding.
         positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
         slots = torch.arange(ws.cache_len, device=self.device)
-        mine = slice(row0, row0 + b)
-        ws.key_valid[mine].copy_(slots[None, :] >= (width - lengths)[:, None])
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        ws.key_valid.index_copy_(0, index, slots[None, :] >= (width - lengths)[:, None])
         # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
         causal = (col[None, :] <= col[:, None])[None, None]                          # [1, 1, S, S]
         own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]
@@ -635,17 +637,22 @@ class FastEngine:
         for r in range(0, b, step):
             chunk = slice(r, r + step)
             mask = self._additive((real[chunk, None, None, :] & causal) | own)    # [rows, 1, S, S]
-            rows_of_ws = slice(row0 + r, row0 + min(r + step, b))
-            caches = [(k[rows_of_ws], v[rows_of_ws]) for k, v in zip(ws.k, ws.v)]  # views: written in place
+            mine = rows[chunk]
+            if mine == list(range(mine[0], mine[-1] + 1)):  # adjacent rows: views, written in place
+                caches = [(k[mine[0]:mine[-1] + 1], v[mine[0]:mine[-1] + 1]) for k, v in zip(ws.k, ws.v)]
+            else:
+                caches = _ScatterCaches(ws, index[chunk], width)
             logits.append(self._forward(caches, ids[chunk], positions[chunk], mask, col, width, compiled=False))
+            if isinstance(caches, _ScatterCaches):
+                caches.flush()
         first = _sample(torch.cat(logits), greedy, ws.temperature, ws.top_p)
-        ws.tok[mine].copy_(first)
-        ws.pos[mine].copy_(lengths)
+        ws.tok.index_copy_(0, index, first)
+        ws.pos.index_copy_(0, index, lengths)
         if static:
             ws.slot.fill_(width)
         else:
-            ws.row_slot[mine].fill_(width)
-            ws.live[mine].fill_(1)
+            ws.row_slot.index_fill_(0, index, width)
+            ws.live.index_fill_(0, index, 1)
         return first.cpu()
 
     def _forward(self, caches, ids, positions, mask, slots, window: int, compiled: bool,
@@ -744,6 +751,33 @@ class FastEngine:
         return graph
 
 
+class _ScatterCaches:
+    """The per-layer (k, v) caches ``_forward`` writes, for a prefill of workspace rows that are not
+    adjacent (a continuous batch's joiners): each layer writes one scratch pair [n, Hkv, S, D], copied
+    into its rows of the workspace's caches when the next layer takes the scratch (and by ``flush`` after
+    the last layer). One layer's scratch, not a copy of every layer's cache."""
+
+    def __init__(self, ws: _Workspace, rows: torch.Tensor, width: int):
+        self.ws, self.rows, self.width = ws, rows, width
+        shape = (len(rows), ws.k[0].shape[1], width, ws.k[0].shape[3])
+        self.scratch = (ws.k[0].new_empty(shape), ws.v[0].new_empty(shape))
+        self.written: int | None = None  # the layer whose scratch is not copied yet
+
+    def __iter__(self):
+        for layer in range(len(self.ws.k)):
+            self.flush()
+            self.written = layer
+            yield self.scratch
+
+    def flush(self) -> None:
+        if self.written is None:
+            return
+        w = self.width
+        self.ws.k[self.written][:, :, :w].index_copy_(0, self.rows, self.scratch[0])
+        self.ws.v[self.written][:, :, :w].index_copy_(0, self.rows, self.scratch[1])
+        self.written = None
+
+
 def _rows_view(ws: _Workspace, n: int, mark_dynamic: bool) -> _Workspace:
     """The first ``n`` rows of ``ws`` as a workspace of their own: views of its tensors (a step on it
     writes ``ws``), with their own graphs. Cached on ``ws``."""
@@ -767,8 +801,8 @@ def _rows_view(ws: _Workspace, n: int, mark_dynamic: bool) -> _Workspace:
 class ContinuousSession:
     """Continuous batching on one workspace: requests join free rows and leave between decode steps.
 
-    A joining request's prompts are prefilled into the lowest free rows (left-padded to their widest, one
-    prefill per run of adjacent rows) and then decode with every other live row: each row writes its own
+    Joining requests' prompts are prefilled into the lowest free rows (together: one prefill, left-padded
+    to their widest) and then decode with every other live row: each row writes its own
     cache slot (``row_slot``) and attends over its own slots only, so rows that joined at different steps
     share every step. A row is freed the step its sequence ends (EOS or its limit); the next request
     takes it. A step runs over rows ``0 .. bucket(highest live row)``, so a half-empty session does not
@@ -826,37 +860,39 @@ class ContinuousSession:
         return (batch.sampling == self.sampling and batch.ignore_eos == self.ignore_eos
                 and len(batch.prompts) <= self.rows and width + max(batch.max_new_tokens) <= self.cache_slots)
 
-    def can_admit(self, batch: BatchSpec) -> bool:
-        return self.fits(batch) and len(batch.prompts) <= self.free_rows
+    def can_admit(self, batches: list[BatchSpec]) -> bool:
+        """Whether ``batches`` can join now, together: free rows for all their prompts, and room in the
+        cache for their longest response after their widest prompt (one prefill left-pads to it)."""
+        if not batches:
+            return True
+        width = max(len(p) for b in batches for p in b.prompts)
+        return (all(self.fits(b) for b in batches) and sum(len(b.prompts) for b in batches) <= self.free_rows
+                and width + max(n for b in batches for n in b.max_new_tokens) <= self.cache_slots)
 
     @torch.inference_mode()
-    def admit(self, key, batch: BatchSpec) -> list[list[int]]:
-        """Prefill ``batch`` into free rows; its first token per sequence (as deltas)."""
-        if key in self.trackers:
-            raise ValueError(f"request {key!r} is already in this batch")
-        if not self.can_admit(batch):
-            raise ValueError("this batch cannot join now: check can_admit first")
-        free = [r for r, o in enumerate(self.owner) if o is None][:len(batch.prompts)]
-        first = [0] * len(free)
-        start = 0
-        while start < len(free):  # runs of adjacent rows: one prefill each, written in place
-            end = start + 1
-            while end < len(free) and free[end] == free[end - 1] + 1:
-                end += 1
-            prompts = batch.prompts[start:end]
-            tokens = self.engine._prefill(self.ws, prompts, self.sampling.greedy, row0=free[start]).tolist()
-            width = max(len(p) for p in prompts)
-            for i in range(start, end):
-                first[i] = tokens[i - start]
-                self.slot[free[i]] = width
-            start = end
-        tracker = self.trackers[key] = SequenceTracker(batch, self.engine.eos_id)
-        self.rows_of[key] = list(free)
-        for i, r in enumerate(free):
-            self.owner[r] = (key, i)
-        deltas = tracker.step(first)
-        self._free_ended(key)
-        return deltas
+    def admit(self, joins: dict) -> dict[object, list[list[int]]]:
+        """Prefill every request of ``joins`` (key -> BatchSpec) into free rows, in one prefill; their first
+        token per sequence (as deltas), per key."""
+        if any(key in self.trackers for key in joins):
+            raise ValueError(f"a request of {sorted(map(str, joins))} is already in this batch")
+        if not joins or not self.can_admit(list(joins.values())):
+            raise ValueError("these requests cannot join now: check can_admit first")
+        prompts = [p for spec in joins.values() for p in spec.prompts]
+        free = [r for r, o in enumerate(self.owner) if o is None][:len(prompts)]
+        first = self.engine._prefill(self.ws, prompts, self.sampling.greedy, rows=free).tolist()
+        width = max(len(p) for p in prompts)
+        out, at = {}, 0
+        for key, spec in joins.items():
+            rows = free[at:at + len(spec.prompts)]
+            tracker = self.trackers[key] = SequenceTracker(spec, self.engine.eos_id)
+            self.rows_of[key] = list(rows)
+            for i, r in enumerate(rows):
+                self.owner[r] = (key, i)
+                self.slot[r] = width
+            out[key] = tracker.step(first[at:at + len(spec.prompts)])
+            self._free_ended(key)
+            at += len(spec.prompts)
+        return out
 
     @torch.inference_mode()
     def step(self) -> dict[object, list[list[int]]]:

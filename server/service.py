@@ -82,7 +82,8 @@ class Host:
                                       f"{self.engine.name!r} on {self.shard_count}")
             self.batcher = ContinuousBatcher(self.engine, self.gpus, self.store,
                                              max_batch_size=config.max_batch_size, queue_size=config.queue_size,
-                                             cache_slots=config.continuous_slots)
+                                             cache_slots=config.continuous_slots,
+                                             join_rows=config.continuous_join_rows)
         else:
             self.batcher = Batcher(self.engine, self.gpus, self.store, max_batch_size=config.max_batch_size,
                                    queue_size=config.queue_size, merge_requests=config.merge_requests,

@@ -44,8 +44,8 @@ def prompts(lengths, seed=0):
 
 
 def run_continuous(session, requests: dict[str, BatchSpec]):
-    """Admit ``requests`` first come, first served whenever rows are free; step until all ended.
-    -> (outputs, streamed tokens, {key: (step it joined, keys live then)})."""
+    """Admit ``requests`` first come, first served whenever rows are free (all that fit in one prefill);
+    step until all ended. -> (outputs, streamed tokens, {key: (step it joined, keys live then, its rows)})."""
     streamed = {k: [[] for _ in s.prompts] for k, s in requests.items()}
     outputs, joined, waiting = {}, {}, list(requests)
 
@@ -54,10 +54,15 @@ def run_continuous(session, requests: dict[str, BatchSpec]):
             streamed[key][i] += d
 
     while waiting or session.live_rows:
-        while waiting and session.can_admit(requests[waiting[0]]):
+        joins = {}
+        while waiting and session.can_admit([*joins.values(), requests[waiting[0]]]):
             key = waiting.pop(0)
+            joins[key] = requests[key]
             joined[key] = (session.steps, set(session.trackers))
-            take(key, session.admit(key, requests[key]))
+        if joins:
+            for key, deltas in session.admit(joins).items():
+                take(key, deltas)
+                joined[key] += (list(session.rows_of[key]),)
         for key, deltas in session.step().items():
             take(key, deltas)
         for key in [k for k in session.trackers if session.done(k)]:
@@ -82,8 +87,10 @@ def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny):
         assert outputs[key].tokens == alone[key].tokens, key
         assert streamed[key] == alone[key].tokens, key
         assert outputs[key].finish_reasons == ["length"] * len(requests[key].prompts)
-    # They really shared steps: c joined a running batch (into rows a freed), d and e later still.
-    assert joined["c"][0] > 0 and joined["c"][1] & {"a", "b"}
+    # They really shared steps: a and b joined in one prefill (padded to 17 tokens); c joined a running
+    # batch, into rows that are not adjacent (a freed 0 and 1, b holds 2); d and e later still.
+    assert joined["a"][0] == joined["b"][0] == 0 and joined["a"][2] == [0, 1] and joined["b"][2] == [2]
+    assert joined["c"][0] > 0 and joined["c"][1] & {"a", "b"} and joined["c"][2] == [0, 1, 3]
     assert joined["d"][0] > joined["c"][0] and joined["e"][0] > joined["d"][0]
     assert not session.trackers and session.live_rows == 0
 
@@ -110,9 +117,16 @@ def test_a_session_refuses_what_it_cannot_hold(tiny):
     assert not session.fits(BatchSpec(prompts([6]), [10], Sampling(), ignore_eos=True))  # other sampling
     assert not session.fits(BatchSpec(prompts([6]), [10], GREEDY, ignore_eos=False))
     assert not session.fits(BatchSpec(prompts([2, 2, 2]), [4, 4, 4], GREEDY, ignore_eos=True))  # > rows
-    session.admit("x", BatchSpec(prompts([3, 3]), [5, 5], GREEDY, ignore_eos=True))
+    one = BatchSpec(prompts([3]), [5], GREEDY, ignore_eos=True)
+    assert session.can_admit([one, one]) and not session.can_admit([one, one, one])  # together: 3 rows > 2
+    long = BatchSpec(prompts([50]), [5], GREEDY, ignore_eos=True)
+    assert session.can_admit([long]) and session.can_admit([one])
+    assert not session.can_admit([long, BatchSpec(prompts([3]), [20], GREEDY, ignore_eos=True)])  # 50 + 20 > 64
+    session.admit({"x": BatchSpec(prompts([3, 3]), [5, 5], GREEDY, ignore_eos=True)})
     with pytest.raises(ValueError, match="cannot join now"):
-        session.admit("y", BatchSpec(prompts([3]), [5], GREEDY, ignore_eos=True))
+        session.admit({"y": one})
+    with pytest.raises(ValueError, match="already in this batch"):
+        session.admit({"x": one})
     with pytest.raises(ValueError, match="sdpa or bmm"):
         fast_engine(tiny, attention="flex").session(2, 64, GREEDY, ignore_eos=True)
 
@@ -181,6 +195,21 @@ def test_admission_is_first_come_first_served(tmp_path):
     assert r3.times.batch_start_ns >= r2.times.batch_start_ns  # did not jump ahead
 
 
+def test_join_rows_holds_joiners_until_enough_rows_are_free(tmp_path):
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=2, continuous_join_rows=2)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(stub.Generate, req("first", ["a"], 40))
+            time.sleep(0.3)
+            second = pool.submit(stub.Generate, req("second", ["b"], 5))
+            r1, r2 = first.result(timeout=120), second.result(timeout=120)
+    finally:
+        srv.stop(1)
+    # One row was free all along, but a round waits for two: second joined when first ended.
+    assert r2.times.batch_start_ns >= r1.times.done_ns
+
+
 def test_a_failed_energy_write_fails_every_request_and_the_health_check(tmp_path):
     srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -211,6 +240,7 @@ SERVE = [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--de
     (["--engine", "eager"], {}, "continuous batching needs the fast engine"),
     (["--shards", "2"], {}, "--continuous runs on one shard"),
     (["--continuous-slots", "-1"], {}, "--continuous-slots must be 0 or more"),
+    (["--continuous-join-rows", "65"], {}, "--continuous-join-rows must be between 1 and --max-batch-size (64)"),
     ([], {"LLMWATTS_FAST_ATTENTION": "flex"}, "continuous batching runs with the sdpa or bmm decode attention"),
 ])
 def test_bad_continuous_flags_exit_with_one_line(tmp_path, flags, env, fragment):

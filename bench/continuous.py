@@ -1,0 +1,296 @@
+"""Does continuous batching pay? The same requests through static batches and through continuous batching.
+
+Workload: Alpaca requests as the load generator renders them, each asking for as many new tokens as its
+reference response has (tokenized, +1 for EOS, capped at ``--max-new-tokens``), fixed-length
+(``ignore_eos``): the random-weight presets never stop on EOS, so the reference lengths stand in for a
+trained model's (as in ``bench/batch_waste.py``). Greedy decoding.
+
+Two parts, each with its baseline in the same run:
+
+- ``engine``, in-process and offline (every request queued at t0): static batches of ``B`` requests in
+  arrival order (``FastEngine.generate``: a batch decodes until its longest response ends) against a
+  ``ContinuousSession`` of ``B`` rows that waiting requests join as soon as a row frees (``continuous``) or
+  once ``N`` rows are free, several in one prefill (``continuous-joinN``, ``--join-rows``). Latency is each
+  request's completion time from t0.
+- ``server``, closed loop: ``B`` client threads, each sending its next request when the last is
+  answered, against ``llmwatts serve --merge-requests`` (concurrent requests merged into one batch,
+  ``batch_wait_ms`` 5) and against ``--continuous``, same model and engine. Latency is per request at the
+  client; ``after last token`` is the client's receipt minus the server's last-token stamp (the energy
+  read and the response path; with ``--continuous`` the wait for the meter thread's read).
+
+Energy is the NVML counter over each whole region (read-only NVML); the server rows also give the
+requests' attributed joules as a share of it. Each mode runs the workload once untimed first (compiles and the
+graph captures of every batch bucket, attention window and row prefix it meets).
+
+    python bench/continuous.py                            # llama-7b on cuda, B = 16, 64, 256
+    python bench/continuous.py --quick --data-dir DIR     # tiny on cpu: proves the script runs
+"""
+
+import argparse
+import concurrent.futures
+import json
+import queue
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from nvml_energy import EnergyCounter
+
+from llmwatts import paths
+from llmwatts.loadgen.prompts import ALPACA_FILES, _find, _read_records, alpaca_prompt
+from llmwatts.server.engine import BatchSpec, Sampling
+
+GREEDY = Sampling(greedy=True)
+PARTS = ("engine", "server")
+
+
+@dataclass
+class Request:
+    text: str
+    ids: list[int]
+    new: int
+
+
+def workload(path: Path, tokenizer, count: int, max_new: int) -> list[Request]:
+    """The first ``count`` Alpaca records: prompt as loadgen renders it, reference length as max_new_tokens."""
+    records = _read_records(path)[:count]
+    if len(records) < count:
+        raise ValueError(f"{path} has {len(records)} records; --requests asks for {count}")
+    texts = [alpaca_prompt(r["instruction"], r.get("input", "")) for r in records]
+    ids = tokenizer(texts)["input_ids"]
+    outs = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    return [Request(t, i, min(len(o) + 1, max_new)) for t, i, o in zip(texts, ids, outs)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def engine_static(engine, reqs: list[Request], b: int) -> dict:
+    t0, latencies, steps = time.time_ns(), [], 0
+    for i in range(0, len(reqs), b):
+        chunk = reqs[i:i + b]
+        out = engine.generate(BatchSpec([r.ids for r in chunk], [r.new for r in chunk], GREEDY, ignore_eos=True))
+        assert [len(t) for t in out.tokens] == [r.new for r in chunk]
+        latencies += [(d - t0) / 1e9 for d in out.done_ns]
+        steps += max(r.new for r in chunk)
+    return {"latencies": latencies, "steps": steps}
+
+
+def engine_continuous(engine, reqs: list[Request], b: int, join_rows: int = 1) -> dict:
+    """As the server's continuous batcher admits: first come, first served, every request that fits in
+    one prefill, once ``join_rows`` rows are free (or the session is empty)."""
+    session = engine.session(b, max(len(r.ids) + r.new for r in reqs), GREEDY, ignore_eos=True,
+                             prefill_width=max(len(r.ids) for r in reqs))
+    t0, latencies, occupancy, prefills = time.time_ns(), [], [], 0
+    waiting = [(k, BatchSpec([r.ids], [r.new], GREEDY, ignore_eos=True)) for k, r in enumerate(reqs)]
+    while waiting or session.live_rows:
+        if not session.live_rows or session.free_rows >= join_rows:
+            joins = {}
+            while waiting and session.can_admit([*joins.values(), waiting[0][1]]):
+                k, spec = waiting.pop(0)
+                joins[k] = spec
+            if joins:
+                session.admit(joins)
+                prefills += 1
+        occupancy.append(session.live_rows)
+        session.step()
+        for k in [k for k in session.trackers if session.done(k)]:
+            out = session.pop(k)
+            assert len(out.tokens[0]) == reqs[k].new
+            latencies.append((out.done_ns[0] - t0) / 1e9)
+    return {"latencies": latencies, "steps": session.steps, "mean_live_rows": statistics.mean(occupancy),
+            "prefills": prefills}
+
+
+def closed_loop(port: int, reqs: list[Request], users: int) -> dict:
+    import grpc
+
+    from llmwatts.v1 import llmwatts_pb2 as pb
+    from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
+
+    todo: queue.Queue = queue.Queue()
+    for r in reqs:
+        todo.put(r)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.InferenceStub(channel)
+    latencies, after_last, energy = [], [], []
+
+    def user() -> None:
+        while True:
+            try:
+                r = todo.get_nowait()
+            except queue.Empty:
+                return
+            t0 = time.perf_counter()
+            resp = stub.Generate(pb.GenerateRequest(
+                request_id=uuid.uuid4().hex, run_id="bench", prompts=[r.text], max_new_tokens=r.new,
+                sampling=pb.SamplingParams(greedy=True), ignore_eos=True), timeout=900)
+            got_ns = time.time_ns()
+            latencies.append(time.perf_counter() - t0)
+            after_last.append((got_ns - resp.times.done_ns) / 1e6)
+            energy.append(resp.energy_j)
+            assert resp.completions[0].output_tokens == r.new
+
+    with concurrent.futures.ThreadPoolExecutor(users) as pool:
+        for f in [pool.submit(user) for _ in range(users)]:
+            f.result()
+    channel.close()
+    return {"latencies": latencies, "after_last_ms": statistics.mean(after_last), "attributed_j": sum(energy)}
+
+
+def measure(fn, counter: EnergyCounter, device: torch.device, tokens: int) -> dict:
+    sync(device)
+    e0, t0 = counter.energy_mj(), time.perf_counter()
+    row = fn()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    e1 = counter.energy_mj()
+    lat = row.pop("latencies")
+    row.update(seconds=seconds, tok_s=tokens / seconds, p50_s=pct(lat, 0.5), p95_s=pct(lat, 0.95))
+    if e0 is not None:
+        joules = (e1 - e0) / 1000.0
+        row.update(j_per_token=joules / tokens, watts=joules / seconds, counter_j=joules)
+        if "attributed_j" in row:
+            row["attributed_share"] = row["attributed_j"] / joules
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", default="16,64,256", help="rows (engine) and client threads (server)")
+    ap.add_argument("--requests", type=int, default=0, help="requests per batch size (default: max(512, 4 B))")
+    ap.add_argument("--join-rows", default="1,8", help="engine part: continuous rows once this many rows are free, "
+                                                      "each (capped at B / 2)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    ap.add_argument("--data-dir", help="folder with alpaca_5k.jsonl (default: llmwatts' data folders)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="tiny on cpu, 2 and 4 rows, 12 requests")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.device, args.batches, args.requests, args.max_new_tokens = "tiny", "cpu", "2,4", 12, 12
+    parts = [p for p in args.parts.split(",") if p]
+    if set(parts) - set(PARTS):
+        ap.error(f"unknown parts {sorted(set(parts) - set(PARTS))}: use {','.join(PARTS)}")
+    dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
+    path = _find(dirs, ALPACA_FILES)
+    if path is None:
+        print(f"error: {' or '.join(ALPACA_FILES)} not found in {', '.join(map(str, dirs))}", file=sys.stderr)
+        return 2
+
+    from llmwatts.server.config import ServerConfig
+    from llmwatts.server.service import Host, create_server
+
+    device = torch.device(args.device)
+    counter = EnergyCounter(device)
+    db_dir = Path(tempfile.mkdtemp())
+
+    def config(name: str, b: int, **kw) -> ServerConfig:
+        return ServerConfig(model=args.model, device=args.device, engine="fast", port=0,
+                            power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
+                            db_path=db_dir / f"{name}.db", cap_state_path=db_dir / f"{name}.caps.json",
+                            max_batch_size=b, queue_size=b + 8, **kw)
+
+    t_load = time.perf_counter()
+    base = Host(config("load", 1))
+    loaded, engine = base.loaded, base.engine
+    base.close()
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": getattr(counter, "name", "cpu"),
+               "model": args.model, "torch": torch.__version__, "data": str(path), "rows": []}
+
+    def note(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        if args.json:  # after every row, so a run cut short still leaves its numbers
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+
+    note(f"{args.model} loaded in {time.perf_counter() - t_load:.1f} s on {results['device']}")
+    for b in [int(x) for x in args.batches.split(",") if x]:
+        reqs = workload(path, loaded.tokenizer, args.requests or max(512, 4 * b), args.max_new_tokens)
+        tokens = sum(r.new for r in reqs)
+        slots = max(len(r.ids) + r.new for r in reqs)
+        common = {"batch": b, "requests": len(reqs), "tokens": tokens, "mean_new": tokens / len(reqs)}
+
+        def add(part: str, mode: str, fn) -> None:
+            try:
+                t0 = time.perf_counter()
+                fn()  # untimed: every graph (bucket, window, row prefix) the timed run needs is captured
+                note(f"{part} {mode} b={b}: warm-up {time.perf_counter() - t0:.1f} s")
+                row = {"part": part, "mode": mode, **common, **measure(fn, counter, device, tokens)}
+            except Exception as e:  # one failing row must not lose the rest of a paid GPU run
+                row = {"part": part, "mode": mode, **common, "error": f"{type(e).__name__}: {e}"[:200]}
+                if device.type == "cuda":
+                    engine.release()
+            results["rows"].append(row)
+            note(f"{part} {mode} b={b}: " + (row.get("error") or f"{row['tok_s']:.1f} tok/s, "
+                 f"{row.get('j_per_token', float('nan')):.4f} J/tok, p50 {row['p50_s']:.2f} s"))
+
+        if "engine" in parts:
+            add("engine", "static", lambda: engine_static(engine, reqs, b))
+            for j in sorted({min(int(x), max(1, b // 2)) for x in args.join_rows.split(",") if x}):
+                add("engine", "continuous" if j == 1 else f"continuous-join{j}",
+                    lambda j=j: engine_continuous(engine, reqs, b, j))
+        if "server" in parts:
+            for mode, kw in (("merge", dict(merge_requests=True)),
+                             ("continuous", dict(continuous=True, continuous_slots=slots))):
+                srv, port = create_server(config(f"{mode}-{b}", b, **kw),
+                                          host=Host(config(f"{mode}-{b}", b, **kw), loaded=loaded, engine=engine))
+                srv.start()
+                try:
+                    add("server", mode, lambda: closed_loop(port, reqs, b))
+                finally:
+                    srv.stop(1)
+        engine.release()
+
+    print_report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def print_report(results: dict) -> None:
+    print(f"\n# {results['model']} on {results['device']}, Alpaca requests with their reference lengths, greedy; "
+          f"torch {results['torch']}; {results['date']}\n")
+    print("| part | B | mode | requests | mean new tokens | tok/s | J/token | W | p50 s | p95 s | decode steps | "
+          "vs static/merge | notes |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    rows = results["rows"]
+    base = {(r["part"], r["batch"]): r for r in rows if r["mode"] in ("static", "merge") and "tok_s" in r}
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['part']} | {r['batch']} | {r['mode']} | {r['requests']} | | {r['error']} | | | | | | | |")
+            continue
+        b = base.get((r["part"], r["batch"]))
+        rel = f"{r['tok_s'] / b['tok_s']:.2f}x tok/s" if b else ""
+        if b and "j_per_token" in r and "j_per_token" in b:
+            rel += f", {100 * (r['j_per_token'] / b['j_per_token'] - 1):+.1f}% J/tok"
+        notes = []
+        if "mean_live_rows" in r:
+            notes.append(f"{r['mean_live_rows']:.1f} live rows a step, {r['prefills']} prefills")
+        if "after_last_ms" in r:
+            notes.append(f"after last token {r['after_last_ms']:.1f} ms")
+        if "attributed_share" in r:
+            notes.append(f"attributed {100 * r['attributed_share']:.1f}% of the counter's J")
+        j = f"{r['j_per_token']:.4f}" if "j_per_token" in r else "-"
+        w = f"{r['watts']:.0f}" if "watts" in r else "-"
+        print(f"| {r['part']} | {r['batch']} | {r['mode']} | {r['requests']} | {r['mean_new']:.1f} | "
+              f"{r['tok_s']:.1f} | {j} | {w} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r.get('steps', '')} | {rel} | "
+              f"{'; '.join(notes)} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
