@@ -14,7 +14,8 @@ Two parts, each with its baseline in the same run:
   request's completion time from t0.
 - ``server``, closed loop: ``B`` client threads, each sending its next request when the last is
   answered, against ``llmwatts serve --merge-requests`` (concurrent requests merged into one batch,
-  ``batch_wait_ms`` 5) and against ``--continuous``, same model and engine. Latency is per request at the
+  ``batch_wait_ms`` 50) and against ``--continuous`` (its default join rounds), same model and engine; the
+  clients run in a process of their own. Latency is per request at the
   client; ``after last token`` is the client's receipt minus the server's last-token stamp (the energy
   read and the response path; with ``--continuous`` the wait for the meter thread's read).
 
@@ -46,6 +47,9 @@ from llmwatts.loadgen.prompts import ALPACA_FILES, _find, _read_records, alpaca_
 from llmwatts.server.engine import BatchSpec, Sampling
 
 GREEDY = Sampling(greedy=True)
+# The merge baseline waits this long for company: 64 clients' next requests arrive within a few ms of the
+# batch's answers, and the server's default 5 ms split them into several batches.
+MERGE_WAIT_MS = 50.0
 PARTS = ("engine", "server")
 
 
@@ -93,16 +97,18 @@ def engine_continuous(engine, reqs: list[Request], b: int, join_rows: int = 1) -
     one prefill, once ``join_rows`` rows are free (or the session is empty)."""
     session = engine.session(b, max(len(r.ids) + r.new for r in reqs), GREEDY, ignore_eos=True,
                              prefill_width=max(len(r.ids) for r in reqs))
-    t0, latencies, occupancy, prefills = time.time_ns(), [], [], 0
+    t0, latencies, occupancy, prefills, admit_s = time.time_ns(), [], [], 0, 0.0
     waiting = [(k, BatchSpec([r.ids], [r.new], GREEDY, ignore_eos=True)) for k, r in enumerate(reqs)]
-    while waiting or session.live_rows:
+    while waiting or session.busy:
         if not session.live_rows or session.free_rows >= join_rows:
             joins = {}
             while waiting and session.can_admit([*joins.values(), waiting[0][1]]):
                 k, spec = waiting.pop(0)
                 joins[k] = spec
             if joins:
-                session.admit(joins)
+                a0 = time.perf_counter()
+                session.admit(joins)  # (returns the first tokens: it waits for the GPU)
+                admit_s += time.perf_counter() - a0
                 prefills += 1
         occupancy.append(session.live_rows)
         session.step()
@@ -111,7 +117,8 @@ def engine_continuous(engine, reqs: list[Request], b: int, join_rows: int = 1) -
             assert len(out.tokens[0]) == reqs[k].new
             latencies.append((out.done_ns[0] - t0) / 1e9)
     return {"latencies": latencies, "steps": session.steps, "mean_live_rows": statistics.mean(occupancy),
-            "prefills": prefills}
+            "prefills": prefills, "prefill_ms": 1000 * admit_s / max(prefills, 1),
+            "decode_ms": 1000 * ((time.time_ns() - t0) / 1e9 - admit_s) / max(session.steps, 1)}
 
 
 def closed_loop(port: int, reqs: list[Request], users: int) -> dict:
@@ -219,6 +226,11 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps(results, indent=2, default=str))
 
     note(f"{args.model} loaded in {time.perf_counter() - t_load:.1f} s on {results['device']}")
+    # The clients run in a process of their own: their threads do not compete with the server's batcher
+    # thread for this process's interpreter lock. Started once; the warm-up run pays for its imports.
+    import multiprocessing
+
+    clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     for b in [int(x) for x in args.batches.split(",") if x]:
         reqs = workload(path, loaded.tokenizer, args.requests or max(512, 4 * b), args.max_new_tokens)
         tokens = sum(r.new for r in reqs)
@@ -245,16 +257,23 @@ def main(argv=None) -> int:
                 add("engine", "continuous" if j == 1 else f"continuous-join{j}",
                     lambda j=j: engine_continuous(engine, reqs, b, j))
         if "server" in parts:
-            for mode, kw in (("merge", dict(merge_requests=True)),
+            for mode, kw in (("merge", dict(merge_requests=True, batch_wait_ms=MERGE_WAIT_MS)),
                              ("continuous", dict(continuous=True, continuous_slots=slots))):
                 srv, port = create_server(config(f"{mode}-{b}", b, **kw),
                                           host=Host(config(f"{mode}-{b}", b, **kw), loaded=loaded, engine=engine))
                 srv.start()
                 try:
-                    add("server", mode, lambda: closed_loop(port, reqs, b))
+                    add("server", mode, lambda: clients.submit(closed_loop, port, reqs, b).result())
+                    srv.host.store.flush()
+                    sizes = [r[0] for r in srv.host.store.db.execute("select n_sequences from batches").fetchall()]
+                    if mode == "merge" and sizes and "error" not in results["rows"][-1]:
+                        results["rows"][-1]["mean_batch"] = statistics.mean(sizes)
+                    if mode == "continuous":
+                        results["rows"][-1]["join_rows"] = srv.host.batcher.join_rows
                 finally:
                     srv.stop(1)
         engine.release()
+    clients.shutdown()
 
     print_report(results)
     if args.json:
@@ -280,7 +299,12 @@ def print_report(results: dict) -> None:
             rel += f", {100 * (r['j_per_token'] / b['j_per_token'] - 1):+.1f}% J/tok"
         notes = []
         if "mean_live_rows" in r:
-            notes.append(f"{r['mean_live_rows']:.1f} live rows a step, {r['prefills']} prefills")
+            notes.append(f"{r['mean_live_rows']:.1f} live rows a step; {r['prefills']} prefills of "
+                         f"{r['prefill_ms']:.1f} ms; {r['decode_ms']:.2f} ms a decode step")
+        if "mean_batch" in r:
+            notes.append(f"mean batch {r['mean_batch']:.1f}")
+        if "join_rows" in r:
+            notes.append(f"joins once {r['join_rows']} rows are free")
         if "after_last_ms" in r:
             notes.append(f"after last token {r['after_last_ms']:.1f} ms")
         if "attributed_share" in r:

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
                         "without waiting for the batch to drain (default 0: the first request's)")
     p.add_argument("--continuous-join-rows", type=int, default=d.continuous_join_rows,
                    help="with --continuous: free rows a running batch waits for before requests join, so one "
-                        "prefill serves several (default 1: join at once)")
+                        "prefill serves several (default 0: --max-batch-size / 8, at least 1; 1 joins at once)")
     p.add_argument("--queue-size", type=int, default=d.queue_size)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random-weight presets")
     p.add_argument("--sim-gpus", type=int, default=d.sim_gpus, help="simulated GPUs (simulated backend)")
@@ -82,8 +82,8 @@ def config_from_args(args) -> ServerConfig:
         raise InvalidArgument("--continuous runs on one shard: drop --shards or --continuous")
     if args.continuous_slots < 0:
         raise InvalidArgument(f"--continuous-slots must be 0 or more, got {args.continuous_slots}")
-    if not 1 <= args.continuous_join_rows <= args.max_batch_size:
-        raise InvalidArgument(f"--continuous-join-rows must be between 1 and --max-batch-size "
+    if not 0 <= args.continuous_join_rows <= args.max_batch_size:
+        raise InvalidArgument(f"--continuous-join-rows must be between 0 (automatic) and --max-batch-size "
                               f"({args.max_batch_size}), got {args.continuous_join_rows}")
     if args.power_backend not in BACKENDS:
         raise InvalidArgument(f"unknown power backend {args.power_backend!r}; choose one of: {', '.join(BACKENDS)}")

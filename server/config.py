@@ -48,7 +48,8 @@ class ServerConfig:
     batch_wait_ms: float = 5.0           # how long the batcher waits for more requests to merge
     continuous: bool = False             # requests join a running batch between decode steps (fast engine)
     continuous_slots: int = 0            # its cache length per row; 0: the first request's prompt + new tokens
-    continuous_join_rows: int = 1        # a running continuous batch admits once this many rows are free
+    continuous_join_rows: int = 0        # a running continuous batch admits once this many rows are free;
+                                         # 0: max_batch_size / 8 (at least 1)
     queue_size: int = 64                 # bounded queue of pending requests; full → RESOURCE_EXHAUSTED
     seed: int = 0
     # Security (power-cap control).

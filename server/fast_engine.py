@@ -772,9 +772,9 @@ class _ScatterCaches:
     def flush(self) -> None:
         if self.written is None:
             return
-        w = self.width
-        self.ws.k[self.written][:, :, :w].index_copy_(0, self.rows, self.scratch[0])
-        self.ws.v[self.written][:, :, :w].index_copy_(0, self.rows, self.scratch[1])
+        w = self.width  # (an index_put: it writes only the rows' slots, where index_copy_ into this
+        self.ws.k[self.written][self.rows, :, :w] = self.scratch[0]  # strided view could copy it whole)
+        self.ws.v[self.written][self.rows, :, :w] = self.scratch[1]
         self.written = None
 
 
@@ -839,7 +839,12 @@ class ContinuousSession:
         self.slot = [0] * rows                                         # host copy of the live rows' slots
         self.trackers: dict[object, SequenceTracker] = {}
         self.rows_of: dict[object, list[int | None]] = {}             # key -> row per sequence (None: ended)
-        self.steps = 0
+        self.steps = 0                                                 # steps launched
+        self.last_ran: dict[object, int] = {}  # key -> its sequences that ran the step ``step`` took
+        cuda = engine.device.type == "cuda"
+        self._host = [(torch.empty(ws.batch, dtype=torch.long, pin_memory=cuda),
+                       torch.cuda.Event() if cuda else None) for _ in range(2)]
+        self._pending = None  # (host buffer, event, [(row, key, sequence)]) of the step launched last
 
     @property
     def cache_slots(self) -> int:
@@ -855,7 +860,7 @@ class ContinuousSession:
 
     def fits(self, batch: BatchSpec) -> bool:
         """Whether ``batch`` could ever join this session: same sampling, and room in the cache (now or
-        once rows free up)."""
+        once rows free up) for its prompt, its new tokens and the one step a row runs past its end."""
         width = max(len(p) for p in batch.prompts)
         return (batch.sampling == self.sampling and batch.ignore_eos == self.ignore_eos
                 and len(batch.prompts) <= self.rows and width + max(batch.max_new_tokens) <= self.cache_slots)
@@ -894,23 +899,53 @@ class ContinuousSession:
             at += len(spec.prompts)
         return out
 
+    @property
+    def busy(self) -> bool:
+        """Rows are live, or a launched step's tokens are still to be taken (``step``)."""
+        return self.live_rows > 0 or self._pending is not None
+
     @torch.inference_mode()
     def step(self) -> dict[object, list[list[int]]]:
-        """One decode step of every live row -> per request key with live sequences, each sequence's gain."""
+        """Launch a decode step of every live row, then take the tokens of the step launched before it (on
+        CUDA their copy to the host overlapped this step, as in ``FastEngine.generate``: the GPU does not
+        wait for the host's bookkeeping) -> per request key, each of its sequences' gain in that step;
+        ``last_ran`` says how many of its sequences ran it. A sequence that ended in a step has already
+        run the next one when that is found out: its row's token there is dropped (the cache has the
+        slot to spare, ``fits``)."""
         live = [r for r, o in enumerate(self.owner) if o is not None]
-        if not live:
-            return {}
-        view = _rows_view(self.ws, _bucket(live[-1] + 1),
-                          mark_dynamic=self.engine.compiled and self.engine.attention != "flex")
-        self.engine._decode_step(view, max(self.slot[r] for r in live) + 1, self.sampling.greedy, per_row=True)
-        ids = view.out.tolist()  # the one host sync per step
-        self.steps += 1
-        for r in live:
-            self.slot[r] += 1
-        out = {}
-        for key in {self.owner[r][0] for r in live}:
-            rows = self.rows_of[key]
-            out[key] = self.trackers[key].step([ids[r] if r is not None else 0 for r in rows])
+        launched = None
+        if live:
+            view = _rows_view(self.ws, _bucket(live[-1] + 1),
+                              mark_dynamic=self.engine.compiled and self.engine.attention != "flex")
+            self.engine._decode_step(view, max(self.slot[r] for r in live) + 1, self.sampling.greedy,
+                                     per_row=True)
+            buf, event = self._host[self.steps % 2]
+            buf[:view.batch].copy_(view.out, non_blocking=event is not None)
+            if event is not None:
+                event.record()
+            self.steps += 1
+            for r in live:
+                self.slot[r] += 1
+            launched = (buf, event, [(r, *self.owner[r]) for r in live])
+        taken, self._pending = self._pending, launched
+        return self._take(taken) if taken is not None else {}
+
+    def _take(self, pending) -> dict[object, list[list[int]]]:
+        buf, event, ran = pending
+        if event is not None:
+            event.synchronize()  # the one host sync per step
+        ids = buf.tolist()
+        per_key: dict[object, dict[int, int]] = {}
+        for r, key, i in ran:
+            if key in self.trackers:  # (a request popped since: the step ran past its end)
+                per_key.setdefault(key, {})[i] = ids[r]
+        out, self.last_ran = {}, {}
+        for key, tokens in per_key.items():
+            tracker = self.trackers[key]
+            self.last_ran[key] = sum(1 for i in tokens if tracker.finish[i] is None)
+            if not self.last_ran[key]:
+                continue
+            out[key] = tracker.step([tokens.get(i, 0) for i in range(len(tracker.finish))])
             self._free_ended(key)
         return out
 

@@ -53,7 +53,7 @@ def run_continuous(session, requests: dict[str, BatchSpec]):
         for i, d in enumerate(deltas):
             streamed[key][i] += d
 
-    while waiting or session.live_rows:
+    while waiting or session.busy:
         joins = {}
         while waiting and session.can_admit([*joins.values(), requests[waiting[0]]]):
             key = waiting.pop(0)
@@ -137,8 +137,9 @@ def req(rid, prompt_list, n, greedy=True, **kw):
 
 
 def test_the_server_lets_requests_join_a_running_batch_and_energy_adds_up(tmp_path):
-    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)  # joins at once: 4 / 8 < 1 row
     try:
+        assert srv.host.batcher.join_rows == 1
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             a = pool.submit(stub.Generate, req("a", ["Tell me a long story about a cat", "x"], 80))
@@ -240,7 +241,7 @@ SERVE = [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--de
     (["--engine", "eager"], {}, "continuous batching needs the fast engine"),
     (["--shards", "2"], {}, "--continuous runs on one shard"),
     (["--continuous-slots", "-1"], {}, "--continuous-slots must be 0 or more"),
-    (["--continuous-join-rows", "65"], {}, "--continuous-join-rows must be between 1 and --max-batch-size (64)"),
+    (["--continuous-join-rows", "65"], {}, "--continuous-join-rows must be between 0 (automatic) and --max-batch-size (64)"),
     ([], {"LLMWATTS_FAST_ATTENTION": "flex"}, "continuous batching runs with the sdpa or bmm decode attention"),
 ])
 def test_bad_continuous_flags_exit_with_one_line(tmp_path, flags, env, fragment):
