@@ -34,7 +34,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit)
     p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
     p.add_argument("--merge-requests", action="store_true", help="merge concurrent requests into one batch")
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="how long a merged batch (--merge-requests) or a continuous batch's join round "
+                        "(--continuous) waits for more requests (default 5)")
     p.add_argument("--continuous", action="store_true",
                    help="continuous batching: requests join the running batch between decode steps and leave it "
                         "when they end (fast engine, one shard; --max-batch-size rows)")
@@ -80,6 +82,8 @@ def config_from_args(args) -> ServerConfig:
     check_engine(args.engine, args.continuous)
     if args.continuous and args.shards > 1:
         raise InvalidArgument("--continuous runs on one shard: drop --shards or --continuous")
+    if not 0 <= args.batch_wait_ms <= 60000:
+        raise InvalidArgument(f"--batch-wait-ms must be between 0 and 60000, got {args.batch_wait_ms:g}")
     if args.continuous_slots < 0:
         raise InvalidArgument(f"--continuous-slots must be 0 or more, got {args.continuous_slots}")
     if not 0 <= args.continuous_join_rows <= args.max_batch_size:

@@ -5,17 +5,17 @@ The engine side is ``fast_engine.ContinuousSession``. Here: admission and energy
 
 Admission is first come, first served: the request at the head of the queue joins as soon as the session
 has a free row for each of its prompts; while it waits, nothing behind it jumps the queue. Every request
-that can join at that point joins in the same prefill; a running session waits for
-``--continuous-join-rows`` free rows (by default an eighth of ``--max-batch-size``) before a round, so that
-one prefill (which reads every weight once, whatever the rows) serves several joiners. A session holds
+that can join at that point joins in the same prefill. A prefill stalls every live row (on an H200 one
+costs 20-40 ms with llama-7b, several decode steps), so a running session waits for
+``--continuous-join-rows`` free rows and as many rows' worth of waiting requests (by default an eighth of
+``--max-batch-size``), or for its oldest waiting request to have waited ``--batch-wait-ms``, before a round. A session holds
 one sampling setting and one cache length (``--continuous-slots``, by default the first request's prompt +
 ``max_new_tokens``); a request that differs waits until the session drains, and a new session opens for it.
 
 Energy: a *segment* is a busy period, from the first request joining an idle session until the session is
 idle again; it is the ``batches`` row of its requests (``batch_id``). Inside it, the energy counters are
 read off the decode path, by a meter thread, whenever a request has joined or ended (at most every
-``COUNTER_REFRESH_S`` on real GPUs, whose counters refresh that often) and at least every
-``SETTLE_EVERY_S``. The joules between two reads are split over the requests by the tokens each processed
+``MIN_READ_GAP_S`` on real GPUs) and at least every ``SETTLE_EVERY_S``. The joules between two reads are split over the requests by the tokens each processed
 in that interval (prompt tokens at its join, one per live sequence per step): the same rule as a static
 batch (docs/energy.md), applied per interval, so a request pays for the steps it shared and not for the
 ones before it joined or after it left. A request's response waits for the first read after its last
@@ -33,11 +33,16 @@ from dataclasses import dataclass, field
 
 from llmwatts.server.batcher import Batcher, Result, Work
 from llmwatts.server.engine import BatchSpec
-from llmwatts.server.telemetry import COUNTER_REFRESH_S, EnergyReading
+from llmwatts.server.telemetry import EnergyReading
 
 log = logging.getLogger(__name__)
 
 SETTLE_EVERY_S = 1.0  # the segment's rows in the DB are at most this old while it runs
+# Reads of real GPUs at most this often (an H100's energy counter read costs ~4 ms, on the meter thread).
+# The counter itself moves every ~100 ms, at a phase nobody knows, so any read is up to ~100 ms stale
+# whatever the gap: intervals take counter deltas as they are (a lump lands in the interval that sees
+# it; the deltas add up to the exact total), and a short gap only answers requests sooner.
+MIN_READ_GAP_S = 0.02
 # Default join round: a running batch waits for max_batch_size / JOIN_FRACTION free rows. On an H200 with
 # llama-7b, rounds of 8 rows at batch 64 gave 1.8x the tokens/s of joining at once (docs/performance.md).
 JOIN_FRACTION = 8
@@ -76,17 +81,16 @@ class ContinuousBatcher(Batcher):
     """``Batcher``'s interface (submit, start, stop, failure) over a ``ContinuousSession``."""
 
     def __init__(self, engine, gpus, store, *, max_batch_size: int, queue_size: int, cache_slots: int = 0,
-                 join_rows: int = 0, on_failure=None):
+                 join_rows: int = 0, batch_wait_ms: float = 5.0, on_failure=None):
         if not hasattr(engine, "session"):
             raise ValueError(f"continuous batching needs the fast engine, not {engine.name!r}")
         super().__init__(engine, gpus, store, max_batch_size=max_batch_size, queue_size=queue_size,
-                         on_failure=on_failure)
+                         batch_wait_ms=batch_wait_ms, on_failure=on_failure)
         self.cache_slots = cache_slots
         if not 0 <= join_rows <= max_batch_size:
             raise ValueError(f"join_rows must be between 0 and max_batch_size ({max_batch_size}), got {join_rows}")
         self.join_rows = join_rows or max(1, max_batch_size // JOIN_FRACTION)
-        # Real counters refresh every ~100 ms: reading more often splits a lump, not a measurement.
-        self.min_gap_s = 0.0 if self.simulated else COUNTER_REFRESH_S
+        self.min_gap_s = 0.0 if self.simulated else MIN_READ_GAP_S
         self.session = None
         self.segment: _Segment | None = None
         self.joined: dict[str, _Joined] = {}          # request id -> its state, while in the session
@@ -151,7 +155,7 @@ class ContinuousBatcher(Batcher):
         runs, a round waits for ``join_rows`` free rows: one prefill costs about the same for one joiner
         as for several (it reads every weight once)."""
         idle = self.session is None or not self.session.live_rows
-        if not idle and self.session.free_rows < self.join_rows:
+        if not idle and not self._round_ready():
             return
         joins: dict[str, tuple[Work, BatchSpec]] = {}
         while True:
@@ -173,6 +177,19 @@ class ContinuousBatcher(Batcher):
             joins[work.request_id] = (work, spec)
         if joins:
             self._join(joins)
+
+    def _round_ready(self) -> bool:
+        """A running session admits a round once ``join_rows`` rows are free and as many are waiting, or
+        the oldest waiting request has waited ``batch_wait_ms`` (a lone request under light load)."""
+        if self.session.free_rows < self.join_rows:
+            return False
+        with self._queue.mutex:
+            waiting = ([self._held] if self._held is not None else []) + list(self._queue.queue)
+        if not waiting:
+            return False
+        if sum(len(w.prompts) for w in waiting) >= self.join_rows:
+            return True
+        return time.time_ns() - min(w.received_ns for w in waiting) >= self.wait_s * 1e9
 
     def _join(self, joins: dict[str, tuple[Work, BatchSpec]]) -> None:
         if self.segment is None:
@@ -270,7 +287,7 @@ class ContinuousBatcher(Batcher):
     def _settle_taken(self, segment: _Segment, tokens: dict[str, int], ended: list[_Joined]) -> None:
         if tokens:  # (every end comes with its last tokens: an end alone needs no read)
             reading = self.meter.read()
-            rows = self.meter.between(segment.last, reading)
+            rows = self.meter.between(segment.last, reading, counter_only=True)
             joules = sum(r["energy_j"] for r in rows)
             for r in rows:
                 segment.gpu_j[r["gpu_uuid"]] = segment.gpu_j.get(r["gpu_uuid"], 0.0) + r["energy_j"]

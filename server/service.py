@@ -83,7 +83,8 @@ class Host:
             self.batcher = ContinuousBatcher(self.engine, self.gpus, self.store,
                                              max_batch_size=config.max_batch_size, queue_size=config.queue_size,
                                              cache_slots=config.continuous_slots,
-                                             join_rows=config.continuous_join_rows)
+                                             join_rows=config.continuous_join_rows,
+                                             batch_wait_ms=config.batch_wait_ms)
         else:
             self.batcher = Batcher(self.engine, self.gpus, self.store, max_batch_size=config.max_batch_size,
                                    queue_size=config.queue_size, merge_requests=config.merge_requests,

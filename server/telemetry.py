@@ -99,15 +99,17 @@ class EnergyMeter:
         """Sum of every GPU's counter, in joules (for run markers)."""
         return sum(g.energy_mj() for g in self.gpus) / 1000.0
 
-    def between(self, start: EnergyReading, end: EnergyReading) -> list[dict]:
-        """Per-GPU joules between two readings, with the method used (``counter`` or ``interpolated``)."""
+    def between(self, start: EnergyReading, end: EnergyReading, counter_only: bool = False) -> list[dict]:
+        """Per-GPU joules between two readings, with the method used (``counter`` or ``interpolated``).
+        ``counter_only``: the counter's delta however short the interval (contiguous intervals, whose
+        deltas add up to the exact total; a continuous batch's)."""
         dt_s = end.perf_s - start.perf_s
         rows = []
         for g in self.gpus:
             a, b = start.samples[g.uuid], end.samples[g.uuid]
             delta_j = (b.energy_mj - a.energy_mj) / 1000.0
             method = "counter"
-            if not g.simulated and (dt_s < COUNTER_REFRESH_S or delta_j <= 0):
+            if not g.simulated and not counter_only and (dt_s < COUNTER_REFRESH_S or delta_j <= 0):
                 # Instant power where the GPU has it: the averaged reading spans ~1 s, mostly before the batch.
                 power = [s.power_instant_mw if s.power_instant_mw is not None else s.power_mw for s in (a, b)]
                 delta_j = sum(power) / 2 / 1000.0 * dt_s

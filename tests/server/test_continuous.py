@@ -211,6 +211,24 @@ def test_join_rows_holds_joiners_until_enough_rows_are_free(tmp_path):
     assert r2.times.batch_start_ns >= r1.times.done_ns
 
 
+def test_a_lone_request_joins_once_it_waited_batch_wait_ms(tmp_path):
+    """Rows are free but fewer requests wait than a round wants: the round waits for company, at most
+    --batch-wait-ms."""
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4, continuous_join_rows=2,
+                             batch_wait_ms=500)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(stub.Generate, req("first", ["a"], 150))
+            time.sleep(0.3)
+            lone = pool.submit(stub.Generate, req("lone", ["b"], 5))
+            r1, r2 = first.result(timeout=120), lone.result(timeout=120)
+    finally:
+        srv.stop(1)
+    assert r2.times.batch_start_ns - r2.times.received_ns >= 500e6
+    assert r2.times.batch_start_ns < r1.times.done_ns and r2.batch_id == r1.batch_id  # it joined the running batch
+
+
 def test_a_failed_energy_write_fails_every_request_and_the_health_check(tmp_path):
     srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
