@@ -185,6 +185,7 @@ def main(argv=None) -> int:
                                                       "each (capped at B / 2)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    ap.add_argument("--server-modes", default="merge,continuous", help="server part: subset of merge,continuous")
     ap.add_argument("--data-dir", help="folder with alpaca_5k.jsonl (default: llmwatts' data folders)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="tiny on cpu, 2 and 4 rows, 12 requests")
@@ -257,8 +258,9 @@ def main(argv=None) -> int:
                 add("engine", "continuous" if j == 1 else f"continuous-join{j}",
                     lambda j=j: engine_continuous(engine, reqs, b, j))
         if "server" in parts:
-            for mode, kw in (("merge", dict(merge_requests=True, batch_wait_ms=MERGE_WAIT_MS)),
-                             ("continuous", dict(continuous=True, continuous_slots=slots))):
+            modes = (("merge", dict(merge_requests=True, batch_wait_ms=MERGE_WAIT_MS)),
+                     ("continuous", dict(continuous=True, continuous_slots=slots)))
+            for mode, kw in (m for m in modes if m[0] in args.server_modes.split(",")):
                 srv, port = create_server(config(f"{mode}-{b}", b, **kw),
                                           host=Host(config(f"{mode}-{b}", b, **kw), loaded=loaded, engine=engine))
                 srv.start()

@@ -67,3 +67,22 @@ def test_profile_step_bench_sorts_every_kernel_of_the_decode_step(tmp_path):
     # SDPA's decode attention is an attention kernel; bmm's is matmuls, so it has no attention time.
     assert rows[("sdpa", 4)]["kinds"].get("attention", 0) > 0
     assert rows[("bmm", 4)]["kinds"].get("attention", 0) < rows[("sdpa", 4)]["kinds"]["attention"]
+
+
+def test_continuous_bench_runs_static_and_continuous_on_both_parts(tmp_path):
+    # Long and short responses in turn (reference lengths: words -> tokens, + EOS, capped at 12), so a static
+    # batch runs for its longest and continuous batching refills the rows that finished.
+    words = [12, 1, 11, 2, 10, 1, 12, 3, 9, 1, 12, 2]
+    records = [{"instruction": f"Say {n} words.", "input": "", "output": " ".join(["word"] * n)} for n in words]
+    (tmp_path / "alpaca_5k.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    results = run_bench("continuous.py", tmp_path, "--data-dir", str(tmp_path), timeout_s=600)
+    rows = {(r["part"], r["batch"], r["mode"]): r for r in results["rows"]}
+    assert set(rows) == {("engine", 2, "static"), ("engine", 2, "continuous"), ("engine", 4, "static"),
+                         ("engine", 4, "continuous"), ("engine", 4, "continuous-join2"), ("server", 2, "merge"),
+                         ("server", 2, "continuous"), ("server", 4, "merge"), ("server", 4, "continuous")}
+    assert all("error" not in r and r["tok_s"] > 0 for r in rows.values()), rows
+    for b in (2, 4):
+        static, continuous = rows[("engine", b, "static")], rows[("engine", b, "continuous")]
+        assert static["tokens"] == continuous["tokens"]  # the same requests, every token asked for
+        assert continuous["steps"] < static["steps"]     # rows that finished were refilled
+    assert rows[("server", 4, "merge")]["mean_batch"] > 1  # the baseline really merged
