@@ -8,20 +8,21 @@ has a free row for each of its prompts; while it waits, nothing behind it jumps 
 that can join at that point joins in the same prefill. A prefill stalls every live row (on an H200 one
 costs 20-40 ms with llama-7b, several decode steps), so a running session waits for
 ``--continuous-join-rows`` free rows and as many rows' worth of waiting requests (by default an eighth of
-``--max-batch-size``), or for its oldest waiting request to have waited ``--batch-wait-ms``, before a round. A session holds
-one sampling setting and one cache length (``--continuous-slots``, by default the first request's prompt +
-``max_new_tokens``); a request that differs waits until the session drains, and a new session opens for it.
+``--max-batch-size``), or for its oldest waiting request to have waited ``--batch-wait-ms``, before a
+round. A session holds one sampling setting and one cache length (``--continuous-slots``, by default the
+first request's prompt + ``max_new_tokens``); a request that differs waits until the session drains, and
+a new session opens for it.
 
 Energy: a *segment* is a busy period, from the first request joining an idle session until the session is
 idle again; it is the ``batches`` row of its requests (``batch_id``). Inside it, the energy counters are
 read off the decode path, by a meter thread, whenever a request has joined or ended (at most every
-``MIN_READ_GAP_S`` on real GPUs) and at least every ``SETTLE_EVERY_S``. The joules between two reads are split over the requests by the tokens each processed
-in that interval (prompt tokens at its join, one per live sequence per step): the same rule as a static
-batch (docs/energy.md), applied per interval, so a request pays for the steps it shared and not for the
-ones before it joined or after it left. A request's response waits for the first read after its last
-token (docs/performance.md measures what that adds). The segment's ``batches`` row, its
-``batch_gpu_energy`` rows and its requests' rows are upserted at every read, so the sums agree whenever
-the DB is read.
+``MIN_READ_GAP_S`` on real GPUs) and at least every ``SETTLE_EVERY_S``. The joules between two reads are
+split over the requests by the tokens each processed in that interval (prompt tokens at its join, one per
+live sequence per step): the same rule as a static batch (docs/energy.md), applied per interval, so a
+request pays for the steps it shared and not for the ones before it joined or after it left. A request's
+response waits for the first read after its last token (docs/performance.md measures what that adds).
+The segment's ``batches`` row, its ``batch_gpu_energy`` rows and its requests' rows are upserted at every
+read, so the sums agree whenever the DB is read.
 """
 
 import logging
@@ -153,8 +154,8 @@ class ContinuousBatcher(Batcher):
 
     def _admit(self) -> None:
         """Join queued requests first come, first served, all that fit in one prefill. While the session
-        runs, a round waits for ``join_rows`` free rows: one prefill costs about the same for one joiner
-        as for several (it reads every weight once)."""
+        runs, a round waits until ``_round_ready``: one prefill costs about the same for one joiner as for
+        several (it reads every weight once), and it stalls every live row."""
         idle = self.session is None or not self.session.live_rows
         if not idle and not self._round_ready():
             return
@@ -232,7 +233,8 @@ class ContinuousBatcher(Batcher):
                 ended.append(j)
         with self._lock:
             for request_id, n in tokens.items():
-                self._tokens[request_id] = self._tokens.get(request_id, 0) + n
+                if n:
+                    self._tokens[request_id] = self._tokens.get(request_id, 0) + n
             self._ended.extend(ended)
         if ended:
             self._set_load()

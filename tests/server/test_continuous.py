@@ -259,7 +259,8 @@ SERVE = [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--de
     (["--engine", "eager"], {}, "continuous batching needs the fast engine"),
     (["--shards", "2"], {}, "--continuous runs on one shard"),
     (["--continuous-slots", "-1"], {}, "--continuous-slots must be 0 or more"),
-    (["--continuous-join-rows", "65"], {}, "--continuous-join-rows must be between 0 (automatic) and --max-batch-size (64)"),
+    (["--continuous-join-rows", "65"], {},
+     "--continuous-join-rows must be between 0 (automatic) and --max-batch-size (64)"),
     ([], {"LLMWATTS_FAST_ATTENTION": "flex"}, "continuous batching runs with the sdpa or bmm decode attention"),
 ])
 def test_bad_continuous_flags_exit_with_one_line(tmp_path, flags, env, fragment):
