@@ -9,9 +9,10 @@ that can join at that point joins in the same prefill. A prefill stalls every li
 costs 20-40 ms with llama-7b, several decode steps), so a running session waits for
 ``--continuous-join-rows`` free rows and as many rows' worth of waiting requests (by default an eighth of
 ``--max-batch-size``), or for its oldest waiting request to have waited ``--batch-wait-ms``, before a
-round. A session holds one sampling setting and one cache length (``--continuous-slots``, by default the
-first request's prompt + ``max_new_tokens``); a request that differs waits until the session drains, and
-a new session opens for it.
+round. A session holds one run (``run_id``), one sampling setting and one cache length
+(``--continuous-slots``, by default the first request's prompt + ``max_new_tokens``); a request that
+differs waits until the session drains, and a new session opens for it. (One run per session keeps a
+run's energy its own: a segment never holds two runs' requests.)
 
 Energy: a *segment* is a busy period, from the first request joining an idle session until the session is
 idle again; it is the ``batches`` row of its requests (``batch_id``). Inside it, the energy counters are
@@ -94,6 +95,7 @@ class ContinuousBatcher(Batcher):
         self.join_rows = join_rows or max(1, max_batch_size // JOIN_FRACTION)
         self.min_gap_s = 0.0 if self.simulated else MIN_READ_GAP_S
         self.session = None
+        self.run_id: str | None = None                # a session (and its segments) serves one run
         self.segment: _Segment | None = None
         self.joined: dict[str, _Joined] = {}          # request id -> its state, while in the session
         self._lock = threading.Lock()                 # guards the three below (batcher and meter threads)
@@ -166,14 +168,16 @@ class ContinuousBatcher(Batcher):
                 break
             spec = BatchSpec(work.prompts, [work.max_new_tokens] * len(work.prompts), work.sampling,
                              work.ignore_eos)
-            if self.session is None or (idle and not joins and not self.session.fits(spec)):
+            if self.session is None or (idle and not joins and (not self.session.fits(spec)
+                                                                  or work.run_id != self.run_id)):
                 if self.segment is not None:
                     self._close_segment()
                 need = max(len(p) for p in spec.prompts) + work.max_new_tokens
                 self.session = self.engine.session(self.max_batch_size, max(need, self.cache_slots),
                                                    work.sampling, work.ignore_eos,
                                                    prefill_width=max(len(p) for p in spec.prompts))
-            if not self.session.can_admit([s for _, s in joins.values()] + [spec]):
+                self.run_id = work.run_id
+            if work.run_id != self.run_id or not self.session.can_admit([s for _, s in joins.values()] + [spec]):
                 self._held = work  # first come, first served: it waits at the head of the queue
                 break
             joins[work.request_id] = (work, spec)

@@ -1,4 +1,5 @@
-"""End to end: a real server on port 0, real headless Locust runs, the study DB, and the reconciliation.
+"""End to end: a real server on port 0 (static batches, and continuous batching), real headless Locust runs,
+the study DB, and the reconciliation.
 
 Every request the client sent must be in the study DB exactly once (as success or error), and the
 per-request attributed joules must sum to the joules the GPU counters measured over the run's batches
@@ -28,13 +29,13 @@ def _dataset() -> list[str]:
     return ["--dataset", "mini"]
 
 
-@pytest.fixture
-def served(tmp_path):
+@pytest.fixture(params=[[], ["--continuous"]], ids=["batches", "continuous"])
+def served(tmp_path, request):
     port_file = tmp_path / "port"
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(CLI + ["serve", "--model", "tiny", "--device", "cpu", "--power-backend", "simulated",
                                    "--port", "0", "--port-file", str(port_file), "--db", str(tmp_path / "server.db"),
-                                   "--telemetry-hz", "20", "--queue-size", "4"],
+                                   "--telemetry-hz", "20", "--queue-size", "4", *request.param],
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not port_file.exists():

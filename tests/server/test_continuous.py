@@ -196,6 +196,23 @@ def test_admission_is_first_come_first_served(tmp_path):
     assert r3.times.batch_start_ns >= r2.times.batch_start_ns  # did not jump ahead
 
 
+def test_a_segment_holds_one_run(tmp_path):
+    """A request of another run waits for the batch to drain: a run's energy is never shared with another's."""
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(stub.Generate, req("first", ["a"], 60))
+            time.sleep(0.3)
+            other = pool.submit(stub.Generate, pb.GenerateRequest(
+                request_id="other-run", run_id="another", prompts=["b"], max_new_tokens=5, ignore_eos=True,
+                sampling=pb.SamplingParams(greedy=True)))
+            r1, r2 = first.result(timeout=120), other.result(timeout=120)
+    finally:
+        srv.stop(1)
+    assert r2.batch_id != r1.batch_id and r2.times.batch_start_ns >= r1.times.done_ns
+
+
 def test_join_rows_holds_joiners_until_enough_rows_are_free(tmp_path):
     srv, port = start_server(tmp_path, continuous=True, max_batch_size=2, continuous_join_rows=2)
     try:
