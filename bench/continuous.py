@@ -20,10 +20,12 @@ Two parts, each with its baseline in the same run:
   read and the response path; with ``--continuous`` the wait for the meter thread's read).
 
 Energy is the NVML counter over each whole region (read-only NVML); the server rows also give the
-requests' attributed joules as a share of it. Each mode runs the workload once untimed first (compiles and the
-graph captures of every batch bucket, attention window and row prefix it meets).
+requests' attributed joules as a share of it. The engine rows' "joins of N ms" is the wall time of
+``admit``: the prefill and the wait for the decode step in flight (up to one step). Each mode runs the
+workload once untimed first (compiles and the graph captures of every batch bucket, attention window and
+row prefix it meets).
 
-    python bench/continuous.py                            # llama-7b on cuda, B = 16, 64, 256
+    python bench/continuous.py --data-dir DIR            # llama-7b on cuda, B = 64 and 256 (~9 min on an H200)
     python bench/continuous.py --quick --data-dir DIR     # tiny on cpu: proves the script runs
 """
 
@@ -107,7 +109,8 @@ def engine_continuous(engine, reqs: list[Request], b: int, join_rows: int = 1) -
                 joins[k] = spec
             if joins:
                 a0 = time.perf_counter()
-                session.admit(joins)  # (returns the first tokens: it waits for the GPU)
+                # (it returns the first tokens, so it waits for the GPU: for the step in flight too)
+                session.admit(joins)
                 admit_s += time.perf_counter() - a0
                 prefills += 1
         occupancy.append(session.live_rows)
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batches", default="16,64,256", help="rows (engine) and client threads (server)")
+    ap.add_argument("--batches", default="64,256", help="rows (engine) and client threads (server)")
     ap.add_argument("--requests", type=int, default=0, help="requests per batch size (default: max(512, 4 B))")
     ap.add_argument("--join-rows", default="1,8", help="engine part: continuous rows once this many rows are free, "
                                                       "each (capped at B / 2)")
@@ -301,7 +304,7 @@ def print_report(results: dict) -> None:
             rel += f", {100 * (r['j_per_token'] / b['j_per_token'] - 1):+.1f}% J/tok"
         notes = []
         if "mean_live_rows" in r:
-            notes.append(f"{r['mean_live_rows']:.1f} live rows a step; {r['prefills']} prefills of "
+            notes.append(f"{r['mean_live_rows']:.1f} live rows a step; {r['prefills']} joins of "
                          f"{r['prefill_ms']:.1f} ms; {r['decode_ms']:.2f} ms a decode step")
         if "mean_batch" in r:
             notes.append(f"mean batch {r['mean_batch']:.1f}")

@@ -5,8 +5,8 @@ The engine side is ``fast_engine.ContinuousSession``. Here: admission and energy
 
 Admission is first come, first served: the request at the head of the queue joins as soon as the session
 has a free row for each of its prompts; while it waits, nothing behind it jumps the queue. Every request
-that can join at that point joins in the same prefill. A prefill stalls every live row (on an H200 one
-costs 20-40 ms with llama-7b, several decode steps), so a running session waits for
+that can join at that point joins in the same prefill. A prefill stalls every live row (on an H200 a join
+took 19-37 ms with llama-7b, several decode steps), so a running session waits for
 ``--continuous-join-rows`` free rows and as many rows' worth of waiting requests (by default an eighth of
 ``--max-batch-size``), or for its oldest waiting request to have waited ``--batch-wait-ms``, before a
 round. A session holds one run (``run_id``), one sampling setting and one cache length
