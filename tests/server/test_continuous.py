@@ -142,7 +142,7 @@ def test_the_server_lets_requests_join_a_running_batch_and_energy_adds_up(tmp_pa
         assert srv.host.batcher.join_rows == 1
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            a = pool.submit(stub.Generate, req("a", ["Tell me a long story about a cat", "x"], 80))
+            a = pool.submit(stub.Generate, req("a", ["Tell me a long story about a cat", "x"], 200))
             time.sleep(0.3)
             b = pool.submit(stub.Generate, req("b", ["Why is the sky blue?"], 10))
             c = pool.submit(lambda: list(stub.GenerateStream(req("c", ["one", "two"], 12))))
@@ -151,7 +151,7 @@ def test_the_server_lets_requests_join_a_running_batch_and_energy_adds_up(tmp_pa
         assert ra.batch_id == rb.batch_id == rc.batch_id  # one segment
         # b joined while a was decoding, and left before it.
         assert ra.times.first_token_ns < rb.times.batch_start_ns < rb.times.done_ns < ra.times.done_ns
-        assert [c.output_tokens for c in ra.completions] == [80, 80]
+        assert [c.output_tokens for c in ra.completions] == [200, 200]
         streamed = [[t for ch in chunks[:-1] for t in ch.deltas[i].token_ids] for i in range(2)]
         assert streamed == [list(x.token_ids) for x in rc.completions] and [len(s) for s in streamed] == [12, 12]
         assert [ch.step for ch in chunks[:-1]] == list(range(12))
@@ -164,10 +164,10 @@ def test_the_server_lets_requests_join_a_running_batch_and_energy_adds_up(tmp_pa
     rows = {r["request_id"]: r for r in db["requests"].rows}
     segment = db["batches"].get(ra.batch_id)
     assert segment["n_requests"] == 3 and segment["n_sequences"] == 5
-    assert segment["output_tokens"] == 80 * 2 + 10 + 12 * 2
+    assert segment["output_tokens"] == 200 * 2 + 10 + 12 * 2
     parts = [rows[k]["energy_j"] for k in "abc"]
     assert all(e > 0 for e in parts)
-    assert parts[1] < parts[0] / 4  # b processed ~21 tokens, a ~170: a share per token, not per request
+    assert parts[1] < parts[0] / 4  # b processed ~21 tokens, a ~410: a share per token, not per request
     assert sum(parts) == pytest.approx(segment["energy_j"], rel=1e-9)
     gpu_j = sum(r["energy_j"] for r in db["batch_gpu_energy"].rows_where("batch_id = ?", [ra.batch_id]))
     assert gpu_j == pytest.approx(segment["energy_j"], rel=1e-9)
@@ -183,7 +183,7 @@ def test_admission_is_first_come_first_served(tmp_path):
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            first = pool.submit(stub.Generate, req("first", ["a"], 60))
+            first = pool.submit(stub.Generate, req("first", ["a"], 300))
             time.sleep(0.3)
             other = pool.submit(stub.Generate, req("other", ["b"], 5, greedy=False))
             time.sleep(0.2)
@@ -191,6 +191,7 @@ def test_admission_is_first_come_first_served(tmp_path):
             r1, r2, r3 = (f.result(timeout=120) for f in (first, other, behind))
     finally:
         srv.stop(1)
+    assert r3.times.received_ns < r1.times.done_ns  # both arrived while first ran
     assert r2.batch_id != r1.batch_id and r3.batch_id != r1.batch_id
     assert r2.times.batch_start_ns >= r1.times.done_ns  # waited for the drain
     assert r3.times.batch_start_ns >= r2.times.batch_start_ns  # did not jump ahead
@@ -202,7 +203,7 @@ def test_a_segment_holds_one_run(tmp_path):
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(stub.Generate, req("first", ["a"], 60))
+            first = pool.submit(stub.Generate, req("first", ["a"], 300))
             time.sleep(0.3)
             other = pool.submit(stub.Generate, pb.GenerateRequest(
                 request_id="other-run", run_id="another", prompts=["b"], max_new_tokens=5, ignore_eos=True,
@@ -210,6 +211,7 @@ def test_a_segment_holds_one_run(tmp_path):
             r1, r2 = first.result(timeout=120), other.result(timeout=120)
     finally:
         srv.stop(1)
+    assert r2.times.received_ns < r1.times.done_ns  # it arrived while first ran
     assert r2.batch_id != r1.batch_id and r2.times.batch_start_ns >= r1.times.done_ns
 
 
@@ -218,13 +220,14 @@ def test_join_rows_holds_joiners_until_enough_rows_are_free(tmp_path):
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(stub.Generate, req("first", ["a"], 40))
+            first = pool.submit(stub.Generate, req("first", ["a"], 200))
             time.sleep(0.3)
             second = pool.submit(stub.Generate, req("second", ["b"], 5))
             r1, r2 = first.result(timeout=120), second.result(timeout=120)
     finally:
         srv.stop(1)
     # One row was free all along, but a round waits for two: second joined when first ended.
+    assert r2.times.received_ns < r1.times.done_ns
     assert r2.times.batch_start_ns >= r1.times.done_ns
 
 
@@ -236,7 +239,7 @@ def test_a_lone_request_joins_once_it_waited_batch_wait_ms(tmp_path):
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(stub.Generate, req("first", ["a"], 150))
+            first = pool.submit(stub.Generate, req("first", ["a"], 500))
             time.sleep(0.3)
             lone = pool.submit(stub.Generate, req("lone", ["b"], 5))
             r1, r2 = first.result(timeout=120), lone.result(timeout=120)
