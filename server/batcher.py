@@ -85,14 +85,21 @@ class Batcher:
                 f"request queue is full ({self._queue.maxsize} waiting): slow down, or raise --queue-size"
             ) from None
 
-    def _next_group(self) -> list[Work] | None:
+    def _next_work(self, block: bool = True) -> Work | None:
+        """The request held back for the next batch, else the queue's next (waiting up to 0.1 s if
+        ``block``); None when there is none."""
         if self._held is not None:
-            first, self._held = self._held, None
-        else:
-            try:
-                first = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                return None
+            work, self._held = self._held, None
+            return work
+        try:
+            return self._queue.get(timeout=0.1) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _next_group(self) -> list[Work] | None:
+        first = self._next_work()
+        if first is None:
+            return None
         group, n = [first], len(first.prompts)
         if not self.merge:
             return group

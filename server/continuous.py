@@ -27,7 +27,6 @@ read, so the sums agree whenever the DB is read.
 """
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -144,15 +143,6 @@ class ContinuousBatcher(Batcher):
             self._fail_pending(e)
             if self.on_failure is not None:
                 self.on_failure(e)
-
-    def _next_work(self, block: bool) -> Work | None:
-        if self._held is not None:
-            work, self._held = self._held, None
-            return work
-        try:
-            return self._queue.get(timeout=0.1) if block else self._queue.get_nowait()
-        except queue.Empty:
-            return None
 
     def _admit(self) -> None:
         """Join queued requests first come, first served, all that fit in one prefill. While the session

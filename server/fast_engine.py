@@ -827,10 +827,7 @@ class ContinuousSession:
         if ws.row_slot is None:
             ws.row_slot = torch.zeros(ws.batch, dtype=torch.long, device=dev)
             ws.live = torch.zeros(ws.batch, dtype=torch.long, device=dev)
-        ws.live.zero_()
-        ws.row_slot.zero_()
-        ws.key_valid.zero_()
-        ws.key_valid[:, 0] = True  # an idle row attends to its slot 0 alone: no empty softmax row
+        self._idle(torch.arange(ws.batch, device=dev))
         ws.temperature.fill_(sampling.temperature)
         ws.top_p.fill_(sampling.top_p)
         if sampling.seed is not None:
@@ -970,9 +967,12 @@ class ContinuousSession:
             rows[i] = None
             self.owner[r] = None
             self.slot[r] = 0
-        idx = torch.tensor(ended, dtype=torch.long, device=self.engine.device)
+        self._idle(torch.tensor(ended, dtype=torch.long, device=self.engine.device))
+
+    def _idle(self, rows: torch.Tensor) -> None:
+        """Make ``rows`` idle: not live, slot 0, attending to their slot 0 alone (no empty softmax row)."""
         ws = self.ws
-        ws.live.index_fill_(0, idx, 0)
-        ws.row_slot.index_fill_(0, idx, 0)
-        ws.key_valid.index_fill_(0, idx, False)
-        ws.key_valid[idx, 0] = True
+        ws.live.index_fill_(0, rows, 0)
+        ws.row_slot.index_fill_(0, rows, 0)
+        ws.key_valid.index_fill_(0, rows, False)
+        ws.key_valid[rows, 0] = True

@@ -8,6 +8,7 @@ in batches so the sampler never waits on disk per sample.
 import json
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
@@ -125,36 +126,34 @@ class ServerStore:
             rows, self._telemetry = self._telemetry, []
         self._insert("telemetry", rows)
 
-    def record_batch(self, batch: dict, gpu_energy: list[dict], requests: list[dict]) -> None:
-        """Write one finished batch, its per-GPU energy and its requests in one transaction."""
+    @contextmanager
+    def _transaction(self):
+        """Everything written inside lands together or not at all. The connection is in autocommit mode
+        (isolation_level=None): open the transaction ourselves, or a failed request insert would leave a
+        batch's energy without its requests."""
         with self._lock:
-            # The connection is in autocommit mode (isolation_level=None): open the transaction ourselves,
-            # or a failed request insert would leave the batch's energy without its requests.
             self.db.conn.execute("BEGIN")
             try:
-                self.db["batches"].insert(dict(batch, server_id=self.server_id))
-                self.db["batch_gpu_energy"].insert_all(gpu_energy)
-                self.db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests],
-                                               replace=True)
+                yield self.db
             except BaseException:
                 self.db.conn.execute("ROLLBACK")
                 raise
             self.db.conn.execute("COMMIT")
 
+    def record_batch(self, batch: dict, gpu_energy: list[dict], requests: list[dict]) -> None:
+        """Write one finished batch, its per-GPU energy and its requests in one transaction."""
+        with self._transaction() as db:
+            db["batches"].insert(dict(batch, server_id=self.server_id))
+            db["batch_gpu_energy"].insert_all(gpu_energy)
+            db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests], replace=True)
+
     def record_segment(self, batch: dict, gpu_energy: list[dict], requests: list[dict]) -> None:
         """Write a continuous batch's segment so far (upserted: it grows until it ends), its per-GPU energy
         and the requests it answered since the last write, in one transaction."""
-        with self._lock:
-            self.db.conn.execute("BEGIN")
-            try:
-                self.db["batches"].upsert(dict(batch, server_id=self.server_id), pk="batch_id")
-                self.db["batch_gpu_energy"].upsert_all(gpu_energy, pk=("batch_id", "gpu_uuid"))
-                self.db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests],
-                                               replace=True)
-            except BaseException:
-                self.db.conn.execute("ROLLBACK")
-                raise
-            self.db.conn.execute("COMMIT")
+        with self._transaction() as db:
+            db["batches"].upsert(dict(batch, server_id=self.server_id), pk="batch_id")
+            db["batch_gpu_energy"].upsert_all(gpu_energy, pk=("batch_id", "gpu_uuid"))
+            db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests], replace=True)
 
     def record_requests(self, requests: list[dict]) -> None:
         """Requests that never reached a batch (refused, cancelled) still get their row."""

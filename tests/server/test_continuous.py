@@ -197,35 +197,32 @@ def test_admission_is_first_come_first_served(tmp_path):
     assert r3.times.batch_start_ns >= r2.times.batch_start_ns  # did not jump ahead
 
 
-def test_a_segment_holds_one_run(tmp_path):
-    """A request of another run waits for the batch to drain: a run's energy is never shared with another's."""
-    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)
+def first_then_second(tmp_path, first_tokens: int, second: pb.GenerateRequest, **server):
+    """A continuous server; a one-prompt request of ``first_tokens`` tokens, then 0.3 s later ``second``
+    -> both responses."""
+    srv, port = start_server(tmp_path, continuous=True, **server)
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(stub.Generate, req("first", ["a"], 300))
+            first = pool.submit(stub.Generate, req("first", ["a"], first_tokens))
             time.sleep(0.3)
-            other = pool.submit(stub.Generate, pb.GenerateRequest(
-                request_id="other-run", run_id="another", prompts=["b"], max_new_tokens=5, ignore_eos=True,
-                sampling=pb.SamplingParams(greedy=True)))
-            r1, r2 = first.result(timeout=120), other.result(timeout=120)
+            later = pool.submit(stub.Generate, second)
+            return first.result(timeout=120), later.result(timeout=120)
     finally:
         srv.stop(1)
+
+
+def test_a_segment_holds_one_run(tmp_path):
+    """A request of another run waits for the batch to drain: a run's energy is never shared with another's."""
+    other = pb.GenerateRequest(request_id="other-run", run_id="another", prompts=["b"], max_new_tokens=5,
+                               ignore_eos=True, sampling=pb.SamplingParams(greedy=True))
+    r1, r2 = first_then_second(tmp_path, 300, other, max_batch_size=4)
     assert r2.times.received_ns < r1.times.done_ns  # it arrived while first ran
     assert r2.batch_id != r1.batch_id and r2.times.batch_start_ns >= r1.times.done_ns
 
 
 def test_join_rows_holds_joiners_until_enough_rows_are_free(tmp_path):
-    srv, port = start_server(tmp_path, continuous=True, max_batch_size=2, continuous_join_rows=2)
-    try:
-        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(stub.Generate, req("first", ["a"], 200))
-            time.sleep(0.3)
-            second = pool.submit(stub.Generate, req("second", ["b"], 5))
-            r1, r2 = first.result(timeout=120), second.result(timeout=120)
-    finally:
-        srv.stop(1)
+    r1, r2 = first_then_second(tmp_path, 200, req("second", ["b"], 5), max_batch_size=2, continuous_join_rows=2)
     # One row was free all along, but a round waits for two: second joined when first ended.
     assert r2.times.received_ns < r1.times.done_ns
     assert r2.times.batch_start_ns >= r1.times.done_ns
@@ -234,17 +231,8 @@ def test_join_rows_holds_joiners_until_enough_rows_are_free(tmp_path):
 def test_a_lone_request_joins_once_it_waited_batch_wait_ms(tmp_path):
     """Rows are free but fewer requests wait than a round wants: the round waits for company, at most
     --batch-wait-ms."""
-    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4, continuous_join_rows=2,
-                             batch_wait_ms=500)
-    try:
-        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(stub.Generate, req("first", ["a"], 500))
-            time.sleep(0.3)
-            lone = pool.submit(stub.Generate, req("lone", ["b"], 5))
-            r1, r2 = first.result(timeout=120), lone.result(timeout=120)
-    finally:
-        srv.stop(1)
+    r1, r2 = first_then_second(tmp_path, 500, req("lone", ["b"], 5), max_batch_size=4, continuous_join_rows=2,
+                               batch_wait_ms=500)
     assert r2.times.batch_start_ns - r2.times.received_ns >= 500e6
     assert r2.times.batch_start_ns < r1.times.done_ns and r2.batch_id == r1.batch_id  # it joined the running batch
 
