@@ -21,7 +21,10 @@ Two parts, each with its baseline in the same run:
 
 Energy is the NVML counter over each whole region (read-only NVML); the server rows also give the
 requests' attributed joules as a share of it. The engine rows' "joins of N ms" is the wall time of
-``admit``: the prefill and the wait for the decode step in flight (up to one step). Each mode runs the
+``admit``: the prefill and the wait for the decode step in flight (up to one step). ``--join-widths``
+runs every continuous mode once per join width: a join's prompts padded to a multiple of it and, on
+CUDA, its prefill replayed as a captured graph (the default, ``JOIN_WIDTH``), or ``0``: the eager prefill
+(its kernels launched one by one), the way joins ran before 2026-11-28's graphed joins. Each mode runs the
 workload once untimed first (compiles and the graph captures of every batch bucket, attention window and
 row prefix it meets).
 
@@ -47,6 +50,7 @@ from nvml_energy import EnergyCounter
 from llmwatts import paths
 from llmwatts.loadgen.prompts import ALPACA_FILES, _find, _read_records, alpaca_prompt
 from llmwatts.server.engine import BatchSpec, Sampling
+from llmwatts.server.fast_engine import JOIN_WIDTH
 
 GREEDY = Sampling(greedy=True)
 # The merge baseline waits this long for company: 64 clients' next requests arrive within a few ms of the
@@ -186,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=0, help="requests per batch size (default: max(512, 4 B))")
     ap.add_argument("--join-rows", default="1,8", help="engine part: continuous rows once this many rows are free, "
                                                       "each (capped at B / 2)")
+    ap.add_argument("--join-widths", default=str(JOIN_WIDTH),
+                    help="continuous rows: each mode once per join width (a join's prompts are padded to a "
+                         "multiple of it, and captured as a graph on CUDA; 0: the eager join prefill)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     ap.add_argument("--server-modes", default="merge,continuous", help="server part: subset of merge,continuous")
@@ -196,6 +203,12 @@ def main(argv=None) -> int:
     if args.quick:
         args.model, args.device, args.batches, args.requests, args.max_new_tokens = "tiny", "cpu", "2,4", 12, 12
     parts = [p for p in args.parts.split(",") if p]
+    try:
+        widths = [int(x) for x in args.join_widths.split(",") if x]
+    except ValueError:
+        ap.error(f"--join-widths takes integers, got {args.join_widths!r}")
+    if not widths or min(widths) < 0:
+        ap.error(f"--join-widths takes integers >= 0, got {args.join_widths!r}")
     if set(parts) - set(PARTS):
         ap.error(f"unknown parts {sorted(set(parts) - set(PARTS))}: use {','.join(PARTS)}")
     dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
@@ -258,14 +271,19 @@ def main(argv=None) -> int:
         if "engine" in parts:
             add("engine", "static", lambda: engine_static(engine, reqs, b))
             for j in sorted({min(int(x), max(1, b // 2)) for x in args.join_rows.split(",") if x}):
-                add("engine", "continuous" if j == 1 else f"continuous-join{j}",
-                    lambda j=j: engine_continuous(engine, reqs, b, j))
+                for w in widths:
+                    engine.join_width = w
+                    add("engine", ("continuous" if j == 1 else f"continuous-join{j}") + width_note(w),
+                        lambda j=j: engine_continuous(engine, reqs, b, j))
         if "server" in parts:
-            modes = (("merge", dict(merge_requests=True, batch_wait_ms=MERGE_WAIT_MS)),
-                     ("continuous", dict(continuous=True, continuous_slots=slots)))
-            for mode, kw in (m for m in modes if m[0] in args.server_modes.split(",")):
-                srv, port = create_server(config(f"{mode}-{b}", b, **kw),
-                                          host=Host(config(f"{mode}-{b}", b, **kw), loaded=loaded, engine=engine))
+            modes = [("merge", dict(merge_requests=True, batch_wait_ms=MERGE_WAIT_MS), JOIN_WIDTH)]
+            modes += [("continuous", dict(continuous=True, continuous_slots=slots), w) for w in widths]
+            for mode, kw, w in (m for m in modes if m[0] in args.server_modes.split(",")):
+                engine.join_width = w
+                mode += width_note(w) if mode == "continuous" else ""
+                name = f"{mode.split()[0]}-{w}-{b}"
+                srv, port = create_server(config(name, b, **kw), host=Host(config(name, b, **kw), loaded=loaded,
+                                                                          engine=engine))
                 srv.start()
                 try:
                     add("server", mode, lambda: clients.submit(closed_loop, port, reqs, b).result())
@@ -273,7 +291,7 @@ def main(argv=None) -> int:
                     sizes = [r[0] for r in srv.host.store.db.execute("select n_sequences from batches").fetchall()]
                     if mode == "merge" and sizes and "error" not in results["rows"][-1]:
                         results["rows"][-1]["mean_batch"] = statistics.mean(sizes)
-                    if mode == "continuous":
+                    if mode.startswith("continuous"):
                         results["rows"][-1]["join_rows"] = srv.host.batcher.join_rows
                 finally:
                     srv.stop(1)
@@ -284,6 +302,10 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0
+
+
+def width_note(width: int) -> str:
+    return "" if width == JOIN_WIDTH else " (eager joins)" if width == 0 else f" (joins padded to {width})"
 
 
 def print_report(results: dict) -> None:

@@ -55,6 +55,11 @@ CACHE_HEADROOM_BYTES = 2 << 30
 # prefill, decide the largest batch that fits (llama-7b on an 80 GB H100: 320 rows of 128 + 256 tokens,
 # whose one-shot prefill ran out of memory).
 PREFILL_TOKENS = 16384
+# A continuous batch's join prefill left-pads its prompts to a multiple of this many tokens and its rows
+# to a batch bucket, so on CUDA one captured graph per (rows, width) serves every join of that shape: an
+# uncaptured prefill launches ~40 kernels a layer, and for one or two short prompts that launching, not
+# the GPU, set a join's time. 0 turns it off (joins run the eager prefill).
+JOIN_WIDTH = 32
 
 
 def _bucket(n: int) -> int:
@@ -364,17 +369,29 @@ class _Workspace:
     top_p: torch.Tensor             # [1] fp32
     flex_blocks: torch.Tensor | None = None   # [B, 1, 1] int32: cache blocks the flex decode reads
     flex_indices: torch.Tensor | None = None  # [B, 1, 1, L / FLEX_KV_BLOCK] int32: 0, 1, 2, ...
-    graphs: dict = field(default_factory=dict)   # (window, greedy, per_row) -> torch.cuda.CUDAGraph
+    graphs: dict = field(default_factory=dict)   # (window, greedy, per_row) or ("join", rows, width, greedy) -> graph
     pool: object = None
     last_used: float = 0.0
     # A continuous batch (``ContinuousSession``): each row's own next slot, and 1 on rows a request holds.
     row_slot: torch.Tensor | None = None      # [B] long
     live: torch.Tensor | None = None          # [B] long
     views: dict = field(default_factory=dict)  # n -> this workspace's first n rows (``_rows_view``)
+    joins: dict = field(default_factory=dict)  # (rows, width) -> _JoinBuffers of graphed joins
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class _JoinBuffers:
+    """Static inputs and outputs of a graphed join prefill: ``rows`` prompts left-padded to ``width``."""
+
+    ids: torch.Tensor       # [rows, width] long
+    lengths: torch.Tensor   # [rows] long: each prompt's real tokens
+    index: torch.Tensor     # [rows] long: the workspace row each prompt fills
+    scratch: tuple          # one layer's (k, v), each [rows, Hkv, width, D] (``_ScatterCaches``)
+    first: torch.Tensor     # [rows] long: the first sampled token per prompt
 
 
 class FastEngine:
@@ -389,11 +406,14 @@ class FastEngine:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None,
                  device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
                  cuda_graphs: bool | None = None, attention: str | None = None, window_slots: int = WINDOW_SLOTS,
-                 prefill_tokens: int = PREFILL_TOKENS):
+                 prefill_tokens: int = PREFILL_TOKENS, join_width: int = JOIN_WIDTH):
         self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
+        if join_width < 0:
+            raise ValueError(f"join_width must be 0 (off) or positive, got {join_width}")
         self.prefill_tokens = prefill_tokens
+        self.join_width = join_width
         self.device = torch.device(device)
         self.context_length = context_length
         on_cuda = self.device.type == "cuda"
@@ -615,23 +635,10 @@ class FastEngine:
         width = max(len(p) for p in prompts)
         b = ws.batch if static else len(prompts)
         rows = list(range(b)) if static else list(rows)
-        padded = list(prompts) + [[self.pad_id]] * (b - len(prompts))  # filler rows: one pad token
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in padded], dtype=torch.long)
-        for i, p in enumerate(padded):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)                                               # ids: [B, S]
-        lengths = lengths.to(self.device)
-        col = torch.arange(width, device=self.device)
-        real = col[None, :] >= (width - lengths)[:, None]                      # [B, S]
-        # Positions as generate derives them from the mask: cumsum - 1 on real tokens, 1 on padding.
-        positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
-        slots = torch.arange(ws.cache_len, device=self.device)
+        ids, lengths = self._left_pad(list(prompts) + [[self.pad_id]] * (b - len(prompts)), width)  # fillers
+        ids, lengths = ids.to(self.device), lengths.to(self.device)              # ids: [B, S]
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        ws.key_valid.index_copy_(0, index, slots[None, :] >= (width - lengths)[:, None])
-        # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
-        causal = (col[None, :] <= col[:, None])[None, None]                          # [1, 1, S, S]
-        own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]
+        real, positions, causal, own = self._prompt_layout(ws, index, lengths, width)
         logits = []
         step = self._prefill_rows(width)
         for r in range(0, b, step):
@@ -642,10 +649,84 @@ class FastEngine:
                 caches = [(k[mine[0]:mine[-1] + 1], v[mine[0]:mine[-1] + 1]) for k, v in zip(ws.k, ws.v)]
             else:
                 caches = _ScatterCaches(ws, index[chunk], width)
-            logits.append(self._forward(caches, ids[chunk], positions[chunk], mask, col, width, compiled=False))
+            logits.append(self._forward(caches, ids[chunk], positions[chunk], mask, self._cols(width), width,
+                                        compiled=False))
             if isinstance(caches, _ScatterCaches):
                 caches.flush()
         first = _sample(torch.cat(logits), greedy, ws.temperature, ws.top_p)
+        self._start_decoding(ws, index, first, lengths, width, static)
+        return first.cpu()
+
+    def _join_prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool, rows: list[int],
+                      width: int) -> torch.Tensor:
+        """A continuous batch's join as ``_prefill`` does it, with the prompts left-padded to ``width`` (a
+        multiple of ``join_width``) and the rows to a batch bucket (filler rows repeat the last prompt into
+        its row: the same values written twice), from static buffers: on CUDA one captured graph per (rows,
+        width, greedy) serves every join of that shape. -> the first sampled token per prompt [n]."""
+        n = len(prompts)
+        key = (_bucket(n), width)
+        ids, lengths = self._left_pad(list(prompts) + [prompts[-1]] * (key[0] - n), width)
+        jb = ws.joins.get(key)
+        if jb is None:
+            dev, k = self.device, ws.k[0]
+            shape = (key[0], k.shape[1], width, k.shape[3])
+            jb = ws.joins[key] = _JoinBuffers(
+                ids=torch.zeros(key, dtype=torch.long, device=dev), lengths=torch.zeros(key[0], dtype=torch.long, device=dev),
+                index=torch.zeros(key[0], dtype=torch.long, device=dev), scratch=(k.new_empty(shape), k.new_empty(shape)),
+                first=torch.zeros(key[0], dtype=torch.long, device=dev))
+        jb.ids.copy_(ids)
+        jb.lengths.copy_(lengths)
+        jb.index.copy_(torch.tensor(list(rows) + [rows[-1]] * (key[0] - n), dtype=torch.long))
+        if not self.cuda_graphs:
+            self._join_body(ws, jb, greedy)
+        else:
+            graph = ws.graphs.get(("join", *key, greedy))
+            if graph is None:
+                graph = self._capture(ws, ("join", *key, greedy), lambda: self._join_body(ws, jb, greedy))
+            graph.replay()
+        return jb.first[:n].cpu()
+
+    def _join_body(self, ws: _Workspace, jb: _JoinBuffers, greedy: bool) -> None:
+        """The graphed part of ``_join_prefill``: ``_prefill`` of one chunk, on ``jb``'s static buffers."""
+        width = jb.ids.shape[1]
+        real, positions, causal, own = self._prompt_layout(ws, jb.index, jb.lengths, width)
+        mask = self._additive((real[:, None, None, :] & causal) | own)
+        caches = _ScatterCaches(ws, jb.index, width, scratch=jb.scratch)
+        logits = self._forward(caches, jb.ids, positions, mask, self._cols(width), width, compiled=False)
+        caches.flush()
+        first = _sample(logits, greedy, ws.temperature, ws.top_p)
+        jb.first.copy_(first)
+        self._start_decoding(ws, jb.index, first, jb.lengths, width, static=False)
+
+    def _left_pad(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids [B, width] (host), padding on the left; each prompt's length [B]."""
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        return ids, torch.tensor([len(p) for p in prompts], dtype=torch.long)
+
+    def _cols(self, width: int) -> torch.Tensor:
+        return torch.arange(width, device=self.device)
+
+    def _prompt_layout(self, ws: _Workspace, index: torch.Tensor, lengths: torch.Tensor, width: int):
+        """Marks the real slots of rows ``index`` (``key_valid``) for prompts of ``lengths`` left-padded to
+        ``width`` -> real [B, S], positions [B, S], and the causal [1, 1, S, S] and own-slot masks a chunk's
+        prefill mask is made of."""
+        col = self._cols(width)
+        start = (width - lengths)[:, None]
+        real = col[None, :] >= start                                                     # [B, S]
+        # Positions as generate derives them from the mask: cumsum - 1 on real tokens, 1 on padding.
+        positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
+        ws.key_valid.index_copy_(0, index, torch.arange(ws.cache_len, device=self.device)[None, :] >= start)
+        # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
+        causal = (col[None, :] <= col[:, None])[None, None]
+        own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]
+        return real, positions, causal, own
+
+    @staticmethod
+    def _start_decoding(ws: _Workspace, index, first, lengths, width: int, static: bool) -> None:
+        """After a prefill: rows ``index`` feed ``first`` at their positions ``lengths`` into the next step,
+        which writes slot ``width`` (a static batch's one slot, or these rows' own)."""
         ws.tok.index_copy_(0, index, first)
         ws.pos.index_copy_(0, index, lengths)
         if static:
@@ -653,7 +734,6 @@ class FastEngine:
         else:
             ws.row_slot.index_fill_(0, index, width)
             ws.live.index_fill_(0, index, 1)
-        return first.cpu()
 
     def _forward(self, caches, ids, positions, mask, slots, window: int, compiled: bool,
                  decode: bool = False, per_row: bool = False) -> torch.Tensor:
@@ -712,15 +792,18 @@ class FastEngine:
         if not self.cuda_graphs:
             self._decode_body(ws, window, greedy, per_row)
             return
-        graph = ws.graphs.get((window, greedy, per_row))
+        key = (window, greedy, per_row)
+        graph = ws.graphs.get(key)
         if graph is None:
-            graph = self._capture(ws, window, greedy, per_row)
+            graph = self._capture(ws, key, lambda: self._decode_body(ws, window, greedy, per_row),
+                                  state=(ws.tok, ws.out, ws.pos, ws.row_slot if per_row else ws.slot), compiled=True)
         graph.replay()
 
-    def _capture(self, ws: _Workspace, window: int, greedy: bool, per_row: bool = False):
-        """Warm up (compiles, autotunes) then capture the step. The warm-up writes the cache slots the
-        coming step writes anyway; the step's inputs and the RNG are restored afterwards."""
-        state = (ws.tok, ws.out, ws.pos, ws.row_slot if per_row else ws.slot)
+    def _capture(self, ws: _Workspace, key: tuple, body, state: tuple = (), compiled: bool = False):
+        """Warm up (compiles, autotunes) then capture ``body`` into ``ws.graphs[key]``. The warm-up writes
+        what the coming replay writes anyway (a decode step's cache slots, a join's rows); ``state`` (the
+        step's inputs) and the RNG are restored afterwards. ``compiled``: the body runs the compiled layer
+        functions, and a compiler failure falls back to the uncompiled ones."""
         saved = [t.clone() for t in state]
         rng = torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
@@ -728,26 +811,25 @@ class FastEngine:
         with torch.cuda.stream(side):
             for _ in range(2):
                 try:
-                    self._decode_body(ws, window, greedy, per_row)
+                    body()
                 except Exception:
-                    if not self.compiled or self._sharded:
+                    if not (compiled and self.compiled) or self._sharded:
                         # Sharded, a fallback on one rank alone would re-issue collectives the others do
                         # not: fail the batch (every rank sees it) rather than desynchronise the ranks.
                         raise
                     # A compiler failure must not take the server down: fall back to uncompiled layers.
                     log.exception("torch.compile of the decode step failed; running it uncompiled")
                     self.compiled = False
-                    self._decode_body(ws, window, greedy, per_row)
+                    body()
                 for t, v in zip(state, saved):
                     t.copy_(v)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.set_rng_state(rng, self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=ws.pool):
-            self._decode_body(ws, window, greedy, per_row)
-        ws.graphs[(window, greedy, per_row)] = graph
-        log.info("captured decode step: batch %d, window %d, greedy %s, per-row slots %s", ws.batch, window,
-                 greedy, per_row)
+            body()
+        ws.graphs[key] = graph
+        log.info("captured a graph of the batch-%d workspace: %s", ws.batch, key)
         return graph
 
 
@@ -757,10 +839,10 @@ class _ScatterCaches:
     into its rows of the workspace's caches when the next layer takes the scratch (and by ``flush`` after
     the last layer). One layer's scratch, not a copy of every layer's cache."""
 
-    def __init__(self, ws: _Workspace, rows: torch.Tensor, width: int):
+    def __init__(self, ws: _Workspace, rows: torch.Tensor, width: int, scratch: tuple | None = None):
         self.ws, self.rows, self.width = ws, rows, width
         shape = (len(rows), ws.k[0].shape[1], width, ws.k[0].shape[3])
-        self.scratch = (ws.k[0].new_empty(shape), ws.v[0].new_empty(shape))
+        self.scratch = scratch or (ws.k[0].new_empty(shape), ws.v[0].new_empty(shape))
         self.written: int | None = None  # the layer whose scratch is not copied yet
 
     def __iter__(self):
@@ -881,8 +963,14 @@ class ContinuousSession:
             raise ValueError("these requests cannot join now: check can_admit first")
         prompts = [p for spec in joins.values() for p in spec.prompts]
         free = [r for r, o in enumerate(self.owner) if o is None][:len(prompts)]
-        first = self.engine._prefill(self.ws, prompts, self.sampling.greedy, rows=free).tolist()
-        width = max(len(p) for p in prompts)
+        engine, width = self.engine, max(len(p) for p in prompts)
+        padded = _round_up(width, engine.join_width) if engine.join_width else 0
+        longest = max(n for spec in joins.values() for n in spec.max_new_tokens)
+        if padded and padded + longest <= self.cache_slots and _bucket(len(prompts)) * padded <= engine.prefill_tokens:
+            first = engine._join_prefill(self.ws, prompts, self.sampling.greedy, free, padded).tolist()
+            width = padded
+        else:  # (no room for the padding, or more than one prefill chunk: the eager prefill)
+            first = engine._prefill(self.ws, prompts, self.sampling.greedy, rows=free).tolist()
         out, at = {}, 0
         for key, spec in joins.items():
             rows = free[at:at + len(spec.prompts)]

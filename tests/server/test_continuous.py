@@ -19,7 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine
+from llmwatts.server.fast_engine import JOIN_WIDTH, WINDOW_SLOTS, FastEngine
 from llmwatts.server.models import load_model
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
@@ -70,8 +70,9 @@ def run_continuous(session, requests: dict[str, BatchSpec]):
     return outputs, streamed, joined
 
 
-def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny):
-    fast = fast_engine(tiny)
+@pytest.mark.parametrize("join_width", [JOIN_WIDTH, 8, 0])  # joins from padded static buffers, or eager
+def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, join_width):
+    fast = fast_engine(tiny, join_width=join_width)
     p = prompts([5, 17, 9, 3, 30, 1, 12, WINDOW_SLOTS + 2])
     requests = {
         "a": BatchSpec(p[0:2], [6, 12], GREEDY, ignore_eos=True),      # its first row frees after 6 steps
@@ -93,6 +94,34 @@ def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny):
     assert joined["c"][0] > 0 and joined["c"][1] & {"a", "b"} and joined["c"][2] == [0, 1, 3]
     assert joined["d"][0] > joined["c"][0] and joined["e"][0] > joined["d"][0]
     assert not session.trackers and session.live_rows == 0
+    # The padded joins ran: a + b (3 rows, padded to 4: a filler row repeats b's prompt into b's row) and
+    # c (3 rows) at 32 tokens, d and e alone; with join_width 0 every join ran the eager prefill.
+    if join_width:
+        assert (4, 32) in session.ws.joins and all(w % join_width == 0 for _, w in session.ws.joins)
+    else:
+        assert not session.ws.joins
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_joins_and_steps_give_the_tokens_of_the_same_engine_run_without_graphs(compile):
+    """On a GPU: a captured join or step must compute what the same code computes uncaptured (a graph
+    that replays stale inputs or writes the wrong rows changes tokens)."""
+    model = load_model("tiny", "cuda", "float32")
+    p = prompts([5, 17, 9, 3, 30, 1, 12, WINDOW_SLOTS + 2])
+    requests = {"a": BatchSpec(p[0:2], [6, 12], GREEDY, ignore_eos=True),
+                "b": BatchSpec(p[2:3], [20], GREEDY, ignore_eos=True),
+                "c": BatchSpec(p[3:6], [15, 4, 9], GREEDY, ignore_eos=True),
+                "d": BatchSpec(p[6:8], [25, WINDOW_SLOTS + 5], GREEDY, ignore_eos=True)}
+    runs = {}
+    for graphs in (True, False):
+        fast = fast_engine(model, compile=compile, cuda_graphs=graphs)
+        session = fast.session(4, 64, GREEDY, ignore_eos=True)
+        outputs, _, _ = run_continuous(session, requests)
+        runs[graphs] = {k: o.tokens for k, o in outputs.items()}
+        joins = {key for key in session.ws.graphs if key[0] == "join"}
+        assert session.ws.joins and (joins == {("join", 4, 32, True), ("join", 2, 32, True)} if graphs else not joins)
+    assert runs[True] == runs[False]
 
 
 def test_eos_frees_a_row_and_the_sequence_stops_as_it_does_alone(tiny):
