@@ -55,11 +55,15 @@ CACHE_HEADROOM_BYTES = 2 << 30
 # prefill, decide the largest batch that fits (llama-7b on an 80 GB H100: 320 rows of 128 + 256 tokens,
 # whose one-shot prefill ran out of memory).
 PREFILL_TOKENS = 16384
-# A continuous batch's join prefill left-pads its prompts to a multiple of this many tokens and its rows
-# to a batch bucket, so on CUDA one captured graph per (rows, width) serves every join of that shape: an
-# uncaptured prefill launches ~40 kernels a layer, and for one or two short prompts that launching, not
-# the GPU, set a join's time. 0 turns it off (joins run the eager prefill).
+# A continuous batch's join of at most JOIN_GRAPH_TOKENS tokens left-pads its prompts to a multiple of
+# JOIN_WIDTH tokens and runs from static buffers: on CUDA one captured graph per (rows, width) serves every
+# join of that shape. An uncaptured prefill launches ~40 kernels a layer; for a few short prompts that
+# launching, not the GPU, sets a join's time (llama-7b on an H200: 31 ms a join of ~1.7 prompts, 11 ms
+# graphed). A larger join keeps the GPU busy while its kernels are launched, and the padding only adds
+# work: rounds of 8 prompts (~1,000-1,600 tokens) padded to a row bucket ran 12-24% longer graphed than
+# eager (docs/performance.md). JOIN_WIDTH 0 turns graphed joins off.
 JOIN_WIDTH = 32
+JOIN_GRAPH_TOKENS = 1024
 
 
 def _bucket(n: int) -> int:
@@ -377,6 +381,7 @@ class _Workspace:
     live: torch.Tensor | None = None          # [B] long
     views: dict = field(default_factory=dict)  # n -> this workspace's first n rows (``_rows_view``)
     joins: dict = field(default_factory=dict)  # (rows, width) -> _JoinBuffers of graphed joins
+    join_store: tuple | None = None            # the memory behind every _JoinBuffers (``_join_buffers``)
 
     @property
     def nbytes(self) -> int:
@@ -406,14 +411,15 @@ class FastEngine:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None,
                  device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
                  cuda_graphs: bool | None = None, attention: str | None = None, window_slots: int = WINDOW_SLOTS,
-                 prefill_tokens: int = PREFILL_TOKENS, join_width: int = JOIN_WIDTH):
+                 prefill_tokens: int = PREFILL_TOKENS, join_width: int = JOIN_WIDTH,
+                 join_tokens: int = JOIN_GRAPH_TOKENS):
         self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
-        if join_width < 0:
-            raise ValueError(f"join_width must be 0 (off) or positive, got {join_width}")
+        if join_width < 0 or join_tokens < 0:
+            raise ValueError(f"join_width and join_tokens must be 0 (off) or positive, got {join_width}, {join_tokens}")
         self.prefill_tokens = prefill_tokens
-        self.join_width = join_width
+        self.join_width, self.join_tokens = join_width, join_tokens
         self.device = torch.device(device)
         self.context_length = context_length
         on_cuda = self.device.type == "cuda"
@@ -660,31 +666,41 @@ class FastEngine:
     def _join_prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool, rows: list[int],
                       width: int) -> torch.Tensor:
         """A continuous batch's join as ``_prefill`` does it, with the prompts left-padded to ``width`` (a
-        multiple of ``join_width``) and the rows to a batch bucket (filler rows repeat the last prompt into
-        its row: the same values written twice), from static buffers: on CUDA one captured graph per (rows,
-        width, greedy) serves every join of that shape. -> the first sampled token per prompt [n]."""
-        n = len(prompts)
-        key = (_bucket(n), width)
-        ids, lengths = self._left_pad(list(prompts) + [prompts[-1]] * (key[0] - n), width)
-        jb = ws.joins.get(key)
-        if jb is None:
-            dev, k = self.device, ws.k[0]
-            shape = (key[0], k.shape[1], width, k.shape[3])
-            jb = ws.joins[key] = _JoinBuffers(
-                ids=torch.zeros(key, dtype=torch.long, device=dev), lengths=torch.zeros(key[0], dtype=torch.long, device=dev),
-                index=torch.zeros(key[0], dtype=torch.long, device=dev), scratch=(k.new_empty(shape), k.new_empty(shape)),
-                first=torch.zeros(key[0], dtype=torch.long, device=dev))
+        multiple of ``join_width``), from static buffers: on CUDA one captured graph per (rows, width,
+        greedy) serves every join of that shape. -> the first sampled token per prompt [n]."""
+        jb = self._join_buffers(ws, len(prompts), width)
+        ids, lengths = self._left_pad(prompts, width)
         jb.ids.copy_(ids)
         jb.lengths.copy_(lengths)
-        jb.index.copy_(torch.tensor(list(rows) + [rows[-1]] * (key[0] - n), dtype=torch.long))
+        jb.index.copy_(torch.tensor(rows, dtype=torch.long))
         if not self.cuda_graphs:
             self._join_body(ws, jb, greedy)
         else:
-            graph = ws.graphs.get(("join", *key, greedy))
+            key = ("join", len(prompts), width, greedy)
+            graph = ws.graphs.get(key)
             if graph is None:
-                graph = self._capture(ws, ("join", *key, greedy), lambda: self._join_body(ws, jb, greedy))
+                graph = self._capture(ws, key, lambda: self._join_body(ws, jb, greedy))
             graph.replay()
-        return jb.first[:n].cpu()
+        return jb.first.cpu()
+
+    def _join_buffers(self, ws: _Workspace, rows: int, width: int) -> _JoinBuffers:
+        """Static buffers of joins of ``rows`` prompts of ``width``: views of one store per workspace, sized
+        for ``join_tokens`` tokens (every shape's graph reads the same memory, each through its views)."""
+        jb = ws.joins.get((rows, width))
+        if jb is None:
+            k, dev = ws.k[0], self.device
+            if ws.join_store is None:
+                per_token = k.shape[1] * k.shape[3]
+                ws.join_store = (torch.zeros(self.join_tokens, dtype=torch.long, device=dev),
+                                 k.new_empty(self.join_tokens * per_token), k.new_empty(self.join_tokens * per_token),
+                                 *(torch.zeros(ws.batch, dtype=torch.long, device=dev) for _ in range(3)))
+            ids, kf, vf, lengths, index, first = ws.join_store
+            shape = (rows, k.shape[1], width, k.shape[3])
+            n = rows * k.shape[1] * width * k.shape[3]
+            jb = ws.joins[(rows, width)] = _JoinBuffers(
+                ids=ids[:rows * width].view(rows, width), lengths=lengths[:rows], index=index[:rows],
+                scratch=(kf[:n].view(shape), vf[:n].view(shape)), first=first[:rows])
+        return jb
 
     def _join_body(self, ws: _Workspace, jb: _JoinBuffers, greedy: bool) -> None:
         """The graphed part of ``_join_prefill``: ``_prefill`` of one chunk, on ``jb``'s static buffers."""
@@ -966,10 +982,10 @@ class ContinuousSession:
         engine, width = self.engine, max(len(p) for p in prompts)
         padded = _round_up(width, engine.join_width) if engine.join_width else 0
         longest = max(n for spec in joins.values() for n in spec.max_new_tokens)
-        if padded and padded + longest <= self.cache_slots and _bucket(len(prompts)) * padded <= engine.prefill_tokens:
+        if padded and padded + longest <= self.cache_slots and len(prompts) * padded <= engine.join_tokens:
             first = engine._join_prefill(self.ws, prompts, self.sampling.greedy, free, padded).tolist()
             width = padded
-        else:  # (no room for the padding, or more than one prefill chunk: the eager prefill)
+        else:  # (a large join, or no room for the padding: the eager prefill)
             first = engine._prefill(self.ws, prompts, self.sampling.greedy, rows=free).tolist()
         out, at = {}, 0
         for key, spec in joins.items():
