@@ -21,10 +21,10 @@ Two parts, each with its baseline in the same run:
 
 Energy is the NVML counter over each whole region (read-only NVML); the server rows also give the
 requests' attributed joules as a share of it. The engine rows' "joins of N ms" is the wall time of
-``admit``: the prefill and the wait for the decode step in flight (up to one step). ``--join-widths``
-runs every continuous mode once per join width: a join's prompts padded to a multiple of it and, on
-CUDA, its prefill replayed as a captured graph (the default, ``JOIN_WIDTH``), or ``0``: the eager prefill
-(its kernels launched one by one), the way joins ran before 2026-11-28's graphed joins. Each mode runs the
+``admit``: the prefill and the wait for the decode step in flight (up to one step). ``--join-tokens``
+runs every continuous mode once per value: joins of up to that many padded tokens run from static
+buffers, replayed as captured graphs on CUDA (the default, ``JOIN_GRAPH_TOKENS``), or ``0``: every join
+runs the eager prefill, its kernels launched one by one (as before 2026-11-28's graphed joins). Each mode runs the
 workload once untimed first (compiles and the graph captures of every batch bucket, attention window and
 row prefix it meets).
 
@@ -50,7 +50,7 @@ from nvml_energy import EnergyCounter
 from llmwatts import paths
 from llmwatts.loadgen.prompts import ALPACA_FILES, _find, _read_records, alpaca_prompt
 from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import JOIN_WIDTH
+from llmwatts.server.fast_engine import JOIN_GRAPH_TOKENS
 
 GREEDY = Sampling(greedy=True)
 # The merge baseline waits this long for company: 64 clients' next requests arrive within a few ms of the
@@ -190,9 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=0, help="requests per batch size (default: max(512, 4 B))")
     ap.add_argument("--join-rows", default="1,8", help="engine part: continuous rows once this many rows are free, "
                                                       "each (capped at B / 2)")
-    ap.add_argument("--join-widths", default=str(JOIN_WIDTH),
-                    help="continuous rows: each mode once per join width (a join's prompts are padded to a "
-                         "multiple of it, and captured as a graph on CUDA; 0: the eager join prefill)")
+    ap.add_argument("--join-tokens", default=str(JOIN_GRAPH_TOKENS),
+                    help="continuous rows: each mode once per value (joins of up to that many padded tokens "
+                         "replay captured graphs on CUDA; 0: every join runs the eager prefill)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     ap.add_argument("--server-modes", default="merge,continuous", help="server part: subset of merge,continuous")
@@ -204,11 +204,11 @@ def main(argv=None) -> int:
         args.model, args.device, args.batches, args.requests, args.max_new_tokens = "tiny", "cpu", "2,4", 12, 12
     parts = [p for p in args.parts.split(",") if p]
     try:
-        widths = [int(x) for x in args.join_widths.split(",") if x]
+        join_tokens = [int(x) for x in args.join_tokens.split(",") if x]
     except ValueError:
-        ap.error(f"--join-widths takes integers, got {args.join_widths!r}")
-    if not widths or min(widths) < 0:
-        ap.error(f"--join-widths takes integers >= 0, got {args.join_widths!r}")
+        ap.error(f"--join-tokens takes integers, got {args.join_tokens!r}")
+    if not join_tokens or min(join_tokens) < 0:
+        ap.error(f"--join-tokens takes integers >= 0, got {args.join_tokens!r}")
     if set(parts) - set(PARTS):
         ap.error(f"unknown parts {sorted(set(parts) - set(PARTS))}: use {','.join(PARTS)}")
     dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
@@ -271,16 +271,16 @@ def main(argv=None) -> int:
         if "engine" in parts:
             add("engine", "static", lambda: engine_static(engine, reqs, b))
             for j in sorted({min(int(x), max(1, b // 2)) for x in args.join_rows.split(",") if x}):
-                for w in widths:
-                    engine.join_width = w
-                    add("engine", ("continuous" if j == 1 else f"continuous-join{j}") + width_note(w),
+                for w in join_tokens:
+                    engine.join_tokens = w
+                    add("engine", ("continuous" if j == 1 else f"continuous-join{j}") + join_note(w),
                         lambda j=j: engine_continuous(engine, reqs, b, j))
         if "server" in parts:
-            modes = [("merge", dict(merge_requests=True, batch_wait_ms=MERGE_WAIT_MS), JOIN_WIDTH)]
-            modes += [("continuous", dict(continuous=True, continuous_slots=slots), w) for w in widths]
+            modes = [("merge", dict(merge_requests=True, batch_wait_ms=MERGE_WAIT_MS), JOIN_GRAPH_TOKENS)]
+            modes += [("continuous", dict(continuous=True, continuous_slots=slots), w) for w in join_tokens]
             for mode, kw, w in (m for m in modes if m[0] in args.server_modes.split(",")):
-                engine.join_width = w
-                mode += width_note(w) if mode == "continuous" else ""
+                engine.join_tokens = w
+                mode += join_note(w) if mode == "continuous" else ""
                 name = f"{mode.split()[0]}-{w}-{b}"
                 srv, port = create_server(config(name, b, **kw), host=Host(config(name, b, **kw), loaded=loaded,
                                                                           engine=engine))
@@ -304,8 +304,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def width_note(width: int) -> str:
-    return "" if width == JOIN_WIDTH else " (eager joins)" if width == 0 else f" (joins padded to {width})"
+def join_note(tokens: int) -> str:
+    return "" if tokens == JOIN_GRAPH_TOKENS else " (eager joins)" if tokens == 0 else f" (graphed joins <= {tokens})"
 
 
 def print_report(results: dict) -> None:

@@ -55,15 +55,17 @@ CACHE_HEADROOM_BYTES = 2 << 30
 # prefill, decide the largest batch that fits (llama-7b on an 80 GB H100: 320 rows of 128 + 256 tokens,
 # whose one-shot prefill ran out of memory).
 PREFILL_TOKENS = 16384
-# A continuous batch's join of at most JOIN_GRAPH_TOKENS tokens left-pads its prompts to a multiple of
-# JOIN_WIDTH tokens and runs from static buffers: on CUDA one captured graph per (rows, width) serves every
-# join of that shape. An uncaptured prefill launches ~40 kernels a layer; for a few short prompts that
-# launching, not the GPU, sets a join's time (llama-7b on an H200: 31 ms a join of ~1.7 prompts, 11 ms
-# graphed). A larger join keeps the GPU busy while its kernels are launched, and the padding only adds
-# work: rounds of 8 prompts (~1,000-1,600 tokens) padded to a row bucket ran 12-24% longer graphed than
-# eager (docs/performance.md). JOIN_WIDTH 0 turns graphed joins off.
-JOIN_WIDTH = 32
-JOIN_GRAPH_TOKENS = 1024
+# A continuous batch's join of a few prompts runs from static buffers: its rows padded to a power of two
+# (filler rows repeat the last prompt into its row) and its prompts right-padded to a power of two of at
+# least JOIN_MIN_WIDTH tokens, at most JOIN_GRAPH_TOKENS padded tokens in all. On CUDA each such shape is
+# captured once, as a session opens (15 shapes at most), and replayed: an uncaptured prefill launches ~40
+# kernels a layer, and for a few short prompts that launching, not the GPU, sets a join's time (llama-7b
+# on an H200: 19-31 ms a join of ~1.7 prompts, 11 ms graphed; docs/performance.md). A larger join keeps
+# the GPU busy while its kernels are launched, and padding would only add work: it runs the eager prefill.
+# Right padding keeps a row's slots its own: it decodes from its prompt's length on, so the padding costs
+# prefill work, never cache slots or a wider attention window for the rows beside it. 0 turns it off.
+JOIN_MIN_WIDTH = 32
+JOIN_GRAPH_TOKENS = 512
 
 
 def _bucket(n: int) -> int:
@@ -71,6 +73,10 @@ def _bucket(n: int) -> int:
         if b >= n:
             return b
     return n
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _round_up(n: int, step: int) -> int:
@@ -411,15 +417,13 @@ class FastEngine:
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None,
                  device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
                  cuda_graphs: bool | None = None, attention: str | None = None, window_slots: int = WINDOW_SLOTS,
-                 prefill_tokens: int = PREFILL_TOKENS, join_width: int = JOIN_WIDTH,
-                 join_tokens: int = JOIN_GRAPH_TOKENS):
+                 prefill_tokens: int = PREFILL_TOKENS, join_tokens: int = JOIN_GRAPH_TOKENS):
         self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
-        if join_width < 0 or join_tokens < 0:
-            raise ValueError(f"join_width and join_tokens must be 0 (off) or positive, got {join_width}, {join_tokens}")
-        self.prefill_tokens = prefill_tokens
-        self.join_width, self.join_tokens = join_width, join_tokens
+        if join_tokens < 0:
+            raise ValueError(f"join_tokens must be 0 (off) or positive, got {join_tokens}")
+        self.prefill_tokens, self.join_tokens = prefill_tokens, join_tokens
         self.device = torch.device(device)
         self.context_length = context_length
         on_cuda = self.device.type == "cuda"
@@ -663,25 +667,62 @@ class FastEngine:
         self._start_decoding(ws, index, first, lengths, width, static)
         return first.cpu()
 
+    def _join_shape(self, ws: _Workspace, rows: int, width: int) -> tuple[int, int] | None:
+        """The static shape (rows, width) a join of ``rows`` prompts of at most ``width`` tokens runs in, or
+        None: too large for a graphed join (``JOIN_GRAPH_TOKENS``), it runs the eager prefill."""
+        shape = (_pow2(rows), max(JOIN_MIN_WIDTH, _pow2(width)))
+        if shape[0] > ws.batch or shape[1] > ws.cache_len or shape[0] * shape[1] > self.join_tokens:
+            return None
+        return shape
+
+    def _join_shapes(self, ws: _Workspace) -> list[tuple[int, int]]:
+        """Every shape ``_join_shape`` can give on ``ws``."""
+        shapes, rows = [], 1
+        while rows <= ws.batch:
+            width = JOIN_MIN_WIDTH
+            while self._join_shape(ws, rows, width) == (rows, width):
+                shapes.append((rows, width))
+                width *= 2
+            rows *= 2
+        return shapes
+
+    def _capture_joins(self, ws: _Workspace, greedy: bool) -> None:
+        """Capture the graphed join of every shape, into rows 0.. of ``ws`` (only while no row is live: the
+        warm-up runs write those rows)."""
+        todo = [shape for shape in self._join_shapes(ws) if ("join", *shape, greedy) not in ws.graphs]
+        t0 = time.perf_counter()
+        for rows, width in todo:
+            jb = self._join_buffers(ws, rows, width)
+            jb.ids.fill_(self.pad_id)
+            jb.lengths.fill_(1)
+            jb.index.copy_(torch.arange(rows))
+            self._capture(ws, ("join", rows, width, greedy), lambda jb=jb: self._join_body(ws, jb, greedy))
+        if todo:
+            log.info("captured %d join graphs (up to %d tokens) in %.1f s", len(todo), self.join_tokens,
+                     time.perf_counter() - t0)
+
     def _join_prefill(self, ws: _Workspace, prompts: list[list[int]], greedy: bool, rows: list[int],
-                      width: int) -> torch.Tensor:
-        """A continuous batch's join as ``_prefill`` does it, with the prompts left-padded to ``width`` (a
-        multiple of ``join_width``), from static buffers: on CUDA one captured graph per (rows, width,
-        greedy) serves every join of that shape. -> the first sampled token per prompt [n]."""
-        jb = self._join_buffers(ws, len(prompts), width)
-        ids, lengths = self._left_pad(prompts, width)
+                      shape: tuple[int, int]) -> torch.Tensor:
+        """A continuous batch's join from static buffers of ``shape`` (``_join_shape``), replayed as a
+        captured graph on CUDA. -> the first sampled token per prompt [n]."""
+        n = len(prompts)
+        jb = self._join_buffers(ws, *shape)
+        fill = shape[0] - n  # filler rows repeat the last prompt into its row: the same values written twice
+        ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts + [prompts[-1]] * fill):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         jb.ids.copy_(ids)
-        jb.lengths.copy_(lengths)
-        jb.index.copy_(torch.tensor(rows, dtype=torch.long))
+        jb.lengths.copy_(torch.tensor([len(p) for p in prompts] + [len(prompts[-1])] * fill, dtype=torch.long))
+        jb.index.copy_(torch.tensor(list(rows) + [rows[-1]] * fill, dtype=torch.long))
         if not self.cuda_graphs:
             self._join_body(ws, jb, greedy)
         else:
-            key = ("join", len(prompts), width, greedy)
+            key = ("join", *shape, greedy)
             graph = ws.graphs.get(key)
             if graph is None:
                 graph = self._capture(ws, key, lambda: self._join_body(ws, jb, greedy))
             graph.replay()
-        return jb.first.cpu()
+        return jb.first[:n].cpu()
 
     def _join_buffers(self, ws: _Workspace, rows: int, width: int) -> _JoinBuffers:
         """Static buffers of joins of ``rows`` prompts of ``width``: views of one store per workspace, sized
@@ -689,6 +730,10 @@ class FastEngine:
         jb = ws.joins.get((rows, width))
         if jb is None:
             k, dev = ws.k[0], self.device
+            if ws.join_store is not None and ws.join_store[0].numel() < self.join_tokens:  # (join_tokens grew)
+                ws.joins.clear()
+                ws.graphs = {key: g for key, g in ws.graphs.items() if key[0] != "join"}
+                ws.join_store = None
             if ws.join_store is None:
                 per_token = k.shape[1] * k.shape[3]
                 ws.join_store = (torch.zeros(self.join_tokens, dtype=torch.long, device=dev),
@@ -703,16 +748,27 @@ class FastEngine:
         return jb
 
     def _join_body(self, ws: _Workspace, jb: _JoinBuffers, greedy: bool) -> None:
-        """The graphed part of ``_join_prefill``: ``_prefill`` of one chunk, on ``jb``'s static buffers."""
-        width = jb.ids.shape[1]
-        real, positions, causal, own = self._prompt_layout(ws, jb.index, jb.lengths, width)
+        """What a graphed join runs: the prompts right-padded (row ``i`` real in columns [0, len_i)), their
+        K/V into slots [0, width) of their rows (slots from len_i on hold padding that no step attends to
+        before it overwrites them), the first token sampled after each prompt's last real token, and each
+        row set to decode from slot len_i, position len_i."""
+        rows, width = jb.ids.shape
+        col = self._cols(width)
+        real = col[None, :] < jb.lengths[:, None]                                       # [B, S]
+        causal = (col[None, :] <= col[:, None])[None, None]
+        own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]      # padding sees itself
         mask = self._additive((real[:, None, None, :] & causal) | own)
         caches = _ScatterCaches(ws, jb.index, width, scratch=jb.scratch)
-        logits = self._forward(caches, jb.ids, positions, mask, self._cols(width), width, compiled=False)
+        logits = self._forward(caches, jb.ids, col.expand(rows, width), mask, col, width, compiled=False,
+                               last=jb.lengths - 1)
         caches.flush()
         first = _sample(logits, greedy, ws.temperature, ws.top_p)
         jb.first.copy_(first)
-        self._start_decoding(ws, jb.index, first, jb.lengths, width, static=False)
+        ws.key_valid.index_fill_(0, jb.index, True)  # every slot up to the row's own slot is its own token
+        ws.tok.index_copy_(0, jb.index, first)
+        ws.pos.index_copy_(0, jb.index, jb.lengths)
+        ws.row_slot.index_copy_(0, jb.index, jb.lengths)
+        ws.live.index_fill_(0, jb.index, 1)
 
     def _left_pad(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids [B, width] (host), padding on the left; each prompt's length [B]."""
@@ -752,11 +808,12 @@ class FastEngine:
             ws.live.index_fill_(0, index, 1)
 
     def _forward(self, caches, ids, positions, mask, slots, window: int, compiled: bool,
-                 decode: bool = False, per_row: bool = False) -> torch.Tensor:
+                 decode: bool = False, per_row: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions: [B, T]; mask: [B, 1, T, window] additive (decode with flex: a BlockMask over the
         whole cache); writes k, v at ``slots`` [T] (``per_row``: [B], T = 1) into ``caches`` (per layer a
         (k, v) pair of [B, Hkv, L, D]) -> logits [B, V] fp32. Prefill (even of one-token prompts) always
-        attends with SDPA; ``decode`` picks the engine's decode attention."""
+        attends with SDPA; ``decode`` picks the engine's decode attention. The logits are those after the
+        last column, or after column ``last`` [B] of each row."""
         pre, post, mlp, attend = self.fns if compiled else self.eager_fns
         h = self.embed(ids)                                                     # [B, T, E]
         cos, sin = self.rotary(h, positions)                                    # [B, T, D]
@@ -769,7 +826,8 @@ class FastEngine:
             else:
                 attn = _attend_sdpa(q, kw, vw, mask, self.scale)
             h = layer.post((post, mlp), h, attn)
-        return self.lm_head(self.norm(h[:, -1:, :]))[:, -1].float()
+        h = h[:, -1:, :] if last is None else h[torch.arange(h.shape[0], device=h.device), last][:, None, :]
+        return self.lm_head(self.norm(h))[:, -1].float()
 
     def _additive(self, keep: torch.Tensor) -> torch.Tensor:
         # Once per step, not once per layer: SDPA would convert a bool mask like this in every layer.
@@ -925,9 +983,11 @@ class ContinuousSession:
         if ws.row_slot is None:
             ws.row_slot = torch.zeros(ws.batch, dtype=torch.long, device=dev)
             ws.live = torch.zeros(ws.batch, dtype=torch.long, device=dev)
-        self._idle(torch.arange(ws.batch, device=dev))
         ws.temperature.fill_(sampling.temperature)
         ws.top_p.fill_(sampling.top_p)
+        if engine.cuda_graphs and engine.join_tokens:
+            engine._capture_joins(ws, sampling.greedy)  # (before a row is live: they write rows 0..)
+        self._idle(torch.arange(ws.batch, device=dev))
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         self.owner: list[tuple[object, int] | None] = [None] * rows  # row -> (request key, sequence index)
@@ -979,14 +1039,14 @@ class ContinuousSession:
             raise ValueError("these requests cannot join now: check can_admit first")
         prompts = [p for spec in joins.values() for p in spec.prompts]
         free = [r for r, o in enumerate(self.owner) if o is None][:len(prompts)]
-        engine, width = self.engine, max(len(p) for p in prompts)
-        padded = _round_up(width, engine.join_width) if engine.join_width else 0
-        longest = max(n for spec in joins.values() for n in spec.max_new_tokens)
-        if padded and padded + longest <= self.cache_slots and len(prompts) * padded <= engine.join_tokens:
-            first = engine._join_prefill(self.ws, prompts, self.sampling.greedy, free, padded).tolist()
-            width = padded
-        else:  # (a large join, or no room for the padding: the eager prefill)
-            first = engine._prefill(self.ws, prompts, self.sampling.greedy, rows=free).tolist()
+        width = max(len(p) for p in prompts)
+        shape = self.engine._join_shape(self.ws, len(prompts), width)
+        if shape is not None:  # right-padded: each row decodes from its own prompt's length
+            first = self.engine._join_prefill(self.ws, prompts, self.sampling.greedy, free, shape).tolist()
+            starts = [len(p) for p in prompts]
+        else:  # a large join: the eager prefill, left-padded to its widest prompt
+            first = self.engine._prefill(self.ws, prompts, self.sampling.greedy, rows=free).tolist()
+            starts = [width] * len(prompts)
         out, at = {}, 0
         for key, spec in joins.items():
             rows = free[at:at + len(spec.prompts)]
@@ -994,7 +1054,7 @@ class ContinuousSession:
             self.rows_of[key] = list(rows)
             for i, r in enumerate(rows):
                 self.owner[r] = (key, i)
-                self.slot[r] = width
+                self.slot[r] = starts[at + i]
             out[key] = tracker.step(first[at:at + len(spec.prompts)])
             self._free_ended(key)
             at += len(spec.prompts)

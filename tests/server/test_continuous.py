@@ -19,7 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import JOIN_GRAPH_TOKENS, JOIN_WIDTH, WINDOW_SLOTS, FastEngine
+from llmwatts.server.fast_engine import JOIN_GRAPH_TOKENS, WINDOW_SLOTS, FastEngine
 from llmwatts.server.models import load_model
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
@@ -70,11 +70,10 @@ def run_continuous(session, requests: dict[str, BatchSpec]):
     return outputs, streamed, joined
 
 
-# joins from padded static buffers (graphs on CUDA), or eager (all; or above join_tokens)
-@pytest.mark.parametrize("join_width,join_tokens", [(JOIN_WIDTH, JOIN_GRAPH_TOKENS), (8, JOIN_GRAPH_TOKENS), (0, 0),
-                                                    (JOIN_WIDTH, 64)])
-def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, join_width, join_tokens):
-    fast = fast_engine(tiny, join_width=join_width, join_tokens=join_tokens)
+# joins from right-padded static buffers (graphs on CUDA), or eager: all of them, or those above 64 tokens
+@pytest.mark.parametrize("join_tokens", [JOIN_GRAPH_TOKENS, 0, 64])
+def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, join_tokens):
+    fast = fast_engine(tiny, join_tokens=join_tokens)
     p = prompts([5, 17, 9, 3, 30, 1, 12, WINDOW_SLOTS + 2])
     requests = {
         "a": BatchSpec(p[0:2], [6, 12], GREEDY, ignore_eos=True),      # its first row frees after 6 steps
@@ -96,14 +95,10 @@ def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, jo
     assert joined["c"][0] > 0 and joined["c"][1] & {"a", "b"} and joined["c"][2] == [0, 1, 3]
     assert joined["d"][0] > joined["c"][0] and joined["e"][0] > joined["d"][0]
     assert not session.trackers and session.live_rows == 0
-    # The padded joins ran: a + b and c (3 rows each) padded to 32 tokens, d and e alone; with join_width 0
-    # every join ran the eager prefill, and with join_tokens 64 the joins of 3 rows did.
-    shapes = set(session.ws.joins)
-    if join_width:
-        assert shapes and all(w % join_width == 0 and rows * w <= join_tokens for rows, w in shapes)
-        assert any(rows == 3 for rows, _ in shapes) == (join_tokens >= 3 * 32)
-    else:
-        assert not shapes
+    # The static-buffer joins ran: a + b and c (3 rows each, and a filler row repeating the last prompt) in
+    # 4 x 32 tokens, d and e alone in 1 x 32; with join_tokens 0 every join ran the eager prefill, and with
+    # 64 the joins of 3 rows did.
+    assert set(session.ws.joins) == {JOIN_GRAPH_TOKENS: {(4, 32), (1, 32)}, 0: set(), 64: {(1, 32)}}[join_tokens]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -124,7 +119,8 @@ def test_graphed_joins_and_steps_give_the_tokens_of_the_same_engine_run_without_
         outputs, _, _ = run_continuous(session, requests)
         runs[graphs] = {k: o.tokens for k, o in outputs.items()}
         joins = {key for key in session.ws.graphs if key[0] == "join"}
-        assert session.ws.joins and (joins == {("join", 3, 32, True), ("join", 2, 32, True)} if graphs else not joins)
+        # every join shape was captured as the session opened: 1, 2 and 4 rows of 32 and 64 tokens
+        assert joins == ({("join", rows, width, True) for rows in (1, 2, 4) for width in (32, 64)} if graphs else set())
     assert runs[True] == runs[False]
 
 
