@@ -47,6 +47,10 @@ def add_parser(subparsers) -> None:
                    help="with --continuous: free rows a running batch waits for before requests join, so one "
                         "prefill serves several (default 0: --max-batch-size / 8, at least 1; 1 joins at once)")
     p.add_argument("--queue-size", type=int, default=d.queue_size)
+    p.add_argument("--warmup", action="store_true",
+                   help="fast engine: before serving, run every batch bucket up to --max-batch-size once (and "
+                        "with --continuous every row prefix), so their compiles do not stall the first requests "
+                        "(on a GPU seconds per bucket)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random-weight presets")
     p.add_argument("--sim-gpus", type=int, default=d.sim_gpus, help="simulated GPUs (simulated backend)")
     p.add_argument("--sim-profile", default=d.sim_profile, help="simulated GPU profile")

@@ -51,6 +51,7 @@ class ServerConfig:
     continuous_join_rows: int = 0        # a running continuous batch admits once this many rows are free;
                                          # 0: max_batch_size / 8 (at least 1)
     queue_size: int = 64                 # bounded queue of pending requests; full → RESOURCE_EXHAUSTED
+    warmup: bool = False                 # run every batch bucket (and row prefix) once before serving
     seed: int = 0
     # Security (power-cap control).
     control_token: str | None = None     # bearer token for mutating Control calls (from env/file, never argv)

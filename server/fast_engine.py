@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from llmwatts.server.config import ATTENTION_ENV, ATTENTIONS
-from llmwatts.server.engine import BatchOutput, BatchSpec, PaceCallback, Sampling, SequenceTracker, StepCallback
+from llmwatts.server.engine import (BatchOutput, BatchSpec, PaceCallback, Sampling, SequenceTracker, StepCallback,
+                                    left_pad)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,27 @@ def _bucket(n: int) -> int:
         if b >= n:
             return b
     return n
+
+
+def warm_up(engine, max_batch_size: int, token: int, continuous: bool = False, cache_slots: int = 0) -> int:
+    """Run every batch bucket up to ``max_batch_size`` once (a one-token prompt, two new tokens), and with
+    ``continuous`` a session over every row prefix, so that their compiles (seconds each on a GPU; one per
+    bucket) happen now and not in the first requests that meet them (``llmwatts serve --warmup``). Graphs
+    of attention windows the warm-up does not reach are still captured at first use (milliseconds each).
+    Only ``engine.generate`` and ``engine.session``: a sharded engine runs it on every rank. -> the runs."""
+    greedy = Sampling(greedy=True)
+    sizes = sorted({min(_bucket(n), max_batch_size) for n in range(1, max_batch_size + 1)})
+    for n in sizes:
+        engine.generate(BatchSpec([[token]] * n, [2] * n, greedy, ignore_eos=True))
+    if not continuous:
+        return len(sizes)
+    session = engine.session(max_batch_size, max(cache_slots, 3), greedy, ignore_eos=True)
+    for n in sizes:  # n prompts fill rows 0 .. n-1: the steps run over row prefix bucket(n)
+        session.admit({"warm-up": BatchSpec([[token]] * n, [2] * n, greedy, ignore_eos=True)})
+        while session.busy:
+            session.step()
+        session.pop("warm-up")
+    return 2 * len(sizes)
 
 
 def _pow2(n: int) -> int:
@@ -645,8 +667,8 @@ class FastEngine:
         width = max(len(p) for p in prompts)
         b = ws.batch if static else len(prompts)
         rows = list(range(b)) if static else list(rows)
-        ids, lengths = self._left_pad(list(prompts) + [[self.pad_id]] * (b - len(prompts)), width)  # fillers
-        ids, lengths = ids.to(self.device), lengths.to(self.device)              # ids: [B, S]
+        ids, ones = left_pad(list(prompts) + [[self.pad_id]] * (b - len(prompts)), self.pad_id, self.device)
+        lengths = ones.sum(-1)                                     # ids: [B, S], filler rows one pad token
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         real, positions, causal, own = self._prompt_layout(ws, index, lengths, width)
         logits = []
@@ -769,13 +791,6 @@ class FastEngine:
         ws.pos.index_copy_(0, jb.index, jb.lengths)
         ws.row_slot.index_copy_(0, jb.index, jb.lengths)
         ws.live.index_fill_(0, jb.index, 1)
-
-    def _left_pad(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ids [B, width] (host), padding on the left; each prompt's length [B]."""
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        return ids, torch.tensor([len(p) for p in prompts], dtype=torch.long)
 
     def _cols(self, width: int) -> torch.Tensor:
         return torch.arange(width, device=self.device)

@@ -76,6 +76,7 @@ class Host:
         self.caps.recover()
         self.sampler = TelemetrySampler(self.gpus if local_gpus is None else local_gpus, self.store,
                                         config.telemetry_hz)
+        self.warmup_runs = self._warm_up() if config.warmup else 0
         if config.continuous:
             if not hasattr(self.engine, "session"):
                 raise InvalidArgument(f"continuous batching needs the fast engine on one shard, not "
@@ -92,6 +93,23 @@ class Host:
         self.seen_request_ids: set[str] = set()  # ~100 B an id: a million requests cost ~100 MB
         self.seen_lock = threading.Lock()
         self._record_server()
+
+    def _warm_up(self) -> int:
+        """``--warmup``: compile every batch bucket (and row prefix) now, off the record (no batch, no
+        request rows: the engine runs directly, not through the batcher)."""
+        if self.engine.name != "fast":
+            log.info("--warmup: the %s engine compiles nothing; nothing to warm up", self.engine.name)
+            return 0
+        from llmwatts.server.fast_engine import warm_up
+
+        tok = self.loaded.tokenizer
+        token = tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
+        t0 = time.perf_counter()
+        runs = warm_up(self.engine, self.config.max_batch_size, token, self.config.continuous,
+                       self.config.continuous_slots)
+        log.info("warmed up: %d runs (batch buckets up to %d%s) in %.1f s", runs, self.config.max_batch_size,
+                 ", continuous row prefixes" if self.config.continuous else "", time.perf_counter() - t0)
+        return runs
 
     def _record_server(self) -> None:
         self.store.record_server({

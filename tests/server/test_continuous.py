@@ -19,7 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import JOIN_GRAPH_TOKENS, WINDOW_SLOTS, FastEngine
+from llmwatts.server.fast_engine import JOIN_GRAPH_TOKENS, WINDOW_SLOTS, FastEngine, warm_up
 from llmwatts.server.models import load_model
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
@@ -158,6 +158,48 @@ def test_a_session_refuses_what_it_cannot_hold(tiny):
         session.admit({"x": one})
     with pytest.raises(ValueError, match="sdpa or bmm"):
         fast_engine(tiny, attention="flex").session(2, 64, GREEDY, ignore_eos=True)
+
+
+def test_warm_up_compiles_every_bucket_so_requests_compile_nothing(tiny):
+    """``serve --warmup``: the compiled path (here inductor's CPU backend) compiles each batch bucket and
+    each continuous row prefix during the warm-up; requests of every size afterwards, static and
+    continuous, with a longer cache, compile nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # compiled code is cached per function, across engines: count from a clean slate
+    fast = fast_engine(tiny, compile=True)
+    before = counters["stats"]["unique_graphs"]
+    assert warm_up(fast, 3, 1, continuous=True, cache_slots=64) == 6  # batch sizes 1, 2 and 3 (bucket 4)
+    warmed = counters["stats"]["unique_graphs"]
+    assert warmed > before
+    for n in (1, 2, 3):
+        fast.generate(BatchSpec(prompts([7, 20, 3][:n]), [70] * n, GREEDY, ignore_eos=True))  # 128-slot cache
+    p = prompts([5, 17, 9, 3, 30, 1])
+    requests = {"a": BatchSpec(p[0:2], [6, 60], GREEDY, ignore_eos=True),
+                "b": BatchSpec(p[2:3], [20], GREEDY, ignore_eos=True),
+                "c": BatchSpec(p[3:6], [15, 4, 9], GREEDY, ignore_eos=True)}
+    outputs, _, joined = run_continuous(fast.session(3, 128, GREEDY, ignore_eos=True), requests)
+    assert joined["c"][0] > 0 and all(len(t) for o in outputs.values() for t in o.tokens)
+    assert counters["stats"]["unique_graphs"] == warmed
+
+
+def test_serve_warmup_runs_before_serving_and_records_nothing(tmp_path):
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=2, warmup=True)
+    try:
+        assert srv.host.warmup_runs == 4  # batch sizes 1 and 2, static and continuous
+        assert srv.host.engine._workspaces.keys() == {1, 2}
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        assert stub.Generate(req("after", ["hello"], 3)).completions[0].output_tokens == 3
+    finally:
+        srv.stop(1)
+    db = sqlite_utils.Database(tmp_path / "server.db")
+    assert [r["request_id"] for r in db["requests"].rows] == ["after"] and db["batches"].count == 1
+    (tmp_path / "eager").mkdir()
+    eager, _ = start_server(tmp_path / "eager", warmup=True)  # the eager engine compiles nothing
+    try:
+        assert eager.host.engine.name == "eager" and eager.host.warmup_runs == 0
+    finally:
+        eager.stop(1)
 
 
 def req(rid, prompt_list, n, greedy=True, **kw):

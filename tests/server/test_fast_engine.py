@@ -119,6 +119,7 @@ def test_compiled_layers_give_eagers_greedy_tokens(tiny):
     once per batch bucket, not per cache length."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # compiled code is cached per function, across engines: count from a clean slate
     eager, _ = engines(tiny, None)
     fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device, compile=True)
     assert fast.compiled
