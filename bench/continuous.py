@@ -24,9 +24,9 @@ requests' attributed joules as a share of it. The engine rows' "joins of N ms" i
 ``admit``: the prefill and the wait for the decode step in flight (up to one step). ``--join-tokens``
 runs every continuous mode once per value: joins of up to that many padded tokens run from static
 buffers, replayed as captured graphs on CUDA (the default, ``JOIN_GRAPH_TOKENS``), or ``0``: every join
-runs the eager prefill, its kernels launched one by one (as before 2026-11-28's graphed joins). Each mode runs the
-workload once untimed first (compiles and the graph captures of every batch bucket, attention window and
-row prefix it meets).
+runs the eager prefill, its kernels launched one by one (as before 2026-11-28's graphed joins). Each
+mode runs the workload once untimed first (compiles and the graph captures of every batch bucket,
+attention window and row prefix it meets).
 
     python bench/continuous.py --data-dir DIR            # llama-7b on cuda, B = 64 and 256 (~9 min on an H200)
     python bench/continuous.py --quick --data-dir DIR     # tiny on cpu: proves the script runs

@@ -35,6 +35,7 @@ class Work:
     ignore_eos: bool
     received_ns: int
     events: queue.Queue = field(default_factory=queue.Queue)  # ("step", step, deltas) | ("done", Result)
+    stream: bool = True  # False (unary Generate): no "step" events, so its thread does not wake every step
 
     def compatible(self, other: "Work") -> bool:
         return self.sampling == other.sampling and self.ignore_eos == other.ignore_eos
@@ -160,7 +161,8 @@ class Batcher:
             for (i, _), d in zip(owners, deltas):
                 per_work[i].append(d)
             for w, d in zip(group, per_work):
-                w.events.put(("step", step, d))
+                if w.stream:
+                    w.events.put(("step", step, d))
 
         start = self.meter.read()
         for g in self.gpus:

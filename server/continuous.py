@@ -46,8 +46,10 @@ SETTLE_EVERY_S = 1.0  # the segment's rows in the DB are at most this old while 
 # it; the deltas add up to the exact total), and a short gap only answers requests sooner.
 MIN_READ_GAP_S = 0.02
 # Default join round: a running batch waits for max_batch_size / JOIN_FRACTION free rows. On an H200 with
-# llama-7b, offline Alpaca requests: rounds of 8 rows at batch 64 ran 1.44x the tokens/s of joining at once
-# and rounds of 32 1.22x; at batch 256, 8 and 32 rows 1.14x and 1.12x (docs/performance.md).
+# llama-7b, offline Alpaca requests, eager joins: rounds of 8 rows at batch 64 ran 1.44x the tokens/s of
+# joining at once and rounds of 32 1.22x; at batch 256, 8 and 32 rows 1.14x and 1.12x. With graphed joins
+# (their second design) rounds of 8 still ran 1.11x (batch 64) and 1.02x (batch 256) of joining at once
+# (docs/performance.md).
 JOIN_FRACTION = 8
 
 
@@ -202,7 +204,8 @@ class ContinuousBatcher(Batcher):
             self.segment.first_token_ns = time.time_ns()
         self._set_load()
         for request_id, (work, _) in joins.items():
-            work.events.put(("step", 0, deltas[request_id]))
+            if work.stream:
+                work.events.put(("step", 0, deltas[request_id]))
         # their prefill: the prompt tokens
         self._account({request_id: sum(map(len, spec.prompts)) for request_id, (_, spec) in joins.items()})
         self._wake.set()  # a read soon: the steps before the join are not split with the ones who joined
@@ -212,7 +215,9 @@ class ContinuousBatcher(Batcher):
         gained = self.session.step()
         self._pace(time.perf_counter() - t0)
         for request_id, deltas in gained.items():
-            self.joined[request_id].work.events.put(("step", self.session.trackers[request_id].steps - 1, deltas))
+            work = self.joined[request_id].work
+            if work.stream:
+                work.events.put(("step", self.session.trackers[request_id].steps - 1, deltas))
         # tokens a step processes: one per sequence that ran it (the step it stopped on EOS included)
         self._account(dict(self.session.last_ran))
 

@@ -418,7 +418,7 @@ class _Workspace:
 
 @dataclass
 class _JoinBuffers:
-    """Static inputs and outputs of a graphed join prefill: ``rows`` prompts left-padded to ``width``."""
+    """Static inputs and outputs of a graphed join prefill: ``rows`` prompts right-padded to ``width``."""
 
     ids: torch.Tensor       # [rows, width] long
     lengths: torch.Tensor   # [rows] long: each prompt's real tokens
@@ -669,8 +669,16 @@ class FastEngine:
         rows = list(range(b)) if static else list(rows)
         ids, ones = left_pad(list(prompts) + [[self.pad_id]] * (b - len(prompts)), self.pad_id, self.device)
         lengths = ones.sum(-1)                                     # ids: [B, S], filler rows one pad token
+        col = torch.arange(width, device=self.device)
+        real = col[None, :] >= (width - lengths)[:, None]                      # [B, S]
+        # Positions as generate derives them from the mask: cumsum - 1 on real tokens, 1 on padding.
+        positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
+        slots = torch.arange(ws.cache_len, device=self.device)
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        real, positions, causal, own = self._prompt_layout(ws, index, lengths, width)
+        ws.key_valid.index_copy_(0, index, slots[None, :] >= (width - lengths)[:, None])
+        # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
+        causal = (col[None, :] <= col[:, None])[None, None]                          # [1, 1, S, S]
+        own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]
         logits = []
         step = self._prefill_rows(width)
         for r in range(0, b, step):
@@ -681,12 +689,17 @@ class FastEngine:
                 caches = [(k[mine[0]:mine[-1] + 1], v[mine[0]:mine[-1] + 1]) for k, v in zip(ws.k, ws.v)]
             else:
                 caches = _ScatterCaches(ws, index[chunk], width)
-            logits.append(self._forward(caches, ids[chunk], positions[chunk], mask, self._cols(width), width,
-                                        compiled=False))
+            logits.append(self._forward(caches, ids[chunk], positions[chunk], mask, col, width, compiled=False))
             if isinstance(caches, _ScatterCaches):
                 caches.flush()
         first = _sample(torch.cat(logits), greedy, ws.temperature, ws.top_p)
-        self._start_decoding(ws, index, first, lengths, width, static)
+        ws.tok.index_copy_(0, index, first)
+        ws.pos.index_copy_(0, index, lengths)
+        if static:
+            ws.slot.fill_(width)
+        else:
+            ws.row_slot.index_fill_(0, index, width)
+            ws.live.index_fill_(0, index, 1)
         return first.cpu()
 
     def _join_shape(self, ws: _Workspace, rows: int, width: int) -> tuple[int, int] | None:
@@ -775,7 +788,7 @@ class FastEngine:
         before it overwrites them), the first token sampled after each prompt's last real token, and each
         row set to decode from slot len_i, position len_i."""
         rows, width = jb.ids.shape
-        col = self._cols(width)
+        col = torch.arange(width, device=self.device)
         real = col[None, :] < jb.lengths[:, None]                                       # [B, S]
         causal = (col[None, :] <= col[:, None])[None, None]
         own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]      # padding sees itself
@@ -791,36 +804,6 @@ class FastEngine:
         ws.pos.index_copy_(0, jb.index, jb.lengths)
         ws.row_slot.index_copy_(0, jb.index, jb.lengths)
         ws.live.index_fill_(0, jb.index, 1)
-
-    def _cols(self, width: int) -> torch.Tensor:
-        return torch.arange(width, device=self.device)
-
-    def _prompt_layout(self, ws: _Workspace, index: torch.Tensor, lengths: torch.Tensor, width: int):
-        """Marks the real slots of rows ``index`` (``key_valid``) for prompts of ``lengths`` left-padded to
-        ``width`` -> real [B, S], positions [B, S], and the causal [1, 1, S, S] and own-slot masks a chunk's
-        prefill mask is made of."""
-        col = self._cols(width)
-        start = (width - lengths)[:, None]
-        real = col[None, :] >= start                                                     # [B, S]
-        # Positions as generate derives them from the mask: cumsum - 1 on real tokens, 1 on padding.
-        positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
-        ws.key_valid.index_copy_(0, index, torch.arange(ws.cache_len, device=self.device)[None, :] >= start)
-        # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
-        causal = (col[None, :] <= col[:, None])[None, None]
-        own = torch.eye(width, dtype=torch.bool, device=self.device)[None, None]
-        return real, positions, causal, own
-
-    @staticmethod
-    def _start_decoding(ws: _Workspace, index, first, lengths, width: int, static: bool) -> None:
-        """After a prefill: rows ``index`` feed ``first`` at their positions ``lengths`` into the next step,
-        which writes slot ``width`` (a static batch's one slot, or these rows' own)."""
-        ws.tok.index_copy_(0, index, first)
-        ws.pos.index_copy_(0, index, lengths)
-        if static:
-            ws.slot.fill_(width)
-        else:
-            ws.row_slot.index_fill_(0, index, width)
-            ws.live.index_fill_(0, index, 1)
 
     def _forward(self, caches, ids, positions, mask, slots, window: int, compiled: bool,
                  decode: bool = False, per_row: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:

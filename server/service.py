@@ -187,7 +187,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.host = host
         self.tokenizer = host.loaded.tokenizer
 
-    def _work(self, request: pb.GenerateRequest) -> Work:
+    def _work(self, request: pb.GenerateRequest, stream: bool) -> Work:
         received_ns = time.time_ns()
         cfg = self.host.config
         if not request.request_id:
@@ -228,7 +228,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if request.request_id in self.host.seen_request_ids:
                 raise AlreadyExists(f"request_id {request.request_id!r} was already used: make a fresh id per request")
             self.host.seen_request_ids.add(request.request_id)
-        return Work(request.request_id, request.run_id, ids, max_new, sampling, request.ignore_eos, received_ns)
+        return Work(request.request_id, request.run_id, ids, max_new, sampling, request.ignore_eos, received_ns,
+                    stream=stream)
 
     def _record_failure(self, work: Work, err: BaseException) -> None:
         """A request that never got an answer still gets its server row, with the status it was given."""
@@ -284,7 +285,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @mapped
     def Generate(self, request, context):
-        work = self._work(request)
+        work = self._work(request, stream=False)
         self._submit(work)
         for event in self._events(work, context):
             if event[0] == "done":
@@ -293,7 +294,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @mapped
     def GenerateStream(self, request, context):
-        work = self._work(request)
+        work = self._work(request, stream=True)
         self._submit(work)
         n = len(work.prompts)
         tokens: list[list[int]] = [[] for _ in range(n)]

@@ -75,14 +75,28 @@ def test_continuous_bench_runs_static_and_continuous_on_both_parts(tmp_path):
     words = [12, 1, 11, 2, 10, 1, 12, 3, 9, 1, 12, 2]
     records = [{"instruction": f"Say {n} words.", "input": "", "output": " ".join(["word"] * n)} for n in words]
     (tmp_path / "alpaca_5k.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    results = run_bench("continuous.py", tmp_path, "--data-dir", str(tmp_path), timeout_s=600)
+    results = run_bench("continuous.py", tmp_path, "--data-dir", str(tmp_path), "--join-tokens", "512,0",
+                        timeout_s=600)
     rows = {(r["part"], r["batch"], r["mode"]): r for r in results["rows"]}
+    eager = " (eager joins)"
     assert set(rows) == {("engine", 2, "static"), ("engine", 2, "continuous"), ("engine", 4, "static"),
                          ("engine", 4, "continuous"), ("engine", 4, "continuous-join2"), ("server", 2, "merge"),
-                         ("server", 2, "continuous"), ("server", 4, "merge"), ("server", 4, "continuous")}
+                         ("server", 2, "continuous"), ("server", 4, "merge"), ("server", 4, "continuous"),
+                         ("engine", 2, "continuous" + eager), ("engine", 4, "continuous" + eager),
+                         ("engine", 4, "continuous-join2" + eager), ("server", 2, "continuous" + eager),
+                         ("server", 4, "continuous" + eager)}
     assert all("error" not in r and r["tok_s"] > 0 for r in rows.values()), rows
     for b in (2, 4):
         static, continuous = rows[("engine", b, "static")], rows[("engine", b, "continuous")]
         assert static["tokens"] == continuous["tokens"]  # the same requests, every token asked for
         assert continuous["steps"] < static["steps"]     # rows that finished were refilled
+        # graphed or eager, a join admits the same requests at the same step
+        assert rows[("engine", b, "continuous" + eager)]["steps"] == continuous["steps"]
     assert rows[("server", 4, "merge")]["mean_batch"] > 1  # the baseline really merged
+
+
+def test_continuous_bench_refuses_bad_join_tokens(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "continuous.py"), "--quick", "--join-tokens", "8,x"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--join-tokens takes integers, got '8,x'" in done.stderr and "Traceback" not in done.stderr

@@ -245,3 +245,27 @@ def test_shutdown_answers_a_request_held_for_the_next_merged_batch(tmp_path):
         long.result(timeout=30)  # the batch in flight finished
     db = sqlite_utils.Database(tmp_path / "server.db")
     assert db["requests"].get("held")["status"] == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("mode", [{}, {"merge_requests": True}, {"continuous": True}])
+def test_only_streaming_requests_get_an_event_per_step(tmp_path, mode):
+    """A unary Generate's thread waits for the answer alone: the batchers put no per-step events for it
+    (one wake-up per step per waiting request, all competing for the interpreter lock, for nothing)."""
+    from llmwatts.server.batcher import Work
+    from llmwatts.server.engine import Sampling
+
+    srv, _ = start_server(tmp_path, **mode)
+    try:
+        prompt = srv.host.loaded.tokenizer("hello there")["input_ids"]
+        works = {stream: Work(f"w-{stream}", "r", [prompt], 4, Sampling(greedy=True), True, time.time_ns(),
+                              stream=stream) for stream in (False, True)}
+        for w in works.values():
+            srv.host.batcher.submit(w)
+        kinds = {}
+        for stream, w in works.items():
+            kinds[stream] = [w.events.get(timeout=60)[0]]
+            while kinds[stream][-1] != "done":
+                kinds[stream].append(w.events.get(timeout=60)[0])
+        assert kinds == {False: ["done"], True: ["step"] * 4 + ["done"]}
+    finally:
+        srv.stop(1)
