@@ -37,6 +37,11 @@ class Work:
     events: queue.Queue = field(default_factory=queue.Queue)  # ("step", step, deltas) | ("done", Result)
     stream: bool = True  # False (unary Generate): no "step" events, so its thread does not wake every step
 
+    def put_step(self, step: int, deltas: list[list[int]]) -> None:
+        """A step's new tokens, for a streaming request (a unary one waits for "done" alone)."""
+        if self.stream:
+            self.events.put(("step", step, deltas))
+
     def compatible(self, other: "Work") -> bool:
         return self.sampling == other.sampling and self.ignore_eos == other.ignore_eos
 
@@ -161,8 +166,7 @@ class Batcher:
             for (i, _), d in zip(owners, deltas):
                 per_work[i].append(d)
             for w, d in zip(group, per_work):
-                if w.stream:
-                    w.events.put(("step", step, d))
+                w.put_step(step, d)
 
         start = self.meter.read()
         for g in self.gpus:

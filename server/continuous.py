@@ -204,8 +204,7 @@ class ContinuousBatcher(Batcher):
             self.segment.first_token_ns = time.time_ns()
         self._set_load()
         for request_id, (work, _) in joins.items():
-            if work.stream:
-                work.events.put(("step", 0, deltas[request_id]))
+            work.put_step(0, deltas[request_id])
         # their prefill: the prompt tokens
         self._account({request_id: sum(map(len, spec.prompts)) for request_id, (_, spec) in joins.items()})
         self._wake.set()  # a read soon: the steps before the join are not split with the ones who joined
@@ -215,9 +214,7 @@ class ContinuousBatcher(Batcher):
         gained = self.session.step()
         self._pace(time.perf_counter() - t0)
         for request_id, deltas in gained.items():
-            work = self.joined[request_id].work
-            if work.stream:
-                work.events.put(("step", self.session.trackers[request_id].steps - 1, deltas))
+            self.joined[request_id].work.put_step(self.session.trackers[request_id].steps - 1, deltas)
         # tokens a step processes: one per sequence that ran it (the step it stopped on EOS included)
         self._account(dict(self.session.last_ran))
 

@@ -97,6 +97,14 @@ def warm_up(engine, max_batch_size: int, token: int, continuous: bool = False, c
     return 2 * len(sizes)
 
 
+def _step_buffers(n: int, device: torch.device) -> list[tuple[torch.Tensor, "torch.cuda.Event | None"]]:
+    """Two (host buffer [n], event) pairs, pinned on CUDA: step ``t``'s tokens are copied into pair
+    ``t % 2`` without blocking while step ``t + 1`` is queued, and the event says when they arrived."""
+    cuda = device.type == "cuda"
+    return [(torch.empty(n, dtype=torch.long, pin_memory=cuda), torch.cuda.Event() if cuda else None)
+            for _ in range(2)]
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -568,9 +576,7 @@ class FastEngine:
 
     def _host_buffers(self, batch: int):
         if self._pinned is None or self._pinned[0][0].numel() != batch:
-            cuda = self.device.type == "cuda"
-            self._pinned = [(torch.empty(batch, dtype=torch.long, pin_memory=cuda),
-                             torch.cuda.Event() if cuda else None) for _ in range(2)]
+            self._pinned = _step_buffers(batch, self.device)
         return self._pinned
 
     def _workspace(self, batch: int, needed_slots: int, prefill_width: int = 1) -> _Workspace:
@@ -731,7 +737,7 @@ class FastEngine:
             jb.ids.fill_(self.pad_id)
             jb.lengths.fill_(1)
             jb.index.copy_(torch.arange(rows))
-            self._capture(ws, ("join", rows, width, greedy), lambda jb=jb: self._join_body(ws, jb, greedy))
+            self._join_graph(ws, jb, greedy)
         if todo:
             log.info("captured %d join graphs (up to %d tokens) in %.1f s", len(todo), self.join_tokens,
                      time.perf_counter() - t0)
@@ -743,21 +749,21 @@ class FastEngine:
         n = len(prompts)
         jb = self._join_buffers(ws, *shape)
         fill = shape[0] - n  # filler rows repeat the last prompt into its row: the same values written twice
+        padded = list(prompts) + [prompts[-1]] * fill
         ids = torch.full(shape, self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts + [prompts[-1]] * fill):
+        for i, p in enumerate(padded):
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         jb.ids.copy_(ids)
-        jb.lengths.copy_(torch.tensor([len(p) for p in prompts] + [len(prompts[-1])] * fill, dtype=torch.long))
+        jb.lengths.copy_(torch.tensor([len(p) for p in padded], dtype=torch.long))
         jb.index.copy_(torch.tensor(list(rows) + [rows[-1]] * fill, dtype=torch.long))
-        if not self.cuda_graphs:
-            self._join_body(ws, jb, greedy)
+        if self.cuda_graphs:
+            self._join_graph(ws, jb, greedy).replay()
         else:
-            key = ("join", *shape, greedy)
-            graph = ws.graphs.get(key)
-            if graph is None:
-                graph = self._capture(ws, key, lambda: self._join_body(ws, jb, greedy))
-            graph.replay()
+            self._join_body(ws, jb, greedy)
         return jb.first[:n].cpu()
+
+    def _join_graph(self, ws: _Workspace, jb: _JoinBuffers, greedy: bool):
+        return self._graph(ws, ("join", *jb.ids.shape, greedy), lambda: self._join_body(ws, jb, greedy))
 
     def _join_buffers(self, ws: _Workspace, rows: int, width: int) -> _JoinBuffers:
         """Static buffers of joins of ``rows`` prompts of ``width``: views of one store per workspace, sized
@@ -864,18 +870,17 @@ class FastEngine:
         if not self.cuda_graphs:
             self._decode_body(ws, window, greedy, per_row)
             return
-        key = (window, greedy, per_row)
-        graph = ws.graphs.get(key)
-        if graph is None:
-            graph = self._capture(ws, key, lambda: self._decode_body(ws, window, greedy, per_row),
-                                  state=(ws.tok, ws.out, ws.pos, ws.row_slot if per_row else ws.slot), compiled=True)
-        graph.replay()
+        self._graph(ws, (window, greedy, per_row), lambda: self._decode_body(ws, window, greedy, per_row),
+                    state=(ws.tok, ws.out, ws.pos, ws.row_slot if per_row else ws.slot), compiled=True).replay()
 
-    def _capture(self, ws: _Workspace, key: tuple, body, state: tuple = (), compiled: bool = False):
-        """Warm up (compiles, autotunes) then capture ``body`` into ``ws.graphs[key]``. The warm-up writes
-        what the coming replay writes anyway (a decode step's cache slots, a join's rows); ``state`` (the
-        step's inputs) and the RNG are restored afterwards. ``compiled``: the body runs the compiled layer
-        functions, and a compiler failure falls back to the uncompiled ones."""
+    def _graph(self, ws: _Workspace, key: tuple, body, state: tuple = (), compiled: bool = False):
+        """``ws.graphs[key]``, captured from ``body`` the first time: warm up (compiles, autotunes), then
+        capture. The warm-up writes what the coming replay writes anyway (a decode step's cache slots, a
+        join's rows); ``state`` (the step's inputs) and the RNG are restored afterwards. ``compiled``: the
+        body runs the compiled layer functions, and a compiler failure falls back to the uncompiled ones."""
+        graph = ws.graphs.get(key)
+        if graph is not None:
+            return graph
         saved = [t.clone() for t in state]
         rng = torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
@@ -994,9 +999,7 @@ class ContinuousSession:
         self.rows_of: dict[object, list[int | None]] = {}             # key -> row per sequence (None: ended)
         self.steps = 0                                                 # steps launched
         self.last_ran: dict[object, int] = {}  # key -> its sequences that ran the step ``step`` took
-        cuda = engine.device.type == "cuda"
-        self._host = [(torch.empty(ws.batch, dtype=torch.long, pin_memory=cuda),
-                       torch.cuda.Event() if cuda else None) for _ in range(2)]
+        self._host = _step_buffers(ws.batch, dev)
         self._pending = None  # (host buffer, event, [(row, key, sequence)]) of the step launched last
 
     @property

@@ -76,7 +76,6 @@ class Host:
         self.caps.recover()
         self.sampler = TelemetrySampler(self.gpus if local_gpus is None else local_gpus, self.store,
                                         config.telemetry_hz)
-        self.warmup_runs = self._warm_up() if config.warmup else 0
         if config.continuous:
             if not hasattr(self.engine, "session"):
                 raise InvalidArgument(f"continuous batching needs the fast engine on one shard, not "
@@ -90,6 +89,7 @@ class Host:
             self.batcher = Batcher(self.engine, self.gpus, self.store, max_batch_size=config.max_batch_size,
                                    queue_size=config.queue_size, merge_requests=config.merge_requests,
                                    batch_wait_ms=config.batch_wait_ms)
+        self.warmup_runs = self._warm_up() if config.warmup else 0  # (after the engine checks above)
         self.seen_request_ids: set[str] = set()  # ~100 B an id: a million requests cost ~100 MB
         self.seen_lock = threading.Lock()
         self._record_server()

@@ -70,18 +70,24 @@ def run_continuous(session, requests: dict[str, BatchSpec]):
     return outputs, streamed, joined
 
 
-# joins from right-padded static buffers (graphs on CUDA), or eager: all of them, or those above 64 tokens
-@pytest.mark.parametrize("join_tokens", [JOIN_GRAPH_TOKENS, 0, 64])
-def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, join_tokens):
-    fast = fast_engine(tiny, join_tokens=join_tokens)
+def mixed_requests() -> dict[str, BatchSpec]:
+    """Five requests for a 4-row session: rows freed early and refilled, joins of several prompts into rows
+    that are not adjacent, and a window crossing."""
     p = prompts([5, 17, 9, 3, 30, 1, 12, WINDOW_SLOTS + 2])
-    requests = {
+    return {
         "a": BatchSpec(p[0:2], [6, 12], GREEDY, ignore_eos=True),      # its first row frees after 6 steps
         "b": BatchSpec(p[2:3], [20], GREEDY, ignore_eos=True),
         "c": BatchSpec(p[3:6], [15, 4, 9], GREEDY, ignore_eos=True),   # waits for three free rows: not adjacent
         "d": BatchSpec(p[6:7], [25], GREEDY, ignore_eos=True),
         "e": BatchSpec(p[7:8], [WINDOW_SLOTS + 5], GREEDY, ignore_eos=True),  # crosses window boundaries
     }
+
+
+# joins from right-padded static buffers (graphs on CUDA), or eager: all of them, or those above 64 tokens
+@pytest.mark.parametrize("join_tokens", [JOIN_GRAPH_TOKENS, 0, 64])
+def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, join_tokens):
+    fast = fast_engine(tiny, join_tokens=join_tokens)
+    requests = mixed_requests()
     alone = {k: fast.generate(s) for k, s in requests.items()}
     session = fast.session(4, 64, GREEDY, ignore_eos=True)
     outputs, streamed, joined = run_continuous(session, requests)
@@ -89,7 +95,7 @@ def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, jo
         assert outputs[key].tokens == alone[key].tokens, key
         assert streamed[key] == alone[key].tokens, key
         assert outputs[key].finish_reasons == ["length"] * len(requests[key].prompts)
-    # They really shared steps: a and b joined in one prefill (padded to 17 tokens); c joined a running
+    # They really shared steps: a and b joined in one prefill; c joined a running
     # batch, into rows that are not adjacent (a freed 0 and 1, b holds 2); d and e later still.
     assert joined["a"][0] == joined["b"][0] == 0 and joined["a"][2] == [0, 1] and joined["b"][2] == [2]
     assert joined["c"][0] > 0 and joined["c"][1] & {"a", "b"} and joined["c"][2] == [0, 1, 3]
@@ -107,11 +113,7 @@ def test_graphed_joins_and_steps_give_the_tokens_of_the_same_engine_run_without_
     """On a GPU: a captured join or step must compute what the same code computes uncaptured (a graph
     that replays stale inputs or writes the wrong rows changes tokens)."""
     model = load_model("tiny", "cuda", "float32")
-    p = prompts([5, 17, 9, 3, 30, 1, 12, WINDOW_SLOTS + 2])
-    requests = {"a": BatchSpec(p[0:2], [6, 12], GREEDY, ignore_eos=True),
-                "b": BatchSpec(p[2:3], [20], GREEDY, ignore_eos=True),
-                "c": BatchSpec(p[3:6], [15, 4, 9], GREEDY, ignore_eos=True),
-                "d": BatchSpec(p[6:8], [25, WINDOW_SLOTS + 5], GREEDY, ignore_eos=True)}
+    requests = mixed_requests()
     runs = {}
     for graphs in (True, False):
         fast = fast_engine(model, compile=compile, cuda_graphs=graphs)
