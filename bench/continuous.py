@@ -15,7 +15,10 @@ Two parts, each with its baseline in the same run:
 - ``server``, closed loop: ``B`` client threads, each sending its next request when the last is
   answered, against ``llmwatts serve --merge-requests`` (concurrent requests merged into one batch,
   ``batch_wait_ms`` 50) and against ``--continuous`` (its default join rounds), same model and engine; the
-  clients run in a process of their own. Latency is per request at the
+  clients run in a process of their own. ``--server-modes``: ``continuous-captured`` (the default)
+  captures every decode graph of the server's session first (``ContinuousSession.capture_steps``, as
+  ``serve --warmup --continuous-slots`` does); ``continuous`` captures them as they are met, in the
+  untimed run or, for the ones it did not meet, in the timed one. Latency is per request at the
   client; ``after last token`` is the client's receipt minus the server's last-token stamp (the energy
   read and the response path; with ``--continuous`` the wait for the meter thread's read).
 
@@ -26,7 +29,9 @@ runs every continuous mode once per value: joins of up to that many padded token
 buffers, replayed as captured graphs on CUDA (the default, ``JOIN_GRAPH_TOKENS``), or ``0``: every join
 runs the eager prefill, its kernels launched one by one (as before 2026-11-28's graphed joins). Each
 mode runs the workload once untimed first (compiles and the graph captures of every batch bucket,
-attention window and row prefix it meets).
+attention window and row prefix it meets); a row's notes count the graphs captured in its timed run
+anyway (a closed loop's batches differ from run to run), and the continuous batcher's own account of
+its time (``LoopStats``: steps, the host's time between them, live rows, joins).
 
     python bench/continuous.py --data-dir DIR            # llama-7b on cuda, B = 64 and 256 (~9 min on an H200)
     python bench/continuous.py --quick --data-dir DIR     # tiny on cpu: proves the script runs
@@ -34,6 +39,7 @@ attention window and row prefix it meets).
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import queue
 import statistics
@@ -49,6 +55,7 @@ from nvml_energy import EnergyCounter
 
 from llmwatts import paths
 from llmwatts.loadgen.prompts import ALPACA_FILES, _find, _read_records, alpaca_prompt
+from llmwatts.server.continuous import LoopStats
 from llmwatts.server.engine import BatchSpec, Sampling
 from llmwatts.server.fast_engine import JOIN_GRAPH_TOKENS
 
@@ -195,7 +202,10 @@ def main(argv=None) -> int:
                          "replay captured graphs on CUDA; 0: every join runs the eager prefill)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
-    ap.add_argument("--server-modes", default="merge,continuous", help="server part: subset of merge,continuous")
+    ap.add_argument("--server-modes", default="merge,continuous-captured",
+                    help="server part: subset of merge,continuous,continuous-captured (continuous after "
+                         "ContinuousSession.capture_steps: every decode graph captured first, as serve --warmup "
+                         "--continuous-slots does)")
     ap.add_argument("--data-dir", help="folder with alpaca_5k.jsonl (default: llmwatts' data folders)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="tiny on cpu, 2 and 4 rows, 12 requests")
@@ -254,12 +264,16 @@ def main(argv=None) -> int:
         slots = max(len(r.ids) + r.new for r in reqs)
         common = {"batch": b, "requests": len(reqs), "tokens": tokens, "mean_new": tokens / len(reqs)}
 
-        def add(part: str, mode: str, fn) -> None:
+        def add(part: str, mode: str, fn, timed=None) -> None:
             try:
                 t0 = time.perf_counter()
-                fn()  # untimed: every graph (bucket, window, row prefix) the timed run needs is captured
+                fn()  # untimed: compiles, and the graphs (bucket, window, row prefix) this run meets
                 note(f"{part} {mode} b={b}: warm-up {time.perf_counter() - t0:.1f} s")
-                row = {"part": part, "mode": mode, **common, **measure(fn, counter, device, tokens)}
+                if timed is not None:
+                    timed()
+                graphs, graph_s = engine.captures, engine.capture_s
+                row = {"part": part, "mode": mode, **common, **measure(fn, counter, device, tokens),
+                       "captures": engine.captures - graphs, "capture_s": engine.capture_s - graph_s}
             except Exception as e:  # one failing row must not lose the rest of a paid GPU run
                 row = {"part": part, "mode": mode, **common, "error": f"{type(e).__name__}: {e}"[:200]}
                 if device.type == "cuda":
@@ -277,22 +291,34 @@ def main(argv=None) -> int:
                         lambda j=j: engine_continuous(engine, reqs, b, j))
         if "server" in parts:
             modes = [("merge", dict(merge_requests=True, batch_wait_ms=MERGE_WAIT_MS), JOIN_GRAPH_TOKENS)]
-            modes += [("continuous", dict(continuous=True, continuous_slots=slots), w) for w in join_tokens]
+            modes += [(m, dict(continuous=True, continuous_slots=slots), w)
+                      for m in ("continuous", "continuous-captured") for w in join_tokens]
             for mode, kw, w in (m for m in modes if m[0] in args.server_modes.split(",")):
                 engine.join_tokens = w
-                mode += join_note(w) if mode == "continuous" else ""
+                if mode == "continuous-captured":  # every decode graph of the server's session, before it opens
+                    t0 = time.perf_counter()
+                    n = engine.session(b, slots, GREEDY, ignore_eos=True).capture_steps()
+                    note(f"server {mode} b={b}: captured {n} more decode graphs in {time.perf_counter() - t0:.1f} s")
+                mode += join_note(w) if mode.startswith("continuous") else ""
                 name = f"{mode.split()[0]}-{w}-{b}"
                 srv, port = create_server(config(name, b, **kw), host=Host(config(name, b, **kw), loaded=loaded,
                                                                           engine=engine))
                 srv.start()
+                batcher = srv.host.batcher
+
+                def reset_stats() -> None:
+                    batcher.stats = LoopStats()
+
                 try:
-                    add("server", mode, lambda: clients.submit(closed_loop, port, reqs, b).result())
+                    add("server", mode, lambda: clients.submit(closed_loop, port, reqs, b).result(),
+                        timed=reset_stats if mode.startswith("continuous") else None)
                     srv.host.store.flush()
                     sizes = [r[0] for r in srv.host.store.db.execute("select n_sequences from batches").fetchall()]
                     if mode == "merge" and sizes and "error" not in results["rows"][-1]:
                         results["rows"][-1]["mean_batch"] = statistics.mean(sizes)
                     if mode.startswith("continuous"):
-                        results["rows"][-1]["join_rows"] = srv.host.batcher.join_rows
+                        results["rows"][-1]["join_rows"] = batcher.join_rows
+                        results["rows"][-1]["loop"] = dataclasses.asdict(batcher.stats)
                 finally:
                     srv.stop(1)
         engine.release()
@@ -332,6 +358,10 @@ def print_report(results: dict) -> None:
             notes.append(f"mean batch {r['mean_batch']:.1f}")
         if "join_rows" in r:
             notes.append(f"joins once {r['join_rows']} rows are free")
+        if "loop" in r:
+            notes.append(f"batcher: {LoopStats(**r['loop']).summary()}")
+        if r.get("captures"):
+            notes.append(f"{r['captures']} graphs captured in the timed run ({r['capture_s']:.1f} s)")
         if "after_last_ms" in r:
             notes.append(f"after last token {r['after_last_ms']:.1f} ms")
         if "attributed_share" in r:

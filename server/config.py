@@ -50,6 +50,8 @@ class ServerConfig:
     continuous_slots: int = 0            # its cache length per row; 0: the first request's prompt + new tokens
     continuous_join_rows: int = 0        # a running continuous batch admits once this many rows are free;
                                          # 0: max_batch_size / 8 (at least 1)
+    continuous_join_tokens: int | None = None  # joins of at most this many padded tokens replay captured
+                                         # graphs; 0: none; None: the fast engine's JOIN_GRAPH_TOKENS (512)
     queue_size: int = 64                 # bounded queue of pending requests; full → RESOURCE_EXHAUSTED
     warmup: bool = False                 # run every batch bucket (and row prefix) once before serving
     seed: int = 0

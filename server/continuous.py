@@ -54,6 +54,29 @@ JOIN_FRACTION = 8
 
 
 @dataclass
+class LoopStats:
+    """Where the batcher thread's wall time went while its session was busy (benchmarks read it, and a
+    closed segment logs it). A step launches the next decode step and waits for the one before it, so
+    ``step_s`` is mostly the GPU's time; ``between_s`` (the rest, joins aside) is the host's: admission,
+    accounting and anything else holding the interpreter lock. While ``between_s`` per step stays under
+    the GPU's step time, the GPU never waits for the host."""
+
+    steps: int = 0
+    live_rows: int = 0       # summed over steps
+    step_s: float = 0.0      # in the session's step()
+    joins: int = 0
+    joined_rows: int = 0
+    join_s: float = 0.0      # in the session's admit(): the prefill and the step in flight
+    between_s: float = 0.0   # from the end of one step to the start of the next, joins excluded
+
+    def summary(self) -> str:
+        n = max(self.steps, 1)
+        return (f"{self.steps} steps of {1000 * self.step_s / n:.2f} ms + {1000 * self.between_s / n:.2f} ms "
+                f"between, {self.live_rows / n:.1f} live rows; {self.joins} joins of "
+                f"{self.joined_rows / max(self.joins, 1):.1f} rows, {1000 * self.join_s / max(self.joins, 1):.1f} ms")
+
+
+@dataclass
 class _Segment:
     """A busy period: the ``batches`` row its requests point at, and what was settled into it so far."""
 
@@ -108,6 +131,8 @@ class ContinuousBatcher(Batcher):
         self._meter_stop = threading.Event()
         self._meter_error: BaseException | None = None  # raised on the batcher thread: the same failure path
         self._meter_thread = threading.Thread(target=self._meter_loop, name="continuous-meter", daemon=True)
+        self.stats = LoopStats()                      # since start (the batcher thread writes it)
+        self._last_step = None                        # perf_counter at the end of the last step of a segment
 
     def start(self) -> None:
         self._meter_thread.start()
@@ -199,7 +224,13 @@ class ContinuousBatcher(Batcher):
             self.joined[request_id] = self.segment.works[request_id] = _Joined(work, spec, now)
             self.segment.sequences += len(spec.prompts)
             self.segment.prompt_tokens += sum(map(len, spec.prompts))
+        t0 = time.perf_counter()
         deltas = self.session.admit({request_id: spec for request_id, (_, spec) in joins.items()})
+        self.stats.joins += 1
+        self.stats.joined_rows += sum(len(spec.prompts) for _, spec in joins.values())
+        self.stats.join_s += time.perf_counter() - t0
+        if self._last_step is not None:  # (the join is not host time between steps)
+            self._last_step += time.perf_counter() - t0
         if not self.segment.first_token_ns:
             self.segment.first_token_ns = time.time_ns()
         self._set_load()
@@ -210,13 +241,21 @@ class ContinuousBatcher(Batcher):
         self._wake.set()  # a read soon: the steps before the join are not split with the ones who joined
 
     def _step(self) -> None:
+        stats, live = self.stats, self.session.live_rows
         t0 = time.perf_counter()
         gained = self.session.step()
-        self._pace(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self._pace(t1 - t0)
+        if self._last_step is not None:
+            stats.between_s += t0 - self._last_step
+        stats.steps += 1
+        stats.live_rows += live
+        stats.step_s += t1 - t0
         for request_id, deltas in gained.items():
             self.joined[request_id].work.put_step(self.session.trackers[request_id].steps - 1, deltas)
         # tokens a step processes: one per sequence that ran it (the step it stopped on EOS included)
         self._account(dict(self.session.last_ran))
+        self._last_step = time.perf_counter()
 
     def _account(self, tokens: dict[str, int]) -> None:
         """Add the tokens each request processed; hand the requests that ended to the meter thread. One
@@ -245,6 +284,8 @@ class ContinuousBatcher(Batcher):
         """The session is idle: settle what is left, then the next request opens a new segment."""
         self._settle()
         self.segment = None
+        self._last_step = None
+        log.debug("continuous batcher since start: %s", self.stats.summary())
 
     # -- energy: the meter thread (and the batcher thread when a segment closes) -----------------------
 

@@ -79,9 +79,12 @@ def _bucket(n: int) -> int:
 def warm_up(engine, max_batch_size: int, token: int, continuous: bool = False, cache_slots: int = 0) -> int:
     """Run every batch bucket up to ``max_batch_size`` once (a one-token prompt, two new tokens), and with
     ``continuous`` a session over every row prefix, so that their compiles (seconds each on a GPU; one per
-    bucket) happen now and not in the first requests that meet them (``llmwatts serve --warmup``). Graphs
-    of attention windows the warm-up does not reach are still captured at first use (milliseconds each).
-    Only ``engine.generate`` and ``engine.session``: a sharded engine runs it on every rank. -> the runs."""
+    bucket) happen now and not in the first requests that meet them (``llmwatts serve --warmup``). With
+    ``continuous`` and ``cache_slots`` (the sessions' cache length) the session also captures its decode
+    step for every row prefix and attention window (``ContinuousSession.capture_steps``): a continuous
+    batch meets them in no particular order, and each first meeting would stall every live row. Other
+    graphs are still captured at first use. Only ``engine.generate`` and ``engine.session``: a sharded
+    engine runs it on every rank. -> the runs."""
     greedy = Sampling(greedy=True)
     sizes = sorted({min(_bucket(n), max_batch_size) for n in range(1, max_batch_size + 1)})
     for n in sizes:
@@ -94,6 +97,8 @@ def warm_up(engine, max_batch_size: int, token: int, continuous: bool = False, c
         while session.busy:
             session.step()
         session.pop("warm-up")
+    if cache_slots:
+        session.capture_steps()
     return 2 * len(sizes)
 
 
@@ -454,6 +459,7 @@ class FastEngine:
         if join_tokens < 0:
             raise ValueError(f"join_tokens must be 0 (off) or positive, got {join_tokens}")
         self.prefill_tokens, self.join_tokens = prefill_tokens, join_tokens
+        self.captures, self.capture_s = 0, 0.0  # CUDA graphs captured so far, and the seconds it took
         self.device = torch.device(device)
         self.context_length = context_length
         on_cuda = self.device.type == "cuda"
@@ -870,8 +876,11 @@ class FastEngine:
         if not self.cuda_graphs:
             self._decode_body(ws, window, greedy, per_row)
             return
-        self._graph(ws, (window, greedy, per_row), lambda: self._decode_body(ws, window, greedy, per_row),
-                    state=(ws.tok, ws.out, ws.pos, ws.row_slot if per_row else ws.slot), compiled=True).replay()
+        self._step_graph(ws, window, greedy, per_row).replay()
+
+    def _step_graph(self, ws: _Workspace, window: int, greedy: bool, per_row: bool):
+        return self._graph(ws, (window, greedy, per_row), lambda: self._decode_body(ws, window, greedy, per_row),
+                           state=(ws.tok, ws.out, ws.pos, ws.row_slot if per_row else ws.slot), compiled=True)
 
     def _graph(self, ws: _Workspace, key: tuple, body, state: tuple = (), compiled: bool = False):
         """``ws.graphs[key]``, captured from ``body`` the first time: warm up (compiles, autotunes), then
@@ -881,6 +890,7 @@ class FastEngine:
         graph = ws.graphs.get(key)
         if graph is not None:
             return graph
+        t0 = time.perf_counter()
         saved = [t.clone() for t in state]
         rng = torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
@@ -906,7 +916,10 @@ class FastEngine:
         with torch.cuda.graph(graph, pool=ws.pool):
             body()
         ws.graphs[key] = graph
-        log.info("captured a graph of the batch-%d workspace: %s", ws.batch, key)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
+        log.info("captured a graph of the batch-%d workspace: %s in %.0f ms", ws.batch, key,
+                 1000 * (time.perf_counter() - t0))
         return graph
 
 
@@ -1060,6 +1073,25 @@ class ContinuousSession:
             self._free_ended(key)
             at += len(spec.prompts)
         return out
+
+    @torch.inference_mode()
+    def capture_steps(self) -> int:
+        """Capture the decode step of every row prefix and every attention window up to the cache length
+        now, while no row is live, instead of at the first step that meets each one: a capture takes
+        about as long as tens of decode steps, and every live row waits for it. -> graphs captured (0
+        without CUDA graphs)."""
+        if self.live_rows or self._pending is not None:
+            raise ValueError("capture_steps runs before any request joins (its warm-up runs write rows 0..)")
+        if not self.engine.cuda_graphs:
+            return 0
+        eng, before = self.engine, self.engine.captures
+        mark = eng.compiled and eng.attention != "flex"
+        windows = sorted({eng._window(self.ws, n) for n in range(1, self.ws.cache_len + 1)})
+        for prefix in sorted({_bucket(n) for n in range(1, self.rows + 1)}):
+            view = _rows_view(self.ws, prefix, mark_dynamic=mark)
+            for window in windows:
+                eng._step_graph(view, window, self.sampling.greedy, per_row=True)
+        return eng.captures - before
 
     @property
     def busy(self) -> bool:

@@ -80,6 +80,8 @@ class Host:
             if not hasattr(self.engine, "session"):
                 raise InvalidArgument(f"continuous batching needs the fast engine on one shard, not "
                                       f"{self.engine.name!r} on {self.shard_count}")
+            if config.continuous_join_tokens is not None:
+                self.engine.join_tokens = config.continuous_join_tokens
             self.batcher = ContinuousBatcher(self.engine, self.gpus, self.store,
                                              max_batch_size=config.max_batch_size, queue_size=config.queue_size,
                                              cache_slots=config.continuous_slots,
@@ -104,11 +106,15 @@ class Host:
 
         tok = self.loaded.tokenizer
         token = tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
-        t0 = time.perf_counter()
+        t0, graphs = time.perf_counter(), getattr(self.engine, "captures", 0)
         runs = warm_up(self.engine, self.config.max_batch_size, token, self.config.continuous,
                        self.config.continuous_slots)
-        log.info("warmed up: %d runs (batch buckets up to %d%s) in %.1f s", runs, self.config.max_batch_size,
-                 ", continuous row prefixes" if self.config.continuous else "", time.perf_counter() - t0)
+        log.info("warmed up: %d runs (batch buckets up to %d%s), %d CUDA graphs captured, in %.1f s", runs,
+                 self.config.max_batch_size, ", continuous row prefixes" if self.config.continuous else "",
+                 getattr(self.engine, "captures", 0) - graphs, time.perf_counter() - t0)
+        if self.config.continuous and not self.config.continuous_slots:
+            log.info("--warmup: without --continuous-slots the sessions' cache length is not known yet, so their "
+                     "decode graphs are captured at first use")
         return runs
 
     def _record_server(self) -> None:

@@ -78,14 +78,18 @@ def test_continuous_bench_runs_static_and_continuous_on_both_parts(tmp_path):
     results = run_bench("continuous.py", tmp_path, "--data-dir", str(tmp_path), "--join-tokens", "512,0",
                         timeout_s=600)
     rows = {(r["part"], r["batch"], r["mode"]): r for r in results["rows"]}
-    eager = " (eager joins)"
+    eager, cc = " (eager joins)", "continuous-captured"
     assert set(rows) == {("engine", 2, "static"), ("engine", 2, "continuous"), ("engine", 4, "static"),
                          ("engine", 4, "continuous"), ("engine", 4, "continuous-join2"), ("server", 2, "merge"),
-                         ("server", 2, "continuous"), ("server", 4, "merge"), ("server", 4, "continuous"),
+                         ("server", 2, cc), ("server", 4, "merge"), ("server", 4, cc),
                          ("engine", 2, "continuous" + eager), ("engine", 4, "continuous" + eager),
-                         ("engine", 4, "continuous-join2" + eager), ("server", 2, "continuous" + eager),
-                         ("server", 4, "continuous" + eager)}
-    assert all("error" not in r and r["tok_s"] > 0 for r in rows.values()), rows
+                         ("engine", 4, "continuous-join2" + eager), ("server", 2, cc + eager),
+                         ("server", 4, cc + eager)}
+    assert all("error" not in r and r["tok_s"] > 0 and r["captures"] == 0 for r in rows.values()), rows
+    for b in (2, 4):  # the batcher's own account of the timed run: every token came from a step or a join
+        loop = rows[("server", b, cc)]["loop"]
+        assert loop["joins"] >= 1 and 0 < loop["live_rows"] / loop["steps"] <= b
+        assert loop["live_rows"] + loop["joined_rows"] >= rows[("server", b, cc)]["tokens"]
     for b in (2, 4):
         static, continuous = rows[("engine", b, "static")], rows[("engine", b, "continuous")]
         assert static["tokens"] == continuous["tokens"]  # the same requests, every token asked for

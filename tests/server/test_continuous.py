@@ -7,6 +7,7 @@ first served.
 """
 
 import concurrent.futures
+import logging
 import os
 import subprocess
 import sys
@@ -115,15 +116,30 @@ def test_graphed_joins_and_steps_give_the_tokens_of_the_same_engine_run_without_
     model = load_model("tiny", "cuda", "float32")
     requests = mixed_requests()
     runs = {}
-    for graphs in (True, False):
-        fast = fast_engine(model, compile=compile, cuda_graphs=graphs)
+    for graphs in (True, False, "captured first"):
+        fast = fast_engine(model, compile=compile, cuda_graphs=bool(graphs))
         session = fast.session(4, 64, GREEDY, ignore_eos=True)
+        if graphs == "captured first":
+            # every decode step up front: row prefixes 1, 2 and 4, windows of 16 .. 64 slots
+            assert session.capture_steps() == 3 * 4
+            assert session.capture_steps() == 0
+            before = fast.captures
         outputs, _, _ = run_continuous(session, requests)
+        if graphs == "captured first":
+            assert fast.captures == before  # the session met no step it had not captured
         runs[graphs] = {k: o.tokens for k, o in outputs.items()}
         joins = {key for key in session.ws.graphs if key[0] == "join"}
         # every join shape was captured as the session opened: 1, 2 and 4 rows of 32 and 64 tokens
         assert joins == ({("join", rows, width, True) for rows in (1, 2, 4) for width in (32, 64)} if graphs else set())
-    assert runs[True] == runs[False]
+    assert runs[True] == runs[False] == runs["captured first"]
+
+
+def test_capture_steps_runs_only_before_a_row_is_live(tiny):
+    session = fast_engine(tiny).session(2, 64, GREEDY, ignore_eos=True)
+    assert session.capture_steps() == 0  # on CPU: no CUDA graphs to capture
+    session.admit({"x": BatchSpec(prompts([3]), [5], GREEDY, ignore_eos=True)})
+    with pytest.raises(ValueError, match="before any request joins"):
+        session.capture_steps()
 
 
 def test_eos_frees_a_row_and_the_sequence_stops_as_it_does_alone(tiny):
@@ -185,11 +201,15 @@ def test_warm_up_compiles_every_bucket_so_requests_compile_nothing(tiny):
     assert counters["stats"]["unique_graphs"] == warmed
 
 
-def test_serve_warmup_runs_before_serving_and_records_nothing(tmp_path):
-    srv, port = start_server(tmp_path, continuous=True, max_batch_size=2, warmup=True)
+def test_serve_warmup_runs_before_serving_and_records_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="llmwatts.server.service")
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=2, warmup=True, continuous_join_tokens=64)
     try:
         assert srv.host.warmup_runs == 4  # batch sizes 1 and 2, static and continuous
         assert srv.host.engine._workspaces.keys() == {1, 2}
+        assert srv.host.engine.join_tokens == 64  # --continuous-join-tokens reaches the engine
+        # without --continuous-slots the sessions' cache length is unknown: their step graphs wait for first use
+        assert "decode graphs are captured at first use" in caplog.text
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         assert stub.Generate(req("after", ["hello"], 3)).completions[0].output_tokens == 3
     finally:
@@ -197,6 +217,13 @@ def test_serve_warmup_runs_before_serving_and_records_nothing(tmp_path):
     db = sqlite_utils.Database(tmp_path / "server.db")
     assert [r["request_id"] for r in db["requests"].rows] == ["after"] and db["batches"].count == 1
     (tmp_path / "eager").mkdir()
+    caplog.clear()
+    (tmp_path / "slots").mkdir()  # with the cache length known, the session's step graphs are captured too
+    slots, _ = start_server(tmp_path / "slots", continuous=True, max_batch_size=2, warmup=True, continuous_slots=64)
+    try:
+        assert slots.host.warmup_runs == 4 and "at first use" not in caplog.text
+    finally:
+        slots.stop(1)
     eager, _ = start_server(tmp_path / "eager", warmup=True)  # the eager engine compiles nothing
     try:
         assert eager.host.engine.name == "eager" and eager.host.warmup_runs == 0
@@ -340,6 +367,7 @@ SERVE = [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--de
     (["--engine", "eager"], {}, "continuous batching needs the fast engine"),
     (["--shards", "2"], {}, "--continuous runs on one shard"),
     (["--continuous-slots", "-1"], {}, "--continuous-slots must be 0 or more"),
+    (["--continuous-join-tokens", "-1"], {}, "--continuous-join-tokens must be 0 or more"),
     (["--continuous-join-rows", "65"], {},
      "--continuous-join-rows must be between 0 (automatic) and --max-batch-size (64)"),
     ([], {"LLMWATTS_FAST_ATTENTION": "flex"}, "continuous batching runs with the sdpa or bmm decode attention"),
