@@ -297,8 +297,12 @@ def main(argv=None) -> int:
                 engine.join_tokens = w
                 if mode == "continuous-captured":  # every decode graph of the server's session, before it opens
                     t0 = time.perf_counter()
-                    n = engine.session(b, slots, GREEDY, ignore_eos=True).capture_steps()
-                    note(f"server {mode} b={b}: captured {n} more decode graphs in {time.perf_counter() - t0:.1f} s")
+                    try:
+                        n = engine.session(b, slots, GREEDY, ignore_eos=True).capture_steps()
+                        note(f"server {mode} b={b}: captured {n} more decode graphs in "
+                             f"{time.perf_counter() - t0:.1f} s")
+                    except Exception as e:  # (the row still runs, and counts what it captures)
+                        note(f"server {mode} b={b}: capture_steps failed: {type(e).__name__}: {e}"[:300])
                 mode += join_note(w) if mode.startswith("continuous") else ""
                 name = f"{mode.split()[0]}-{w}-{b}"
                 srv, port = create_server(config(name, b, **kw), host=Host(config(name, b, **kw), loaded=loaded,
