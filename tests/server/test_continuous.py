@@ -216,7 +216,6 @@ def test_serve_warmup_runs_before_serving_and_records_nothing(tmp_path, caplog):
         srv.stop(1)
     db = sqlite_utils.Database(tmp_path / "server.db")
     assert [r["request_id"] for r in db["requests"].rows] == ["after"] and db["batches"].count == 1
-    (tmp_path / "eager").mkdir()
     caplog.clear()
     (tmp_path / "slots").mkdir()  # with the cache length known, the session's step graphs are captured too
     slots, _ = start_server(tmp_path / "slots", continuous=True, max_batch_size=2, warmup=True, continuous_slots=64)
@@ -224,6 +223,7 @@ def test_serve_warmup_runs_before_serving_and_records_nothing(tmp_path, caplog):
         assert slots.host.warmup_runs == 4 and "at first use" not in caplog.text
     finally:
         slots.stop(1)
+    (tmp_path / "eager").mkdir()
     eager, _ = start_server(tmp_path / "eager", warmup=True)  # the eager engine compiles nothing
     try:
         assert eager.host.engine.name == "eager" and eager.host.warmup_runs == 0
