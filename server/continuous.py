@@ -226,11 +226,12 @@ class ContinuousBatcher(Batcher):
             self.segment.prompt_tokens += sum(map(len, spec.prompts))
         t0 = time.perf_counter()
         deltas = self.session.admit({request_id: spec for request_id, (_, spec) in joins.items()})
+        took = time.perf_counter() - t0
         self.stats.joins += 1
         self.stats.joined_rows += sum(len(spec.prompts) for _, spec in joins.values())
-        self.stats.join_s += time.perf_counter() - t0
+        self.stats.join_s += took
         if self._last_step is not None:  # (the join is not host time between steps)
-            self._last_step += time.perf_counter() - t0
+            self._last_step += took
         if not self.segment.first_token_ns:
             self.segment.first_token_ns = time.time_ns()
         self._set_load()

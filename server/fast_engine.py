@@ -916,10 +916,10 @@ class FastEngine:
         with torch.cuda.graph(graph, pool=ws.pool):
             body()
         ws.graphs[key] = graph
+        seconds = time.perf_counter() - t0
         self.captures += 1
-        self.capture_s += time.perf_counter() - t0
-        log.info("captured a graph of the batch-%d workspace: %s in %.0f ms", ws.batch, key,
-                 1000 * (time.perf_counter() - t0))
+        self.capture_s += seconds
+        log.info("captured a graph of the batch-%d workspace: %s in %.0f ms", ws.batch, key, 1000 * seconds)
         return graph
 
 
@@ -1085,10 +1085,9 @@ class ContinuousSession:
         if not self.engine.cuda_graphs:
             return 0
         eng, before = self.engine, self.engine.captures
-        mark = eng.compiled and eng.attention != "flex"
         windows = sorted({eng._window(self.ws, n) for n in range(1, self.ws.cache_len + 1)})
         for prefix in sorted({_bucket(n) for n in range(1, self.rows + 1)}):
-            view = _rows_view(self.ws, prefix, mark_dynamic=mark)
+            view = self._view(prefix)
             for window in windows:
                 eng._step_graph(view, window, self.sampling.greedy, per_row=True)
         return eng.captures - before
@@ -1109,8 +1108,7 @@ class ContinuousSession:
         live = [r for r, o in enumerate(self.owner) if o is not None]
         launched = None
         if live:
-            view = _rows_view(self.ws, _bucket(live[-1] + 1),
-                              mark_dynamic=self.engine.compiled and self.engine.attention != "flex")
+            view = self._view(_bucket(live[-1] + 1))
             self.engine._decode_step(view, max(self.slot[r] for r in live) + 1, self.sampling.greedy,
                                      per_row=True)
             buf, event = self._host[self.steps % 2]
@@ -1123,6 +1121,10 @@ class ContinuousSession:
             launched = (buf, event, [(r, *self.owner[r]) for r in live])
         taken, self._pending = self._pending, launched
         return self._take(taken) if taken is not None else {}
+
+    def _view(self, rows: int) -> _Workspace:
+        """The session's first ``rows`` rows, the workspace a step over them runs on (its own graphs)."""
+        return _rows_view(self.ws, rows, mark_dynamic=self.engine.compiled and self.engine.attention != "flex")
 
     def _take(self, pending) -> dict[object, list[list[int]]]:
         buf, event, ran = pending
