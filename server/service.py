@@ -33,6 +33,7 @@ from llmwatts.server.grpc_errors import mapped
 from llmwatts.server.models import LoadedModel, load_model
 from llmwatts.server.power import PowerCapManager, caps_reply
 from llmwatts.server.store import ServerStore
+from llmwatts.server.streaming import stream_chunks
 from llmwatts.server.telemetry import EnergyMeter, TelemetrySampler
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
@@ -302,29 +303,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def GenerateStream(self, request, context):
         work = self._work(request, stream=True)
         self._submit(work)
-        n = len(work.prompts)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        texts = [""] * n
-        for event in self._events(work, context):
-            if event[0] == "step":
-                _, step, deltas = event
-                out = []
-                for i, d in enumerate(deltas):
-                    if not d:
-                        out.append(pb.TokenDelta(index=i))
-                        continue
-                    tokens[i].extend(d)
-                    # Decode the whole sequence and send the new suffix: byte-fallback and leading
-                    # spaces decode right only in context.
-                    text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                    out.append(pb.TokenDelta(index=i, token_ids=d, text=text[len(texts[i]):]))
-                    texts[i] = text
-                yield pb.GenerateChunk(request_id=request.request_id, step=step, deltas=out,
-                                       server_ns=time.time_ns())
-            else:
-                final = self._response(request, event[1])
-                yield pb.GenerateChunk(request_id=request.request_id, batch_id=final.batch_id,
-                                       step=event[1].steps, server_ns=time.time_ns(), done=True, final=final)
+        yield from stream_chunks(request, self._events(work, context), self.tokenizer, self._response)
 
 
 class ControlServicer(pb_grpc.ControlServicer):
