@@ -202,7 +202,7 @@ def test_warm_up_compiles_every_bucket_so_requests_compile_nothing(tiny):
 
 
 def test_serve_warmup_runs_before_serving_and_records_nothing(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="llmwatts.server.service")
+    caplog.set_level(logging.INFO, logger="llmwatts.server")
     srv, port = start_server(tmp_path, continuous=True, max_batch_size=2, warmup=True, continuous_join_tokens=64)
     try:
         assert srv.host.warmup_runs == 4  # batch sizes 1 and 2, static and continuous

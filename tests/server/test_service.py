@@ -269,3 +269,18 @@ def test_only_streaming_requests_get_an_event_per_step(tmp_path, mode):
         assert kinds == {False: ["done"], True: ["step"] * 4 + ["done"]}
     finally:
         srv.stop(1)
+
+
+def test_a_port_another_listener_shares_is_refused(tmp_path):
+    """Regression (#16.9): gRPC binds with SO_REUSEPORT by default, so a second server on a port in use
+    started too and both listened, splitting a study's requests across two DBs. Binding is exclusive."""
+    import socket
+
+    from llmwatts.errors import Unavailable
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another gRPC server would
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(Unavailable, match="is the port in use"):
+            start_server(tmp_path, port=taken.getsockname()[1])

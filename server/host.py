@@ -1,0 +1,172 @@
+"""``Host``: everything a server holds (model, engine, GPUs, store, batcher, telemetry, power caps), built
+from a ``ServerConfig``; the servicers (``inference_service.py``, ``control_service.py``) read it."""
+
+import logging
+import platform
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from llmwatts import __version__
+from llmwatts.errors import InvalidArgument, Unavailable
+from llmwatts.server.batcher import Batcher
+from llmwatts.server.config import ServerConfig, check_engine
+from llmwatts.server.continuous import ContinuousBatcher
+from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus, power_source
+from llmwatts.server.models import LoadedModel, load_model
+from llmwatts.server.power import PowerCapManager
+from llmwatts.server.store import ServerStore
+from llmwatts.server.telemetry import EnergyMeter, TelemetrySampler
+
+log = logging.getLogger(__name__)
+MAX_LEASE_S = 86400.0  # PowerCapManager's own longest lease
+
+
+class Host:
+    """Everything a server holds: the loaded model, engine, GPUs, store, batcher, telemetry, caps."""
+
+    def __init__(self, config: ServerConfig, *, loaded: LoadedModel | None = None, engine=None,
+                 gpus: list | None = None, local_gpus: list | None = None, layout: dict | None = None,
+                 node: str | None = None):
+        """Unsharded: everything is built from ``config``. Sharded (``sharded.py``, rank 0): the loaded
+        slice, the lockstep engine, every rank's GPUs (``gpus``, followers' as proxies), the GPUs this
+        process samples itself (``local_gpus``) and the rank layout are passed in."""
+        self.config = config
+        self.server_id = uuid.uuid4().hex[:12]
+        self.node = node or socket.gethostname()
+        self.loaded: LoadedModel = loaded or load_model(config.model, config.device, config.dtype, config.seed)
+        self.engine = engine or make_engine(config.engine, self.loaded, config.continuous)
+        self.gpus = gpus if gpus is not None else open_gpus(
+            config.power_backend, node=self.node, sim_gpus=config.sim_gpus, sim_profile=config.sim_profile,
+            device_indices=_nvml_indices(config, self.loaded))
+        self.layout = layout or {"ranks": [{"rank": 0, "node": self.node, "device": str(self.loaded.device),
+                                            "gpus": [g.uuid for g in self.gpus]}]}
+        self.shard_count = len(self.layout["ranks"])
+        self.devices = [r["device"] for r in self.layout["ranks"]]
+        self.power_source = power_source(self.gpus)
+        self.simulated = any(g.simulated for g in self.gpus)
+        self.store = ServerStore(config.db_path, self.server_id)
+        self.meter = EnergyMeter(self.gpus)
+        self.caps = PowerCapManager(
+            self.gpus, self.power_source, state_path=config.cap_state_path or _default_cap_state(config),
+            record_event=self.store.record_cap_event, default_lease_s=config.default_lease_s,
+            max_lease_s=MAX_LEASE_S,
+        )
+        self.caps.recover()
+        self.sampler = TelemetrySampler(self.gpus if local_gpus is None else local_gpus, self.store,
+                                        config.telemetry_hz)
+        if config.continuous:
+            if not hasattr(self.engine, "session"):
+                raise InvalidArgument(f"continuous batching needs the fast engine on one shard, not "
+                                      f"{self.engine.name!r} on {self.shard_count}")
+            if config.continuous_join_tokens is not None:
+                self.engine.join_tokens = config.continuous_join_tokens
+            self.batcher = ContinuousBatcher(self.engine, self.gpus, self.store,
+                                             max_batch_size=config.max_batch_size, queue_size=config.queue_size,
+                                             cache_slots=config.continuous_slots,
+                                             join_rows=config.continuous_join_rows,
+                                             batch_wait_ms=config.batch_wait_ms)
+        else:
+            self.batcher = Batcher(self.engine, self.gpus, self.store, max_batch_size=config.max_batch_size,
+                                   queue_size=config.queue_size, merge_requests=config.merge_requests,
+                                   batch_wait_ms=config.batch_wait_ms)
+        self.warmup_runs = self._warm_up() if config.warmup else 0  # (after the engine checks above)
+        self.seen_request_ids: set[str] = set()  # ~100 B an id: a million requests cost ~100 MB
+        self.seen_lock = threading.Lock()
+        self._record_server()
+
+    def _warm_up(self) -> int:
+        """``--warmup``: compile every batch bucket (and row prefix) now, off the record (no batch, no
+        request rows: the engine runs directly, not through the batcher)."""
+        if self.engine.name != "fast":
+            log.info("--warmup: the %s engine compiles nothing; nothing to warm up", self.engine.name)
+            return 0
+        from llmwatts.server.fast_engine import warm_up
+
+        tok = self.loaded.tokenizer
+        token = tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
+        t0, graphs = time.perf_counter(), getattr(self.engine, "captures", 0)
+        runs = warm_up(self.engine, self.config.max_batch_size, token, self.config.continuous,
+                       self.config.continuous_slots)
+        log.info("warmed up: %d runs (batch buckets up to %d%s), %d CUDA graphs captured, in %.1f s", runs,
+                 self.config.max_batch_size, ", continuous row prefixes" if self.config.continuous else "",
+                 getattr(self.engine, "captures", 0) - graphs, time.perf_counter() - t0)
+        if self.config.continuous and not self.config.continuous_slots:
+            log.info("--warmup: without --continuous-slots the sessions' cache length is not known yet, so their "
+                     "decode graphs are captured at first use")
+        return runs
+
+    def _record_server(self) -> None:
+        self.store.record_server({
+            "started_ns": time.time_ns(), "node": self.node, "model": self.loaded.name,
+            "dtype": str(self.loaded.dtype).removeprefix("torch."), "engine": self.engine.name,
+            "power_source": self.power_source, "shard_count": self.shard_count, "layout": self.layout,
+            "simulated": int(self.simulated), "versions": versions(),
+        })
+        self.store.record_gpus([{"gpu_uuid": g.uuid, "node": g.node, "rank": g.rank, "gpu_index": g.index,
+                                 "name": g.name, "memory_total_bytes": g.memory_total_bytes,
+                                 "simulated": int(g.simulated)} for g in self.gpus])
+
+    def start(self) -> None:
+        self.sampler.start()
+        self.batcher.start()
+
+    def close(self) -> None:
+        """Stop work, restore caps, flush the store. Idempotent."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self.batcher.stop()
+        self.caps.restore_all()
+        self.caps.close()
+        engine_close = getattr(self.engine, "close", None)  # sharded: stop the follower ranks
+        if engine_close is not None:
+            engine_close()
+        self.sampler.stop()
+        self.store.close()
+
+
+def make_engine(name: str, loaded: LoadedModel, continuous: bool = False):
+    check_engine(name, continuous)
+    if name == "auto":  # continuous batching is a fast-engine feature, on CPU too
+        name = "fast" if loaded.device.type == "cuda" or continuous else "eager"
+    if name == "eager":
+        from llmwatts.server.engine import EagerEngine
+
+        return EagerEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device)
+    try:  # name is "fast"
+        from llmwatts.server.fast_engine import FastEngine
+    except ModuleNotFoundError as e:
+        raise InvalidArgument("the fast engine is not available in this build: use --engine eager") from e
+    return FastEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device,
+                      context_length=loaded.context_length)
+
+
+def _nvml_indices(config: ServerConfig, loaded: LoadedModel) -> list[int] | None:
+    """The NVML index of the model's GPU (None: let the factory choose, e.g. simulated GPUs on a CPU)."""
+    if loaded.device.type != "cuda" or config.power_backend == "simulated":
+        return None
+    try:
+        return [nvml_index_of_cuda_device(loaded.device.index or 0)]
+    except Unavailable:  # no NVML: the factory says so (or falls back to simulated under auto)
+        return None
+
+
+def _default_cap_state(config: ServerConfig) -> Path:
+    return Path(str(config.db_path) + ".caps.json")
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    out = {"llmwatts": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "grpc": grpc.__version__}
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+    return out
+

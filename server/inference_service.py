@@ -1,0 +1,132 @@
+"""The Inference servicer: validates a request, hands it to the batcher, answers from its events."""
+
+import queue
+import time
+
+from llmwatts.errors import AlreadyExists, InvalidArgument, Unavailable
+from llmwatts.server.batcher import Result, Work
+from llmwatts.server.engine import validate_sampling
+from llmwatts.server.grpc_errors import mapped
+from llmwatts.server.host import Host
+from llmwatts.server.streaming import stream_chunks
+from llmwatts.v1 import llmwatts_pb2 as pb
+from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, host: Host):
+        self.host = host
+        self.tokenizer = host.loaded.tokenizer
+
+    def _work(self, request: pb.GenerateRequest, stream: bool) -> Work:
+        received_ns = time.time_ns()
+        cfg = self.host.config
+        if not request.request_id:
+            raise InvalidArgument("request_id is empty: the client must make a unique id per request")
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+        if not request.prompts:
+            raise InvalidArgument("prompts is empty: send at least one prompt per request")
+        if len(request.prompts) > cfg.max_batch_size:
+            raise InvalidArgument(f"batch of {len(request.prompts)} prompts exceeds the server's limit of "
+                                  f"{cfg.max_batch_size} (--max-batch-size); split the batch")
+        for i, p in enumerate(request.prompts):
+            if not p.strip():
+                raise InvalidArgument(f"prompt {i} is empty: every prompt needs some text")
+        if request.HasField("max_new_tokens"):
+            max_new = request.max_new_tokens
+            if max_new <= 0 or max_new > cfg.max_new_tokens_limit:
+                raise InvalidArgument(f"max_new_tokens must be between 1 and {cfg.max_new_tokens_limit} "
+                                      f"(--max-new-tokens-limit), got {max_new}")
+        else:
+            max_new = cfg.default_max_new_tokens
+        s = request.sampling
+        try:
+            sampling = validate_sampling(s.temperature if s.HasField("temperature") else None,
+                                         s.top_p if s.HasField("top_p") else None, s.greedy,
+                                         s.seed if s.HasField("seed") else None)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        prompt_limit = cfg.max_prompt_tokens or (self.host.loaded.context_length - max_new)
+        ids = self.tokenizer(list(request.prompts))["input_ids"]
+        for i, p in enumerate(ids):
+            if len(p) > prompt_limit:
+                raise InvalidArgument(
+                    f"prompt {i} has {len(p)} tokens; the limit is {prompt_limit} (context "
+                    f"{self.host.loaded.context_length} minus max_new_tokens {max_new}): shorten it or ask for "
+                    f"fewer new tokens")
+        with self.host.seen_lock:  # check-and-add as one step: two concurrent calls with one id
+            if request.request_id in self.host.seen_request_ids:
+                raise AlreadyExists(f"request_id {request.request_id!r} was already used: make a fresh id per request")
+            self.host.seen_request_ids.add(request.request_id)
+        return Work(request.request_id, request.run_id, ids, max_new, sampling, request.ignore_eos, received_ns,
+                    stream=stream)
+
+    def _record_failure(self, work: Work, err: BaseException) -> None:
+        """A request that never got an answer still gets its server row, with the status it was given."""
+        self.host.store.record_requests([{
+            "request_id": work.request_id, "run_id": work.run_id, "received_ns": work.received_ns,
+            "n_prompts": len(work.prompts), "prompt_tokens": sum(map(len, work.prompts)),
+            "output_tokens": 0, "energy_j": 0.0, "status": getattr(err, "grpc_code", "INTERNAL"),
+            "error": str(err)}])
+
+    def _submit(self, work: Work) -> None:
+        try:
+            self.host.batcher.submit(work)
+        except Exception as e:
+            self._record_failure(work, e)
+            raise
+
+    def _events(self, work: Work, context):
+        """The batcher's events for ``work``; stops early when the client has gone away."""
+        while True:
+            try:
+                event = work.events.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():  # cancelled or past its deadline: free this thread
+                    return
+                continue
+            if event[0] == "error":
+                self._record_failure(work, event[1])
+                self._raise(event)
+            yield event
+            if event[0] == "done":
+                return
+
+    def _response(self, request: pb.GenerateRequest, r: Result) -> pb.GenerateResponse:
+        completions = []
+        for i, (toks, reason, p_tok) in enumerate(zip(r.tokens, r.finish_reasons, r.prompt_tokens)):
+            completions.append(pb.Completion(
+                index=i, text=self.tokenizer.decode(toks, skip_special_tokens=True), prompt_tokens=p_tok,
+                output_tokens=len(toks), finish_reason=reason,
+                token_ids=toks if request.return_token_ids else []))
+        return pb.GenerateResponse(
+            request_id=request.request_id, run_id=request.run_id, batch_id=r.batch_id, completions=completions,
+            times=pb.ServerTimes(received_ns=r.received_ns, batch_start_ns=r.batch_start_ns,
+                                 first_token_ns=r.first_token_ns, done_ns=r.done_ns),
+            energy_j=r.energy_j, energy_simulated=r.simulated)
+
+    @staticmethod
+    def _raise(event) -> None:
+        err = event[1]
+        if isinstance(err, Exception) and hasattr(err, "grpc_code"):
+            raise err
+        raise Unavailable(f"the engine failed while running this batch ({type(err).__name__}: {err}); "
+                          f"the server is no longer serving")
+
+    @mapped
+    def Generate(self, request, context):
+        work = self._work(request, stream=False)
+        self._submit(work)
+        for event in self._events(work, context):
+            if event[0] == "done":
+                return self._response(request, event[1])
+        return pb.GenerateResponse()  # the client left; nobody reads this
+
+    @mapped
+    def GenerateStream(self, request, context):
+        work = self._work(request, stream=True)
+        self._submit(work)
+        yield from stream_chunks(request, self._events(work, context), self.tokenizer, self._response)
