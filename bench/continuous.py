@@ -228,7 +228,8 @@ def main(argv=None) -> int:
         return 2
 
     from llmwatts.server.config import ServerConfig
-    from llmwatts.server.service import Host, create_server
+    from llmwatts.server.host import Host
+    from llmwatts.server.service import create_server
 
     device = torch.device(args.device)
     counter = EnergyCounter(device)

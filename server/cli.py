@@ -1,10 +1,6 @@
 """``llmwatts serve``: flags → ServerConfig → create_server, with SIGTERM/SIGINT → graceful stop."""
 
-import argparse
 import logging
-import signal
-import sys
-import threading
 from pathlib import Path
 
 from llmwatts.server.config import ServerConfig, check_engine
@@ -119,47 +115,6 @@ def run(args) -> int:
         from llmwatts.server.sharded import serve_sharded
 
         return serve_sharded(config, args.shards, port_file=args.port_file)
+    from llmwatts.server.lifecycle import serve
+
     return serve(config, port_file=args.port_file)
-
-
-def write_port_file(port_file: Path | None, port: int) -> None:
-    """Tell scripts the bound port once serving: written whole (temp file + rename) or not at all."""
-    if port_file:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(port_file)
-
-
-def run_until_stopped(server, banner: str, port: int, port_file: Path | None) -> int:
-    """Start ``server``, announce it, and serve until SIGTERM/SIGINT, which stop it in order (caps restored,
-    followers stopped) on a thread of its own; that stop finishes before this returns."""
-    stopping = threading.Event()
-    stopper = threading.Thread(target=server.stop, args=(5.0,), name="stop")
-
-    def on_signal(signum, frame):
-        if not stopping.is_set():
-            stopping.set()
-            logging.getLogger(__name__).info("signal %d: stopping (restoring caps)", signum)
-            stopper.start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        server.start()
-        print(banner, flush=True)
-        write_port_file(port_file, port)
-        server.wait_for_termination()
-    finally:
-        if stopping.is_set():
-            stopper.join()
-        else:
-            server.stop(0)
-    return 0
-
-
-def serve(config: ServerConfig, port_file: Path | None = None) -> int:
-    from llmwatts.server.service import create_server
-
-    server, port = create_server(config)
-    banner = f"llmwatts serving {config.model} on {config.host}:{port} (db {config.db_path})"
-    return run_until_stopped(server, banner, port, port_file)

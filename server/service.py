@@ -2,7 +2,7 @@
 over a ``Host`` (``host.py``), and ``create_server``.
 
 ``create_server(config) -> (server, port)`` builds everything (model, engine, GPUs, telemetry, batcher,
-power caps, auth) and binds; ``serve()`` in ``cli.py`` adds signals. Tests bind port 0.
+power caps, auth) and binds; ``serve()`` in ``lifecycle.py`` starts it and adds signals. Tests bind port 0.
 """
 
 import logging

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
-from llmwatts.server.cli import run_until_stopped
+from llmwatts.server.lifecycle import run_until_stopped
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import BatchOutput, BatchSpec
 from llmwatts.server.gpu import EnergySample, GPU, GpuSample, nvml_index_of_cuda_device, open_gpus, pace_slowest
@@ -114,7 +114,7 @@ def open_rank_gpus(config: ServerConfig, r: Rank) -> list[GPU]:
 
 def load_rank(config: ServerConfig, r: Rank):
     from llmwatts.server.models import resolve_dtype
-    from llmwatts.server.service import make_engine
+    from llmwatts.server.host import make_engine
     from llmwatts.server.tp import load_sharded
 
     dtype = resolve_dtype(config.dtype, r.device)
@@ -390,7 +390,8 @@ def _layout(infos: list[dict]) -> dict:
 
 def run_leader(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU], shard,
                port_file: Path | None = None, children: dict | None = None) -> int:
-    from llmwatts.server.service import Host, create_server
+    from llmwatts.server.host import Host
+    from llmwatts.server.service import create_server
 
     controller = Controller(r, children)
     infos = controller.hello(_hello(r, loaded, gpus, shard))

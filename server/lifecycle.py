@@ -1,0 +1,58 @@
+"""A server's lifecycle: start it, announce it, serve until SIGTERM/SIGINT, stop it in order.
+
+``serve(config)`` is what ``llmwatts serve`` runs; ``sharded.py``'s rank 0 calls ``run_until_stopped``
+with its own server. CLI modules call this; this calls no CLI module.
+"""
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from llmwatts.server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def write_port_file(port_file: Path | None, port: int) -> None:
+    """Tell scripts the bound port once serving: written whole (temp file + rename) or not at all."""
+    if port_file:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)
+
+
+def run_until_stopped(server, banner: str, port: int, port_file: Path | None) -> int:
+    """Start ``server``, announce it, and serve until SIGTERM/SIGINT, which stop it in order (caps restored,
+    followers stopped) on a thread of its own; that stop finishes before this returns."""
+    stopping = threading.Event()
+    stopper = threading.Thread(target=server.stop, args=(5.0,), name="stop")
+
+    def on_signal(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            log.info("signal %d: stopping (restoring caps)", signum)
+            stopper.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+        print(banner, flush=True)
+        write_port_file(port_file, port)
+        server.wait_for_termination()
+    finally:
+        if stopping.is_set():
+            stopper.join()
+        else:
+            server.stop(0)
+    return 0
+
+
+def serve(config: ServerConfig, port_file: Path | None = None) -> int:
+    """Build, bind and serve ``config`` until a signal stops it (``llmwatts serve``, one shard)."""
+    from llmwatts.server.service import create_server
+
+    server, port = create_server(config)
+    banner = f"llmwatts serving {config.model} on {config.host}:{port} (db {config.db_path})"
+    return run_until_stopped(server, banner, port, port_file)
