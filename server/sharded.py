@@ -10,8 +10,9 @@ in the environment. docs/sharding.md describes the design; in short:
   seed, so sampling is identical everywhere) and every rank runs its local engine in lockstep.
 - Every command is one broadcast from rank 0 and one gather of every follower's reply; replies carry the
   follower's buffered telemetry rows. An idle rank 0 sends a ``collect`` each second: the heartbeat.
-- Followers' GPUs appear on rank 0 as ``RemoteGPU`` proxies (the ``GPU`` interface over commands), so the
-  batcher's energy meter, the power-cap manager and GetServerInfo see every rank's GPUs.
+- Followers' GPUs appear on rank 0 as ``RemoteGPU`` proxies (server/gpu/remote.py: the ``GPU`` interface
+  over commands), so the batcher's energy meter, the power-cap manager and GetServerInfo see every rank's
+  GPUs. Each follower brackets its own batch's energy and returns it with its step reply.
 - A dead rank makes the next command fail (gloo reports the closed connection; the process-group timeout
   bounds a hung one): the server goes NOT_SERVING with a message naming what happened.
 """
@@ -40,7 +41,8 @@ from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
 from llmwatts.server.lifecycle import run_until_stopped
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import BatchOutput, BatchSpec
-from llmwatts.server.gpu import EnergySample, GPU, GpuSample, nvml_index_of_cuda_device, open_gpus, pace_slowest
+from llmwatts.server.gpu import GPU, EnergySample, nvml_index_of_cuda_device, open_gpus, pace_slowest
+from llmwatts.server.gpu.remote import RemoteGPU, bracket_batch, gpu_info
 from llmwatts.server.telemetry import TelemetrySampler
 
 log = logging.getLogger(__name__)
@@ -125,15 +127,9 @@ def load_rank(config: ServerConfig, r: Rank):
     return loaded, engine, shard
 
 
-def _gpu_info(g: GPU) -> dict:
-    return {"index": g.index, "uuid": g.uuid, "name": g.name, "node": g.node, "rank": g.rank,
-            "simulated": g.simulated, "memory_total_bytes": g.memory_total_bytes, "power_source": g.power_source,
-            "default_mw": g.default_power_limit_mw(), "constraints_mw": g.power_limit_constraints_mw()}
-
-
 def _hello(r: Rank, loaded, gpus: list[GPU], shard) -> dict:
     return {"rank": r.rank, "node": r.node, "node_rank": r.node_rank, "local_rank": r.local_rank,
-            "device": str(loaded.device), "pid": os.getpid(), "gpus": [_gpu_info(g) for g in gpus],
+            "device": str(loaded.device), "pid": os.getpid(), "gpus": [gpu_info(g) for g in gpus],
             "shard": shard.as_dict(), "time_ns": time.time_ns()}
 
 
@@ -181,14 +177,10 @@ def run_follower(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU],
             cmd = box[0]
             reply = {"result": None, "error": None}
             try:
-                if cmd["op"] == "generate":
-                    for g in gpus:
-                        g.set_load(len(cmd["batch"].prompts))
-                    try:
-                        reply["result"] = engine.generate(cmd["batch"], pace=pace).tokens
-                    finally:
-                        for g in gpus:
-                            g.set_load(0)
+                if cmd["op"] == "generate":  # this rank brackets its own batch's energy: no extra round trip
+                    out, reply["energy"] = bracket_batch(gpus, len(cmd["batch"].prompts),
+                                                         lambda: engine.generate(cmd["batch"], pace=pace))
+                    reply["result"] = out.tokens
                 elif cmd["op"] == "gpu" and cmd["target"] == r.rank:
                     reply["result"] = getattr(by_uuid[cmd["uuid"]], cmd["method"])(*cmd["args"])
             except LlmwattsError as e:  # a refused cap and the like: rank 0 re-raises it to the caller
@@ -220,6 +212,7 @@ class Controller:
         self.on_failure = None           # called once with the Unavailable error
         self._store = None
         self._pending_rows: list[dict] = []
+        self.energy: dict[str, EnergySample] = {}  # follower GPU uuid -> its rank's latest energy reading
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="shard-heartbeat", daemon=True)
 
@@ -260,6 +253,8 @@ class Controller:
             dist.gather_object({"result": None, "error": None, "telemetry": []}, replies, dst=0, group=self.r.ctrl)
         except Exception as e:
             raise self._fail(e) from e
+        for rep in replies[1:]:
+            self.energy.update(rep.get("energy") or {})
         rows = [row for rep in replies[1:] for row in rep["telemetry"]]
         if self._store is not None:
             self._store.add_telemetry(rows)
@@ -314,47 +309,6 @@ class Controller:
                 self.call("shutdown")
             except Exception:
                 log.exception("followers did not shut down cleanly")
-
-
-class RemoteGPU(GPU):
-    """A follower's GPU seen from rank 0: every read and set is a command to the owning rank."""
-
-    def __init__(self, controller: Controller, info: dict):
-        self.controller = controller
-        self.index, self.uuid, self.name = info["index"], info["uuid"], info["name"]
-        self.node, self.rank, self.simulated = info["node"], info["rank"], info["simulated"]
-        self.memory_total_bytes, self.power_source = info["memory_total_bytes"], info["power_source"]
-        self._default_mw, self._constraints_mw = info["default_mw"], tuple(info["constraints_mw"])
-
-    def _remote(self, method: str, *args):
-        _, replies = self.controller.call("gpu", target=self.rank, uuid=self.uuid, method=method, args=args)
-        return replies[self.rank]["result"]
-
-    def sample(self) -> GpuSample:
-        return self._remote("sample")
-
-    def energy_mj(self) -> int:
-        return self._remote("energy_mj")
-
-    def energy_sample(self) -> EnergySample:
-        return self._remote("energy_sample")
-
-    def power_limit_mw(self) -> int:
-        return self._remote("power_limit_mw")
-
-    def enforced_power_limit_mw(self) -> int:
-        return self._remote("enforced_power_limit_mw")
-
-    def default_power_limit_mw(self) -> int:
-        return self._default_mw
-
-    def power_limit_constraints_mw(self) -> tuple[int, int]:
-        return self._constraints_mw
-
-    def set_power_limit_mw(self, limit_mw: int) -> None:
-        self._remote("set_power_limit_mw", int(limit_mw))
-
-    # set_load / pace: the owning rank sets its own load when it runs a batch and paces itself.
 
 
 class ShardedEngine:

@@ -103,10 +103,14 @@ class EnergyMeter:
         """Per-GPU joules between two readings, with the method used (``counter`` or ``interpolated``).
         ``counter_only``: the counter's delta however short the interval (contiguous intervals, whose
         deltas add up to the exact total; a continuous batch's)."""
-        dt_s = end.perf_s - start.perf_s
         rows = []
         for g in self.gpus:
             a, b = start.samples[g.uuid], end.samples[g.uuid]
+            dt_s = end.perf_s - start.perf_s
+            if b.bracket_start is not None and b.bracket_start.ts_ns >= a.ts_ns:
+                # The owning rank bracketed its batch itself (gpu.remote): its own two reads, its own clock.
+                a = b.bracket_start
+                dt_s = (b.ts_ns - a.ts_ns) / 1e9
             delta_j = (b.energy_mj - a.energy_mj) / 1000.0
             method = "counter"
             if not g.simulated and not counter_only and (dt_s < COUNTER_REFRESH_S or delta_j <= 0):

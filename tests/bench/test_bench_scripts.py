@@ -104,3 +104,10 @@ def test_continuous_bench_refuses_bad_join_tokens(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "--join-tokens takes integers, got '8,x'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_sim_model_prints_the_cap_table(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "sim_model.py"), "--profile", "a100-250w"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Simulated" in done.stdout and "| 175 | 1151 | 175 | +6.8% | -23.7% |" in done.stdout

@@ -6,8 +6,16 @@ from unittest import mock
 import pynvml
 import pytest
 
-from llmwatts.errors import InvalidArgument, PermissionDenied, ReadOnlyPowerError, Unavailable
+from llmwatts.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ReadOnlyPowerError,
+    Unavailable,
+)
 from llmwatts.server import gpu as gpu_mod
+from llmwatts.server.gpu import nvml as nvml_mod
 from llmwatts.server.gpu import (
     SIM_PROFILES,
     NvmlGPU,
@@ -20,17 +28,6 @@ from llmwatts.server.gpu import (
 # ---------------------------------------------------------------------------------------------------
 # Simulated GPU
 # ---------------------------------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self):
-        self.now_ns = 1_000_000_000
-
-    def __call__(self):
-        return self.now_ns
-
-    def advance_s(self, seconds):
-        self.now_ns += int(seconds * 1e9)
 
 
 def test_sim_identity_is_stable_and_marked_simulated():
@@ -70,8 +67,8 @@ def test_sim_cap_binds_under_load_and_throttles_clock():
     assert g.sample().power_mw == 50_000 and g.slowdown() == 1.0
 
 
-def test_sim_energy_counter_is_the_integral_of_power():
-    clock = FakeClock()
+def test_sim_energy_counter_is_the_integral_of_power(fake_clock):
+    clock = fake_clock
     g = SimulatedGPU(0, node="n", clock_ns=clock)
     assert g.energy_mj() == 0
     clock.advance_s(2.0)                      # idle: 50 W · 2 s = 100 J
@@ -176,7 +173,7 @@ def fake_nvml():
     fake.nvmlDeviceGetEnforcedPowerLimit.return_value = 240_000
     fake.nvmlDeviceGetPowerManagementDefaultLimit.return_value = 250_000
     fake.nvmlDeviceGetPowerManagementLimitConstraints.return_value = [150_000, 250_000]
-    with mock.patch.object(gpu_mod, "pynvml", fake):
+    with mock.patch.object(nvml_mod, "pynvml", fake):
         fake.handle = handle
         yield fake
 
@@ -239,6 +236,24 @@ def test_nvml_permission_error_says_how_to_fix(fake_nvml):
     with pytest.raises(PermissionDenied, match="root or CAP_SYS_ADMIN") as info:
         NvmlGPU(0, node="n").set_power_limit_mw(175_000)
     assert isinstance(info.value.__cause__, pynvml.NVMLError)
+
+
+@pytest.mark.parametrize("code, error", [
+    (pynvml.NVML_ERROR_NO_PERMISSION, PermissionDenied),
+    (pynvml.NVML_ERROR_NOT_SUPPORTED, FailedPrecondition),
+    (pynvml.NVML_ERROR_INVALID_ARGUMENT, InvalidArgument),
+    (pynvml.NVML_ERROR_NOT_FOUND, NotFound),
+    (pynvml.NVML_ERROR_GPU_IS_LOST, Unavailable),
+    (pynvml.NVML_ERROR_UNKNOWN, Unavailable),
+])
+def test_nvml_errors_map_to_project_exceptions_by_one_table(fake_nvml, code, error):
+    """Every NVML call goes through one mapping: a GPU that fell off the bus must not surface as a raw
+    NVMLError (an INTERNAL status with a traceback) but as a project error naming the GPU."""
+    g = NvmlReadOnlyGPU(0, node="n")
+    fake_nvml.nvmlDeviceGetPowerUsage.side_effect = pynvml.NVMLError(code)
+    with pytest.raises(error, match=r"GPU 0 \(GPU-1234\): power usage") as info:
+        g.sample()
+    assert type(info.value) is error and isinstance(info.value.__cause__, pynvml.NVMLError)
 
 
 def test_nvml_readonly_refuses_and_never_calls_a_setter(fake_nvml):

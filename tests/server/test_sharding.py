@@ -193,9 +193,14 @@ def test_two_shards_same_tokens_as_one_every_rank_reported_and_a_dead_follower_s
     with sqlite3.connect(d / "server.db") as conn:
         per_rank = dict(conn.execute("select rank, count(*) from telemetry group by rank").fetchall())
         batch_ranks = [r for (r,) in conn.execute("select rank from batch_gpu_energy order by rank")]
+        per_batch = conn.execute("select batch_id, group_concat(rank), group_concat(energy_j) from "
+                                 "(select * from batch_gpu_energy order by rank) group by batch_id").fetchall()
         gpu_uuids = {u for (u,) in conn.execute("select distinct gpu_uuid from telemetry")}
     assert per_rank.get(0, 0) > 0 and per_rank.get(1, 0) > 0, per_rank  # the time series of both ranks
     assert batch_ranks == [0, 0, 1, 1]  # per-batch joules of both GPUs, for both batches
+    for _, ranks, joules in per_batch:  # the follower bracketed its own batch: about rank 0's joules
+        j0, j1 = map(float, joules.split(","))
+        assert ranks == "0,1" and j0 > 0 and 0.5 < j1 / j0 < 2, (ranks, joules)
     assert gpu_uuids == {u for r in lay["ranks"] for u in r["gpus"]}
 
 
