@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 from llmwatts.errors import InvalidArgument
+from llmwatts.loadgen.arrivals import ARRIVALS
 from llmwatts.loadgen.config import DEFAULT_DEADLINE_S, LoadConfig, parse_labels
 from llmwatts.loadgen.prompts import DATASETS, DEFAULT_NUM_PROMPTS, DEFAULT_SEED, GSM8K_SPLITS, load_prompts
 
-_SPAN = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+def parse_duration_s(text: str, flag: str = "--run-time") -> float:
+    """``"90"``, ``"30s"``, ``"5m"``, ``"1h30m"`` → seconds, by Locust's own ``parse_timespan`` (so
+    ``llmwatts load --run-time`` reads exactly what ``locust -t`` reads)."""
+    from locust.util.timespan import parse_timespan  # imports Locust: only once a run is asked for
 
-
-def parse_duration_s(text: str) -> float:
-    """``"90"``, ``"30s"``, ``"5m"``, ``"1h30m"`` → seconds."""
-    text = text.strip().lower()
     try:
-        return float(text)
+        return float(parse_timespan(text.strip().lower()))
     except ValueError:
-        pass
-    parts = _SPAN.findall(text)
-    if not parts or "".join(a + b for a, b in parts) != text:
-        raise InvalidArgument(f"--run-time must look like 30s, 5m or 1h30m, got {text!r}")
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+        raise InvalidArgument(f"{flag} must look like 30s, 5m or 1h30m, got {text!r}") from None
 
 
 def add_parser(subparsers) -> None:
@@ -39,13 +34,15 @@ def add_parser(subparsers) -> None:
 
     s = subparsers.add_parser(
         "sweep",
-        help="one load run per power cap (set over the Control RPC), for latency-vs-energy studies",
+        help="one load run per power cap (set over the Control RPC) and/or arrival rate, for latency-vs-energy studies",
         description="For each cap in --caps: set it on the server's GPUs (leased, needs the control token from "
         "$LLMWATTS_CONTROL_TOKEN or --control-token-file), run the load, label the run cap_w=W. The caps are "
         "reset when the sweep ends. Then `llmwatts report` shows the runs side by side, the trade-off and the "
         "SLA choice.",
     )
-    s.add_argument("--caps", required=True, metavar="W,W,...", help="caps in watts, in the order to run them")
+    s.add_argument("--caps", metavar="W,W,...", help="caps in watts, in the order to run them")
+    s.add_argument("--rates", metavar="R,R,...",
+                   help="open-loop rates in requests/s: one run per rate (under each cap); see --arrival")
     s.add_argument("--gpus", action="append", metavar="SEL", help="GPUs to cap (uuid, index or rank:index; default all)")
     s.add_argument("--lease-s", type=float, default=0.0, help="lease of each cap (default: the server's)")
     s.add_argument("--control-token-file", metavar="PATH", help="file holding the control bearer token")
@@ -69,7 +66,20 @@ def add_load_arguments(p, *, distributed: bool) -> None:
     g.add_argument("--batch-size", type=int, default=1, help="prompts per request (default 1)")
     g.add_argument("--users", type=int, default=1, help="concurrent closed-loop users (default 1)")
     g.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
-    g.add_argument("--run-time", metavar="DURATION", help="stop after this long, e.g. 30s, 5m")
+    g.add_argument("--run-time", metavar="DURATION", help="stop sending after this long, e.g. 30s, 5m")
+    g.add_argument("--grace", metavar="DURATION", default="60s",
+                   help="--run-time: requests in flight at the deadline may finish within this long (default "
+                        "60s); any still running then is cancelled and counts as failed")
+    g.add_argument("--rate", type=float, metavar="R", help="open loop: R requests/s in total (default: closed "
+                   "loop, --users)")
+    g.add_argument("--arrival", choices=ARRIVALS, default="poisson",
+                   help="open loop: arrival process (default poisson)")
+    g.add_argument("--burstiness", type=float, default=1.0,
+                   help="--arrival gamma: shape B, scale 1/(rate*B); 1 is Poisson, <1 burstier (vLLM's)")
+    g.add_argument("--max-concurrency", type=int, metavar="N",
+                   help="open loop: requests in flight at most (default 64); arrivals wait, and their lag shows")
+    g.add_argument("--slo", metavar="K=MS,...", default="",
+                   help="goodput objectives: ttft_ms, tpot_ms, e2e_ms (ttft/tpot need --stream)")
     g.add_argument("--requests", type=int, metavar="N", help="stop after exactly N requests in total")
     g.add_argument("--stream", action="store_true", help="GenerateStream (records time to first token)")
     g.add_argument("--max-new-tokens", type=int, help="tokens per completion (default: the server's)")
@@ -80,6 +90,8 @@ def add_load_arguments(p, *, distributed: bool) -> None:
     g.add_argument("--run-id", help="run id (default: generated)")
     g.add_argument("--label", action="append", default=[], metavar="K=V", help="run label (repeatable)")
     g.add_argument("--client-db", metavar="PATH", help="client DB (default llmwatts-client-<run_id>.db)")
+    g.add_argument("--record-chunks", action="store_true",
+                   help="--stream: keep every chunk's arrival time (table client_chunks; large)")
     g.add_argument("--json", action="store_true", help="print the result as JSON instead of a summary")
     g.add_argument("--quiet", action="store_true", help="no Locust log lines")
     g = p.add_argument_group("security", "the inference token is read from $LLMWATTS_INFERENCE_TOKEN or --token-file")
@@ -113,6 +125,8 @@ def config_from_args(args) -> LoadConfig:
         data_dir=args.data_dir, num_prompts=args.num_prompts, seed=args.seed, batch_size=args.batch_size,
         users=args.users, spawn_rate=args.spawn_rate,
         run_time_s=parse_duration_s(args.run_time) if args.run_time else None, requests=args.requests,
+        rate_rps=args.rate, arrival=args.arrival, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
+        grace_s=parse_duration_s(args.grace, "--grace"), slo=args.slo, record_chunks=args.record_chunks,
         stream=args.stream, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, greedy=args.greedy,
         run_id=args.run_id, labels=parse_labels(args.label), client_db=args.client_db, deadline_s=args.deadline_s,
         ca=args.ca, cert=args.cert, key=args.key, token=token, master=args.master,
@@ -144,17 +158,22 @@ def run(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from llmwatts.loadgen.sweep import parse_caps
+    from llmwatts.loadgen.sweep import parse_caps, parse_rates
     from llmwatts.server.auth import load_token
 
-    caps = parse_caps(args.caps)
+    if not (args.caps or args.rates):
+        raise InvalidArgument("sweep what? pass --caps W,W,... and/or --rates R,R,...")
+    caps = parse_caps(args.caps) if args.caps else None
+    rates = parse_rates(args.rates) if args.rates else None
     config = config_from_args(args)
+    if rates:
+        config.rate_rps = rates[0]  # validated as an open-loop run
     config.validate()
     check_prompts(config)
-    token = load_token(path=args.control_token_file)
-    from llmwatts.loadgen.sweep import run_cap_sweep
+    token = load_token(path=args.control_token_file) if caps else None
+    from llmwatts.loadgen.sweep import run_sweep as sweep
 
-    steps = run_cap_sweep(config, caps, gpus=args.gpus, lease_s=args.lease_s, control_token=token)
+    steps = sweep(config, caps_w=caps, rates_rps=rates, gpus=args.gpus, lease_s=args.lease_s, control_token=token)
     for step in steps:
-        print(f"cap {step.cap_w:g} W: {step.result.summary().splitlines()[0]}")
+        print(f"{step.title()}: {step.result.summary().splitlines()[0]}")
     return 1 if any(s.result.requests_failed for s in steps) else 0

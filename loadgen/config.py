@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from dataclasses import field as dataclass_field  # LoadConfig has a `field` attribute
 
 from llmwatts.errors import InvalidArgument
+from llmwatts.loadgen.arrivals import ARRIVALS, check_arrivals
 from llmwatts.loadgen.prompts import DATASETS, DEFAULT_NUM_PROMPTS, DEFAULT_SEED, GSM8K_SPLITS
+from llmwatts.loadgen.summary import LoadResult, parse_slo  # noqa: F401  (LoadResult: its historic home)
 
 DEFAULT_DEADLINE_S = 600.0
 DEFAULT_TEMPERATURE = 0.8  # paper defaults
 DEFAULT_TOP_P = 0.95
+DEFAULT_GRACE_S = 60.0
+DEFAULT_OPEN_LOOP_CONCURRENCY = 64
 
 
 def new_run_id() -> str:
@@ -43,6 +47,13 @@ class LoadConfig:
     seed: int = DEFAULT_SEED            # prompt sampling and the server's sampler
     batch_size: int = 1                 # prompts per request
     users: int = 1                      # concurrent closed-loop users (each waits for its reply)
+    rate_rps: float | None = None       # open loop: requests/s over all workers (None: closed loop)
+    arrival: str = "poisson"            # open loop: poisson, constant or gamma (see arrivals.py)
+    burstiness: float = 1.0             # gamma's shape
+    max_concurrency: int | None = None  # open loop: requests in flight at most (default 64)
+    grace_s: float = DEFAULT_GRACE_S    # --run-time: how long requests in flight at the deadline may finish
+    slo: str = ""                       # ttft_ms=..,tpot_ms=..,e2e_ms=.. (goodput in the summary)
+    record_chunks: bool = False         # streams: one client_chunks row per token-carrying chunk
     spawn_rate: float | None = None     # users started per second; default: all at once
     run_time_s: float | None = None
     requests: int | None = None
@@ -97,8 +108,25 @@ class LoadConfig:
             raise InvalidArgument("bound the run: pass --requests N and/or --run-time DURATION")
         if self.deadline_s <= 0:
             raise InvalidArgument("--deadline-s must be positive")
+        check_arrivals(self.rate_rps, self.arrival, self.burstiness)
+        if self.max_concurrency is not None and (self.rate_rps is None or self.max_concurrency < 1):
+            raise InvalidArgument("--max-concurrency must be at least 1 and applies with --rate "
+                                  "(closed loop: --users is the concurrency)")
+        if not self.grace_s >= 0:
+            raise InvalidArgument("--grace must be zero or more seconds")
+        slo = parse_slo(self.slo)
+        if (slo.ttft_ms is not None or slo.tpot_ms is not None) and not self.stream and not self.worker:
+            raise InvalidArgument("--slo ttft_ms/tpot_ms need --stream (a unary call has no first token)")
+        if self.record_chunks and not self.stream and not self.worker:
+            raise InvalidArgument("--record-chunks needs --stream")
         if (self.cert or self.key) and not self.ca:
             raise InvalidArgument("--cert/--key need --ca (mutual TLS)")
+
+    def concurrency(self) -> int:
+        """Locust users to start: the closed loop's ``users``, or the open loop's ``max_concurrency``."""
+        if self.rate_rps is None:
+            return self.users
+        return self.max_concurrency or DEFAULT_OPEN_LOOP_CONCURRENCY
 
     def resolved_run_id(self) -> str:
         if not self.run_id:
@@ -123,6 +151,8 @@ class LoadConfig:
         config = cls(target=_strip_scheme(host) if host else None, **kwargs)
         if values.get("num_users"):
             config.users = int(values["num_users"])
+            if config.rate_rps is not None:
+                config.max_concurrency = config.users
         return config
 
 
@@ -130,7 +160,7 @@ class LoadConfig:
 OPTION_FIELDS = (
     "dataset", "jsonl_path", "field", "split", "data_dir", "num_prompts", "seed", "batch_size", "requests",
     "stream", "max_new_tokens", "ignore_eos", "greedy", "temperature", "top_p", "run_id", "labels",
-    "client_db", "deadline_s", "ca", "cert", "key",
+    "client_db", "deadline_s", "ca", "cert", "key", "rate_rps", "arrival", "burstiness", "slo", "record_chunks",
 )
 
 
@@ -194,49 +224,13 @@ def add_locust_arguments(parser) -> None:
                        help="run label (repeatable)")
     group.add_argument("--llm-client-db", default="", help="client DB (default llmwatts-client-<run_id>.db)")
     group.add_argument("--llm-deadline-s", type=float, default=d.deadline_s, help="per-call deadline")
+    group.add_argument("--llm-rate", dest="llm_rate_rps", type=float, default=None,
+                       help="open loop: requests/s over all workers (Number of users = max concurrency)")
+    group.add_argument("--llm-arrival", choices=ARRIVALS, default=d.arrival, help="open loop: arrival process")
+    group.add_argument("--llm-burstiness", type=float, default=d.burstiness, help="gamma arrivals: shape")
+    group.add_argument("--llm-slo", default="", help="goodput objectives, e.g. ttft_ms=500,tpot_ms=50,e2e_ms=5000")
+    group.add_argument("--llm-record-chunks", action="store_true", default=False,
+                       help="streams: keep every chunk's arrival time (table client_chunks)")
     group.add_argument("--llm-ca", default=None, help="TLS: server CA bundle")
     group.add_argument("--llm-cert", default=None, help="mutual TLS: client certificate")
     group.add_argument("--llm-key", default=None, help="mutual TLS: client key")
-
-
-@dataclass
-class LoadResult:
-    """Summary of a finished run, computed from the exact client rows (not Locust's rounded stats)."""
-
-    run_id: str
-    client_db: str | None       # None on a worker (its rows went to the master)
-    role: str                   # local, master or worker
-    requests_ok: int = 0
-    requests_failed: int = 0
-    duration_s: float = 0.0     # first send to last done
-    rps: float = 0.0
-    latency_p50_ms: float | None = None
-    latency_p95_ms: float | None = None
-    ttft_p50_ms: float | None = None
-    output_tokens: int = 0
-    clock_offset_ns: int | None = None
-    failures: dict[str, int] = dataclass_field(default_factory=dict)  # status → count
-
-    @property
-    def requests(self) -> int:
-        return self.requests_ok + self.requests_failed
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        """A few human lines."""
-        def ms(v):
-            return "-" if v is None else f"{v:.1f} ms"
-
-        lines = [
-            f"run {self.run_id} ({self.role}): {self.requests_ok} ok, {self.requests_failed} failed"
-            f" in {self.duration_s:.1f} s ({self.rps:.2f} req/s), {self.output_tokens} output tokens",
-            f"latency p50 {ms(self.latency_p50_ms)}, p95 {ms(self.latency_p95_ms)}"
-            + (f"; time to first token p50 {ms(self.ttft_p50_ms)}" if self.ttft_p50_ms is not None else ""),
-        ]
-        if self.failures:
-            lines.append("failures: " + ", ".join(f"{k} × {v}" for k, v in sorted(self.failures.items())))
-        if self.client_db:
-            lines.append(f"client records: {self.client_db}")
-        return "\n".join(lines)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -72,12 +72,36 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+class StoppedByLoadGenerator(Exception):
+    """What Locust's statistics record for a call the load generator itself cut short (its user was stopped,
+    e.g. after ``--run-time`` and its grace period): a failure, as the client DB's ``CANCELLED`` row says."""
+
+    def __init__(self, message: str = "stopped by the load generator before the reply"):
+        super().__init__(message)
+
+
+class IncompleteStream(grpc.RpcError):
+    """A stream that ended without its final chunk (status INTERNAL)."""
+
+    def __init__(self, details: str = "the stream ended without a final chunk"):
+        super().__init__(details)
+        self._details = details
+
+    def code(self):
+        return grpc.StatusCode.INTERNAL
+
+    def details(self):
+        return self._details
+
+
 class GrpcClient:
     """Calls a stub's methods with a deadline and fires ``events.request`` (request_type ``grpc``).
 
-    ``unary`` returns the response; ``stream`` yields ``(chunk, arrival_ns)`` pairs (wall clock) and fires
-    two events: the call (``name``, full duration) and ``grpc-ttfc`` (``name``, time to first chunk).
-    Failures fire the event with the ``grpc.RpcError`` as ``exception`` and then re-raise it.
+    ``unary`` returns the response; ``stream`` yields ``(chunk, arrival_perf_ns, arrival_ns)`` (perf_counter
+    and wall clock) and fires two events: the call (``name``, full duration) and ``grpc-ttfc`` (``name``, time
+    to first chunk). Failures fire the event with the ``grpc.RpcError`` as ``exception`` and then re-raise
+    it; a call cut short by the load generator (its greenlet killed, the consumer gone) fires
+    ``StoppedByLoadGenerator``, so Locust's stats, web UI and exit code count it as the failure it is.
     """
 
     def __init__(self, environment, stub, deadline_s: float, metadata=()):
@@ -93,28 +117,34 @@ class GrpcClient:
         try:
             response = getattr(self._stub, method)(request, timeout=self.deadline_s, metadata=self._metadata)
             return response
-        except grpc.RpcError as e:
-            exception = e
+        except BaseException as e:
+            exception = _failure(e)
             raise
         finally:
             self._fire(method, start_time, start_perf_ns, response.ByteSize() if response is not None else 0,
                        exception, context)
 
-    def stream(self, method: str, request, *, context: dict | None = None) -> Iterator[tuple[object, int]]:
+    def stream(self, method: str, request, *, context: dict | None = None,
+               is_final: Callable[[object], bool] | None = None) -> Iterator[tuple[object, int, int]]:
+        """Yield the stream's chunks; with ``is_final``, a stream whose last chunk is not final fails
+        (``IncompleteStream``, status INTERNAL) instead of passing for a success."""
         start_time = time.time()
         start_perf_ns = time.perf_counter_ns()
-        length, exception, first = 0, None, True
+        length, exception, first, last = 0, None, True, None
         call = getattr(self._stub, method)(request, timeout=self.deadline_s, metadata=self._metadata)
         try:
             for chunk in call:
-                arrival_ns = time.time_ns()
+                arrival_perf_ns, arrival_ns = time.perf_counter_ns(), time.time_ns()
                 if first:
                     first = False
                     self._fire(method, start_time, start_perf_ns, 0, None, context, request_type="grpc-ttfc")
                 length += chunk.ByteSize()
-                yield chunk, arrival_ns
-        except grpc.RpcError as e:
-            exception = e
+                last = chunk
+                yield chunk, arrival_perf_ns, arrival_ns
+            if is_final is not None and (last is None or not is_final(last)):
+                raise IncompleteStream()
+        except BaseException as e:
+            exception = _failure(e)
             raise
         finally:
             call.cancel()  # no-op once finished; frees the call if the consumer stopped early
@@ -131,6 +161,12 @@ class GrpcClient:
             context=context or {},
             exception=exception,
         )
+
+
+def _failure(e: BaseException) -> Exception:
+    """The exception Locust records for a call that raised ``e``: itself, or (GreenletExit, GeneratorExit:
+    the user was killed or stopped reading) ``StoppedByLoadGenerator``."""
+    return e if isinstance(e, Exception) else StoppedByLoadGenerator()
 
 
 class GrpcUser(User):

@@ -10,47 +10,96 @@ from __future__ import annotations
 import json
 import os
 import threading
+import typing
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import sqlite_utils
 
 CLIENT_REQUESTS = "client_requests"
 CLIENT_RUNS = "client_runs"
+CLIENT_CHUNKS = "client_chunks"
+CHUNKS_KEY = "chunks"  # a wire row's optional list of ClientChunk dicts (--record-chunks)
 
-# Column order and types of docs/architecture.md "Client DB". STRICT tables: the types are enforced.
-CLIENT_REQUESTS_COLUMNS: dict[str, type] = {
-    "request_id": str,
-    "run_id": str,
-    "worker": str,
-    "dataset": str,
-    "batch_size": int,
-    "stream": int,            # 0/1
-    "client_send_ns": int,    # client wall clock when the call was sent
-    "first_token_ns": int,    # client wall clock at the first chunk with tokens (streaming only)
-    "done_ns": int,           # client wall clock when the last byte arrived (or the call failed)
-    "latency_ms": float,      # perf_counter duration of the call
-    "ttft_ms": float,         # perf_counter time to the first chunk with tokens (streaming only)
-    "prompt_tokens": int,     # sums over the request's prompts (server's count)
-    "output_tokens": int,
-    "output_words": int,      # whitespace-split words of every completion (as the paper counts)
-    "status": str,            # "ok" or the gRPC status code name
-    "error": str,
-    "batch_id": str,
-    "clock_offset_ns": int,   # server − client clock of the machine that sent it (each worker measures its own)
-}
-CLIENT_RUNS_COLUMNS: dict[str, type] = {
-    "run_id": str,
-    "target": str,
-    "started_ns": int,
-    "ended_ns": int,
-    "labels": str,            # JSON object
-    "clock_offset_ns": int,   # server − client, from GetServerInfo's midpoint
-    "users": int,
-    "batch_size": int,
-    "dataset": str,
-    "stream": int,
-}
+
+@dataclass
+class ClientRequest:
+    """One request as the load generator saw it: one row of ``client_requests`` (its schema comes from here).
+
+    Built once per request by ``loadgen.users`` (``client_request``), whatever happened to the call.
+    Times: ``*_ns`` are this machine's wall clock (joinable with the server after ``clock_offset_ns``);
+    ``*_ms`` durations come from ``time.perf_counter_ns`` (immune to clock steps).
+    """
+
+    request_id: str
+    run_id: str
+    worker: str                              # host name, or the Locust worker id
+    dataset: str
+    batch_size: int
+    stream: int                              # 0/1
+    client_send_ns: int | None = None        # wall clock when the call was sent
+    first_token_ns: int | None = None        # wall clock at the first chunk with tokens (streams only)
+    done_ns: int | None = None               # wall clock when the last byte arrived (or the call failed)
+    latency_ms: float | None = None          # E2E: send to last byte
+    ttft_ms: float | None = None             # send to the first chunk with tokens (streams only)
+    prompt_tokens: int | None = None         # sums over the request's prompts (the server's count)
+    output_tokens: int | None = None
+    output_words: int | None = None          # whitespace-split words of every completion (as the paper counts)
+    status: str = "CANCELLED"                # "ok" or the gRPC status code name
+    error: str | None = None
+    batch_id: str | None = None              # the server's
+    clock_offset_ns: int | None = None       # server − client clock of the machine that sent it
+    scheduled_send_ns: int | None = None     # open loop (--rate): when the arrival process said to send
+    longest_output_tokens: int | None = None  # the longest completion's output tokens (decode steps)
+    tpot_ms: float | None = None             # (latency_ms − ttft_ms) / (longest_output_tokens − 1)
+    itl_count: int | None = None             # inter-chunk gaps between chunks carrying tokens
+    itl_mean_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
+    itl_max_ms: float | None = None
+
+
+@dataclass
+class ClientChunk:
+    """One token-carrying chunk of a streamed call (``client_chunks``, only with ``--record-chunks``)."""
+
+    request_id: str
+    chunk_index: int                         # 0 = the first chunk with tokens
+    arrival_ns: int                          # wall clock
+    elapsed_ms: float                        # perf_counter time since the call was sent
+    tokens: int                              # the most tokens any one sequence got in this chunk
+
+
+@dataclass
+class ClientRun:
+    """One load run (``client_runs``)."""
+
+    run_id: str
+    target: str | None = None
+    started_ns: int | None = None
+    ended_ns: int | None = None
+    labels: str | None = None                # JSON object
+    clock_offset_ns: int | None = None       # server − client, from GetServerInfo's midpoint
+    users: int | None = None
+    batch_size: int | None = None
+    dataset: str | None = None
+    stream: int | None = None
+
+
+def columns_of(record_class) -> dict[str, type]:
+    """A record dataclass's fields as sqlite-utils column types, in field order (the schema's one source)."""
+    hints = typing.get_type_hints(record_class)
+    columns = {}
+    for f in fields(record_class):
+        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
+        columns[f.name] = kinds[0]
+    return columns
+
+
+CLIENT_REQUESTS_COLUMNS: dict[str, type] = columns_of(ClientRequest)
+CLIENT_CHUNKS_COLUMNS: dict[str, type] = columns_of(ClientChunk)
+CLIENT_RUNS_COLUMNS: dict[str, type] = columns_of(ClientRun)
 
 
 def open_client_db(path: str | os.PathLike) -> sqlite_utils.Database:
@@ -63,6 +112,8 @@ def open_client_db(path: str | os.PathLike) -> sqlite_utils.Database:
         db[CLIENT_REQUESTS].create_index(["run_id"], if_not_exists=True)
     if not db[CLIENT_RUNS].exists():
         db[CLIENT_RUNS].create(CLIENT_RUNS_COLUMNS, pk="run_id", strict=True)
+    if not db[CLIENT_CHUNKS].exists():
+        db[CLIENT_CHUNKS].create(CLIENT_CHUNKS_COLUMNS, pk=("request_id", "chunk_index"), strict=True)
     for table, columns in ((CLIENT_REQUESTS, CLIENT_REQUESTS_COLUMNS), (CLIENT_RUNS, CLIENT_RUNS_COLUMNS)):
         for name, kind in columns.items():  # a DB from an older llmwatts gains the newer columns
             if name not in db[table].columns_dict:
@@ -72,11 +123,11 @@ def open_client_db(path: str | os.PathLike) -> sqlite_utils.Database:
 
 def write_run_start(db: sqlite_utils.Database, run: dict) -> None:
     """Insert (or replace) a run's row at test start; ``ended_ns`` stays NULL until ``write_run_end``."""
-    row = {name: None for name in CLIENT_RUNS_COLUMNS}  # every column, so a replace leaves no stale value
-    row.update(run)
-    if isinstance(row.get("labels"), dict):
-        row["labels"] = json.dumps(row["labels"], sort_keys=True)
-    db[CLIENT_RUNS].insert(row, replace=True)
+    run = dict(run)
+    if isinstance(run.get("labels"), dict):
+        run["labels"] = json.dumps(run["labels"], sort_keys=True)
+    # Every column (from the record), so a replace leaves no stale value.
+    db[CLIENT_RUNS].insert(asdict(ClientRun(**run)), replace=True)
 
 
 def write_run_end(db: sqlite_utils.Database, run_id: str, ended_ns: int) -> None:
@@ -87,15 +138,27 @@ def db_sink(db: sqlite_utils.Database) -> Callable[[list[dict]], None]:
     """A sink that inserts rows; a duplicate ``request_id`` raises (exactly-once is enforced, not hoped)."""
 
     def write(rows: list[dict]) -> None:
-        db[CLIENT_REQUESTS].insert_all(_complete(rows), batch_size=len(rows) or 1)
+        chunks = [c for row in rows for c in row.get(CHUNKS_KEY) or ()]
+        db[CLIENT_REQUESTS].insert_all(_complete(rows, CLIENT_REQUESTS_COLUMNS), batch_size=len(rows) or 1)
+        if chunks:
+            db[CLIENT_CHUNKS].insert_all(_complete(chunks, CLIENT_CHUNKS_COLUMNS), batch_size=len(chunks))
 
     return write
 
 
-def _complete(rows: Iterable[dict]) -> Iterable[dict]:
+def wire_row(request: ClientRequest, chunks: Iterable[ClientChunk] = ()) -> dict:
+    """A request (and its chunks, when recorded) as the plain dict the recorder buffers and workers ship."""
+    row = asdict(request)
+    chunk_rows = [asdict(c) for c in chunks]
+    if chunk_rows:
+        row[CHUNKS_KEY] = chunk_rows
+    return row
+
+
+def _complete(rows: Iterable[dict], columns: dict[str, type]) -> Iterable[dict]:
     # Every row carries every column so insert_all never infers a narrower column set from the first row.
     for row in rows:
-        yield {name: row.get(name) for name in CLIENT_REQUESTS_COLUMNS}
+        yield {name: row.get(name) for name in columns}
 
 
 class RequestRecorder:

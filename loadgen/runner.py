@@ -9,7 +9,6 @@ per process). Do not host ``llmwatts serve`` in a process that imports this modu
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
@@ -20,12 +19,12 @@ from locust.env import Environment
 from locust.event import Events
 
 from llmwatts.errors import FailedPrecondition, InvalidArgument, LlmwattsError, Unauthenticated, Unavailable
-from llmwatts.loadgen import records
-from llmwatts.loadgen.config import LoadConfig, LoadResult
+from llmwatts.loadgen.config import LoadConfig
 from llmwatts.loadgen.grpc_user import INFERENCE_TOKEN_ENV, ChannelOptions, call_metadata, make_channel
 from llmwatts.loadgen.locustfile import InferenceUser
 from llmwatts.loadgen.prompts import load_prompts
 from llmwatts.loadgen.session import LoadSession, install, server_clock_offset_ns
+from llmwatts.loadgen.summary import LoadResult, parse_slo, summarise
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
 log = logging.getLogger("llmwatts.loadgen")
@@ -53,8 +52,10 @@ def run_load(config: LoadConfig) -> LoadResult:
     if not config.master:  # a master's prompt files may live only on its workers
         load_prompts(config.dataset, num_prompts=config.num_prompts, seed=config.seed, data_dir=config.data_dir,
                      split=config.split, jsonl_path=config.jsonl_path, field=config.field)
+    # stop_timeout: at --run-time's deadline, calls in flight get grace_s to finish (Locust stops users
+    # that are waiting at once, and lets a user that is in its task finish it).
     env = Environment(user_classes=[InferenceUser], events=Events(), host=config.target,
-                      parsed_options=_options(config), stop_timeout=0.0)
+                      parsed_options=_options(config), stop_timeout=config.grace_s)
     if config.master:
         runner = env.create_master_runner(master_bind_host=config.master_bind_host,
                                           master_bind_port=config.master_port)
@@ -65,9 +66,10 @@ def run_load(config: LoadConfig) -> LoadResult:
     try:
         if config.master:
             _wait_for_workers(runner, config)
-        runner.start(config.users, spawn_rate=config.spawn_rate or config.users)
+        runner.start(config.concurrency(), spawn_rate=config.spawn_rate or config.concurrency())
         session.finished.wait(timeout=config.run_time_s)
-        runner.stop()
+        session.stop_sending()
+        runner.stop()  # returns once the users have stopped; its test_stop calls EndRun after the last reply
         if config.master:
             deadline = time.monotonic() + SETTLE_WAIT_S
             while not session.workers_settled() and time.monotonic() < deadline:
@@ -81,7 +83,8 @@ def run_load(config: LoadConfig) -> LoadResult:
             session.db.close()
     if session.errors:
         raise LlmwattsError("; ".join(session.errors))
-    return summarise(config.resolved_client_db(), session.run_id, role=session.role)
+    return summarise(config.resolved_client_db(), session.run_id, role=session.role, slo=parse_slo(config.slo),
+                     rate_rps=config.rate_rps)
 
 
 def preflight(config: LoadConfig, token: str | None) -> None:
@@ -114,8 +117,8 @@ def _options(config: LoadConfig):
     vars(options).update(config.to_options())
     options.headless = True
     options.host = config.target
-    options.num_users = config.users
-    options.spawn_rate = config.spawn_rate or config.users
+    options.num_users = config.concurrency()
+    options.spawn_rate = config.spawn_rate or config.concurrency()
     options.expect_workers = config.expect_workers
     return options
 
@@ -132,7 +135,7 @@ def _wait_for_workers(runner, config: LoadConfig) -> None:
 
 
 def _run_worker(config: LoadConfig, token: str | None) -> LoadResult:
-    env = Environment(user_classes=[InferenceUser], events=Events(), stop_timeout=0.0)
+    env = Environment(user_classes=[InferenceUser], events=Events(), stop_timeout=config.grace_s)
     try:
         runner = env.create_worker_runner(master_host=config.master_host, master_port=config.master_port)
     except ConnectionError as e:
@@ -147,41 +150,3 @@ def _run_worker(config: LoadConfig, token: str | None) -> LoadResult:
         session.close()
     return LoadResult(run_id=session.run_id or "", client_db=None, role="worker",
                       requests_ok=session._shipped)
-
-
-def _percentile(sorted_values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of exact values (no binning)."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-def summarise(client_db: str, run_id: str, role: str = "local") -> LoadResult:
-    """A run's ``LoadResult`` from its rows in the client DB."""
-    db = records.open_client_db(client_db)
-    try:
-        rows = list(db.query(
-            "select status, client_send_ns, done_ns, latency_ms, ttft_ms, output_tokens "
-            "from client_requests where run_id = ?", [run_id]))
-        run = next(db.query("select clock_offset_ns from client_runs where run_id = ?", [run_id]), {})
-    finally:
-        db.close()
-    ok = [r for r in rows if r["status"] == "ok"]
-    failures: dict[str, int] = {}
-    for r in rows:
-        if r["status"] != "ok":
-            failures[r["status"]] = failures.get(r["status"], 0) + 1
-    sends = [r["client_send_ns"] for r in rows if r["client_send_ns"] is not None]
-    dones = [r["done_ns"] for r in rows if r["done_ns"] is not None]
-    duration_s = (max(dones) - min(sends)) / 1e9 if sends and dones else 0.0
-    latencies = sorted(r["latency_ms"] for r in ok)
-    ttfts = sorted(r["ttft_ms"] for r in ok if r["ttft_ms"] is not None)
-    return LoadResult(
-        run_id=run_id, client_db=str(client_db), role=role,
-        requests_ok=len(ok), requests_failed=len(rows) - len(ok),
-        duration_s=duration_s, rps=len(rows) / duration_s if duration_s > 0 else 0.0,
-        latency_p50_ms=_percentile(latencies, 50), latency_p95_ms=_percentile(latencies, 95),
-        ttft_p50_ms=_percentile(ttfts, 50), output_tokens=sum(r["output_tokens"] or 0 for r in ok),
-        clock_offset_ns=run.get("clock_offset_ns"), failures=failures,
-    )

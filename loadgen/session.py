@@ -21,6 +21,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from llmwatts.errors import LlmwattsError
 from llmwatts.loadgen import records
+from llmwatts.loadgen.arrivals import ArrivalSchedule
 from llmwatts.loadgen.config import LoadConfig
 from llmwatts.loadgen.grpc_user import ChannelOptions, call_metadata, make_channel, normalise_target
 from llmwatts.loadgen.prompts import PromptSet, dataset_label, load_prompts
@@ -78,6 +79,7 @@ class LoadSession:
         self.db = None
         self.recorder: records.RequestRecorder | None = None
         self.clock_offset_ns: int | None = None
+        self.schedule: ArrivalSchedule | None = None   # open loop: this node's arrivals
         self.finished = gevent.event.Event()    # set when --requests N rows are all in
         self.exhausted = False                  # no more permits for this test
         self._issued = 0                        # permits handed out (local/master)
@@ -120,8 +122,12 @@ class LoadSession:
             config.resolved_run_id()
             if options is not None:
                 options.llm_run_id = config.run_id
+        if self.role == "master" and options is not None:
+            # The spawn message carries the options to the workers: each sends rate / workers.
+            options.llm_rate_split = max(1, self.runner.worker_count)
         self.config = config
         self.run_id = config.resolved_run_id()
+        self.schedule = self._arrival_schedule(options)
         self.dataset = dataset_label(config.dataset, split=config.split, jsonl_path=config.jsonl_path,
                                      field=config.field)
         self.finished.clear()
@@ -150,6 +156,9 @@ class LoadSession:
             return
         self._safe_flush()
         if self.role == "worker":
+            # Locust's worker sleeps stop_timeout after a stop before it reads the next message (quit): the
+            # grace period is over once the users have stopped, which they have (the next spawn sets it anew).
+            environment.stop_timeout = 0.0
             try:
                 self.runner.send_message(MSG_FINAL, {"run_id": self.run_id, "shipped": self._shipped})
             except Exception as e:  # the master may be gone already
@@ -198,9 +207,14 @@ class LoadSession:
             self.exhausted = True
         return seq
 
-    def record(self, row: dict) -> None:
-        """One finished (or failed) request, stamped with this machine's clock offset to the server."""
-        row.setdefault("clock_offset_ns", self.clock_offset_ns)
+    def stop_sending(self) -> None:
+        """The run's deadline: no new request starts (on a master, no worker gets another number); those in
+        flight finish within the grace period (Locust's ``stop_timeout``)."""
+        self.exhausted = True
+
+    def record(self, request: records.ClientRequest, chunks: list[records.ClientChunk] = ()) -> None:
+        """One finished (or failed) request and, with ``--record-chunks``, its chunks' arrival times."""
+        row = records.wire_row(request, chunks if self.config.record_chunks else ())
         try:
             self.recorder.add(row)  # a failing sink keeps the row buffered and raises...
         finally:
@@ -210,6 +224,8 @@ class LoadSession:
     # --- permits and rows across nodes -----------------------------------------------------------
 
     def _grant(self) -> int | None:
+        if self.exhausted:
+            return None
         limit = self.config.requests if self.config else None
         if limit is not None and self._issued >= limit:
             return None
@@ -319,7 +335,7 @@ class LoadSession:
         labels = {
             "dataset": self.dataset,
             "batch_size": str(c.batch_size),
-            "users": str(c.users),
+            "users": str(c.concurrency()),
             "stream": str(int(c.stream)),
             "num_prompts": str(c.num_prompts),
             "seed": str(c.seed),
@@ -328,8 +344,22 @@ class LoadSession:
         }
         if c.max_new_tokens is not None:
             labels["max_new_tokens"] = str(c.max_new_tokens)
+        if c.rate_rps is not None:
+            labels.update(rate_rps=f"{c.rate_rps:g}", arrival=c.arrival, max_concurrency=str(c.concurrency()))
+            if c.arrival == "gamma":
+                labels["burstiness"] = f"{c.burstiness:g}"
+        if c.slo:
+            labels["slo"] = c.slo
         labels.update(c.labels)
         return labels
+
+    def _arrival_schedule(self, options) -> ArrivalSchedule | None:
+        c = self.config
+        if c.rate_rps is None or self.role == "master":
+            return None
+        split = int(getattr(options, "llm_rate_split", 1) or 1) if self.role == "worker" else 1
+        node = self.runner.worker_index + 1 if self.role == "worker" else 0
+        return ArrivalSchedule(c.rate_rps / split, c.arrival, c.burstiness, seed=c.seed, node=node)
 
     def _control(self):
         channel = make_channel(self.channel_options(self.environment.host or self.config.target))
@@ -365,7 +395,7 @@ class LoadSession:
         records.write_run_start(self.db, {
             "run_id": self.run_id, "target": normalise_target(self.environment.host or c.target or ""),
             "started_ns": started_ns, "labels": labels, "clock_offset_ns": self.clock_offset_ns,
-            "users": c.users, "batch_size": c.batch_size, "dataset": self.dataset, "stream": int(c.stream),
+            "users": c.concurrency(), "batch_size": c.batch_size, "dataset": self.dataset, "stream": int(c.stream),
         })
 
     def _mark_end(self):

@@ -1,5 +1,6 @@
-"""Power-cap sweeps: for each cap, set it over the Control RPC (leased), run one load, label the run with
-the cap; the caps are reset when the sweep ends, however it ends. The report then splits runs by cap and
+"""Sweeps of power caps and/or arrival rates: for each cap, set it over the Control RPC (leased), then run
+one load per rate (``--rates``; or one closed-loop load), labelled with the cap and the rate; the caps are
+reset when the sweep ends, however it ends. The report then splits runs by cap and
 shows the latency-vs-energy trade-off and the SLA choice.
 
 Importing this module imports Locust (through ``runner``): keep it out of server processes.
@@ -27,32 +28,56 @@ CONTROL_TIMEOUT_S = 30.0
 
 @dataclass
 class SweepStep:
-    cap_w: float
+    cap_w: float | None         # None: the sweep sets no cap
     result: LoadResult
+    rate_rps: float | None = None  # None: closed loop
+
+    def title(self) -> str:
+        parts = ([f"cap {self.cap_w:g} W"] if self.cap_w is not None else []) + (
+            [f"rate {self.rate_rps:g}/s"] if self.rate_rps is not None else [])
+        return ", ".join(parts) or "run"
 
 
 def parse_caps(text: str) -> list[float]:
     """``"250,175,150"`` → watts, each a finite positive number (the server checks the GPU's range)."""
+    return _positive_list(text, "--caps wants watts separated by commas, e.g. 250,200,175,150")
+
+
+def parse_rates(text: str) -> list[float]:
+    """``"1,2,4"`` → requests/s, each a finite positive number."""
+    return _positive_list(text, "--rates wants requests/s separated by commas, e.g. 0.5,1,2,4")
+
+
+def _positive_list(text: str, message: str) -> list[float]:
     try:
-        caps = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        caps = []
-    if not caps or not all(math.isfinite(c) and c > 0 for c in caps):
-        raise InvalidArgument(f"--caps wants watts separated by commas, e.g. 250,200,175,150; got {text!r}")
-    return caps
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InvalidArgument(f"{message}; got {text!r}")
+    return values
 
 
-def run_cap_sweep(config: LoadConfig, caps_w: list[float], *, gpus: list[str] | None = None,
-                  lease_s: float = 0.0, control_token: str | None = None) -> list[SweepStep]:
-    """One load run per cap, in the order given. Run ids are ``<run_id>-cap<W>`` with label ``cap_w``."""
+def run_sweep(config: LoadConfig, *, caps_w: list[float] | None = None, rates_rps: list[float] | None = None,
+              gpus: list[str] | None = None, lease_s: float = 0.0,
+              control_token: str | None = None) -> list[SweepStep]:
+    """One load run per cap × rate, caps outermost, in the order given. Run ids are
+    ``<run_id>[-cap<W>][-rate<R>]``, labelled ``cap_w`` / ``rate_rps`` and ``sweep``. Without caps no cap
+    is touched (and no control token is needed); without rates each run is ``config``'s own loop."""
     config.validate()
     if config.master or config.worker:
         raise InvalidArgument("a sweep runs local loads; run distributed loads per cap with `llmwatts load`")
+    if not caps_w and not rates_rps:
+        raise InvalidArgument("a sweep needs --caps and/or --rates")
     base = config.run_id or new_run_id()
+    steps: list[SweepStep] = []
+    if not caps_w:
+        for rate in rates_rps:
+            steps.append(_run_step(config, base, None, rate))
+        return steps
     channel = client_channel(config.target, ca=config.ca, cert=config.cert, key=config.key, token=control_token)
     control = pb_grpc.ControlStub(channel)
     selector = selector_of(gpus)
-    steps = []
     changed = False  # reset only what this sweep changed: a refused first set leaves nothing to undo
     try:
         for cap_w in caps_w:
@@ -62,10 +87,8 @@ def run_cap_sweep(config: LoadConfig, caps_w: list[float], *, gpus: list[str] | 
             except grpc.RpcError as e:
                 raise rpc_error(e, config.target) from None
             changed = True
-            step_config = replace(config, run_id=f"{base}-cap{cap_w:g}",
-                                  labels={**config.labels, "cap_w": f"{cap_w:g}", "sweep": base})
-            steps.append(SweepStep(cap_w, run_load(step_config)))
-            log.info("cap %g W: %s", cap_w, steps[-1].result.summary().splitlines()[0])
+            for rate in rates_rps or [None]:
+                steps.append(_run_step(config, base, cap_w, rate))
     finally:
         try:
             if changed:
@@ -76,3 +99,22 @@ def run_cap_sweep(config: LoadConfig, caps_w: list[float], *, gpus: list[str] | 
                       rpc_error(e, config.target))
         channel.close()
     return steps
+
+
+def run_cap_sweep(config: LoadConfig, caps_w: list[float], *, gpus: list[str] | None = None,
+                  lease_s: float = 0.0, control_token: str | None = None) -> list[SweepStep]:
+    """One load run per cap (``run_sweep`` without rates)."""
+    return run_sweep(config, caps_w=caps_w, gpus=gpus, lease_s=lease_s, control_token=control_token)
+
+
+def _run_step(config: LoadConfig, base: str, cap_w: float | None, rate_rps: float | None) -> SweepStep:
+    run_id, labels = base, {**config.labels, "sweep": base}
+    if cap_w is not None:
+        run_id, labels["cap_w"] = f"{run_id}-cap{cap_w:g}", f"{cap_w:g}"
+    if rate_rps is not None:
+        run_id = f"{run_id}-rate{rate_rps:g}"
+    step_config = replace(config, run_id=run_id, labels=labels,
+                          rate_rps=rate_rps if rate_rps is not None else config.rate_rps)
+    step = SweepStep(cap_w, run_load(step_config), rate_rps)
+    log.info("%s: %s", step.title(), step.result.summary().splitlines()[0])
+    return step
