@@ -34,13 +34,15 @@ class Work:
     sampling: Sampling
     ignore_eos: bool
     received_ns: int
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("step", step, deltas) | ("done", Result)
+    # ("step", step, deltas, server_ns) | ("done", Result) | ("error", exception)
+    events: queue.Queue = field(default_factory=queue.Queue)
     stream: bool = True  # False (unary Generate): no "step" events, so its thread does not wake every step
 
     def put_step(self, step: int, deltas: list[list[int]]) -> None:
-        """A step's new tokens, for a streaming request (a unary one waits for "done" alone)."""
+        """A step's new tokens, stamped with the server clock now, for a streaming request (a unary one
+        waits for "done" alone). The stamp is each token's time on the wire (``token_server_ns``)."""
         if self.stream:
-            self.events.put(("step", step, deltas))
+            self.events.put(("step", step, deltas, time.time_ns()))
 
     def compatible(self, other: "Work") -> bool:
         return self.sampling == other.sampling and self.ignore_eos == other.ignore_eos

@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help="how long a merged batch (--merge-requests) or a continuous batch's join round "
                         "(--continuous) waits for more requests (default 5)")
+    p.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms,
+                   help="GenerateStream: steps that come faster than this go out as one chunk, each token with its "
+                        "own server time; the first tokens are always sent at once (default 50; 0: a chunk a step)")
     p.add_argument("--continuous", action="store_true",
                    help="continuous batching: requests join the running batch between decode steps and leave it "
                         "when they end (fast engine, one shard; --max-batch-size rows)")
@@ -90,6 +93,8 @@ def config_from_args(args) -> ServerConfig:
         raise InvalidArgument("--continuous runs on one shard: drop --shards or --continuous")
     if not 0 <= args.batch_wait_ms <= 60000:
         raise InvalidArgument(f"--batch-wait-ms must be between 0 and 60000, got {args.batch_wait_ms:g}")
+    if not 0 <= args.stream_interval_ms <= 10000:
+        raise InvalidArgument(f"--stream-interval-ms must be between 0 and 10000, got {args.stream_interval_ms:g}")
     if args.continuous_slots < 0:
         raise InvalidArgument(f"--continuous-slots must be 0 or more, got {args.continuous_slots}")
     if args.continuous_join_tokens is not None and args.continuous_join_tokens < 0:

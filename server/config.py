@@ -52,6 +52,7 @@ class ServerConfig:
                                          # 0: max_batch_size / 8 (at least 1)
     continuous_join_tokens: int | None = None  # joins of at most this many padded tokens replay captured
                                          # graphs; 0: none; None: the fast engine's JOIN_GRAPH_TOKENS (512)
+    stream_interval_ms: float = 50.0     # GenerateStream coalesces steps faster than this into one chunk; 0: a chunk a step
     queue_size: int = 64                 # bounded queue of pending requests; full → RESOURCE_EXHAUSTED
     warmup: bool = False                 # run every batch bucket (and row prefix) once before serving
     seed: int = 0

@@ -8,7 +8,7 @@ from llmwatts.server.batcher import Result, Work
 from llmwatts.server.engine import validate_sampling
 from llmwatts.server.grpc_errors import mapped
 from llmwatts.server.host import Host
-from llmwatts.server.streaming import stream_chunks
+from llmwatts.server.streaming import ChunkStream
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
@@ -19,6 +19,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, host: Host):
         self.host = host
         self.tokenizer = host.loaded.tokenizer
+        self.streams = ChunkStream(self.tokenizer, host.loaded.eos_token_id, host.config.stream_interval_ms,
+                                   self._response, self._failed)
 
     def _work(self, request: pb.GenerateRequest, stream: bool) -> Work:
         received_ns = time.time_ns()
@@ -89,11 +91,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     return
                 continue
             if event[0] == "error":
-                self._record_failure(work, event[1])
-                self._raise(event)
+                self._failed(work, event)
             yield event
             if event[0] == "done":
                 return
+
+    def _failed(self, work: Work, event) -> None:
+        self._record_failure(work, event[1])
+        self._raise(event)
 
     def _response(self, request: pb.GenerateRequest, r: Result) -> pb.GenerateResponse:
         completions = []
@@ -129,4 +134,4 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def GenerateStream(self, request, context):
         work = self._work(request, stream=True)
         self._submit(work)
-        yield from stream_chunks(request, self._events(work, context), self.tokenizer, self._response)
+        yield from self.streams.chunks(request, work, context.is_active)

@@ -39,8 +39,12 @@ def test_stream_chunks_carry_every_sequence_per_step_and_match_unary(stubs):
     chunks = list(inference.GenerateStream(req("s", prompts, max_new_tokens=5, sampling=GREEDY, ignore_eos=True,
                                                return_token_ids=True)))
     steps, final = chunks[:-1], chunks[-1]
-    assert final.done and [c.step for c in steps] == list(range(5))
+    # every step once, in order (steps may be coalesced: first_step..step), each token with its step's time
+    assert final.done and [s for c in steps for s in range(c.first_step, c.step + 1)] == list(range(5))
     assert all(len(c.deltas) == 2 for c in steps)
+    for i in range(2):
+        times = [t for c in steps for t in c.deltas[i].token_server_ns]
+        assert len(times) == 5 and times == sorted(times) and times[0] >= final.final.times.first_token_ns
     streamed = [[t for c in steps for t in c.deltas[i].token_ids] for i in range(2)]
     assert streamed == [list(c.token_ids) for c in final.final.completions]
     assert ["".join(c.deltas[i].text for c in steps) for i in range(2)] == [c.text for c in final.final.completions]

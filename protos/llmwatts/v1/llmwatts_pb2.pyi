@@ -85,17 +85,19 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., times: _Optional[_Union[ServerTimes, _Mapping]] = ..., energy_j: _Optional[float] = ..., energy_simulated: _Optional[bool] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
-    __slots__ = ("index", "token_ids", "text")
+    __slots__ = ("index", "token_ids", "text", "token_server_ns")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SERVER_NS_FIELD_NUMBER: _ClassVar[int]
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
-    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+    token_server_ns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., token_server_ns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("request_id", "batch_id", "step", "deltas", "server_ns", "done", "final")
+    __slots__ = ("request_id", "batch_id", "step", "deltas", "server_ns", "done", "final", "first_step")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +105,7 @@ class GenerateChunk(_message.Message):
     SERVER_NS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     batch_id: str
     step: int
@@ -110,7 +113,8 @@ class GenerateChunk(_message.Message):
     server_ns: int
     done: bool
     final: GenerateResponse
-    def __init__(self, request_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., step: _Optional[int] = ..., deltas: _Optional[_Iterable[_Union[TokenDelta, _Mapping]]] = ..., server_ns: _Optional[int] = ..., done: _Optional[bool] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    first_step: int
+    def __init__(self, request_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., step: _Optional[int] = ..., deltas: _Optional[_Iterable[_Union[TokenDelta, _Mapping]]] = ..., server_ns: _Optional[int] = ..., done: _Optional[bool] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., first_step: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

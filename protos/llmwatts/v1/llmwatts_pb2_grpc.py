@@ -65,8 +65,11 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Same batch, streamed: one chunk per decode step carrying the new tokens of every sequence,
-        then a final chunk (done = true) with the completions, counts and server timestamps.
+        """Same batch, streamed: chunks carrying the new tokens of every sequence, then a final chunk
+        (done = true) with the completions, counts and server timestamps. A chunk carries one decode step
+        or, when steps come faster than the server's --stream-interval-ms, every step since the last chunk
+        (steps first_step..step); the chunk with a request's first tokens is always sent at once. Each
+        token keeps its own server time (TokenDelta.token_server_ns), so per-token timing stays exact.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
