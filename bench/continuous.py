@@ -56,8 +56,7 @@ from nvml_energy import EnergyCounter
 from llmwatts import paths
 from llmwatts.loadgen.prompts import ALPACA_FILES, _find, _read_records, alpaca_prompt
 from llmwatts.server.continuous import LoopStats
-from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import JOIN_GRAPH_TOKENS
+from llmwatts.server.engine import JOIN_GRAPH_TOKENS, BatchSpec, Sampling
 
 GREEDY = Sampling(greedy=True)
 # The merge baseline waits this long for company: 64 clients' next requests arrive within a few ms of the

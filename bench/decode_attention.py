@@ -2,7 +2,7 @@
 
 One decode step of llama-7b reads the weights once (13.5 GB) and every sequence's K/V cache once per layer;
 at batch 64-256 the cache read is as large as the weights, so the attention kernel decides much of a step's
-time and energy. This times each of the engine's decode-attention functions (``server/fast_engine.py``) on
+time and energy. This times each of the engine's decode-attention functions (``server/engine/attention.py``) on
 the same cache: ``sdpa`` (the default: SDPA with an additive mask over the attention window), ``bmm`` (two
 batched matmuls, compiled as the engine compiles it), ``flex`` (FlexAttention with the engine's block mask
 over the whole cache, compiled), and, as a bound no engine path reaches, ``sdpa-nomask`` (SDPA over exactly
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from nvml_energy import EnergyCounter
 
-from llmwatts.server import fast_engine as fe
+from llmwatts.server.engine import attention as fe
+from llmwatts.server.engine.cache import CACHE_SLOTS, round_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.device, args.batches, args.heads, args.head_dim = "cpu", "2", 2, 16
         args.cache_len, args.slot, args.padding, args.layers, args.min_seconds = 128, 70, 3, 2, 0.05
-    if not 0 <= args.slot < args.cache_len or args.cache_len % fe.CACHE_SLOTS:
-        ap.error(f"need 0 <= --slot < --cache-len and --cache-len a multiple of {fe.CACHE_SLOTS}")
-    if args.window_slots <= 0 or fe.CACHE_SLOTS % args.window_slots:
-        ap.error(f"--window-slots must divide {fe.CACHE_SLOTS}")
+    if not 0 <= args.slot < args.cache_len or args.cache_len % CACHE_SLOTS:
+        ap.error(f"need 0 <= --slot < --cache-len and --cache-len a multiple of {CACHE_SLOTS}")
+    if args.window_slots <= 0 or CACHE_SLOTS % args.window_slots:
+        ap.error(f"--window-slots must divide {CACHE_SLOTS}")
     results = run(args)
     print_table(results)
     if args.json:
@@ -67,7 +68,7 @@ def run(args) -> dict:
     results = {"device": getattr(counter, "name", "cpu"), "torch": torch.__version__, "heads": args.heads,
                "head_dim": args.head_dim, "cache_len": args.cache_len, "slot": args.slot, "rows": []}
     scale = args.head_dim ** -0.5
-    window = min(fe._round_up(args.slot + 1, args.window_slots), args.cache_len)
+    window = min(round_up(args.slot + 1, args.window_slots), args.cache_len)
     options = {}
     for b in [int(x) for x in args.batches.split(",") if x]:
         g = torch.Generator(device).manual_seed(0)
@@ -87,10 +88,10 @@ def run(args) -> dict:
         live = args.slot + 1
         ref = F.scaled_dot_product_attention(q.float(), ks[0][:, :, :window].float(), vs[0][:, :, :window].float(),
                                              attn_mask=additive.float(), scale=scale)
-        bmm = fe.compiled_decode_attention("bmm") if cuda else fe._attend_bmm
-        flex = fe.compiled_decode_attention("flex") if cuda else fe._attend_flex
+        bmm = fe.compiled_decode_attention("bmm") if cuda else fe.attend_bmm
+        flex = fe.compiled_decode_attention("flex") if cuda else fe.attend_flex
         impls = {
-            "sdpa": lambda k, v: fe._attend_sdpa(q, k[:, :, :window], v[:, :, :window], additive, scale),
+            "sdpa": lambda k, v: fe.attend_sdpa(q, k[:, :, :window], v[:, :, :window], additive, scale),
             "bmm": lambda k, v: bmm(q, k[:, :, :window], v[:, :, :window], additive, scale),
             "flex": lambda k, v: flex(q, k, v, block_mask, scale),
             "sdpa-nomask": lambda k, v: F.scaled_dot_product_attention(q, k[:, :, :live], v[:, :, :live], scale=scale),

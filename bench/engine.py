@@ -32,8 +32,7 @@ import torch
 from fixed_prompts import fixed_length_prompts
 from nvml_energy import EnergyCounter
 
-from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import WINDOW_SLOTS, FastEngine, check_decode_options
+from llmwatts.server.engine import WINDOW_SLOTS, BatchSpec, FastEngine, Sampling, check_decode_options
 from llmwatts.server.models import materialize_buffers, meta_model
 
 ENGINES = ("eager", "static", "fast", "server")

@@ -29,7 +29,7 @@ from engine import copy_bandwidth_bytes_s, parse_variant, sync
 from fixed_prompts import fixed_length_prompts
 
 from llmwatts.errors import InvalidArgument
-from llmwatts.server.fast_engine import FastEngine, _bucket
+from llmwatts.server.engine import FastEngine, bucket
 from llmwatts.server.models import load_model
 
 # First match wins; matched against the kernel's (demangled) name. Attention before matmul: flash
@@ -127,15 +127,15 @@ def profile_batch(engine: FastEngine, prompts: list[list[int]], steps: int) -> d
     width = max(len(p) for p in prompts)
     # The engine's own steps (internals: a bench, not an API): prefill, then decode steps t = 1..steps
     # with width + t live slots, as ``generate`` runs them.
-    ws = engine._workspace(_bucket(len(prompts)), width + steps + 1, prefill_width=width)
+    ws = engine.workspace(bucket(len(prompts)), width + steps + 1, prefill_width=width)
 
     def prefill() -> None:
-        engine._prefill(ws, prompts, True)
+        engine.prefill(ws, prompts, True)
         sync(engine.device)
 
     def decode() -> None:
         for t in range(1, steps + 1):
-            engine._decode_step(ws, width + t, True)
+            engine.decode_step(ws, width + t, True)
         sync(engine.device)
 
     prefill()
@@ -163,7 +163,7 @@ def profile_batch(engine: FastEngine, prompts: list[list[int]], steps: int) -> d
     kernel_us = sum(per_kind.values()) / steps
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
     # K/V the steps read: each step's window of every layer's cache, every row of the bucket.
-    mean_window = sum(engine._window(ws, width + t) for t in range(1, steps + 1)) / steps
+    mean_window = sum(engine.window(ws, width + t) for t in range(1, steps + 1)) / steps
     return {"bucket": ws.batch, "kv_bytes_per_step": ws.nbytes * mean_window / ws.cache_len, "wall_us": wall_us, "kernel_us": kernel_us,
             "kinds": {k: v / steps for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
             "top": [{"name": n, "us_per_step": us / steps, "calls_per_step": c / steps} for n, (us, c) in top]}

@@ -1,7 +1,7 @@
 """Continuous batching in the server (``llmwatts serve --continuous``): requests join a running batch
 between decode steps and leave it the step they end, instead of waiting for the batch in flight.
 
-The engine side is ``fast_engine.ContinuousSession``. Here: admission and energy.
+The engine side is ``engine.ContinuousSession`` (server/engine/session.py). Here: admission and energy.
 
 Admission is first come, first served: the request at the head of the queue joins as soon as the session
 has a free row for each of its prompts; while it waits, nothing behind it jumps the queue. Every request

@@ -85,7 +85,7 @@ class Host:
         if self.engine.name != "fast":
             log.info("--warmup: the %s engine compiles nothing; nothing to warm up", self.engine.name)
             return 0
-        from llmwatts.server.fast_engine import warm_up
+        from llmwatts.server.engine import warm_up
 
         tok = self.loaded.tokenizer
         token = tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
@@ -139,11 +139,11 @@ def make_engine(name: str, loaded: LoadedModel, continuous: bool = False):
 
         return EagerEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device)
     try:  # name is "fast"
-        from llmwatts.server.fast_engine import FastEngine
+        from llmwatts.server.engine import FastEngine
     except ModuleNotFoundError as e:
         raise InvalidArgument("the fast engine is not available in this build: use --engine eager") from e
     return FastEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device,
-                      context_length=loaded.context_length)
+                      context_length=loaded.context_length, parallel=loaded.parallel)
 
 
 def _nvml_indices(config: ServerConfig, loaded: LoadedModel) -> list[int] | None:

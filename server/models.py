@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from llmwatts.errors import InvalidArgument, NotFound
 from llmwatts.server import weights
+from llmwatts.server.engine.parallel import TensorParallel
 from llmwatts.server.tokenizer import llama_like_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,22 @@ class LoadedModel:
     eos_token_id: int | None
     device: torch.device
     dtype: torch.dtype
+    parallel: TensorParallel | None = None  # a sharded rank's slice: how its engine joins the other ranks
+
+
+@dataclass(frozen=True)
+class FusedProjections:
+    """A decoder layer's q/k/v and gate/up weights stacked along their output rows (one matmul each), as
+    gpt-fast's checkpoint conversion stacks ``wqkv``; the modules' own weights are views of these rows."""
+
+    wqkv: torch.Tensor              # [n_q + 2 n_kv, E] (this rank's rows of each, when sharded)
+    bqkv: torch.Tensor | None
+    wgu: torch.Tensor               # [2 n_inter, E]
+    bgu: torch.Tensor | None
+    n_q: int
+    n_kv: int
+    n_inter: int
+    world: int = 1                  # ranks the layer is split over (1: whole)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -110,6 +127,42 @@ def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, rebuilt)
 
 
+def _stack(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Copy the weights (and biases) of ``linears`` into one tensor, rows in order, and re-point each
+    module's weight at its rows of it: no extra memory once the originals are freed."""
+    first = linears[0].weight
+    fused = first.new_empty((sum(m.weight.shape[0] for m in linears), first.shape[1]))
+    biases = [m.bias for m in linears]
+    fused_bias = None if all(b is None for b in biases) else first.new_zeros(fused.shape[0])
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        fused[row:row + n].copy_(m.weight.detach())
+        m.weight = torch.nn.Parameter(fused[row:row + n], requires_grad=False)
+        if m.bias is not None:
+            fused_bias[row:row + n].copy_(m.bias.detach())
+            m.bias = torch.nn.Parameter(fused_bias[row:row + n], requires_grad=False)
+        row += n
+    return fused, fused_bias
+
+
+def fuse_projections(model: torch.nn.Module, world: int = 1) -> torch.nn.Module:
+    """Stack every decoder layer's q/k/v and gate/up projections (``FusedProjections``, kept on the layer
+    as ``fused_projections``), once, after the weights are loaded: the fast engine runs each as one
+    matmul; the eager engine still runs the modules. LLaMA-like layers only; others are left alone."""
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        a, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if getattr(layer, "fused_projections", None) is not None or not all(
+                hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj")) or not all(
+                hasattr(mlp, n) for n in ("gate_proj", "up_proj")):
+            continue
+        n_q, n_kv, n_inter = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], mlp.gate_proj.weight.shape[0]
+        wqkv, bqkv = _stack((a.q_proj, a.k_proj, a.v_proj))
+        wgu, bgu = _stack((mlp.gate_proj, mlp.up_proj))
+        layer.fused_projections = FusedProjections(wqkv, bqkv, wgu, bgu, n_q, n_kv, n_inter, world)
+    return model
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
     """Load a preset (random weights) or a HF checkpoint (directory or hub id)."""
     dev = resolve_device(device)
@@ -118,6 +171,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", seed: int =
         config = preset_config(spec)
         model = meta_model(config, torch_dtype)
         materialize_random(model, dev, torch_dtype, seed)
+        fuse_projections(model)
         return LoadedModel(model, llama_like_tokenizer(), spec, True, config.max_position_embeddings,
                            config.eos_token_id, dev, torch_dtype)
     return load_checkpoint(spec, dev, torch_dtype)
@@ -143,7 +197,7 @@ def load_checkpoint(spec: str, dev: torch.device, torch_dtype: torch.dtype) -> L
             f"could not be fetched from the Hugging Face hub (offline?): download it elsewhere with "
             f"`huggingface-cli download {spec} --local-dir DIR`, copy DIR here and pass --model DIR"
         ) from e
-    model = model.to(dev).eval()
+    model = fuse_projections(model.to(dev).eval())
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -13,7 +13,9 @@ The model code knows nothing of sharding. ``apply_tp`` swaps, on the meta device
 Then each rank materialises only its slice: random presets through ``models.materialize_random(...,
 slices=...)`` (``weights.tiled_normal`` gives any slice the values of the whole tensor), checkpoints by
 reading ``safe_open(...).get_slice(name)[rows, cols]`` from the safetensors files. No rank ever holds a
-full weight matrix.
+full weight matrix. Last, q/k/v and gate/up of each rank's slice are fused (``models.fuse_projections``)
+and the rank gets its ``TensorParallel`` (``tensor_parallel``): the all-reduce its engine calls after o and
+down, so the engine itself imports no FairScale.
 
 transformers' ``LlamaAttention`` reshapes with ``-1`` heads (``view(*input_shape, -1, head_dim)``) and
 sizes nothing else by the head count: ``num_key_value_groups`` (q heads per kv head) is the same on a
@@ -32,6 +34,7 @@ import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 from llmwatts.errors import InvalidArgument
+from llmwatts.server.engine.parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 Slices = dict[str, tuple[slice, slice]]  # parameter name -> (rows, cols) of the full tensor held here
@@ -174,6 +177,22 @@ def apply_tp(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def tensor_parallel(device: torch.device) -> TensorParallel:
+    """This rank's ``TensorParallel`` over the model-parallel group (FairScale's, initialised): what a
+    row-parallel layer's ``forward`` does after its local matmul, and the ranks' minimum of a number (the
+    engine's caches are evicted alike on every rank)."""
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
+    from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
+
+    def min_over_ranks(value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=get_model_parallel_group())
+        return int(t.item())
+
+    return TensorParallel(get_model_parallel_world_size(), reduce_from_model_parallel_region, min_over_ranks)
+
+
 def report(model: torch.nn.Module, rank: int, world: int, full_numel: int, read_numel: int = 0) -> ShardReport:
     shown = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
              "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight")
@@ -207,8 +226,9 @@ def load_sharded(spec: str, device: torch.device, dtype: torch.dtype, seed: int,
         total = full_numel(model)
         apply_tp(model)
         models.materialize_random(model, device, dtype, seed, slices=shard_slices(config, rank, world))
+        models.fuse_projections(model, world)
         loaded = models.LoadedModel(model, llama_like_tokenizer(), spec, True, config.max_position_embeddings,
-                                    config.eos_token_id, device, dtype)
+                                    config.eos_token_id, device, dtype, tensor_parallel(device))
         return loaded, report(model, rank, world, total)
     return _load_checkpoint_slice(spec, device, dtype, rank, world)
 
@@ -273,11 +293,13 @@ def _load_checkpoint_slice(spec: str, device: torch.device, dtype: torch.dtype, 
         for h in handles.values():
             h.__exit__(None, None, None)
     models.materialize_buffers(model, device)
+    models.fuse_projections(model, world)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     loaded = models.LoadedModel(model.eval(), tokenizer, str(path), False,
-                                int(getattr(config, "max_position_embeddings", 2048)), eos, device, dtype)
+                                int(getattr(config, "max_position_embeddings", 2048)), eos, device, dtype,
+                                tensor_parallel(device))
     return loaded, report(model, rank, world, total, read_numel)

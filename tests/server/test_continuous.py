@@ -19,8 +19,7 @@ import sqlite_utils
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmwatts.server.engine import BatchSpec, Sampling
-from llmwatts.server.fast_engine import JOIN_GRAPH_TOKENS, WINDOW_SLOTS, FastEngine, warm_up
+from llmwatts.server.engine import JOIN_GRAPH_TOKENS, WINDOW_SLOTS, BatchSpec, FastEngine, Sampling, warm_up
 from llmwatts.server.models import load_model
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
@@ -206,7 +205,7 @@ def test_serve_warmup_runs_before_serving_and_records_nothing(tmp_path, caplog):
     srv, port = start_server(tmp_path, continuous=True, max_batch_size=2, warmup=True, continuous_join_tokens=64)
     try:
         assert srv.host.warmup_runs == 4  # batch sizes 1 and 2, static and continuous
-        assert srv.host.engine._workspaces.keys() == {1, 2}
+        assert srv.host.engine.caches.by_batch.keys() == {1, 2}
         assert srv.host.engine.join_tokens == 64  # --continuous-join-tokens reaches the engine
         # without --continuous-slots the sessions' cache length is unknown: their step graphs wait for first use
         assert "decode graphs are captured at first use" in caplog.text

@@ -9,8 +9,7 @@ import socket
 import pytest
 import torch
 
-from llmwatts.server.engine import BatchSpec, EagerEngine, Sampling
-from llmwatts.server.fast_engine import CACHE_SLOTS, WINDOW_SLOTS, FastEngine
+from llmwatts.server.engine import CACHE_SLOTS, WINDOW_SLOTS, BatchSpec, EagerEngine, FastEngine, Sampling
 from llmwatts.server.models import load_model
 
 GREEDY = Sampling(greedy=True)
@@ -44,7 +43,7 @@ def test_greedy_tokens_equal_eager_exactly(tiny, lengths, limits):
     assert got.tokens == want.tokens
     assert [len(t) for t in got.tokens] == limits
     assert got.finish_reasons == ["length"] * len(lengths)
-    assert all(ws.cache_len % CACHE_SLOTS == 0 for ws in fast._workspaces.values())  # the static cache ran
+    assert all(ws.cache_len % CACHE_SLOTS == 0 for ws in fast.caches.by_batch.values())  # the static cache ran
 
 
 def test_eos_stops_each_sequence_like_eager(tiny):
@@ -96,20 +95,50 @@ def test_too_long_for_the_context_is_refused(tiny):
         fast.generate(BatchSpec(prompts([10]), [tiny.context_length], GREEDY, ignore_eos=True))
 
 
-def test_qkv_and_gate_up_run_as_one_matmul_over_views_of_one_tensor(tiny):
-    before = sum(p.numel() for p in tiny.model.parameters())
-    _, fast = engines(tiny, tiny.eos_token_id)
-    layer = fast.layers[0]
+def test_qkv_and_gate_up_are_fused_at_load_into_one_tensor_the_modules_view(tiny):
+    """q/k/v and gate/up are stacked when the model loads (``models.fuse_projections``), not by the engine:
+    the modules' weights are rows of the stack (the model did not grow, eager runs the same numbers), and
+    making an engine changes nothing in the model."""
+    from llmwatts.server.models import load_model as load
+
+    fresh = load("tiny", "cpu", "float32")
+    params = {n: p.data_ptr() for n, p in fresh.model.named_parameters()}
+    layer = FastEngine(fresh.model, fresh.tokenizer.pad_token_id, None, fresh.device).layers[0]
+    assert {n: p.data_ptr() for n, p in fresh.model.named_parameters()} == params  # the engine mutated nothing
     a, mlp = layer.module.self_attn, layer.module.mlp
     assert layer.mode == "plain"
+    assert layer.wqkv is layer.module.fused_projections.wqkv
     assert layer.wqkv.shape[0] == a.q_proj.weight.shape[0] + a.k_proj.weight.shape[0] + a.v_proj.weight.shape[0]
-    # The modules' weights are rows of the stacked tensor (same storage), so the model did not grow.
     assert a.q_proj.weight.data_ptr() == layer.wqkv.data_ptr()
     assert a.v_proj.weight.data_ptr() == layer.wqkv[layer.n_q + layer.n_kv:].data_ptr()
     assert mlp.up_proj.weight.data_ptr() == layer.wgu[layer.n_inter:].data_ptr()
-    assert sum(p.numel() for p in tiny.model.parameters()) == before
-    again = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device).layers[0]
-    assert again.wqkv.data_ptr() == layer.wqkv.data_ptr()  # a second engine reuses the stack, no copy
+    unfused = {n: p for n, p in load("tiny", "cpu", "float32").model.named_parameters()}
+    assert sum(p.numel() for p in fresh.model.parameters()) == sum(p.numel() for p in unfused.values())
+
+
+def test_an_unfused_model_runs_its_modules_and_a_slice_needs_its_ranks(tiny):
+    """A LLaMA whose projections were not fused at load runs its modules (uncompiled), with eager's tokens;
+    a layer fused on one slice of a sharded model refuses to run without the ranks' all-reduce (it would
+    silently give a rank's partial sums)."""
+    import dataclasses
+
+    from llmwatts.server.models import materialize_random, meta_model, preset_config
+
+    model = meta_model(preset_config("tiny"), torch.float32)
+    materialize_random(model, torch.device("cpu"), torch.float32, seed=0)
+    fast = FastEngine(model, tiny.tokenizer.pad_token_id, None, tiny.device)
+    assert {layer.mode for layer in fast.layers} == {"module"}
+    eager, _ = engines(tiny, None)
+    spec = BatchSpec(prompts([5, 12]), [6, 6], GREEDY, ignore_eos=True)
+    assert fast.generate(spec).tokens == eager.generate(spec).tokens
+    layer = tiny.model.model.layers[0]
+    fused = layer.fused_projections
+    layer.fused_projections = dataclasses.replace(fused, world=2)
+    try:
+        with pytest.raises(ValueError, match="slice of 2 ranks"):
+            FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device)
+    finally:
+        layer.fused_projections = fused
 
 
 def test_compiled_layers_give_eagers_greedy_tokens(tiny):
@@ -133,7 +162,7 @@ def test_compiled_layers_give_eagers_greedy_tokens(tiny):
     # ... and not again when the same bucket needs a longer cache (64 -> 128 slots).
     spec = BatchSpec(prompts([5, 17, 2, 11]), [8, 3, 90, 6], GREEDY, ignore_eos=True)
     assert fast.generate(spec).tokens == eager.generate(spec).tokens
-    assert fast._workspaces[4].cache_len == 128
+    assert fast.caches.by_batch[4].cache_len == 128
     assert counters["stats"]["unique_graphs"] - graphs == 4
 
 
@@ -145,7 +174,7 @@ def test_prefill_in_row_chunks_gives_eagers_greedy_tokens(tiny):
     want = eager.generate(spec).tokens
     for prefill_tokens, rows in ((17, 1), (51, 3)):  # 8 rows: chunks of 1, and of 3, 3 and 2
         fast = FastEngine(tiny.model, tiny.tokenizer.pad_token_id, None, tiny.device, prefill_tokens=prefill_tokens)
-        assert fast._prefill_rows(17) == rows
+        assert fast.caches.prefill_rows(17) == rows
         assert fast.generate(spec).tokens == want
     with pytest.raises(ValueError, match="prefill_tokens must be positive, got 0"):
         FastEngine(tiny.model, 0, None, tiny.device, prefill_tokens=0)
@@ -171,7 +200,7 @@ def test_decode_attention_variants_give_eagers_greedy_tokens(tiny, attention, wi
 def test_fairscale_layers_run_the_functional_tensor_parallel_path(tiny):
     """A FairScale-sharded model (world 1 here; 2, 4 and 8 ranks run in tests/server/test_sharding.py) is
     not a black box of modules: the engine runs its slices through the same functions, all-reducing
-    after o and down, and gives the unsharded eager tokens."""
+    after o and down through the ``TensorParallel`` tp.py hands it, and gives the unsharded eager tokens."""
     import torch.distributed as dist
     from fairscale.nn.model_parallel.initialize import destroy_model_parallel, initialize_model_parallel
 
@@ -184,8 +213,9 @@ def test_fairscale_layers_run_the_functional_tensor_parallel_path(tiny):
     try:
         initialize_model_parallel(1, model_parallel_backend="gloo")
         loaded, _ = load_sharded("tiny", torch.device("cpu"), torch.float32, 0, 0, 1)
-        fast = FastEngine(loaded.model, loaded.tokenizer.pad_token_id, None, loaded.device)
+        fast = FastEngine(loaded.model, loaded.tokenizer.pad_token_id, None, loaded.device, parallel=loaded.parallel)
         assert {layer.mode for layer in fast.layers} == {"tp"}
+        assert loaded.parallel.world == 1
         eager, _ = engines(tiny, None)
         spec = BatchSpec(prompts([5, 12]), [6, 6], GREEDY, ignore_eos=True)
         assert fast.generate(spec).tokens == eager.generate(spec).tokens
