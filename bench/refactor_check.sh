@@ -52,11 +52,12 @@ run)
   { echo "old: $(cat "$here/.refcheck/old.commit" 2>/dev/null || echo '?')"
     echo "new: $(git -C "$here" rev-parse HEAD 2>/dev/null || echo 'working tree')"
     nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader 2>/dev/null; } | tee "$out/trees.txt"
+  declare -A src=([old]="$here/.refcheck/old" [new]="$here")
   for round in $(seq "${ROUNDS:-1}"); do
     for tree in old new; do
       echo "== round $round: $tree"
       (cd /tmp && PYTHONPATH="$work/$tree${PYTHONPATH:+:$PYTHONPATH}" timeout "${TIMEOUT_S:-280}" \
-        python3 "$work/$tree/bench/engine.py" "${args[@]}" --json "$out/$tree-$round.json" > "$out/$tree-$round.log" 2>&1)
+        python3 "${src[$tree]}/bench/engine.py" "${args[@]}" --json "$out/$tree-$round.json" > "$out/$tree-$round.log" 2>&1)
       echo "rc=$?"
       sed -n '/^# /,$p' "$out/$tree-$round.log" | grep -v '^targets:'
     done
