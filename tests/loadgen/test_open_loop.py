@@ -1,0 +1,90 @@
+"""Acceptance of issue 17's load side against a real tiny server: Poisson arrivals at a fixed rate, generator
+lag, and TTFT/TPOT/ITL recomputed from the client DB's own chunk times."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import sqlite_utils
+
+from conftest import LLMWATTS, offline_env  # noqa: F401
+from test_load import load
+
+RATE_RPS = 10.0
+REQUESTS = 80
+SEED = 11
+# Kolmogorov–Smirnov at α = 0.01: the asymptotic critical value 1.628/√n (n = 79 gaps → 0.183). The sends
+# are checked against the exponential law the schedule draws from (rate given, not fitted).
+KS_CRITICAL = 1.628
+
+
+@pytest.fixture(scope="module")
+def poisson_run(server, tmp_path_factory):
+    target, _ = server
+    tmp = tmp_path_factory.mktemp("poisson")
+    db = tmp / "client.db"
+    done = load(tmp, "--target", target, "--dataset", "mini", "--rate", str(RATE_RPS), "--arrival", "poisson",
+                "--max-concurrency", "32", "--requests", str(REQUESTS), "--max-new-tokens", "5", "--stream",
+                "--record-chunks", "--seed", str(SEED), "--run-id", "poisson", "--client-db", str(db),
+                "--slo", "ttft_ms=60000,tpot_ms=60000", "--json", "--quiet", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout), sqlite_utils.Database(db)
+
+
+def ks_statistic_exponential(samples: np.ndarray, rate: float) -> float:
+    """sup |F_n(x) − (1 − e^(−rate·x))| of the sample's empirical CDF, by hand."""
+    x = np.sort(samples)
+    n = len(x)
+    cdf = 1.0 - np.exp(-rate * x)
+    return float(max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(0, n) / n)))
+
+
+def test_poisson_sends_follow_the_exponential_law_and_lag_is_reported(poisson_run):
+    result, db = poisson_run
+    rows = list(db.query("select * from client_requests where run_id = 'poisson' order by scheduled_send_ns"))
+    assert len(rows) == REQUESTS and {r["status"] for r in rows} == {"ok"}
+    sends_s = np.array([r["client_send_ns"] for r in rows], dtype=float) / 1e9
+    gaps_s = np.diff(np.sort(sends_s))
+    d = ks_statistic_exponential(gaps_s, RATE_RPS)
+    assert d < KS_CRITICAL / math.sqrt(len(gaps_s)), f"KS D = {d:.3f} for {len(gaps_s)} gaps"
+    # The schedule itself is the seeded draw, exactly: gaps of numpy's exponential from (seed, node 0).
+    scheduled = np.diff([r["scheduled_send_ns"] for r in rows]) / 1e9
+    assert np.allclose(scheduled, np.random.default_rng([SEED, 0]).exponential(1 / RATE_RPS, REQUESTS - 1),
+                       atol=1e-8)
+    # Lag (actual − scheduled) is in every row and in the summary, and its p99 is what the rows say.
+    lags_ms = [(r["client_send_ns"] - r["scheduled_send_ns"]) / 1e6 for r in rows]
+    assert min(lags_ms) >= 0
+    assert result["lag_p99_ms"] == pytest.approx(float(np.percentile(lags_ms, 99)), abs=1e-6)
+    assert result["rate_rps"] == RATE_RPS and result["requests_good"] == REQUESTS and result["goodput_rps"] > 0
+    labels = json.loads(db["client_runs"].get("poisson")["labels"])
+    assert labels["rate_rps"] == "10" and labels["arrival"] == "poisson" and labels["max_concurrency"] == "32"
+
+
+def test_ttft_tpot_itl_match_the_chunk_times_in_the_client_db(poisson_run):
+    result, db = poisson_run
+    rows = list(db.query("select * from client_requests where run_id = 'poisson'"))
+    checked = 0
+    for r in rows:
+        chunks = list(db.query("select * from client_chunks where request_id = ? order by chunk_index",
+                               [r["request_id"]]))
+        elapsed = [c["elapsed_ms"] for c in chunks]
+        assert chunks and elapsed == sorted(elapsed)
+        assert r["ttft_ms"] == pytest.approx(elapsed[0])
+        assert r["first_token_ns"] == chunks[0]["arrival_ns"]
+        n = r["longest_output_tokens"]
+        assert n == r["output_tokens"]  # one prompt per request
+        if n > 1:
+            assert r["tpot_ms"] == pytest.approx((r["latency_ms"] - elapsed[0]) / (n - 1))
+        gaps = np.diff(elapsed)
+        assert r["itl_count"] == len(gaps)
+        if len(gaps):
+            checked += 1
+            assert r["itl_mean_ms"] == pytest.approx(gaps.mean())
+            assert r["itl_max_ms"] == pytest.approx(gaps.max())
+            assert r["itl_p50_ms"] == pytest.approx(np.percentile(gaps, 50))
+            assert r["itl_p99_ms"] == pytest.approx(np.percentile(gaps, 99))
+    assert checked > REQUESTS // 2
+    tpots = [r["tpot_ms"] for r in rows if r["tpot_ms"] is not None]
+    assert result["tpot_p95_ms"] == pytest.approx(float(np.percentile(tpots, 95)))
+    assert result["ttft_p50_ms"] == pytest.approx(float(np.percentile([r["ttft_ms"] for r in rows], 50)))
