@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 import uuid
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field  # LoadConfig has a `field` attribute
@@ -156,6 +157,8 @@ class LoadConfig:
         return config
 
 
+_FIELD_TYPES = typing.get_type_hints(LoadConfig)
+
 # LoadConfig fields that are Locust options (the rest come from Locust's own flags or stay local).
 OPTION_FIELDS = (
     "dataset", "jsonl_path", "field", "split", "data_dir", "num_prompts", "seed", "batch_size", "requests",
@@ -171,9 +174,22 @@ def _to_option(name, value):
 
 
 def _from_option(name, value):
+    """An option's value as LoadConfig's field type. Locust's web UI sends text for an option whose default
+    is None (``--llm-rate``, ``--llm-max-new-tokens``...): ``"3"`` becomes 3, ``""`` None."""
     if name == "labels":
         return parse_labels(value)
-    return value
+    if not isinstance(value, str):
+        return value
+    kinds = [t for t in typing.get_args(_FIELD_TYPES[name]) or (_FIELD_TYPES[name],) if t is not type(None)]
+    kind = kinds[0]
+    if kind is str:
+        return value
+    if value.strip() == "":
+        return None
+    try:
+        return value.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+    except ValueError:
+        raise InvalidArgument(f"--llm-{name.replace('_', '-')} wants a {kind.__name__}, got {value!r}") from None
 
 
 def parse_labels(items) -> dict[str, str]:
@@ -202,35 +218,43 @@ def _strip_scheme(host: str) -> str:
 
 def add_locust_arguments(parser) -> None:
     """The ``--llm-*`` options of ``locust -f loadgen/locustfile.py`` (also shown in the web UI)."""
+    # Locust's web UI lists the arguments its own parser's add_argument marked include_in_web_ui; an argument
+    # group's add_argument is argparse's and marks nothing (the UI showed none of these). Mark each here.
     group = parser.add_argument_group("llmwatts", "LLM inference load (see docs/loadgen.md)")
+
+    def add(*args, **kwargs):
+        action = group.add_argument(*args, **kwargs)
+        action.include_in_web_ui, action.is_secret, action.is_required, action.is_multiple = True, False, False, False
+        return action
+
     d = LoadConfig()
-    group.add_argument("--llm-dataset", choices=DATASETS, default=d.dataset, help="prompt source")
-    group.add_argument("--llm-jsonl-path", default=None, help="JSONL file for --llm-dataset jsonl")
-    group.add_argument("--llm-field", default=None, help="JSONL field holding the prompt")
-    group.add_argument("--llm-split", choices=GSM8K_SPLITS, default=d.split, help="GSM8K split")
-    group.add_argument("--llm-data-dir", default=None, help="folder searched first for prompt files")
-    group.add_argument("--llm-num-prompts", type=int, default=d.num_prompts, help="prompts sampled (4096)")
-    group.add_argument("--llm-seed", type=int, default=d.seed, help="sampling seed")
-    group.add_argument("--llm-batch-size", type=int, default=d.batch_size, help="prompts per request")
-    group.add_argument("--llm-requests", type=int, default=None, help="stop after exactly N requests in total")
-    group.add_argument("--llm-stream", action="store_true", default=False, help="use GenerateStream")
-    group.add_argument("--llm-max-new-tokens", type=int, default=None, help="default: the server's")
-    group.add_argument("--llm-ignore-eos", action="store_true", default=False, help="fixed-length outputs")
-    group.add_argument("--llm-greedy", action="store_true", default=False, help="greedy decoding")
-    group.add_argument("--llm-temperature", type=float, default=d.temperature)
-    group.add_argument("--llm-top-p", type=float, default=d.top_p)
-    group.add_argument("--llm-run-id", default="", help="default: generated per test")
-    group.add_argument("--llm-label", dest="llm_labels", action="append", default=[], metavar="K=V",
-                       help="run label (repeatable)")
-    group.add_argument("--llm-client-db", default="", help="client DB (default llmwatts-client-<run_id>.db)")
-    group.add_argument("--llm-deadline-s", type=float, default=d.deadline_s, help="per-call deadline")
-    group.add_argument("--llm-rate", dest="llm_rate_rps", type=float, default=None,
-                       help="open loop: requests/s over all workers (Number of users = max concurrency)")
-    group.add_argument("--llm-arrival", choices=ARRIVALS, default=d.arrival, help="open loop: arrival process")
-    group.add_argument("--llm-burstiness", type=float, default=d.burstiness, help="gamma arrivals: shape")
-    group.add_argument("--llm-slo", default="", help="goodput objectives, e.g. ttft_ms=500,tpot_ms=50,e2e_ms=5000")
-    group.add_argument("--llm-record-chunks", action="store_true", default=False,
-                       help="streams: keep every chunk's arrival time (table client_chunks)")
-    group.add_argument("--llm-ca", default=None, help="TLS: server CA bundle")
-    group.add_argument("--llm-cert", default=None, help="mutual TLS: client certificate")
-    group.add_argument("--llm-key", default=None, help="mutual TLS: client key")
+    add("--llm-dataset", choices=DATASETS, default=d.dataset, help="prompt source")
+    add("--llm-jsonl-path", default=None, help="JSONL file for --llm-dataset jsonl")
+    add("--llm-field", default=None, help="JSONL field holding the prompt")
+    add("--llm-split", choices=GSM8K_SPLITS, default=d.split, help="GSM8K split")
+    add("--llm-data-dir", default=None, help="folder searched first for prompt files")
+    add("--llm-num-prompts", type=int, default=d.num_prompts, help="prompts sampled (4096)")
+    add("--llm-seed", type=int, default=d.seed, help="sampling seed")
+    add("--llm-batch-size", type=int, default=d.batch_size, help="prompts per request")
+    add("--llm-requests", type=int, default=None, help="stop after exactly N requests in total")
+    add("--llm-stream", action="store_true", default=False, help="use GenerateStream")
+    add("--llm-max-new-tokens", type=int, default=None, help="default: the server's")
+    add("--llm-ignore-eos", action="store_true", default=False, help="fixed-length outputs")
+    add("--llm-greedy", action="store_true", default=False, help="greedy decoding")
+    add("--llm-temperature", type=float, default=d.temperature)
+    add("--llm-top-p", type=float, default=d.top_p)
+    add("--llm-run-id", default="", help="default: generated per test")
+    add("--llm-label", dest="llm_labels", action="append", default=[], metavar="K=V",
+        help="run label (repeatable)")
+    add("--llm-client-db", default="", help="client DB (default llmwatts-client-<run_id>.db)")
+    add("--llm-deadline-s", type=float, default=d.deadline_s, help="per-call deadline")
+    add("--llm-rate", dest="llm_rate_rps", type=float, default=None,
+        help="open loop: requests/s over all workers (Number of users = max concurrency)")
+    add("--llm-arrival", choices=ARRIVALS, default=d.arrival, help="open loop: arrival process")
+    add("--llm-burstiness", type=float, default=d.burstiness, help="gamma arrivals: shape")
+    add("--llm-slo", default="", help="goodput objectives, e.g. ttft_ms=500,tpot_ms=50,e2e_ms=5000")
+    add("--llm-record-chunks", action="store_true", default=False,
+        help="streams: keep every chunk's arrival time (table client_chunks)")
+    add("--llm-ca", default=None, help="TLS: server CA bundle")
+    add("--llm-cert", default=None, help="mutual TLS: client certificate")
+    add("--llm-key", default=None, help="mutual TLS: client key")

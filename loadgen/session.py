@@ -113,7 +113,13 @@ class LoadSession:
 
     def on_test_start(self, environment, **_kw):
         options = environment.parsed_options
-        config = LoadConfig.from_options(options, host=environment.host) if options is not None else LoadConfig()
+        try:
+            config = LoadConfig.from_options(options, host=environment.host) if options is not None else LoadConfig()
+        except LlmwattsError as e:  # e.g. a number field of the web UI's form that is not a number
+            self.config, self.recorder, self.schedule = LoadConfig(), None, None
+            self.errors.clear()
+            self._fail(str(e))  # users idle, the run stops, the log says why
+            return
         if self._explicit_run_id is None:
             self._explicit_run_id = config.run_id or ""
         if self.role != "worker" and not self._explicit_run_id:
