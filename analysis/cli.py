@@ -12,6 +12,8 @@ EPILOG = """\
 example:
   llmwatts report --server-db server.db --client-db client.db --study-db study.db --out report/
   llmwatts report --study-db study.db --out report/ --sla-p95-ms 2000   # re-report, no new inputs
+  llmwatts report --server gpu1:50051 --client-db client.db --study-db study.db --out report/
+      # records pulled over gRPC (Control.ExportRecords, needs $LLMWATTS_CONTROL_TOKEN); no file copied
 
 Re-ingesting the same files adds nothing twice. Metric definitions: docs/analysis.md.
 """
@@ -29,6 +31,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--server-db", action="append", default=[], metavar="PATH",
                         help="a server DB (repeatable)")
+    parser.add_argument("--server", action="append", default=[], metavar="HOST:PORT",
+                        help="pull a running server's records over gRPC (repeatable; incremental: a mirror "
+                        "DB per server is kept next to --study-db); needs the control token")
+    parser.add_argument("--ca", metavar="PEM", help="TLS: the CA of the servers' certificates")
+    parser.add_argument("--cert", metavar="PEM", help="mutual TLS: client certificate")
+    parser.add_argument("--key", metavar="PEM", help="mutual TLS: client key")
     parser.add_argument("--client-db", action="append", default=[], metavar="PATH",
                         help="a client DB written by `llmwatts load` (repeatable)")
     parser.add_argument("--study-db", required=True, metavar="PATH",
@@ -48,9 +56,19 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--sla-p95-ms must be a positive number of ms, got {args.sla_p95_ms:g}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InvalidArgument(f"--out {args.out} is a file; give a folder")
-    if not args.server_db and not args.client_db and not Path(args.study_db).exists():
-        raise NotFound(f"no study DB at {args.study_db}; give --server-db and --client-db to build one")
-    if args.server_db or args.client_db:
-        ingest(args.study_db, args.server_db, args.client_db)
+    if not (args.server_db or args.server or args.client_db) and not Path(args.study_db).exists():
+        raise NotFound(f"no study DB at {args.study_db}; give --server-db (or --server) and --client-db to build one")
+    server_dbs = list(args.server_db)
+    if args.server:
+        from llmwatts.analysis.pull import mirror_path, pull_records
+        from llmwatts.server.auth import load_token
+
+        token = load_token()
+        for target in args.server:
+            mirror = mirror_path(args.study_db, target)
+            pull_records(target, mirror, token=token, ca=args.ca, cert=args.cert, key=args.key)
+            server_dbs.append(str(mirror))
+    if server_dbs or args.client_db:
+        ingest(args.study_db, server_dbs, args.client_db)
     build_report(args.study_db, args.out, sla_p95_ms=args.sla_p95_ms)
     return 0

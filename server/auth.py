@@ -33,6 +33,7 @@ INFERENCE_TOKEN_FILE_ENV = "LLMWATTS_INFERENCE_TOKEN_FILE"
 CONTROL_MUTATING_METHODS = frozenset({
     "/llmwatts.v1.Control/SetPowerCap",
     "/llmwatts.v1.Control/ResetPowerCap",
+    "/llmwatts.v1.Control/ExportRecords",  # reads every record: only for the study's owner
 })
 INFERENCE_PREFIX = "/llmwatts.v1.Inference/"
 _BEARER = "bearer "
@@ -178,7 +179,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
                 if self.loopback_only and self.allow_insecure_loopback_control:
                     return None
                 return grpc.StatusCode.PERMISSION_DENIED, (
-                    f"{method} changes GPU power caps and this server has no control token: start it with "
+                    f"{method} needs the control token and this server has none: start it with "
                     f"${CONTROL_TOKEN_ENV} or ${CONTROL_TOKEN_FILE_ENV} set (or --control-token-file PATH), "
                     "or bind it to 127.0.0.1 with --allow-insecure-loopback-control on a single-user machine"
                 )

@@ -4,6 +4,7 @@ import time
 
 from llmwatts.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from llmwatts.server import auth
+from llmwatts.server.export import ExportServicerMixin
 from llmwatts.server.grpc_errors import mapped
 from llmwatts.server.host import Host, versions
 from llmwatts.server.power import caps_reply
@@ -11,7 +12,7 @@ from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
 
-class ControlServicer(pb_grpc.ControlServicer):
+class ControlServicer(ExportServicerMixin, pb_grpc.ControlServicer):
     def __init__(self, host: Host):
         self.host = host
 

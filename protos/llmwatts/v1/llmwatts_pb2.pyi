@@ -279,3 +279,43 @@ class PowerCapsReply(_message.Message):
     gpus: _containers.RepeatedCompositeFieldContainer[GpuPowerCap]
     backend: str
     def __init__(self, gpus: _Optional[_Iterable[_Union[GpuPowerCap, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class ExportRecordsRequest(_message.Message):
+    __slots__ = ("cursor", "page_rows")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    PAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    cursor: str
+    page_rows: int
+    def __init__(self, cursor: _Optional[str] = ..., page_rows: _Optional[int] = ...) -> None: ...
+
+class Cell(_message.Message):
+    __slots__ = ("null", "integer", "real", "text")
+    NULL_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    REAL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    null: bool
+    integer: int
+    real: float
+    text: str
+    def __init__(self, null: _Optional[bool] = ..., integer: _Optional[int] = ..., real: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Row(_message.Message):
+    __slots__ = ("cells",)
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    cells: _containers.RepeatedCompositeFieldContainer[Cell]
+    def __init__(self, cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ...) -> None: ...
+
+class RecordPage(_message.Message):
+    __slots__ = ("table", "columns", "rows", "cursor", "last")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    rows: _containers.RepeatedCompositeFieldContainer[Row]
+    cursor: str
+    last: bool
+    def __init__(self, table: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., cursor: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...

@@ -201,6 +201,11 @@ class ControlStub:
                 request_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.ResetPowerCapRequest.SerializeToString,
                 response_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.PowerCapsReply.FromString,
                 _registered_method=True)
+        self.ExportRecords = channel.unary_stream(
+                '/llmwatts.v1.Control/ExportRecords',
+                request_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.ExportRecordsRequest.SerializeToString,
+                response_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.RecordPage.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -248,6 +253,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRecords(self, request, context):
+        """The server's records (runs, batches, per-GPU batch energy, requests, telemetry, cap events) since a
+        cursor, in pages; each page carries the cursor to resume from. Needs the control bearer token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +293,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ResetPowerCap,
                     request_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.ResetPowerCapRequest.FromString,
                     response_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.PowerCapsReply.SerializeToString,
+            ),
+            'ExportRecords': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportRecords,
+                    request_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.ExportRecordsRequest.FromString,
+                    response_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.RecordPage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +466,33 @@ class Control:
             '/llmwatts.v1.Control/ResetPowerCap',
             llmwatts_dot_v1_dot_llmwatts__pb2.ResetPowerCapRequest.SerializeToString,
             llmwatts_dot_v1_dot_llmwatts__pb2.PowerCapsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmwatts.v1.Control/ExportRecords',
+            llmwatts_dot_v1_dot_llmwatts__pb2.ExportRecordsRequest.SerializeToString,
+            llmwatts_dot_v1_dot_llmwatts__pb2.RecordPage.FromString,
             options,
             channel_credentials,
             insecure,
