@@ -5,7 +5,7 @@ import sqlite3
 
 import grpc
 import pytest
-from conftest import start_server
+from tests.conftest import start_server
 
 from llmwatts.analysis.pull import pull_records
 from llmwatts.errors import InvalidArgument, Unauthenticated
