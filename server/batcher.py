@@ -1,12 +1,14 @@
 """Batching: a bounded queue of requests and one worker thread that runs batches on the engine.
 
 A request's prompts always run as one batch (the paper's batch size). With ``merge_requests`` the
-worker also merges concurrent compatible requests (same sampling and fixed-length mode) up to
+worker also merges concurrent compatible requests (same sampling and fixed-length mode; any seeds on an
+engine that samples each row with its own seed, ``per_row_seeds``) up to
 ``max_batch_size`` sequences, waiting at most ``batch_wait_ms`` for company. Every batch is bracketed by
 energy-counter reads of every GPU; its joules are split over its requests by tokens processed
 (docs/energy.md) and written to the server store with the batch and request rows.
 """
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 from llmwatts.errors import ResourceExhausted, Unavailable
 from llmwatts.server.engine import BatchOutput, BatchSpec, Engine, Sampling
+from llmwatts.server.engine.sampling import row_keys
 from llmwatts.server.gpu import GPU, pace_slowest
 from llmwatts.server.store import ServerStore
 from llmwatts.server.telemetry import EnergyMeter
@@ -44,8 +47,12 @@ class Work:
         if self.stream:
             self.events.put(("step", step, deltas, time.time_ns()))
 
-    def compatible(self, other: "Work") -> bool:
-        return self.sampling == other.sampling and self.ignore_eos == other.ignore_eos
+    def compatible(self, other: "Work", per_row_seeds: bool = False) -> bool:
+        """Same sampling (any seeds with ``per_row_seeds``) and fixed-length mode: one batch can hold both."""
+        mine, theirs = self.sampling, other.sampling
+        if per_row_seeds:
+            mine, theirs = dataclasses.replace(mine, seed=None), dataclasses.replace(theirs, seed=None)
+        return mine == theirs and self.ignore_eos == other.ignore_eos
 
 
 @dataclass
@@ -117,7 +124,8 @@ class Batcher:
                 more = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 break
-            if more.compatible(first) and n + len(more.prompts) <= self.max_batch_size:
+            seeds_apart = getattr(self.engine, "per_row_seeds", False)
+            if more.compatible(first, seeds_apart) and n + len(more.prompts) <= self.max_batch_size:
                 group.append(more)
                 n += len(more.prompts)
             else:
@@ -161,7 +169,8 @@ class Batcher:
         prompts = [p for w in group for p in w.prompts]
         limits = [w.max_new_tokens for w in group for _ in w.prompts]
         owners = [(i, j) for i, w in enumerate(group) for j in range(len(w.prompts))]
-        spec = BatchSpec(prompts, limits, group[0].sampling, group[0].ignore_eos)
+        keys = [k for w in group for k in row_keys(w.sampling.seed, len(w.prompts))]  # each request's own seed
+        spec = BatchSpec(prompts, limits, group[0].sampling, group[0].ignore_eos, keys)
 
         def on_step(step: int, deltas: list[list[int]]) -> None:
             per_work: list[list[list[int]]] = [[] for _ in group]

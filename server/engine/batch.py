@@ -31,6 +31,15 @@ class BatchSpec:
     max_new_tokens: list[int]       # per sequence
     sampling: Sampling = field(default_factory=Sampling)
     ignore_eos: bool = False        # fixed-length: generate exactly max_new_tokens
+    # Per sequence: the fast engine's sampling-noise key (``sampling.row_keys`` of each request's seed), so
+    # merged requests with different seeds each sample as they would alone. None: from ``sampling.seed``.
+    keys: list[int] | None = None
+
+    def noise_keys(self) -> list[int]:
+        """Each sequence's sampling-noise key: ``keys``, else ``row_keys(sampling.seed, n)``."""
+        from llmwatts.server.engine.sampling import row_keys
+
+        return list(self.keys) if self.keys is not None else row_keys(self.sampling.seed, len(self.prompts))
 
 
 @dataclass

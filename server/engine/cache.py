@@ -54,6 +54,7 @@ class Workspace:
     key_valid: torch.Tensor         # [B, L] slot j holds a real token of sequence b (not padding)
     temperature: torch.Tensor       # [1] fp32
     top_p: torch.Tensor             # [1] fp32
+    key: torch.Tensor               # [B] long: each row's sampling-noise key (``sampling.row_keys``)
     flex_blocks: torch.Tensor | None = None   # [B, 1, 1] int32: cache blocks the flex decode reads
     flex_indices: torch.Tensor | None = None  # [B, 1, 1, L / FLEX_KV_BLOCK] int32: 0, 1, 2, ...
     graphs: dict = field(default_factory=dict)   # (window, greedy, per_row) or ("join", rows, width, greedy) -> graph
@@ -108,7 +109,7 @@ def rows_view(ws: Workspace, n: int, mark_dynamic: bool) -> Workspace:
         view = Workspace(
             batch=n, cache_len=ws.cache_len, k=[t[:n] for t in ws.k], v=[t[:n] for t in ws.v], tok=ws.tok[:n],
             out=ws.out[:n], pos=ws.pos[:n], slot=ws.slot, key_valid=ws.key_valid[:n], temperature=ws.temperature,
-            top_p=ws.top_p, pool=ws.pool, row_slot=ws.row_slot[:n], live=ws.live[:n])
+            top_p=ws.top_p, key=ws.key[:n], pool=ws.pool, row_slot=ws.row_slot[:n], live=ws.live[:n])
         if mark_dynamic:  # as ``Workspaces.get`` marks the whole caches: one compile per bucket, any length
             from torch._dynamo import mark_dynamic as mark
 
@@ -174,6 +175,7 @@ class Workspaces:
             pos=torch.zeros(batch, dtype=torch.long, device=dev), slot=torch.zeros(1, dtype=torch.long, device=dev),
             key_valid=torch.zeros(batch, cache_len, dtype=torch.bool, device=dev),
             temperature=torch.ones(1, device=dev), top_p=torch.ones(1, device=dev),
+            key=torch.zeros(batch, dtype=torch.long, device=dev),
             pool=torch.cuda.graph_pool_handle() if self.graphs else None, last_used=time.monotonic(),
         )
         if self.flex:

@@ -48,7 +48,7 @@ class JoinBuffers:
 
 
 def prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool,
-            rows: list[int] | None = None) -> torch.Tensor:
+            rows: list[int] | None = None, keys: list[int] | None = None) -> torch.Tensor:
     """Run the left-padded prompts through the model, fill cache slots [0, S), set up the decode
     state; returns the first sampled token per row [B]. Rows run in chunks of ``prefill_tokens``
     (every row's result is its own: the chunks only bound the activations' memory).
@@ -56,7 +56,7 @@ def prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool,
     A static batch (``rows`` None) fills every row of the workspace, filler rows past the prompts.
     A continuous batch's join fills only ``rows`` (one per prompt, in any order: rows that are not
     adjacent go through ``ScatterCaches``) and sets their own slots (``row_slot``) and live flags; the
-    other rows keep what they hold."""
+    other rows keep what they hold. ``keys``: the prompts' sampling-noise keys, into their rows first."""
     static = rows is None
     width = max(len(p) for p in prompts)
     b = ws.batch if static else len(prompts)
@@ -69,6 +69,7 @@ def prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool,
     positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
     slots = torch.arange(ws.cache_len, device=engine.device)
     index = torch.tensor(rows, dtype=torch.long, device=engine.device)
+    set_keys(ws, index[:len(prompts)], keys)
     ws.key_valid.index_copy_(0, index, slots[None, :] >= (width - lengths)[:, None])
     # Causal over real keys; a padding row also sees itself, so no softmax row is empty (NaN-free).
     causal = (col[None, :] <= col[:, None])[None, None]                          # [1, 1, S, S]
@@ -86,7 +87,8 @@ def prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool,
         logits.append(engine.forward(caches, ids[chunk], positions[chunk], mask, col, width, compiled=False))
         if isinstance(caches, ScatterCaches):
             caches.flush()
-    first = sample(torch.cat(logits), greedy, ws.temperature, ws.top_p)
+    # The first token is sampled after each prompt's last position (``len - 1``), keyed by its row's key.
+    first = sample(torch.cat(logits), greedy, ws.temperature, ws.top_p, ws.key[index], lengths - 1)
     ws.tok.index_copy_(0, index, first)
     ws.pos.index_copy_(0, index, lengths)
     if static:
@@ -97,16 +99,23 @@ def prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool,
     return first.cpu()
 
 
-def join(engine, ws: Workspace, prompts: list[list[int]], greedy: bool, rows: list[int]
-         ) -> tuple[list[int], list[int]]:
+def join(engine, ws: Workspace, prompts: list[list[int]], greedy: bool, rows: list[int],
+         keys: list[int] | None = None) -> tuple[list[int], list[int]]:
     """A continuous batch's join of ``prompts`` into the free ``rows`` of ``ws`` -> (the first token per
     prompt, the slot each row decodes from next). A graphed join (``join_shape``) is right-padded: each
     row decodes from its own prompt's length; a large one the eager prefill, left-padded to its widest."""
     width = max(len(p) for p in prompts)
     shape = join_shape(engine, ws, len(prompts), width)
     if shape is not None:
+        set_keys(ws, torch.tensor(rows, dtype=torch.long, device=engine.device), keys)
         return join_prefill(engine, ws, prompts, greedy, rows, shape).tolist(), [len(p) for p in prompts]
-    return prefill(engine, ws, prompts, greedy, rows=rows).tolist(), [width] * len(prompts)
+    return prefill(engine, ws, prompts, greedy, rows=rows, keys=keys).tolist(), [width] * len(prompts)
+
+
+def set_keys(ws: Workspace, index: torch.Tensor, keys: list[int] | None) -> None:
+    """Rows ``index`` of ``ws`` sample with noise ``keys`` (None: leave them)."""
+    if keys is not None:
+        ws.key.index_copy_(0, index, torch.tensor(keys, dtype=torch.long).to(ws.key.device))
 
 
 def join_shape(engine, ws: Workspace, rows: int, width: int) -> tuple[int, int] | None:
@@ -210,7 +219,7 @@ def join_body(engine, ws: Workspace, jb: JoinBuffers, greedy: bool) -> None:
     logits = engine.forward(caches, jb.ids, col.expand(rows, width), mask, col, width, compiled=False,
                             last=jb.lengths - 1)
     caches.flush()
-    first = sample(logits, greedy, ws.temperature, ws.top_p)
+    first = sample(logits, greedy, ws.temperature, ws.top_p, ws.key[jb.index], jb.lengths - 1)
     jb.first.copy_(first)
     ws.key_valid.index_fill_(0, jb.index, True)  # every slot up to the row's own slot is its own token
     ws.tok.index_copy_(0, jb.index, first)

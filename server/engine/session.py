@@ -3,6 +3,8 @@ steps (``workspace``, ``join``, ``decode_step``, ``step_graph``, ``rows_view``).
 energy accounting around it is ``server/continuous.py``.
 """
 
+import dataclasses
+
 import torch
 
 from llmwatts.server.engine.batch import BatchOutput, BatchSpec, Sampling, SequenceTracker
@@ -18,7 +20,8 @@ class ContinuousSession:
     cache slot (``row_slot``) and attends over its own slots only, so rows that joined at different steps
     share every step. A row is freed the step its sequence ends (EOS or its limit); the next request
     takes it. A step runs over rows ``0 .. bucket(highest live row)``, so a half-empty session does not
-    pay for its empty top rows. Sampling settings live in the step's graph: one setting per session.
+    pay for its empty top rows. Sampling settings live in the step's graph: one temperature and top-p per
+    session; each row samples with its own request's seed (its noise key, ``sampling.row_keys``).
 
     ``admit`` and ``step`` return, per request key, what each of its sequences gained (``SequenceTracker``
     deltas); ``done(key)`` says when all of them ended and ``pop(key)`` hands over its ``BatchOutput``.
@@ -44,8 +47,6 @@ class ContinuousSession:
         if engine.cuda_graphs and engine.join_tokens:
             engine.capture_joins(ws, sampling.greedy)  # (before a row is live: they write rows 0..)
         self._idle(torch.arange(ws.batch, device=dev))
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         self.owner: list[tuple[object, int] | None] = [None] * rows  # row -> (request key, sequence index)
         self.slot = [0] * rows                                         # host copy of the live rows' slots
         self.trackers: dict[object, SequenceTracker] = {}
@@ -68,10 +69,11 @@ class ContinuousSession:
         return self.rows - self.free_rows
 
     def fits(self, batch: BatchSpec) -> bool:
-        """Whether ``batch`` could ever join this session: same sampling, and room in the cache (now or
-        once rows free up) for its prompt, its new tokens and the one step a row runs past its end."""
+        """Whether ``batch`` could ever join this session: same sampling (any seed), and room in the cache
+        (now or once rows free up) for its prompt, its new tokens and the one step a row runs past its end."""
         width = max(len(p) for p in batch.prompts)
-        return (batch.sampling == self.sampling and batch.ignore_eos == self.ignore_eos
+        same = dataclasses.replace(batch.sampling, seed=None) == dataclasses.replace(self.sampling, seed=None)
+        return (same and batch.ignore_eos == self.ignore_eos
                 and len(batch.prompts) <= self.rows and width + max(batch.max_new_tokens) <= self.cache_slots)
 
     def can_admit(self, batches: list[BatchSpec]) -> bool:
@@ -93,7 +95,8 @@ class ContinuousSession:
             raise ValueError("these requests cannot join now: check can_admit first")
         prompts = [p for spec in joins.values() for p in spec.prompts]
         free = [r for r, o in enumerate(self.owner) if o is None][:len(prompts)]
-        first, starts = self.engine.join(self.ws, prompts, self.sampling.greedy, free)
+        keys = None if self.sampling.greedy else [k for spec in joins.values() for k in spec.noise_keys()]
+        first, starts = self.engine.join(self.ws, prompts, self.sampling.greedy, free, keys)
         out, at = {}, 0
         for key, spec in joins.items():
             rows = free[at:at + len(spec.prompts)]

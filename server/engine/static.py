@@ -50,6 +50,9 @@ class FastEngine:
     """
 
     name = "fast"
+    # Each row samples with its own noise key (``BatchSpec.keys``): requests with different seeds can share
+    # a batch and each gets the tokens it would get alone (the batcher merges them).
+    per_row_seeds = True
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int | None,
                  device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
@@ -126,13 +129,11 @@ class FastEngine:
             raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                              f"context of {self.context_length} tokens")
         s = batch.sampling
-        if s.seed is not None:
-            torch.manual_seed(s.seed)
         ws = self.workspace(bucket(n), width + max_new, prefill_width=width)
         ws.temperature.fill_(s.temperature)
         ws.top_p.fill_(s.top_p)
         started = time.perf_counter()
-        first = self.prefill(ws, batch.prompts, s.greedy)
+        first = self.prefill(ws, batch.prompts, s.greedy, keys=None if s.greedy else batch.noise_keys())
         host = self._host_buffers(ws.batch)
 
         def emit(ids: list[int]) -> None:
@@ -215,14 +216,14 @@ class FastEngine:
         return self.caches.rows_view(ws, rows)
 
     def prefill(self, ws: Workspace, prompts: list[list[int]], greedy: bool,
-                rows: list[int] | None = None) -> torch.Tensor:
-        """``prefill.prefill``: the prompts into ``ws`` -> the first token per row [B]."""
-        return prefill_mod.prefill(self, ws, prompts, greedy, rows)
+                rows: list[int] | None = None, keys: list[int] | None = None) -> torch.Tensor:
+        """``prefill.prefill``: the prompts (sampling-noise ``keys``) into ``ws`` -> the first token per row [B]."""
+        return prefill_mod.prefill(self, ws, prompts, greedy, rows, keys)
 
-    def join(self, ws: Workspace, prompts: list[list[int]], greedy: bool, rows: list[int]
-             ) -> tuple[list[int], list[int]]:
+    def join(self, ws: Workspace, prompts: list[list[int]], greedy: bool, rows: list[int],
+             keys: list[int] | None = None) -> tuple[list[int], list[int]]:
         """``prefill.join``: a continuous batch's prompts into free ``rows`` -> (first tokens, next slots)."""
-        return prefill_mod.join(self, ws, prompts, greedy, rows)
+        return prefill_mod.join(self, ws, prompts, greedy, rows, keys)
 
     def capture_joins(self, ws: Workspace, greedy: bool) -> None:
         """Capture every graphed join shape of ``ws`` (before any of its rows is live)."""
@@ -313,7 +314,7 @@ class FastEngine:
             mask = self.additive((ws.key_valid[:, :window] & upto)[:, None, None, :])  # [B, 1, 1, W]
         logits = self.forward(zip(ws.k, ws.v), ws.tok[:, None], ws.pos[:, None], mask, slot, window,
                               compiled=self.compiled, decode=True, per_row=per_row)
-        nxt = sample(logits, greedy, ws.temperature, ws.top_p)
+        nxt = sample(logits, greedy, ws.temperature, ws.top_p, ws.key, ws.pos)  # (pos: the token fed in)
         ws.out.copy_(nxt)
         ws.tok.copy_(nxt)
         if per_row:

@@ -222,3 +222,33 @@ def test_fairscale_layers_run_the_functional_tensor_parallel_path(tiny):
     finally:
         destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def test_rows_with_different_seeds_sample_as_each_would_alone(tiny):
+    """Issue 17 defect 2: a batch sampled from one global generator seeded once, so requests with different
+    seeds (the default load) could never share a batch. Each row's noise is keyed by its own request's
+    seed and its index there: merged into one static batch, or joining a continuous session, a request
+    samples exactly the tokens it samples alone."""
+    from llmwatts.server.engine.sampling import row_keys
+
+    _, fast = engines(tiny, tiny.eos_token_id)
+    ps = prompts([5, 9, 3, 12], seed=4)
+    sampling = {s: Sampling(temperature=0.8, top_p=0.95, seed=s) for s in (7, 11, 13)}
+    alone = {7: BatchSpec(ps[0:2], [8, 8], sampling[7], ignore_eos=True),
+             11: BatchSpec(ps[2:3], [8], sampling[11], ignore_eos=True),
+             13: BatchSpec(ps[3:4], [5], sampling[13], ignore_eos=True)}
+    want = {s: fast.generate(spec).tokens for s, spec in alone.items()}
+    assert want[7][0] != fast.generate(BatchSpec(ps[0:1], [8], GREEDY, ignore_eos=True)).tokens[0]  # it samples
+    assert fast.generate(alone[7]).tokens == want[7]                                                  # repeatably
+    merged = BatchSpec([p for s in alone.values() for p in s.prompts], [8, 8, 8, 5], sampling[7], ignore_eos=True,
+                       keys=[k for s, spec in alone.items() for k in row_keys(s, len(spec.prompts))])
+    got = fast.generate(merged).tokens
+    assert [got[0:2], got[2:3], got[3:4]] == [want[7], want[11], want[13]]
+    session = fast.session(4, 64, sampling[7], ignore_eos=True)
+    assert all(session.fits(spec) for spec in alone.values())
+    session.admit({7: alone[7]})
+    session.step()
+    session.admit({11: alone[11], 13: alone[13]})  # they join a step later, beside request 7
+    while session.busy:
+        session.step()
+    assert {s: session.pop(s).tokens for s in alone} == want
