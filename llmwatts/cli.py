@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "llmwatts.loadgen.cli",
     "llmwatts.analysis.cli",
     "llmwatts.server.cap_cli",
+    "llmwatts.server.clock_cli",
     "llmwatts.demo",
 ]
 

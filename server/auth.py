@@ -34,6 +34,8 @@ CONTROL_MUTATING_METHODS = frozenset({
     "/llmwatts.v1.Control/SetPowerCap",
     "/llmwatts.v1.Control/ResetPowerCap",
     "/llmwatts.v1.Control/ExportRecords",  # reads every record: only for the study's owner
+    "/llmwatts.v1.Control/SetLockedClocks",
+    "/llmwatts.v1.Control/ResetClocks",
 })
 INFERENCE_PREFIX = "/llmwatts.v1.Inference/"
 _BEARER = "bearer "

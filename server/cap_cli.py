@@ -84,6 +84,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_control_options(p: argparse.ArgumentParser) -> None:
+    """The options of a Control command (``cap``, ``clocks``): target, GPUs, TLS, token, deadline."""
+    p.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT (default %(default)s)")
+    p.add_argument("--gpus", nargs="*", default=[], metavar="GPU",
+                   help="GPUs by uuid, 'index' or 'rank:index' (comma or space separated; default all)")
+    p.add_argument("--ca", help="PEM CA certificate to verify a TLS server (turns TLS on)")
+    p.add_argument("--cert", help="PEM client certificate for mutual TLS (with --key)")
+    p.add_argument("--key", help="PEM client key for mutual TLS")
+    p.add_argument("--token-file", help=f"file holding the control token (default ${CONTROL_TOKEN_FILE_ENV} "
+                                        f"or ${CONTROL_TOKEN_ENV})")
+    p.add_argument("--timeout-s", type=float, default=10.0, help="deadline of the call (default %(default)s s)")
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "cap",
@@ -97,15 +110,7 @@ def add_parser(subparsers) -> None:
     actions = parser.add_subparsers(dest="cap_command", metavar="ACTION", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT (default %(default)s)")
-        p.add_argument("--gpus", nargs="*", default=[], metavar="GPU",
-                       help="GPUs by uuid, 'index' or 'rank:index' (comma or space separated; default all)")
-        p.add_argument("--ca", help="PEM CA certificate to verify a TLS server (turns TLS on)")
-        p.add_argument("--cert", help="PEM client certificate for mutual TLS (with --key)")
-        p.add_argument("--key", help="PEM client key for mutual TLS")
-        p.add_argument("--token-file", help=f"file holding the control token (default ${CONTROL_TOKEN_FILE_ENV} "
-                                            f"or ${CONTROL_TOKEN_ENV})")
-        p.add_argument("--timeout-s", type=float, default=10.0, help="deadline of the call (default %(default)s s)")
+        add_control_options(p)
         p.set_defaults(func=run)
 
     common(actions.add_parser("get", help="show caps, defaults, ranges and leases",

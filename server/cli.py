@@ -66,7 +66,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--cap-state", type=Path, dest="cap_state_path",
-                   help="where cap changes are persisted for restore after a crash (default: DB path + .caps.json)")
+                   help="where cap changes are persisted for restore after a crash (default: DB path + .caps.json); "
+                        "clock locks go to this path (or the DB path) + .clocks.json")
     p.add_argument("--default-lease-s", type=float, default=d.default_lease_s)
     p.add_argument("--shards", type=int, default=1, help="tensor-parallel shards (one process per GPU)")
     p.add_argument("--log-level", default="INFO", type=str.upper,

@@ -1,9 +1,10 @@
-"""The Control servicer: server info, run markers and power caps."""
+"""The Control servicer: server info, run markers and power caps (clocks: clock_service.py)."""
 
 import time
 
 from llmwatts.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from llmwatts.server import auth
+from llmwatts.server.clock_service import ClockControl
 from llmwatts.server.export import ExportServicerMixin
 from llmwatts.server.grpc_errors import mapped
 from llmwatts.server.host import Host, versions
@@ -12,7 +13,7 @@ from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
 
-class ControlServicer(ExportServicerMixin, pb_grpc.ControlServicer):
+class ControlServicer(ClockControl, ExportServicerMixin, pb_grpc.ControlServicer):
     def __init__(self, host: Host):
         self.host = host
 

@@ -7,7 +7,7 @@ file is copied between machines. The pages carry the server DB's own tables and 
 What "since the cursor" means per table (the cursor is per table, and names the DB file it belongs to):
 
 - ``servers``, ``gpus``, ``runs``: sent whole every call (a few rows; a run's end marker is an update).
-- ``requests``, ``telemetry``, ``cap_events``: rows with a larger rowid (they are written once; a
+- ``requests``, ``telemetry``, ``cap_events``, ``clock_events``: rows with a larger rowid (they are written once; a
   replaced request row gets a new rowid).
 - ``batches``, ``batch_gpu_energy``: a larger rowid, or a batch whose ``end_ns`` is past the newest end
   sent: a continuous batch's open segment is upserted in place as it grows, and it is always the newest.
@@ -35,7 +35,7 @@ DEFAULT_PAGE_ROWS = 2000
 MAX_PAGE_ROWS = 10000       # ~15 cells a telemetry row: a page stays well under gRPC's 4 MB message limit
 MAX_CURSOR_CHARS = 4096
 WHOLE_TABLES = ("servers", "gpus", "runs")
-ROWID_TABLES = ("requests", "telemetry", "cap_events")
+ROWID_TABLES = ("requests", "telemetry", "cap_events", "clock_events")
 # Export order: a batch's requests and per-GPU energy never arrive in a page before their batch.
 TABLES = WHOLE_TABLES + ("batches", "batch_gpu_energy") + ROWID_TABLES
 

@@ -18,6 +18,7 @@ from llmwatts.server.config import ServerConfig, check_engine
 from llmwatts.server.continuous import ContinuousBatcher
 from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus, power_source
 from llmwatts.server.models import LoadedModel, load_model
+from llmwatts.server.clocks import ClockManager
 from llmwatts.server.power import PowerCapManager
 from llmwatts.server.store import ServerStore
 from llmwatts.server.telemetry import EnergyMeter, TelemetrySampler
@@ -57,6 +58,11 @@ class Host:
             max_lease_s=MAX_LEASE_S,
         )
         self.caps.recover()
+        self.clocks = ClockManager(
+            self.gpus, self.power_source, state_path=_clock_state(config),
+            record_event=self.store.record_clock_event, default_lease_s=config.default_lease_s,
+            max_lease_s=MAX_LEASE_S)
+        self.clocks.recover()
         self.sampler = TelemetrySampler(self.gpus if local_gpus is None else local_gpus, self.store,
                                         config.telemetry_hz)
         if config.continuous:
@@ -123,6 +129,7 @@ class Host:
         self.batcher.stop()
         self.caps.restore_all()
         self.caps.close()
+        self.clocks.close()  # restores every clock lock first
         engine_close = getattr(self.engine, "close", None)  # sharded: stop the follower ranks
         if engine_close is not None:
             engine_close()
@@ -158,6 +165,11 @@ def _nvml_indices(config: ServerConfig, loaded: LoadedModel) -> list[int] | None
 
 def _default_cap_state(config: ServerConfig) -> Path:
     return Path(str(config.db_path) + ".caps.json")
+
+
+def _clock_state(config: ServerConfig) -> Path:
+    """The clock locks' originals: beside the cap state (``--cap-state`` names the pair's first file)."""
+    return Path(str(config.cap_state_path or config.db_path) + ".clocks.json")
 
 
 def versions() -> dict[str, str]:

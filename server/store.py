@@ -28,7 +28,8 @@ SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
     "telemetry": (
         {"server_id": str, "ts_ns": int, "gpu_uuid": str, "node": str, "rank": int, "power_mw": int,
          "power_instant_mw": int, "energy_mj": int, "sm_pct": float, "mem_pct": float,
-         "mem_used_bytes": int, "sm_clock_mhz": int, "temp_c": int, "cap_mw": int, "simulated": int},
+         "mem_used_bytes": int, "sm_clock_mhz": int, "temp_c": int, "cap_mw": int, "simulated": int,
+         "mem_clock_mhz": int, "clock_event_reasons": int},  # reasons: NVML's bits (gpu.CLOCK_EVENT_REASONS)
         None,
     ),
     "batches": (
@@ -58,6 +59,14 @@ SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
          "kind": str, "old_cap_w": float, "new_cap_w": float, "who": str, "reason": str},
         "id",
     ),
+    # Locked-clock changes (server/clocks.py); NULL clocks: unlocked (memory: left alone).
+    "clock_events": (
+        {"id": int, "server_id": str, "ts_ns": int, "gpu_uuid": str, "node": str, "rank": int, "kind": str,
+         "old_sm_min_mhz": int, "old_sm_max_mhz": int, "old_mem_min_mhz": int, "old_mem_max_mhz": int,
+         "new_sm_min_mhz": int, "new_sm_max_mhz": int, "new_mem_min_mhz": int, "new_mem_max_mhz": int,
+         "who": str, "reason": str},
+        "id",
+    ),
 }
 
 NOT_NULL = {
@@ -71,6 +80,11 @@ def create_schema(db: sqlite_utils.Database) -> None:
     for name, (columns, pk) in SCHEMA.items():
         if not db[name].exists():
             db.create_table(name, columns, pk=pk, not_null=NOT_NULL.get(name), strict=True)
+        else:  # a DB from an older server: add the columns it lacks (NULL in its old rows)
+            have = set(db[name].columns_dict)
+            for column, kind in columns.items():
+                if column not in have:
+                    db[name].add_column(column, kind)
     db["telemetry"].create_index(["ts_ns"], if_not_exists=True)
     db["requests"].create_index(["run_id"], if_not_exists=True)
     db["requests"].create_index(["batch_id"], if_not_exists=True)
@@ -184,6 +198,9 @@ class ServerStore:
 
     def record_cap_event(self, event: dict) -> None:
         self._insert("cap_events", [dict(event, server_id=self.server_id)])
+
+    def record_clock_event(self, event: dict) -> None:
+        self._insert("clock_events", [dict(event, server_id=self.server_id)])
 
     def close(self) -> None:
         self.flush()

@@ -32,6 +32,7 @@ def sample_row(gpu: GPU, s: GpuSample) -> dict:
         "power_instant_mw": _int(s.power_instant_mw), "energy_mj": _int(s.energy_mj), "sm_pct": s.sm_pct,
         "mem_pct": s.mem_pct, "mem_used_bytes": _int(s.mem_used_bytes), "sm_clock_mhz": _int(s.sm_clock_mhz),
         "temp_c": _int(s.temp_c), "cap_mw": _int(s.cap_mw), "simulated": int(gpu.simulated),
+        "mem_clock_mhz": _int(s.mem_clock_mhz), "clock_event_reasons": int(s.clock_event_reasons),
     }
 
 

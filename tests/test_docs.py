@@ -34,7 +34,7 @@ def test_readme_names_every_box_command():
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c[:3]) for c in COMMANDS])
 def test_readme_command_parses(argv):
-    sub = argv[1:3] if argv[1] == "cap" else argv[1:2]
+    sub = argv[1:3] if argv[1] in ("cap", "clocks") else argv[1:2]
     help_text = subprocess.run([sys.executable, "-m", "llmwatts.cli", *sub, "--help"], capture_output=True,
                                text=True, timeout=120, cwd=REPO)
     assert help_text.returncode == 0, help_text.stderr

@@ -3,11 +3,12 @@ simulated.py, and remote.py for another rank's GPU) and one factory, ``open_gpus
 
 Backends (``power_source``):
 
-- ``nvml``: reads and may set power limits (needs root or CAP_SYS_ADMIN to set).
-- ``nvml-readonly``: reads everything; its GPU class has no code path to an NVML setter. Shared or lent
+- ``nvml``: reads and may set power limits and locked clocks (needs root or CAP_SYS_ADMIN to set).
+- ``nvml-readonly``: reads everything (clocks, supported clocks, clock-event reasons included); its GPU
+  class has no code path to an NVML setter. Shared or lent
   GPUs must run this backend (``auto`` picks it when NVML finds a GPU).
 - ``simulated``: ``SimulatedGPU``, a power model whose power follows the engine's load and whose clock
-  throttles under a cap (docs/power-caps.md describes the model and its parameters).
+  throttles under a cap or a clock lock (docs/power-caps.md and docs/clocks.md describe the model).
 """
 
 from __future__ import annotations
@@ -15,12 +16,29 @@ from __future__ import annotations
 import logging
 
 from llmwatts.errors import FailedPrecondition, InvalidArgument, Unavailable
-from llmwatts.server.gpu.common import GPU, EnergySample, GpuSample, pace_slowest
+from llmwatts.server.gpu.common import (
+    CLOCK_EVENT_REASONS,
+    GPU,
+    ClockReading,
+    EnergySample,
+    GpuSample,
+    LockedClocks,
+    clock_event_names,
+    pace_slowest,
+)
 from llmwatts.server.gpu.nvml import NvmlGPU, NvmlReadOnlyGPU, nvml_index_of_cuda_device, nvml_init
-from llmwatts.server.gpu.simulated import SIM_PROFILES, SimProfile, SimulatedGPU, predicted_cap_table, sim_profile
+from llmwatts.server.gpu.simulated import (
+    SIM_PROFILES,
+    SimProfile,
+    SimulatedGPU,
+    predicted_cap_table,
+    predicted_clock_table,
+    sim_profile,
+)
 
 __all__ = [
-    "BACKENDS", "GPU", "EnergySample", "GpuSample", "NvmlGPU", "NvmlReadOnlyGPU", "SIM_PROFILES", "SimProfile",
+    "BACKENDS", "CLOCK_EVENT_REASONS", "GPU", "ClockReading", "EnergySample", "GpuSample", "LockedClocks",
+    "clock_event_names", "predicted_clock_table", "NvmlGPU", "NvmlReadOnlyGPU", "SIM_PROFILES", "SimProfile",
     "SimulatedGPU", "nvml_index_of_cuda_device", "open_gpus", "pace_slowest", "power_source",
     "predicted_cap_table", "sim_profile",
 ]

@@ -19,7 +19,7 @@ from llmwatts.errors import (
     ReadOnlyPowerError,
     Unavailable,
 )
-from llmwatts.server.gpu.common import GPU, EnergySample, GpuSample
+from llmwatts.server.gpu.common import GPU, ClockReading, EnergySample, GpuSample, LockedClocks, check_lock
 
 try:  # nvidia-ml-py; absent on some CPU-only installs
     import pynvml
@@ -77,7 +77,8 @@ def _text(value) -> str:
 
 class NvmlReadOnlyGPU(GPU):
     """A GPU read through NVML. This class (backend ``nvml-readonly``) never calls an NVML setter:
-    ``set_power_limit_mw`` raises ``ReadOnlyPowerError``. ``NvmlGPU`` adds the setter."""
+    ``set_power_limit_mw`` and ``set_locked_clocks`` raise ``ReadOnlyPowerError``. ``NvmlGPU`` adds the
+    setters."""
 
     simulated = False
     power_source = "nvml-readonly"
@@ -95,6 +96,31 @@ class NvmlReadOnlyGPU(GPU):
         self.rank = rank
         # Probed once: drivers that lack the field fail per call, and a failing call costs time.
         self._has_power_instant = self._read_power_instant_mw() is not None
+        self._event_reasons_fn = self._probe_event_reasons()
+        self._supported: dict[int, tuple[int, ...]] | None = None
+        self._locked: LockedClocks | None = None
+
+    def _probe_event_reasons(self) -> Callable | None:
+        """NVML's current clock-event reasons call: ``...ClocksEventReasons`` (drivers 535+), else the older
+        ``...ClocksThrottleReasons``, else None (reported as 0)."""
+        for name in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"):
+            fn = getattr(pynvml, name, None)
+            if fn is None:
+                continue
+            try:
+                fn(self._handle)
+            except pynvml.NVMLError:
+                continue
+            return fn
+        return None
+
+    def _event_reasons(self) -> int:
+        if self._event_reasons_fn is None:
+            return 0
+        return int(self._call("clock event reasons", self._event_reasons_fn))
+
+    def _clock_mhz(self, what: str, fn: Callable, clock_type: int) -> int:
+        return int(self._call(what, fn, clock_type))
 
     def _call(self, what: str, fn: Callable, *args):
         try:
@@ -122,10 +148,35 @@ class NvmlReadOnlyGPU(GPU):
             sm_pct=float(utilization.gpu),
             mem_pct=float(utilization.memory),
             mem_used_bytes=int(self._call("memory info", pynvml.nvmlDeviceGetMemoryInfo).used),
-            sm_clock_mhz=int(self._call("SM clock", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM)),
+            sm_clock_mhz=self._clock_mhz("SM clock", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
             temp_c=float(self._call("temperature", pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU)),
             cap_mw=self.enforced_power_limit_mw(),
+            mem_clock_mhz=self._clock_mhz("memory clock", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
+            clock_event_reasons=self._event_reasons(),
         )
+
+    def clocks(self) -> ClockReading:
+        get, top = pynvml.nvmlDeviceGetClockInfo, pynvml.nvmlDeviceGetMaxClockInfo
+        return ClockReading(
+            sm_mhz=self._clock_mhz("SM clock", get, pynvml.NVML_CLOCK_SM),
+            mem_mhz=self._clock_mhz("memory clock", get, pynvml.NVML_CLOCK_MEM),
+            sm_max_mhz=self._clock_mhz("max SM clock", top, pynvml.NVML_CLOCK_SM),
+            mem_max_mhz=self._clock_mhz("max memory clock", top, pynvml.NVML_CLOCK_MEM),
+            event_reasons=self._event_reasons(),
+        )
+
+    def supported_clocks_mhz(self) -> dict[int, tuple[int, ...]]:
+        if self._supported is None:  # fixed by the board: read once
+            memory = self._call("supported memory clocks", pynvml.nvmlDeviceGetSupportedMemoryClocks)
+            self._supported = {
+                int(m): tuple(sorted((int(f) for f in self._call(
+                    f"supported SM clocks at memory {m} MHz", pynvml.nvmlDeviceGetSupportedGraphicsClocks, m)),
+                    reverse=True))
+                for m in sorted(memory, reverse=True)}
+        return dict(self._supported)
+
+    def locked_clocks(self) -> LockedClocks | None:
+        return self._locked
 
     def energy_mj(self) -> int:
         return int(self._call("total energy", pynvml.nvmlDeviceGetTotalEnergyConsumption))
@@ -149,16 +200,22 @@ class NvmlReadOnlyGPU(GPU):
         low_mw, high_mw = self._call("power limit constraints", pynvml.nvmlDeviceGetPowerManagementLimitConstraints)
         return int(low_mw), int(high_mw)
 
-    def set_power_limit_mw(self, limit_mw: int) -> None:
-        raise ReadOnlyPowerError(
-            f"GPU {self.index} ({self.uuid}) is read-only (power backend nvml-readonly): power limits "
+    def _read_only(self, what: str) -> ReadOnlyPowerError:
+        return ReadOnlyPowerError(
+            f"GPU {self.index} ({self.uuid}) is read-only (power backend nvml-readonly): {what} "
             "are not changed on shared GPUs; start the server with --power-backend nvml on a GPU you own "
             "(as root or with CAP_SYS_ADMIN), or use --power-backend simulated"
         )
 
+    def set_power_limit_mw(self, limit_mw: int) -> None:
+        raise self._read_only("power limits")
+
+    def set_locked_clocks(self, lock: LockedClocks | None) -> None:
+        raise self._read_only("clocks")
+
 
 class NvmlGPU(NvmlReadOnlyGPU):
-    """A GPU read and capped through NVML (backend ``nvml``)."""
+    """A GPU read, capped and clock-locked through NVML (backend ``nvml``)."""
 
     power_source = "nvml"
 
@@ -173,6 +230,28 @@ class NvmlGPU(NvmlReadOnlyGPU):
                 f"[{low_mw / 1000:g}, {high_mw / 1000:g}] W"
             )
         self._call("set power limit", pynvml.nvmlDeviceSetPowerManagementLimit, limit_mw)
+
+    def set_locked_clocks(self, lock: LockedClocks | None) -> None:
+        where = f"GPU {self.index} ({self.uuid})"
+        if lock is None:
+            self._call("reset locked SM clocks", pynvml.nvmlDeviceResetGpuLockedClocks)
+            try:
+                self._call("reset locked memory clocks", pynvml.nvmlDeviceResetMemoryLockedClocks)
+            except FailedPrecondition:  # the board has no memory locks, so none is held
+                pass
+            self._locked = None
+            return
+        if lock == self._locked:  # Zeus: no privileged call when the value already holds
+            return
+        check_lock(lock, self.supported_clocks_mhz(), where)
+        had_memory_lock = self._locked is not None and self._locked.mem_max_mhz > 0
+        self._call("lock SM clocks", pynvml.nvmlDeviceSetGpuLockedClocks, lock.sm_min_mhz, lock.sm_max_mhz)
+        self._locked = LockedClocks(lock.sm_min_mhz, lock.sm_max_mhz)  # what holds if the memory call fails
+        if lock.mem_max_mhz:
+            self._call("lock memory clocks", pynvml.nvmlDeviceSetMemoryLockedClocks, lock.mem_min_mhz, lock.mem_max_mhz)
+        elif had_memory_lock:
+            self._call("reset locked memory clocks", pynvml.nvmlDeviceResetMemoryLockedClocks)
+        self._locked = lock
 
 
 def nvml_init() -> int:

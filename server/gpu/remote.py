@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Protocol
 
-from llmwatts.server.gpu.common import GPU, EnergySample, GpuSample
+from llmwatts.server.gpu.common import GPU, ClockReading, EnergySample, GpuSample, LockedClocks
 
 
 class Controller(Protocol):
@@ -29,7 +29,7 @@ def gpu_info(g: GPU) -> dict:
     return {"index": g.index, "uuid": g.uuid, "name": g.name, "node": g.node, "rank": g.rank,
             "simulated": g.simulated, "memory_total_bytes": g.memory_total_bytes, "power_source": g.power_source,
             "default_mw": g.default_power_limit_mw(), "constraints_mw": g.power_limit_constraints_mw(),
-            "energy": g.energy_sample()}
+            "supported_clocks": g.supported_clocks_mhz(), "energy": g.energy_sample()}
 
 
 def bracket_batch(gpus: list[GPU], n_sequences: int, run: Callable[[], object]) -> tuple[object, dict[str, EnergySample]]:
@@ -60,6 +60,7 @@ class RemoteGPU(GPU):
         self.node, self.rank, self.simulated = info["node"], info["rank"], info["simulated"]
         self.memory_total_bytes, self.power_source = info["memory_total_bytes"], info["power_source"]
         self._default_mw, self._constraints_mw = info["default_mw"], tuple(info["constraints_mw"])
+        self._supported_clocks = info["supported_clocks"]
         controller.energy.setdefault(self.uuid, info["energy"])
 
     def _remote(self, method: str, *args):
@@ -92,5 +93,17 @@ class RemoteGPU(GPU):
 
     def set_power_limit_mw(self, limit_mw: int) -> None:
         self._remote("set_power_limit_mw", int(limit_mw))
+
+    def clocks(self) -> ClockReading:
+        return self._remote("clocks")
+
+    def supported_clocks_mhz(self) -> dict[int, tuple[int, ...]]:
+        return dict(self._supported_clocks)
+
+    def locked_clocks(self) -> LockedClocks | None:
+        return self._remote("locked_clocks")
+
+    def set_locked_clocks(self, lock: LockedClocks | None) -> None:
+        self._remote("set_locked_clocks", lock)
 
     # set_load / pace: the owning rank sets its own load when it runs a batch and paces itself.

@@ -12,16 +12,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 from llmwatts.errors import InvalidArgument
-from llmwatts.server.gpu.common import GPU, GpuSample
+from llmwatts.server.gpu.common import GPU, ClockReading, GpuSample, LockedClocks, check_lock
 
 
 @dataclass(frozen=True)
 class SimProfile:
-    """Parameters of the simulated GPU's power model (docs/power-caps.md). Powers in watts.
+    """Parameters of the simulated GPU's power model (docs/power-caps.md, docs/clocks.md). Powers in watts.
 
     P(n, x) = idle_w + a(n) · (mem_w + core_w · x · v(x)²),  v(x) = max(v_floor, x),  x = f / f_max
     a(0) = 0;  a(n) = min(1, a1 + (1 − a1) · log2(n) / log2(n_sat))
     slowdown(x) = β / x + (1 − β)
+    x = min(x_cap, f_lock_max / f_max): a locked clock is a ceiling; the cap still throttles below it.
     """
 
     label: str
@@ -38,6 +39,8 @@ class SimProfile:
     min_cap_w: float
     max_cap_w: float
     memory_total_bytes: int
+    mem_clock_mhz: int       # the board's one memory clock (HBM boards list one)
+    sm_step_mhz: int = 15    # the ladder of supported SM clocks, f_max down to f_min
     temp_ambient_c: float = 30.0
     temp_c_per_w: float = 0.18
 
@@ -70,6 +73,9 @@ class SimProfile:
         """t(f)/t(f_max) of one engine step."""
         return self.compute_fraction / clock_ratio + (1.0 - self.compute_fraction)
 
+    def supported_clocks_mhz(self) -> dict[int, tuple[int, ...]]:
+        return {self.mem_clock_mhz: tuple(range(self.f_max_mhz, self.f_min_mhz - 1, -self.sm_step_mhz))}
+
 
 GIB = 1024**3
 SIM_PROFILES: dict[str, SimProfile] = {
@@ -78,13 +84,13 @@ SIM_PROFILES: dict[str, SimProfile] = {
     "a100-250w": SimProfile(
         label="Simulated A100 (250 W)", idle_w=50.0, mem_w=30.0, core_w=165.0, v_floor=0.84,
         compute_fraction=0.30, a1=0.6, n_sat=32, f_max_mhz=1410, f_min_mhz=210,
-        default_cap_w=250.0, min_cap_w=100.0, max_cap_w=250.0, memory_total_bytes=40 * GIB,
+        default_cap_w=250.0, min_cap_w=100.0, max_cap_w=250.0, memory_total_bytes=40 * GIB, mem_clock_mhz=1215,
     ),
     # H100-SXM-class card: same shape, scaled to a 700 W board limit.
     "h100-700w": SimProfile(
         label="Simulated H100 (700 W)", idle_w=70.0, mem_w=60.0, core_w=560.0, v_floor=0.84,
         compute_fraction=0.30, a1=0.6, n_sat=32, f_max_mhz=1980, f_min_mhz=345,
-        default_cap_w=700.0, min_cap_w=200.0, max_cap_w=700.0, memory_total_bytes=80 * GIB,
+        default_cap_w=700.0, min_cap_w=200.0, max_cap_w=700.0, memory_total_bytes=80 * GIB, mem_clock_mhz=2619,
     ),
 }
 
@@ -111,6 +117,31 @@ def predicted_cap_table(
         x = p.clock_ratio(activity, cap_w)
         rows.append({"cap_w": cap_w, "sm_clock_mhz": round(x * p.f_max_mhz), "power_w": p.power_w(activity, x),
                      "time": p.slowdown(x), "energy": p.power_w(activity, x) * p.slowdown(x)})
+    return _relative_to_first(rows)
+
+
+def predicted_clock_table(
+    profile: str | SimProfile = "h100-700w", clocks_mhz: tuple[int, ...] | None = None, n_sequences: int = 1
+) -> list[dict]:
+    """As ``predicted_cap_table``, per locked SM clock (default: f_max down to 40% of it) at the
+    default cap: the clock the GPU runs at, the power drawn, the change in time and energy per unit of
+    work relative to the first row."""
+    p = profile if isinstance(profile, SimProfile) else sim_profile(profile)
+    ladder = p.supported_clocks_mhz()[p.mem_clock_mhz]
+    if clocks_mhz is None:
+        clocks_mhz = tuple(min(ladder, key=lambda f: abs(f - p.f_max_mhz * share)) for share in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4))
+    activity = p.activity(n_sequences)
+    x_cap = p.clock_ratio(activity, p.default_cap_w)
+    rows = []
+    for lock_mhz in clocks_mhz:
+        x = min(x_cap, lock_mhz / p.f_max_mhz)
+        rows.append({"lock_mhz": lock_mhz, "sm_clock_mhz": round(x * p.f_max_mhz), "power_w": p.power_w(activity, x),
+                     "time": p.slowdown(x), "energy": p.power_w(activity, x) * p.slowdown(x)})
+    return _relative_to_first(rows)
+
+
+def _relative_to_first(rows: list[dict]) -> list[dict]:
+    """Turn each row's ``time`` and ``energy`` into % changes against the first row's."""
     time0, energy0 = rows[0]["time"], rows[0]["energy"]
     for row in rows:
         row["time_change_pct"] = 100 * (row.pop("time") / time0 - 1)
@@ -119,7 +150,7 @@ def predicted_cap_table(
 
 
 class SimulatedGPU(GPU):
-    """A GPU whose power follows the engine's load and whose clock throttles under a cap.
+    """A GPU whose power follows the engine's load and whose clock throttles under a cap or a clock lock.
 
     The energy counter is the exact integral of the modelled power over (monotonic) wall time: power is
     piecewise constant between load/cap changes, so every change and every read closes a segment.
@@ -150,6 +181,7 @@ class SimulatedGPU(GPU):
         self._lock = threading.Lock()
         self._n_sequences = 0
         self._cap_mw = int(self.profile.default_cap_w * 1000)
+        self._locked: LockedClocks | None = None
         self._energy_mj = 0.0
         self._last_ns = clock_ns()
 
@@ -157,8 +189,24 @@ class SimulatedGPU(GPU):
     def _activity(self) -> float:
         return self.profile.activity(self._n_sequences)
 
-    def _clock_ratio(self) -> float:
+    def _cap_ratio(self) -> float:
         return self.profile.clock_ratio(self._activity(), self._cap_mw / 1000)
+
+    def _lock_ratio(self) -> float:
+        return 1.0 if self._locked is None else self._locked.sm_max_mhz / self.profile.f_max_mhz
+
+    def _clock_ratio(self) -> float:
+        """The clock the GPU runs at: the locked clock is a ceiling, and the cap throttles below it (a
+        real GPU's power cap overrides a clock lock too)."""
+        return min(self._cap_ratio(), self._lock_ratio())
+
+    def _event_reasons(self) -> int:
+        if self._activity() == 0:
+            return 0x001  # idle
+        cap_ratio, lock_ratio = self._cap_ratio(), self._lock_ratio()
+        if lock_ratio < 1.0 and lock_ratio <= cap_ratio:
+            return 0x002  # the lock holds the clock back (NVML reports locks as application clocks)
+        return 0x004 if cap_ratio < 1.0 else 0  # the power cap binds
 
     def _power_w(self) -> float:
         return self.profile.power_w(self._activity(), self._clock_ratio())
@@ -175,7 +223,7 @@ class SimulatedGPU(GPU):
             return int(round(self._power_w() * 1000))
 
     def slowdown(self) -> float:
-        """t(f)/t(f_max) at the current load and cap."""
+        """t(f)/t(f_max) at the current load, cap and clock lock."""
         with self._lock:
             return self.profile.slowdown(self._clock_ratio())
 
@@ -199,7 +247,33 @@ class SimulatedGPU(GPU):
                 sm_clock_mhz=int(round(clock_ratio * self.profile.f_max_mhz)),
                 temp_c=self.profile.temp_ambient_c + self.profile.temp_c_per_w * power_w,
                 cap_mw=self._cap_mw,
+                mem_clock_mhz=self.profile.mem_clock_mhz if activity > 0 else 405,  # HBM idles at a low clock
+                clock_event_reasons=self._event_reasons(),
             )
+
+    def clocks(self) -> ClockReading:
+        with self._lock:
+            active = self._activity() > 0
+            return ClockReading(
+                sm_mhz=int(round(self._clock_ratio() * self.profile.f_max_mhz)),
+                mem_mhz=self.profile.mem_clock_mhz if active else 405, sm_max_mhz=self.profile.f_max_mhz,
+                mem_max_mhz=self.profile.mem_clock_mhz, event_reasons=self._event_reasons())
+
+    def supported_clocks_mhz(self) -> dict[int, tuple[int, ...]]:
+        return self.profile.supported_clocks_mhz()
+
+    def locked_clocks(self) -> LockedClocks | None:
+        with self._lock:
+            return self._locked
+
+    def set_locked_clocks(self, lock: LockedClocks | None) -> None:
+        if lock is not None:
+            check_lock(lock, self.supported_clocks_mhz(), f"GPU {self.index} ({self.uuid})")
+        with self._lock:
+            if lock == self._locked:
+                return
+            self._advance()
+            self._locked = lock
 
     def energy_mj(self) -> int:
         with self._lock:

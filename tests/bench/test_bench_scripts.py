@@ -111,3 +111,17 @@ def test_sim_model_prints_the_cap_table(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Simulated" in done.stdout and "| 175 | 1151 | 175 | +6.8% | -23.7% |" in done.stdout
+
+
+def test_clocks_readonly_check_lists_clocks_loads_and_tables_the_reasons(tmp_path):
+    """The lead's read-only GPU check (issue 22), on its CPU path: clocks get, a load, the reasons table."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "clocks_readonly.py"), "--quick", "--json",
+                           str(tmp_path / "out.json")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "$ llmwatts clocks get" in done.stdout and "1410 down to 210 MHz" in done.stdout
+    assert "SIMULATED GPU" in done.stdout
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["backend"] == "simulated" and out["gpus"][0]["supported"]["1215"][0] == 1410
+    assert [r["batch"] for r in out["load"]] == [1, 64] and all(r["requests"] > 0 for r in out["load"])
+    reasons = {r["reasons"]: r for r in out["reasons"]}
+    assert reasons["idle"]["mem_clock_mhz"] == 405 and reasons["none"]["sm_clock_mhz"] == 1410

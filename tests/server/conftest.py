@@ -19,3 +19,31 @@ class FakeClock:
 @pytest.fixture
 def fake_clock():
     return FakeClock()
+
+
+@pytest.fixture
+def events():
+    """The event rows a manager recorded (its ``record_event``)."""
+    return []
+
+
+@pytest.fixture
+def manager_of(tmp_path, events):
+    """``manager_of(cls, state_name)`` makes ``make(gpus=None, backend="simulated", **kwargs)``: a
+    ``SettingManager`` subclass over two simulated GPUs (or ``gpus``), state in ``tmp_path/state_name``,
+    events into ``events``; every manager made is closed after the test."""
+    from llmwatts.server.gpu import SimulatedGPU
+
+    managers = []
+
+    def factory(cls, state_name):
+        def make(gpus=None, backend="simulated", **kwargs):
+            gpus = gpus if gpus is not None else [SimulatedGPU(i, node="n", rank=0) for i in range(2)]
+            m = cls(gpus, backend, state_path=tmp_path / state_name, record_event=events.append, **kwargs)
+            managers.append(m)
+            return m
+        return make
+
+    yield factory
+    for m in managers:
+        m.close()

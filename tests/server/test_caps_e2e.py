@@ -1,5 +1,5 @@
-"""End to end: a real ``llmwatts serve`` (tiny model, CPU, simulated GPU) has its cap set over RPC by the
-``llmwatts cap`` CLI, then is stopped. SIGTERM must restore the cap before exit; after SIGKILL the next
+"""End to end: a real ``llmwatts serve`` (tiny model, CPU, simulated GPU) has its cap set (and its clocks
+locked) over RPC by the ``llmwatts cap`` (``llmwatts clocks``) CLI, then is stopped. SIGTERM must restore the cap before exit; after SIGKILL the next
 start must restore it from the persisted state file (``startup-restore``)."""
 
 import json
@@ -51,9 +51,14 @@ def cap_events(db):
         return conn.execute("select kind, gpu_uuid, old_cap_w, new_cap_w, who, reason from cap_events order by ts_ns").fetchall()
 
 
-def cap(monkeypatch, *args):
+def clock_events(db):
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select kind, old_sm_max_mhz, new_sm_max_mhz, reason from clock_events order by id").fetchall()
+
+
+def cap(monkeypatch, *args, command="cap"):
     monkeypatch.setenv("LLMWATTS_CONTROL_TOKEN", TOKEN)
-    return llmwatts_main(["cap", *args])
+    return llmwatts_main([command, *args])
 
 
 def test_sigterm_restores_and_sigkill_is_recovered_at_next_start(tmp_path, monkeypatch, capsys):
@@ -78,8 +83,17 @@ def test_sigterm_restores_and_sigkill_is_recovered_at_next_start(tmp_path, monke
         assert "INVALID_ARGUMENT" in capsys.readouterr().err
         state_path = term_dir / "server.db.caps.json"
         assert json.loads(state_path.read_text())["gpus"][f"SIM-{socket.gethostname()}-0"]["original_mw"] == 250_000
+        # Clocks go through the same machinery (issue 22): locked over RPC, unlocked by SIGTERM.
+        assert cap(monkeypatch, "set", "--target", target, "--sm-min-mhz", "1005", "--reason", "e2e",
+                   command="clocks") == 0
+        assert "SM 1005-1005" in capsys.readouterr().out
+        assert cap(monkeypatch, "set", "--target", target, "--sm-min-mhz", "1000", command="clocks") == 2
+        assert "INVALID_ARGUMENT" in capsys.readouterr().err
+        assert (term_dir / "server.db.clocks.json").exists()
         term_proc.send_signal(signal.SIGTERM)
         assert term_proc.wait(timeout=30) == 0, term_proc.log_path.read_text()
+        assert clock_events(term_dir / "server.db") == [("set", None, 1005, "e2e"), ("restore", 1005, None, "server stopping")]
+        assert not (term_dir / "server.db.clocks.json").exists()
         events = cap_events(term_dir / "server.db")
         assert [e[0] for e in events] == ["set", "restore"]
         assert events[0][2:4] == (250.0, 175.0) and "token=" in events[0][4] and events[0][5] == "e2e"
@@ -89,6 +103,8 @@ def test_sigterm_restores_and_sigkill_is_recovered_at_next_start(tmp_path, monke
         # SIGKILL: nothing runs at exit; the state file stays and the next start restores from it.
         target = f"127.0.0.1:{kill_port}"
         assert cap(monkeypatch, "set", "--target", target, "--watts", "150", "--reason", "doomed") == 0
+        assert cap(monkeypatch, "set", "--target", target, "--sm-min-mhz", "810", "--sm-max-mhz", "1200",
+                   command="clocks") == 0
         kill_proc.send_signal(signal.SIGKILL)
         kill_proc.wait(timeout=30)
         state_path = kill_dir / "server.db.caps.json"
@@ -102,6 +118,8 @@ def test_sigterm_restores_and_sigkill_is_recovered_at_next_start(tmp_path, monke
         # on NVML the old cap would be the 150 W the killed server left.
         assert events[1][1] == events[0][1] and events[1][3] == 250.0
         assert not state_path.exists()
+        assert [e[0] for e in clock_events(kill_dir / "server.db")] == ["set", "startup-restore"]
+        assert not (kill_dir / "server.db.clocks.json").exists()
         assert cap(monkeypatch, "get", "--target", f"127.0.0.1:{kill_port}") == 0
         assert "250" in capsys.readouterr().out
     finally:

@@ -18,6 +18,7 @@ from llmwatts.server import gpu as gpu_mod
 from llmwatts.server.gpu import nvml as nvml_mod
 from llmwatts.server.gpu import (
     SIM_PROFILES,
+    LockedClocks,
     NvmlGPU,
     NvmlReadOnlyGPU,
     SimulatedGPU,
@@ -167,12 +168,16 @@ def fake_nvml():
     fake.nvmlDeviceGetPowerUsage.return_value = 198_000
     fake.nvmlDeviceGetTotalEnergyConsumption.return_value = 123_456_789
     fake.nvmlDeviceGetUtilizationRates.return_value = types.SimpleNamespace(gpu=87, memory=64)
-    fake.nvmlDeviceGetClockInfo.return_value = 1395
     fake.nvmlDeviceGetTemperature.return_value = 61
     fake.nvmlDeviceGetPowerManagementLimit.return_value = 250_000
     fake.nvmlDeviceGetEnforcedPowerLimit.return_value = 240_000
     fake.nvmlDeviceGetPowerManagementDefaultLimit.return_value = 250_000
     fake.nvmlDeviceGetPowerManagementLimitConstraints.return_value = [150_000, 250_000]
+    fake.nvmlDeviceGetClockInfo.side_effect = lambda h, kind: {pynvml.NVML_CLOCK_SM: 1395, pynvml.NVML_CLOCK_MEM: 1215}[kind]
+    fake.nvmlDeviceGetMaxClockInfo.side_effect = lambda h, kind: {pynvml.NVML_CLOCK_SM: 1410, pynvml.NVML_CLOCK_MEM: 1215}[kind]
+    fake.nvmlDeviceGetCurrentClocksEventReasons.return_value = 0x4 | 0x40  # power cap and HW thermal
+    fake.nvmlDeviceGetSupportedMemoryClocks.return_value = [1215]
+    fake.nvmlDeviceGetSupportedGraphicsClocks.return_value = [1410, 1395, 1005, 210]
     with mock.patch.object(nvml_mod, "pynvml", fake):
         fake.handle = handle
         yield fake
@@ -185,11 +190,13 @@ def test_nvml_reads_map_to_sample(fake_nvml):
     s = g.sample()
     assert (s.power_mw, s.power_instant_mw, s.energy_mj) == (198_000, 201_500, 123_456_789)
     assert (s.sm_pct, s.mem_pct, s.mem_used_bytes) == (87.0, 64.0, 3 * 1024**3)
-    assert (s.sm_clock_mhz, s.temp_c, s.cap_mw) == (1395, 61.0, 240_000)
+    assert (s.sm_clock_mhz, s.temp_c, s.cap_mw, s.mem_clock_mhz) == (1395, 61.0, 240_000, 1215)
+    assert gpu_mod.clock_event_names(s.clock_event_reasons) == ["sw_power_cap", "hw_thermal"]
     h = fake_nvml.handle
     fake_nvml.nvmlDeviceGetHandleByIndex.assert_called_once_with(1)
     fake_nvml.nvmlDeviceGetFieldValues.assert_called_with(h, [pynvml.NVML_FI_DEV_POWER_INSTANT])
-    fake_nvml.nvmlDeviceGetClockInfo.assert_called_once_with(h, pynvml.NVML_CLOCK_SM)
+    assert fake_nvml.nvmlDeviceGetClockInfo.call_args_list == [mock.call(h, pynvml.NVML_CLOCK_SM),
+                                                               mock.call(h, pynvml.NVML_CLOCK_MEM)]
     fake_nvml.nvmlDeviceGetTemperature.assert_called_once_with(h, pynvml.NVML_TEMPERATURE_GPU)
     fake_nvml.nvmlDeviceGetTotalEnergyConsumption.assert_called_once_with(h)
     assert (g.power_limit_mw(), g.enforced_power_limit_mw(), g.default_power_limit_mw()) == (250_000, 240_000, 250_000)
@@ -261,15 +268,76 @@ def test_nvml_readonly_refuses_and_never_calls_a_setter(fake_nvml):
     assert power_source(gpus) == "nvml-readonly" and len(gpus) == 2
     for g in gpus:
         g.sample()
+        g.clocks()
+        g.supported_clocks_mhz()
         with pytest.raises(ReadOnlyPowerError) as info:
             g.set_power_limit_mw(175_000)
         assert info.value.grpc_code == "FAILED_PRECONDITION"
+        for lock in (LockedClocks(1005, 1005), None):
+            with pytest.raises(ReadOnlyPowerError, match="clocks are not changed"):
+                g.set_locked_clocks(lock)
     setters = [name for name in dir(pynvml) if name.startswith("nvmlDeviceSet") or name.startswith("nvmlDeviceReset")]
-    assert "nvmlDeviceSetPowerManagementLimit" in setters
+    assert {"nvmlDeviceSetPowerManagementLimit", "nvmlDeviceSetGpuLockedClocks", "nvmlDeviceResetGpuLockedClocks",
+            "nvmlDeviceSetMemoryLockedClocks", "nvmlDeviceResetMemoryLockedClocks"} <= set(setters)
     for name in setters:
         getattr(fake_nvml, name).assert_not_called()
     # The read-only class has no path to the setter at all.
     assert not hasattr(NvmlReadOnlyGPU, "_set") and NvmlReadOnlyGPU.set_power_limit_mw is not NvmlGPU.set_power_limit_mw
+
+
+def test_nvml_clocks_read_current_max_supported_and_reasons(fake_nvml):
+    g = NvmlReadOnlyGPU(0, node="n")
+    fake_nvml.reset_mock()
+    c = g.clocks()
+    assert (c.sm_mhz, c.mem_mhz, c.sm_max_mhz, c.mem_max_mhz, c.event_reasons) == (1395, 1215, 1410, 1215, 0x44)
+    h = fake_nvml.handle
+    assert fake_nvml.nvmlDeviceGetMaxClockInfo.call_args_list == [mock.call(h, pynvml.NVML_CLOCK_SM),
+                                                                  mock.call(h, pynvml.NVML_CLOCK_MEM)]
+    fake_nvml.nvmlDeviceGetCurrentClocksEventReasons.assert_called_once_with(h)
+    assert g.supported_clocks_mhz() == {1215: (1410, 1395, 1005, 210)}
+    assert g.supported_clocks_mhz() == {1215: (1410, 1395, 1005, 210)}  # read once: the board's list is fixed
+    fake_nvml.nvmlDeviceGetSupportedMemoryClocks.assert_called_once_with(h)
+    fake_nvml.nvmlDeviceGetSupportedGraphicsClocks.assert_called_once_with(h, 1215)
+    assert g.locked_clocks() is None
+
+
+def test_nvml_old_driver_reads_throttle_reasons_instead(fake_nvml):
+    fake_nvml.nvmlDeviceGetCurrentClocksEventReasons.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+    fake_nvml.nvmlDeviceGetCurrentClocksThrottleReasons.return_value = 0x2
+    assert NvmlReadOnlyGPU(0, node="n").sample().clock_event_reasons == 0x2
+
+
+def test_nvml_lock_and_reset_make_exactly_these_calls(fake_nvml):
+    g = NvmlGPU(0, node="n")
+    h = fake_nvml.handle
+    g.set_locked_clocks(LockedClocks(1005, 1395))
+    fake_nvml.nvmlDeviceSetGpuLockedClocks.assert_called_once_with(h, 1005, 1395)
+    fake_nvml.nvmlDeviceSetMemoryLockedClocks.assert_not_called()
+    g.set_locked_clocks(LockedClocks(1005, 1395))  # holds already: no privileged call
+    assert fake_nvml.nvmlDeviceSetGpuLockedClocks.call_count == 1 and g.locked_clocks() == LockedClocks(1005, 1395)
+    g.set_locked_clocks(LockedClocks(1005, 1005, 1215, 1215))
+    fake_nvml.nvmlDeviceSetMemoryLockedClocks.assert_called_once_with(h, 1215, 1215)
+    fake_nvml.nvmlDeviceResetMemoryLockedClocks.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+    g.set_locked_clocks(None)  # a board without memory locks holds none: its refusal is no error
+    fake_nvml.nvmlDeviceResetGpuLockedClocks.assert_called_once_with(h)
+    fake_nvml.nvmlDeviceResetMemoryLockedClocks.assert_called_once_with(h)
+    assert g.locked_clocks() is None
+    g.set_locked_clocks(None)  # a reset always runs: after a SIGKILL the driver may hold a lock nobody here set
+    assert fake_nvml.nvmlDeviceResetGpuLockedClocks.call_count == 2
+
+
+def test_nvml_unsupported_lock_refused_before_any_nvml_setter(fake_nvml):
+    g = NvmlGPU(0, node="n")
+    with pytest.raises(InvalidArgument, match=r"SM clock 1000 MHz is not supported; supported SM clocks at memory "
+                                              r"1215 MHz: 1410, 1395, 1005, 210 MHz"):
+        g.set_locked_clocks(LockedClocks(1000, 1000))
+    fake_nvml.nvmlDeviceSetGpuLockedClocks.assert_not_called()
+
+
+def test_nvml_lock_without_permission_says_how_to_fix(fake_nvml):
+    fake_nvml.nvmlDeviceSetGpuLockedClocks.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+    with pytest.raises(PermissionDenied, match="power limit or clocks needs root or CAP_SYS_ADMIN"):
+        NvmlGPU(0, node="n").set_locked_clocks(LockedClocks(1005, 1005))
 
 
 def test_auto_picks_readonly_nvml_when_a_gpu_is_visible(fake_nvml):

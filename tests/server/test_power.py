@@ -22,23 +22,8 @@ class FailingGPU(SimulatedGPU):
 
 
 @pytest.fixture
-def events():
-    return []
-
-
-@pytest.fixture
-def make_manager(tmp_path, events):
-    managers = []
-
-    def make(gpus=None, backend="simulated", **kwargs):
-        gpus = gpus if gpus is not None else [SimulatedGPU(i, node="n", rank=0) for i in range(2)]
-        m = PowerCapManager(gpus, backend, state_path=tmp_path / "caps.json", record_event=events.append, **kwargs)
-        managers.append(m)
-        return m
-
-    yield make
-    for m in managers:
-        m.close()
+def make_manager(manager_of):
+    return manager_of(PowerCapManager, "caps.json")
 
 
 def caps_w(manager):

@@ -319,3 +319,87 @@ class RecordPage(_message.Message):
     cursor: str
     last: bool
     def __init__(self, table: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., cursor: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class GetClocksRequest(_message.Message):
+    __slots__ = ("selector",)
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    selector: GpuSelector
+    def __init__(self, selector: _Optional[_Union[GpuSelector, _Mapping]] = ...) -> None: ...
+
+class SetLockedClocksRequest(_message.Message):
+    __slots__ = ("selector", "sm_min_mhz", "sm_max_mhz", "mem_min_mhz", "mem_max_mhz", "lease_s", "reason")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    SM_MIN_MHZ_FIELD_NUMBER: _ClassVar[int]
+    SM_MAX_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MEM_MIN_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MEM_MAX_MHZ_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    selector: GpuSelector
+    sm_min_mhz: int
+    sm_max_mhz: int
+    mem_min_mhz: int
+    mem_max_mhz: int
+    lease_s: float
+    reason: str
+    def __init__(self, selector: _Optional[_Union[GpuSelector, _Mapping]] = ..., sm_min_mhz: _Optional[int] = ..., sm_max_mhz: _Optional[int] = ..., mem_min_mhz: _Optional[int] = ..., mem_max_mhz: _Optional[int] = ..., lease_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResetClocksRequest(_message.Message):
+    __slots__ = ("selector", "reason")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    selector: GpuSelector
+    reason: str
+    def __init__(self, selector: _Optional[_Union[GpuSelector, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SupportedClocks(_message.Message):
+    __slots__ = ("mem_mhz", "sm_mhz")
+    MEM_MHZ_FIELD_NUMBER: _ClassVar[int]
+    SM_MHZ_FIELD_NUMBER: _ClassVar[int]
+    mem_mhz: int
+    sm_mhz: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, mem_mhz: _Optional[int] = ..., sm_mhz: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GpuClocks(_message.Message):
+    __slots__ = ("uuid", "index", "rank", "node", "sm_mhz", "mem_mhz", "sm_max_mhz", "mem_max_mhz", "locked_sm_min_mhz", "locked_sm_max_mhz", "locked_mem_min_mhz", "locked_mem_max_mhz", "supported", "event_reasons", "lease_end_ns", "simulated")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SM_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MEM_MHZ_FIELD_NUMBER: _ClassVar[int]
+    SM_MAX_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MEM_MAX_MHZ_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_SM_MIN_MHZ_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_SM_MAX_MHZ_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_MEM_MIN_MHZ_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_MEM_MAX_MHZ_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    EVENT_REASONS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_END_NS_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    index: int
+    rank: int
+    node: str
+    sm_mhz: int
+    mem_mhz: int
+    sm_max_mhz: int
+    mem_max_mhz: int
+    locked_sm_min_mhz: int
+    locked_sm_max_mhz: int
+    locked_mem_min_mhz: int
+    locked_mem_max_mhz: int
+    supported: _containers.RepeatedCompositeFieldContainer[SupportedClocks]
+    event_reasons: _containers.RepeatedScalarFieldContainer[str]
+    lease_end_ns: int
+    simulated: bool
+    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., rank: _Optional[int] = ..., node: _Optional[str] = ..., sm_mhz: _Optional[int] = ..., mem_mhz: _Optional[int] = ..., sm_max_mhz: _Optional[int] = ..., mem_max_mhz: _Optional[int] = ..., locked_sm_min_mhz: _Optional[int] = ..., locked_sm_max_mhz: _Optional[int] = ..., locked_mem_min_mhz: _Optional[int] = ..., locked_mem_max_mhz: _Optional[int] = ..., supported: _Optional[_Iterable[_Union[SupportedClocks, _Mapping]]] = ..., event_reasons: _Optional[_Iterable[str]] = ..., lease_end_ns: _Optional[int] = ..., simulated: _Optional[bool] = ...) -> None: ...
+
+class ClocksReply(_message.Message):
+    __slots__ = ("gpus", "backend")
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuClocks]
+    backend: str
+    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuClocks, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...

@@ -206,6 +206,21 @@ class ControlStub:
                 request_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.ExportRecordsRequest.SerializeToString,
                 response_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.RecordPage.FromString,
                 _registered_method=True)
+        self.GetClocks = channel.unary_unary(
+                '/llmwatts.v1.Control/GetClocks',
+                request_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.GetClocksRequest.SerializeToString,
+                response_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.FromString,
+                _registered_method=True)
+        self.SetLockedClocks = channel.unary_unary(
+                '/llmwatts.v1.Control/SetLockedClocks',
+                request_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.SetLockedClocksRequest.SerializeToString,
+                response_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.FromString,
+                _registered_method=True)
+        self.ResetClocks = channel.unary_unary(
+                '/llmwatts.v1.Control/ResetClocks',
+                request_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.ResetClocksRequest.SerializeToString,
+                response_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -261,6 +276,26 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClocks(self, request, context):
+        """Locked GPU clocks, the second energy lever, under the same lease, rollback and restore as caps
+        (mutating calls need the control bearer token; see docs/clocks.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLockedClocks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetClocks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +333,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ExportRecords,
                     request_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.ExportRecordsRequest.FromString,
                     response_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.RecordPage.SerializeToString,
+            ),
+            'GetClocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClocks,
+                    request_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.GetClocksRequest.FromString,
+                    response_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.SerializeToString,
+            ),
+            'SetLockedClocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLockedClocks,
+                    request_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.SetLockedClocksRequest.FromString,
+                    response_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.SerializeToString,
+            ),
+            'ResetClocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetClocks,
+                    request_deserializer=llmwatts_dot_v1_dot_llmwatts__pb2.ResetClocksRequest.FromString,
+                    response_serializer=llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +543,87 @@ class Control:
             '/llmwatts.v1.Control/ExportRecords',
             llmwatts_dot_v1_dot_llmwatts__pb2.ExportRecordsRequest.SerializeToString,
             llmwatts_dot_v1_dot_llmwatts__pb2.RecordPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmwatts.v1.Control/GetClocks',
+            llmwatts_dot_v1_dot_llmwatts__pb2.GetClocksRequest.SerializeToString,
+            llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLockedClocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmwatts.v1.Control/SetLockedClocks',
+            llmwatts_dot_v1_dot_llmwatts__pb2.SetLockedClocksRequest.SerializeToString,
+            llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetClocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmwatts.v1.Control/ResetClocks',
+            llmwatts_dot_v1_dot_llmwatts__pb2.ResetClocksRequest.SerializeToString,
+            llmwatts_dot_v1_dot_llmwatts__pb2.ClocksReply.FromString,
             options,
             channel_credentials,
             insecure,
