@@ -171,6 +171,14 @@ def test_two_shards_same_tokens_as_one_every_rank_reported_and_a_dead_follower_s
             control.ResetPowerCap(pb.ResetPowerCapRequest(reason="tp"), timeout=30)
             caps = control.GetPowerCaps(pb.GetPowerCapsRequest(), timeout=30)
             assert sorted((g.rank, g.cap_w) for g in caps.gpus) == [(0, 250.0), (1, 250.0)]
+            # And clocks: the follower's lock goes through its proxy too (issue 22).
+            locked = control.SetLockedClocks(pb.SetLockedClocksRequest(sm_min_mhz=1005, sm_max_mhz=1005, lease_s=60),
+                                             timeout=30)
+            assert sorted((g.rank, g.locked_sm_max_mhz, g.sm_mhz) for g in locked.gpus) == [(0, 1005, 1005),
+                                                                                            (1, 1005, 1005)]
+            control.ResetClocks(pb.ResetClocksRequest(reason="tp"), timeout=30)
+            clocks = control.GetClocks(pb.GetClocksRequest(), timeout=30)
+            assert sorted((g.rank, g.locked_sm_max_mhz, g.sm_max_mhz) for g in clocks.gpus) == [(0, 0, 1410), (1, 0, 1410)]
         time.sleep(1.5)  # an idle heartbeat: the follower's buffered samples reach rank 0
 
         # A follower killed while idle: the heartbeat notices, health goes NOT_SERVING, calls say why.
