@@ -1,10 +1,15 @@
-"""Ingest server DBs and client DBs into one study DB (sqlite-utils, WAL).
+"""Ingest server DBs and client DBs into one study DB, in SQL: ``ATTACH`` the source read-only and copy
+each table with one ``INSERT … SELECT … ON CONFLICT DO UPDATE`` (no row passes through Python).
 
-Each source table is copied under its own name. Keys in the study DB are content keys, not file keys,
-so ingesting the same file twice (or a copy of it, or a later snapshot of a growing file) adds nothing
-twice: rows are upserted on the keys below. Every batch of rows handed to ``upsert_all`` comes from one
-``SELECT *`` and so has one key set; sqlite-utils fills missing keys of a mixed batch with NULL and would
-overwrite good values, which this avoids by construction.
+Why SQLite and not DuckDB (docs/analysis.md, "Ingest"): the study DB is SQLite so that ``sqlite-utils
+query`` and Datasette read the report's own views; copying SQLite into SQLite needs no extension (DuckDB
+reads SQLite only through its ``sqlite`` extension, a second download, and would keep a second copy), and
+the copy is a B-tree append that runs at SQLite's own speed.
+
+Keys in the study DB are content keys, not file keys, so ingesting the same file twice (or a copy of it,
+or a later snapshot of a growing file) adds nothing twice: rows are upserted on the keys below, and a
+column the source lacks is never written (no NULL over a value). A source file already ingested with the
+same SHA-256 is skipped whole.
 
 Study-DB keys differ from the per-file keys where one file's key is not unique across files: two server
 processes on one machine (a power-cap sweep) share GPU uuids and may both number batches from 1, so
@@ -13,13 +18,17 @@ server-side tables are keyed with ``server_id``. Added columns:
 - ``batch_gpu_energy.server_id`` (looked up from the same file's ``batches``) when the source lacks it;
 - ``client_requests.client_clock_offset_ns`` and ``client_requests.client_started_ns``: the row's own
   ``clock_offset_ns`` (server − client, measured by the worker that sent it) or, in client DBs that lack it,
-  the same file's ``client_runs`` offset for that run; and that run's ``started_ns``. So a client timestamp is
-  put on the server clock with its own machine's offset even when workers ran on several machines.
+  the same file's ``client_runs`` offset for that run; and that run's ``started_ns``.
+
+Telemetry goes into a compact layout (samples.py; the ``telemetry`` view shows the server DB's shape) and
+is incremental by a per-GPU watermark: a re-ingest reads only samples newer than the study's newest for
+the source's GPUs, through the server DB's ``ts_ns`` index.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import time
@@ -28,6 +37,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from llmwatts.analysis import samples
 from llmwatts.errors import InvalidArgument, NotFound
 
 # table -> primary key in the study DB, in the order the tables are copied.
@@ -40,38 +50,69 @@ SERVER_TABLES: dict[str, tuple[str, ...]] = {
     "requests": ("server_id", "request_id"),
     "telemetry": ("server_id", "gpu_uuid", "ts_ns"),
     "cap_events": ("server_id", "id"),
+    "idle_power": ("server_id", "gpu_uuid", "begin_ns"),
 }
 CLIENT_TABLES: dict[str, tuple[str, ...]] = {
     "client_runs": ("run_id", "started_ns"),
     "client_requests": ("request_id",),
+    "client_chunks": ("request_id", "chunk_index"),
 }
 # Tables a file must have to be taken as that kind of DB; the others may be absent (older writers).
 REQUIRED = {
     "server": ("servers", "runs", "requests", "batches"),
     "client": ("client_requests", "client_runs"),
 }
+# Columns the study DB's views read: every study DB has them (NULL where no source wrote them), so the
+# views in views.py are valid before, between and after ingests of older and newer writers.
+BASE_COLUMNS: dict[str, dict[str, str]] = {
+    "servers": {"server_id": "TEXT", "model": "TEXT", "engine": "TEXT", "dtype": "TEXT", "shard_count": "INTEGER",
+                "power_source": "TEXT", "simulated": "INTEGER"},
+    "gpus": {"server_id": "TEXT", "gpu_uuid": "TEXT", "rank": "INTEGER", "memory_total_bytes": "INTEGER",
+             "simulated": "INTEGER"},
+    "runs": {"run_id": "TEXT", "server_id": "TEXT", "begin_ns": "INTEGER", "end_ns": "INTEGER",
+             "begin_energy_j": "REAL", "end_energy_j": "REAL", "labels": "TEXT", "simulated": "INTEGER"},
+    "batches": {"batch_id": "TEXT", "server_id": "TEXT", "start_ns": "INTEGER", "end_ns": "INTEGER",
+                "energy_j": "REAL", "simulated": "INTEGER"},
+    "batch_gpu_energy": {"batch_id": "TEXT", "gpu_uuid": "TEXT", "energy_j": "REAL", "server_id": "TEXT"},
+    "requests": {"request_id": "TEXT", "run_id": "TEXT", "batch_id": "TEXT", "server_id": "TEXT",
+                 "received_ns": "INTEGER", "done_ns": "INTEGER", "n_prompts": "INTEGER",
+                 "output_tokens": "INTEGER", "energy_j": "REAL", "status": "TEXT"},
+    "cap_events": {"id": "INTEGER", "server_id": "TEXT", "ts_ns": "INTEGER", "gpu_uuid": "TEXT"},
+    "idle_power": {"server_id": "TEXT", "gpu_uuid": "TEXT", "begin_ns": "INTEGER", "end_ns": "INTEGER",
+                   "power_mw": "INTEGER", "simulated": "INTEGER"},
+    "client_runs": {"run_id": "TEXT", "started_ns": "INTEGER", "clock_offset_ns": "INTEGER", "labels": "TEXT",
+                    "users": "INTEGER"},
+    "client_requests": {"request_id": "TEXT", "run_id": "TEXT", "client_send_ns": "INTEGER",
+                        "latency_ms": "REAL", "ttft_ms": "REAL", "tpot_ms": "REAL", "itl_count": "INTEGER",
+                        "itl_mean_ms": "REAL", "scheduled_send_ns": "INTEGER", "output_words": "INTEGER",
+                        "status": "TEXT", "clock_offset_ns": "INTEGER",
+                        "client_clock_offset_ns": "INTEGER", "client_started_ns": "INTEGER"},
+    "client_chunks": {"request_id": "TEXT", "chunk_index": "INTEGER", "arrival_ns": "INTEGER",
+                      "elapsed_ms": "REAL", "tokens": "INTEGER"},
+}
 ADDED_COLUMNS = {
     "batch_gpu_energy": {"server_id": "TEXT"},
     "client_requests": {"client_clock_offset_ns": "INTEGER", "client_started_ns": "INTEGER"},
 }
-# Indexes for the joins in join.py / metrics.py (telemetry by server and time, rows by run).
+# Indexes for the views' joins (telemetry's key already serves its range joins).
 INDEXES = {
-    "telemetry": [("server_id", "ts_ns")],
     "requests": [("run_id",), ("request_id",)],
     "client_requests": [("run_id",)],
 }
-BATCH_ROWS = 2000
+CACHE_MIB = 256  # SQLite page cache while ingesting: the key B-trees of 1M requests stay in memory
 
 
 @dataclass
 class SourceResult:
-    """What one ingested file contributed: ``rows`` per table (rows read from the file)."""
+    """What one ingested file contributed: ``rows`` per table (rows read from the file); ``skipped`` when
+    the same file (path and SHA-256) was ingested before."""
 
     path: str
     kind: str
     sha256: str
     size_bytes: int
     rows: dict[str, int] = field(default_factory=dict)
+    skipped: bool = False
 
 
 @dataclass
@@ -81,7 +122,10 @@ class IngestResult:
 
 
 def open_study_db(study_db: str | os.PathLike | sqlite_utils.Database, create: bool = True) -> sqlite_utils.Database:
-    """Open a study DB in WAL mode, creating it when ``create``. Passes a ``Database`` through unchanged."""
+    """Open a study DB in WAL mode, creating it when ``create``. Passes a ``Database`` through unchanged.
+    Every table the views read exists afterwards, and the views are in place (views.py)."""
+    from llmwatts.analysis import views
+
     if isinstance(study_db, sqlite_utils.Database):
         return study_db
     path = Path(study_db)
@@ -92,9 +136,21 @@ def open_study_db(study_db: str | os.PathLike | sqlite_utils.Database, create: b
     try:
         db = sqlite_utils.Database(path)
         db.enable_wal()
+        db.execute(f"PRAGMA cache_size = -{CACHE_MIB * 1024}")
+        _ensure_base(db)
+        views.create_views(db)
     except sqlite3.DatabaseError as e:
         raise InvalidArgument(f"{path} is not a SQLite database; choose a new study DB path") from e
     return db
+
+
+def _ensure_base(db: sqlite_utils.Database) -> None:
+    """Create every table the views read (empty) and add base columns an older study DB lacks."""
+    keys = {**SERVER_TABLES, **CLIENT_TABLES}
+    with db.conn:
+        for table, columns in BASE_COLUMNS.items():
+            _ensure_table(db, table, list(columns.items()), keys[table])
+        samples.ensure_tables(db)
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -122,12 +178,11 @@ def _open_source(path: Path) -> sqlite3.Connection:
         conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         raise InvalidArgument(f"{path} is not a SQLite database ({e})") from e
-    conn.row_factory = sqlite3.Row
     return conn
 
 
-def _tables(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+def _tables(conn: sqlite3.Connection, schema: str = "main") -> set[str]:
+    return {r[0] for r in conn.execute(f"SELECT name FROM [{schema}].sqlite_master WHERE type = 'table'")}
 
 
 def detect_kind(path: str | os.PathLike) -> str:
@@ -150,8 +205,8 @@ def _kind_of(path: Path, tables: set[str]) -> str:
     )
 
 
-def _columns(conn: sqlite3.Connection, table: str) -> list[tuple[str, str]]:
-    return [(r[1], (r[2] or "").upper()) for r in conn.execute(f"PRAGMA table_info([{table}])")]
+def _columns(conn, table: str, schema: str = "main") -> list[tuple[str, str]]:
+    return [(r[1], (r[2] or "").upper()) for r in conn.execute(f"PRAGMA [{schema}].table_info([{table}])")]
 
 
 def _ensure_table(db: sqlite_utils.Database, table: str, columns: list[tuple[str, str]], pk) -> None:
@@ -173,38 +228,6 @@ def _ensure_table(db: sqlite_utils.Database, table: str, columns: list[tuple[str
             db.execute(f"ALTER TABLE [{table}] ADD COLUMN [{name}] {decl}".rstrip())
 
 
-def _server_id_lookup(conn: sqlite3.Connection, path: Path, tables: set[str]):
-    """Map batch_id -> server_id for files whose batch_gpu_energy has no server_id column."""
-    by_batch = {r[0]: r[1] for r in conn.execute("SELECT batch_id, server_id FROM batches")}
-    servers = [r[0] for r in conn.execute("SELECT server_id FROM servers")]
-
-    def lookup(row: dict) -> str:
-        server_id = by_batch.get(row.get("batch_id"))
-        if server_id is None:
-            if len(servers) != 1:
-                raise InvalidArgument(
-                    f"{path}: batch_gpu_energy row for batch {row.get('batch_id')!r} has no batch row "
-                    "and the file holds several servers; cannot tell which server it belongs to"
-                )
-            server_id = servers[0]
-        return server_id
-
-    return lookup
-
-
-def _client_run_lookup(conn: sqlite3.Connection, path: Path):
-    rows = list(conn.execute("SELECT run_id, clock_offset_ns, started_ns FROM client_runs"))
-    by_run: dict[str, tuple[int | None, int | None]] = {}
-    for run_id, offset_ns, started_ns in rows:
-        if run_id in by_run and by_run[run_id][0] != offset_ns:
-            raise InvalidArgument(
-                f"{path}: run {run_id!r} has two client_runs rows with different clock offsets; "
-                "write one client DB per worker"
-            )
-        by_run[run_id] = (offset_ns, started_ns)
-    return by_run
-
-
 def _check_keys(conn, path: Path, table: str, pk: tuple[str, ...]) -> None:
     names = [c for c, _ in _columns(conn, table)]
     derive_server_id = table == "batch_gpu_energy" and "server_id" not in names
@@ -216,39 +239,79 @@ def _check_keys(conn, path: Path, table: str, pk: tuple[str, ...]) -> None:
         )
 
 
-def _copy_table(db, conn, path: Path, table: str, pk: tuple[str, ...], tables: set[str]) -> int:
-    columns = _columns(conn, table)
-    names = [c for c, _ in columns]
-    derive_server_id = table == "batch_gpu_energy" and "server_id" not in names
+def _check_sources(conn, path: Path, tables: set[str]) -> None:
+    """What the old row-by-row ingest refused, refused here before anything is written."""
+    if "batch_gpu_energy" in tables and "server_id" not in {c for c, _ in _columns(conn, "batch_gpu_energy")}:
+        n_servers = conn.execute("SELECT count(*) FROM servers").fetchone()[0]
+        orphan = conn.execute(
+            "SELECT e.batch_id FROM batch_gpu_energy e LEFT JOIN batches b ON b.batch_id = e.batch_id "
+            "WHERE b.batch_id IS NULL LIMIT 1").fetchone()
+        if orphan is not None and n_servers != 1:
+            raise InvalidArgument(
+                f"{path}: batch_gpu_energy row for batch {orphan[0]!r} has no batch row "
+                "and the file holds several servers; cannot tell which server it belongs to"
+            )
+    if "client_runs" in tables:
+        twice = conn.execute(
+            "SELECT run_id FROM client_runs GROUP BY run_id HAVING count(DISTINCT clock_offset_ns) > 1 "
+            "LIMIT 1").fetchone()
+        if twice is not None:
+            raise InvalidArgument(
+                f"{path}: run {twice[0]!r} has two client_runs rows with different clock offsets; "
+                "write one client DB per worker"
+            )
+
+
+def _select_expressions(table: str, names: list[str]) -> dict[str, str]:
+    """Study column -> SQL expression over the source row ``s`` (schema ``src``)."""
+    exprs = {name: f"s.[{name}]" for name in names}
+    if table == "batch_gpu_energy" and "server_id" not in names:
+        exprs["server_id"] = (
+            "coalesce((SELECT b.server_id FROM src.batches b WHERE b.batch_id = s.batch_id), "
+            "(SELECT min(server_id) FROM src.servers))"
+        )
+    if table == "client_requests":
+        run_offset = "(SELECT r.clock_offset_ns FROM src.client_runs r WHERE r.run_id = s.run_id)"
+        # The row's own offset (its worker's machine) wins over the run's (the master's).
+        exprs["client_clock_offset_ns"] = (
+            f"coalesce(s.clock_offset_ns, {run_offset})" if "clock_offset_ns" in names else run_offset
+        )
+        exprs["client_started_ns"] = "(SELECT r.started_ns FROM src.client_runs r WHERE r.run_id = s.run_id)"
+    return exprs
+
+
+def _copy_table(db: sqlite_utils.Database, path: Path, table: str, pk: tuple[str, ...]) -> int:
+    """``INSERT … SELECT`` the attached source's ``table`` into the study DB, upserting on ``pk``."""
+    if table == "telemetry":
+        return samples.copy(db)
+    columns = _columns(db.conn, table, "src")
     _ensure_table(db, table, columns, pk)
-    lookup = _server_id_lookup(conn, path, tables) if derive_server_id else None
-    client_runs = _client_run_lookup(conn, path) if table == "client_requests" else None
-    n = 0
-    cursor = conn.execute(f"SELECT * FROM [{table}]")
-    while True:
-        chunk = cursor.fetchmany(BATCH_ROWS)
-        if not chunk:
-            break
-        records = []
-        for row in chunk:
-            record = dict(row)
-            if lookup is not None:
-                record["server_id"] = lookup(record)
-            if client_runs is not None:
-                offset_ns, started_ns = client_runs.get(record.get("run_id"), (None, None))
-                # The row's own offset (its worker's machine) wins over the run's (the master's).
-                own_ns = record.get("clock_offset_ns")
-                record["client_clock_offset_ns"] = own_ns if own_ns is not None else offset_ns
-                record["client_started_ns"] = started_ns
-            records.append(record)
-        # Every record here has the same keys (one SELECT *), so upsert never writes NULL over a value.
-        db[table].upsert_all(records, pk=pk, batch_size=BATCH_ROWS)
-        n += len(records)
-    return n
+    exprs = _select_expressions(table, [c for c, _ in columns])
+    where = "WHERE true"  # SQLite needs a WHERE before ON CONFLICT in INSERT … SELECT
+    updates = [c for c in exprs if c not in pk]
+    conflict = (
+        f"ON CONFLICT ({', '.join(f'[{c}]' for c in pk)}) DO UPDATE SET "
+        + ", ".join(f"[{c}] = excluded.[{c}]" for c in updates)
+        if updates else "ON CONFLICT DO NOTHING"
+    )
+    before = db.conn.total_changes
+    db.execute(
+        f"INSERT INTO main.[{table}] ({', '.join(f'[{c}]' for c in exprs)}) "
+        f"SELECT {', '.join(exprs.values())} FROM src.[{table}] s {where} {conflict}"
+    )
+    return db.conn.total_changes - before
 
 
-def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -> SourceResult:
-    """Copy one server or client DB into ``db``. ``kind`` is what the caller expects it to be."""
+def _already_ingested(db: sqlite_utils.Database, path: Path, sha256: str) -> bool:
+    if not db["sources"].exists():
+        return False
+    return db.execute("SELECT 1 FROM sources WHERE path = ? AND sha256 = ?",
+                      [str(path.resolve()), sha256]).fetchone() is not None
+
+
+def validate_file(path: str | os.PathLike, kind: str) -> set[str]:
+    """Check one source before anything is written: it exists, is SQLite, is a ``kind`` DB, and its tables
+    have their key columns. Returns its tables."""
     path = Path(path)
     conn = _open_source(path)
     try:
@@ -257,16 +320,41 @@ def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -
         if actual != kind:
             flag = "--server-db" if actual == "server" else "--client-db"
             raise InvalidArgument(f"{path} is a {actual} DB, not a {kind} DB; pass it with {flag}")
-        sha256, size_bytes = file_sha256(path)
-        result = SourceResult(str(path), kind, sha256, size_bytes)
         spec = SERVER_TABLES if kind == "server" else CLIENT_TABLES
-        for table, pk in spec.items():  # every table checked before any row is written
+        for table, pk in spec.items():
             if table in tables:
                 _check_keys(conn, path, table, pk)
+        _check_sources(conn, path, tables)
+        return tables
+    except sqlite3.DatabaseError as e:
+        raise InvalidArgument(f"{path}: cannot read ({e})") from e
+    finally:
+        conn.close()
+
+
+def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -> SourceResult:
+    """Copy one server or client DB into ``db``. ``kind`` is what the caller expects it to be. Leaves the
+    study marked stale: ``views.refresh`` (``ingest`` calls it) rebuilds the derived tables."""
+    from llmwatts.analysis import views
+
+    path = Path(path)
+    tables = validate_file(path, kind)
+    spec = SERVER_TABLES if kind == "server" else CLIENT_TABLES
+    sha256, size_bytes = file_sha256(path)
+    result = SourceResult(str(path), kind, sha256, size_bytes)
+    if _already_ingested(db, path, sha256):
+        result.skipped = True
+        return result
+    views.drop_triggers(db)
+    db.conn.commit()
+    _attach(db, path)
+    try:
+        db.execute(f"PRAGMA cache_size = -{CACHE_MIB * 1024}")
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL: safe from corruption; the sources stay the truth
         with db.conn:
             for table, pk in spec.items():
                 if table in tables:
-                    result.rows[table] = _copy_table(db, conn, path, table, pk, tables)
+                    result.rows[table] = _copy_table(db, path, table, pk)
             db["sources"].upsert(
                 {
                     "path": str(path.resolve()),
@@ -274,7 +362,7 @@ def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -
                     "kind": kind,
                     "size_bytes": size_bytes,
                     "ingested_ns": time.time_ns(),
-                    "rows": result.rows,
+                    "rows": json.dumps(result.rows),
                 },
                 pk=("path", "sha256"),
             )
@@ -282,7 +370,20 @@ def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -
     except sqlite3.DatabaseError as e:
         raise InvalidArgument(f"{path}: cannot read ({e})") from e
     finally:
-        conn.close()
+        db.execute("DETACH DATABASE src")
+
+
+def _attach(db: sqlite_utils.Database, path: Path) -> None:
+    # Read-only by URI where the connection allows URIs; else a plain attach (only ever read).
+    try:
+        db.execute("ATTACH DATABASE ? AS src", [f"file:{path.resolve()}?mode=ro"])
+        db.execute("SELECT count(*) FROM src.sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        try:
+            db.execute("DETACH DATABASE src")
+        except sqlite3.OperationalError:
+            pass
+        db.execute("ATTACH DATABASE ? AS src", [str(path.resolve())])
 
 
 def ingest(
@@ -290,22 +391,20 @@ def ingest(
     server_dbs: list[str | os.PathLike] = (),
     client_dbs: list[str | os.PathLike] = (),
 ) -> IngestResult:
-    """Ingest server and client DBs into ``study_db`` (created if needed). Idempotent.
+    """Ingest server and client DBs into ``study_db`` (created if needed). Idempotent and incremental.
 
-    All inputs are checked (exist, are SQLite, are the right kind) before anything is written.
+    All inputs are checked (exist, are SQLite, are the right kind) before anything is written. Afterwards
+    the per-run tables the views read (percentiles, steady-state spans) are refreshed (views.refresh).
     """
+    from llmwatts.analysis import views
+
     for path in server_dbs:
-        _expect(path, "server")
+        validate_file(path, "server")
     for path in client_dbs:
-        _expect(path, "client")
+        validate_file(path, "client")
     db = open_study_db(study_db)
     sources = [ingest_file(db, p, "server") for p in server_dbs]
     sources += [ingest_file(db, p, "client") for p in client_dbs]
+    views.ensure_fresh(db)
     return IngestResult(str(db.conn.execute("PRAGMA database_list").fetchone()[2]), sources)
 
-
-def _expect(path, kind: str) -> None:
-    actual = detect_kind(path)
-    if actual != kind:
-        flag = "--server-db" if actual == "server" else "--client-db"
-        raise InvalidArgument(f"{path} is a {actual} DB, not a {kind} DB; pass it with {flag}")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 
 from llmwatts.analysis import join as joins
+from llmwatts.analysis import views
 from llmwatts.analysis.ingest import open_study_db
 from llmwatts.errors import InvalidArgument, NotFound
+from llmwatts.stats import percentile
 
 # Column -> short definition (units). Order is the order of runs.csv / runs.md.
 METRIC_COLUMNS: dict[str, str] = {
@@ -59,7 +60,52 @@ METRIC_COLUMNS: dict[str, str] = {
     "attribution_rel_diff": "(sum of request energy_j - sum of batch energy_j) / sum of batch energy_j",
     "simulated": "1 if any server, run, batch or telemetry row in the run is simulated",
     "labels": "other run labels (JSON)",
+    # Issue 17: latency distributions, goodput, per-request joules, idle/dynamic and steady-state energy.
+    "latency_p90_ms": "90th percentile client E2E latency_ms of counted requests, ms",
+    "latency_mean_ms": "mean client E2E latency_ms, ms",
+    "ttft_p90_ms": "90th percentile TTFT, ms",
+    "ttft_p99_ms": "99th percentile TTFT, ms",
+    "ttft_mean_ms": "mean TTFT, ms",
+    "tpot_p50_ms": "median TPOT = (e2e - TTFT) / (longest output tokens - 1), ms",
+    "tpot_p90_ms": "90th percentile TPOT, ms",
+    "tpot_p95_ms": "95th percentile TPOT, ms",
+    "tpot_p99_ms": "99th percentile TPOT, ms",
+    "tpot_mean_ms": "mean TPOT, ms",
+    "itl_p50_ms": "median inter-chunk gap over every gap of the run (client_chunks), ms",
+    "itl_p90_ms": "90th percentile ITL, ms",
+    "itl_p95_ms": "95th percentile ITL, ms",
+    "itl_p99_ms": "99th percentile ITL, ms",
+    "itl_mean_ms": "mean ITL over every gap of the run, ms",
+    "lag_p99_ms": "99th percentile of actual - scheduled send time (open loop), ms",
+    "slo": "the run's objectives (run_slo), e.g. ttft_ms=500,tpot_ms=50",
+    "good_requests": "counted requests meeting every objective of the SLO (all counted ones without an SLO)",
+    "good_output_tokens": "output tokens of the good requests",
+    "goodput_rps": "good_requests / duration_s, 1/s",
+    "goodput_tokens_per_s": "good_output_tokens / duration_s, 1/s",
+    "j_per_good_token": "energy_total_j / good_output_tokens, J",
+    "j_per_request_p50": "median per-request attributed energy_j of counted requests, J",
+    "j_per_request_p95": "95th percentile per-request J",
+    "j_per_request_p99": "99th percentile per-request J",
+    "j_per_request_mean": "mean per-request J",
+    "j_per_output_token_p50": "median over counted requests of energy_j / output_tokens, J",
+    "j_per_output_token_p95": "95th percentile per-request J/output token",
+    "j_per_output_token_p99": "99th percentile per-request J/output token",
+    "idle_power_w": "idle power of the run's GPUs (study_idle_power), W",
+    "energy_dynamic_j": "energy_total_j - idle_power_w * duration_s, J",
+    "j_per_token_dynamic": "energy_dynamic_j / output_tokens, J",
+    "steady_s": "steady-state span: in-flight requests >= 90% of the target concurrency, s",
+    "steady_energy_j": "telemetry energy inside the steady span (per-GPU counter deltas), J",
+    "steady_output_tokens": "output tokens of counted requests done inside the steady span",
+    "steady_tokens_per_s": "steady_output_tokens / steady_s, 1/s",
+    "steady_power_w": "steady_energy_j / steady_s, W",
+    "steady_j_per_token": "steady_energy_j / steady_output_tokens, J",
+    "batch_energy_exceeds_window": "1 if the run's batch energy exceeds its window energy (window too short)",
+    "window_ends_before_last_request": "1 if a server request of the run finished after its window ended",
 }
+# Columns taken as they are from the run_metrics view (views.py), the rest come from labels here.
+VIEW_COLUMNS = [c for c in METRIC_COLUMNS if c not in (
+    "run_id", "model", "engine", "dtype", "dataset", "batch_size", "shard_count", "cap_w", "users", "labels",
+    "slo")]
 LABEL_COLUMNS = ("model", "engine", "dtype", "dataset", "batch_size", "shard_count", "cap_w", "users")
 NUMERIC_LABELS = ("batch_size", "shard_count", "cap_w", "users")
 
@@ -79,23 +125,6 @@ def _number(value):
         except ValueError:
             pass
     return value
-
-
-def percentile(values: list[float], pct: float) -> float | None:
-    """Exact percentile with linear interpolation between order statistics (numpy's default method).
-
-    rank = pct/100 * (n - 1); the result interpolates between the values at floor(rank) and ceil(rank).
-    None for an empty list.
-    """
-    if not 0 <= pct <= 100:
-        raise InvalidArgument(f"percentile must be within 0..100, got {pct}")
-    ordered = sorted(v for v in values if v is not None)
-    if not ordered:
-        return None
-    rank = pct / 100 * (len(ordered) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _div(a, b):
@@ -118,9 +147,16 @@ def _one(db, sql, params=()):
     return db.execute(sql, params).fetchone()
 
 
+def _dicts(db, sql, params=()) -> list[dict]:
+    cursor = db.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
 @dataclass
 class Reconciliation:
-    """Client rows vs server rows and attributed vs batch joules for one run."""
+    """Client rows vs server rows and attributed vs batch joules for one run (the ``run_reconciliation`` and
+    ``run_metrics`` views)."""
 
     run_id: str
     client_sent: int
@@ -139,90 +175,91 @@ class Reconciliation:
     # (client_send_ns + clock_offset_ns): their energy is outside the run window.
     outside_window: int = 0
     outside_window_ids: list[str] = field(default_factory=list)
+    # Issue 16/17: server rows ok whose client row is not (left out of every numerator), server requests
+    # done after their window ended, and batch joules above the window's joules.
+    status_mismatch: int = 0
+    done_after_window: int = 0
+    batch_energy_exceeds_window: bool = False
 
     @property
     def consistent(self) -> bool:
-        """Every client row found exactly once and no server row unclaimed."""
-        return self.missing == 0 and self.duplicated == 0 and self.server_only == 0
-
-
-def _unique_server_rows(rows: list[dict]) -> list[dict]:
-    seen, out = set(), []
-    for row in rows:
-        key = (row["server_id"], row["request_id"])
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out
-
-
-def _batch_energy_j(db, server_rows: list[dict]) -> float:
-    keys = sorted({(r["server_id"], r["batch_id"]) for r in server_rows if r.get("batch_id") is not None})
-    total = 0.0
-    for server_id, batch_id in keys:
-        row = _one(db, "SELECT energy_j FROM batches WHERE server_id = ? AND batch_id = ?", [server_id, batch_id])
-        if row and row[0] is not None:
-            total += row[0]
-    return total
-
-
-def reconcile(study_db, run_id: str) -> Reconciliation:
-    """Counts of the run's client requests found on a server exactly once (ok / error), missing or
-    duplicated, server rows no client claims, and Σ per-request attributed J vs Σ batch J."""
-    db = open_study_db(study_db, create=False)
-    _require_run(db, run_id)
-    join = joins.join_requests(db, run_id)
-    server_rows = _unique_server_rows(join.server_rows)
-    attributed_j = sum(r.get("energy_j") or 0.0 for r in server_rows)
-    batch_j = _batch_energy_j(db, server_rows)
-    windows = {w.server_id: w for w in joins.run_windows(db, run_id)}
-    outside = []
-    for m in join.matched:
-        window = windows.get(m["server_server_id"])
-        send_ns = joins.client_to_server_ns(m["client_client_send_ns"], m["client_client_clock_offset_ns"])
-        if window is None or send_ns is None:
-            continue
-        if send_ns < window.begin_ns or (window.end_ns is not None and send_ns > window.end_ns):
-            outside.append(m["request_id"])
-    return Reconciliation(
-        run_id=run_id,
-        client_sent=len(join.client_rows),
-        server_ok=sum(1 for m in join.matched if is_ok(m["server_status"])),
-        server_error=sum(1 for m in join.matched if not is_ok(m["server_status"])),
-        missing=len(join.client_only),
-        duplicated=len(join.duplicated),
-        server_only=len(join.server_only),
-        attributed_j=attributed_j,
-        batch_j=batch_j,
-        attribution_rel_diff=_div(attributed_j - batch_j, batch_j),
-        missing_ids=[r["request_id"] for r in join.client_only],
-        duplicated_ids=sorted(join.duplicated),
-        server_only_ids=[r["request_id"] for r in join.server_only],
-        outside_window=len(outside),
-        outside_window_ids=outside,
-    )
+        """Every client row found exactly once, no server row unclaimed, and every counted joule inside
+        the run's window."""
+        return (self.missing == 0 and self.duplicated == 0 and self.server_only == 0
+                and self.done_after_window == 0 and not self.batch_energy_exceeds_window)
 
 
 def _require_run(db, run_id: str) -> None:
-    in_runs = db["runs"].exists() and _one(db, "SELECT 1 FROM runs WHERE run_id = ?", [run_id])
-    in_client = db["client_runs"].exists() and _one(db, "SELECT 1 FROM client_runs WHERE run_id = ?", [run_id])
+    in_runs = _one(db, "SELECT 1 FROM runs WHERE run_id = ?", [run_id])
+    in_client = _one(db, "SELECT 1 FROM client_runs WHERE run_id = ?", [run_id])
     if not (in_runs or in_client):
         known = ", ".join(joins.run_ids(db)) or "none"
         raise NotFound(f"no run {run_id!r} in the study DB (runs: {known})")
 
 
+def all_reconciliations(study_db, run_ids: list[str] | None = None) -> list[Reconciliation]:
+    """``Reconciliation`` of every run a server saw (or of ``run_ids``), from the views in one pass."""
+    db = open_study_db(study_db, create=False)
+    views.ensure_fresh(db)
+    run_ids = joins.run_ids(db) if run_ids is None else run_ids
+    counts = {r["run_id"]: r for r in _dicts(db, "SELECT * FROM run_reconciliation")}
+    energy = {r["run_id"]: r for r in _dicts(
+        db, "SELECT run_id, energy_busy_j, attribution_rel_diff, batch_energy_exceeds_window FROM run_metrics")}
+    ids: dict[tuple[str, str], list[str]] = {}
+    for run_id, request_id, kind in db.execute("""
+        SELECT run_id, request_id, CASE WHEN NOT has_client THEN 'server_only'
+          WHEN server_rows = 0 THEN 'missing' WHEN server_rows > 1 THEN 'duplicated' ELSE 'outside' END
+        FROM request_join
+        WHERE NOT has_client OR server_rows <> 1 OR (server_rows = 1 AND outside_window)
+        ORDER BY coalesce(send_server_ns, received_ns), request_id"""):
+        bucket = ids.setdefault((run_id, kind), [])
+        if kind != "duplicated" or request_id not in bucket:
+            bucket.append(request_id)
+    attributed = dict(db.execute(
+        "SELECT run_id, coalesce(sum(energy_j), 0.0) FROM request_join WHERE has_server GROUP BY run_id"))
+    out = []
+    for run_id in run_ids:
+        c, e = counts.get(run_id, {}), energy.get(run_id, {})
+        batch_j = e.get("energy_busy_j") or 0.0
+        attributed_j = attributed.get(run_id, 0.0)
+        out.append(Reconciliation(
+            run_id=run_id,
+            client_sent=c.get("client_sent") or 0, server_ok=c.get("server_ok") or 0,
+            server_error=c.get("server_error") or 0, missing=c.get("missing") or 0,
+            duplicated=c.get("duplicated") or 0, server_only=c.get("server_only") or 0,
+            attributed_j=attributed_j, batch_j=batch_j,
+            attribution_rel_diff=_div(attributed_j - batch_j, batch_j),
+            missing_ids=ids.get((run_id, "missing"), []),
+            duplicated_ids=sorted(ids.get((run_id, "duplicated"), [])),
+            server_only_ids=ids.get((run_id, "server_only"), []),
+            outside_window=c.get("outside_window") or 0,
+            outside_window_ids=ids.get((run_id, "outside"), []),
+            status_mismatch=c.get("status_mismatch") or 0,
+            done_after_window=c.get("done_after_window") or 0,
+            batch_energy_exceeds_window=bool(e.get("batch_energy_exceeds_window")),
+        ))
+    return out
+
+
+def reconcile(study_db, run_id: str) -> Reconciliation:
+    """Counts of the run's client requests found on a server exactly once (ok / error), missing or
+    duplicated, server rows no client claims, Σ per-request attributed J vs Σ batch J, and the window
+    checks (requests done after EndRun, batch J above window J)."""
+    db = open_study_db(study_db, create=False)
+    _require_run(db, run_id)
+    return all_reconciliations(db, [run_id])[0]
+
+
 def _labels(db, run_id: str, windows: list[joins.RunWindow]) -> tuple[dict, dict]:
     """(label columns, other labels). Server run labels win over client ones; then server/client rows."""
     labels: dict = {}
-    client_runs = (
-        list(db.query("SELECT * FROM client_runs WHERE run_id = ? ORDER BY started_ns", [run_id]))
-        if db["client_runs"].exists() else []
-    )
+    client_runs = list(db.query("SELECT * FROM client_runs WHERE run_id = ? ORDER BY started_ns", [run_id]))
     for client_run in client_runs:
         for key, value in _json(client_run.get("labels")).items():
             labels.setdefault(key, value)
     for row in db.query("SELECT labels FROM runs WHERE run_id = ? ORDER BY server_id", [run_id]):
         labels.update(_json(row["labels"]))
+    labels.pop("slo", None)  # its own column
     columns = {k: labels.pop(k) for k in LABEL_COLUMNS if k in labels}
     for client_run in client_runs:
         for key in ("dataset", "batch_size", "users"):
@@ -241,7 +278,7 @@ def _labels(db, run_id: str, windows: list[joins.RunWindow]) -> tuple[dict, dict
                 columns[key] = values[0] if len(values) == 1 else "/".join(map(str, values))
     for key in NUMERIC_LABELS:
         columns[key] = _number(columns.get(key))
-    return columns, {"_servers": servers, **labels}
+    return columns, labels
 
 
 def _one_dict(db, sql, params) -> dict | None:
@@ -249,134 +286,68 @@ def _one_dict(db, sql, params) -> dict | None:
     return rows[0] if rows else None
 
 
-def _gpu_energy_j(telemetry: list[dict]) -> dict[tuple[str, str], float]:
-    """Per (server, GPU) counter delta over the window: last sample's energy_mj - first's, in J."""
-    first: dict = {}
-    last: dict = {}
-    for row in telemetry:  # ordered by gpu_uuid, ts_ns
-        if row.get("energy_mj") is None:
-            continue
-        key = (row["server_id"], row["gpu_uuid"])
-        first.setdefault(key, row["energy_mj"])
-        last[key] = row["energy_mj"]
-    return {key: (last[key] - first[key]) / 1000 for key in first}
+def _cap_mode_w(db, run_id: str) -> float | None:
+    """The most common telemetry cap over the run's window samples (all GPUs), W."""
+    row = _one(db, """
+        SELECT t.cap_mw FROM runs w JOIN telemetry_gpus g ON g.server_id = w.server_id
+        JOIN telemetry_samples t ON t.gpu_key = g.gpu_key AND t.ts_ns BETWEEN w.begin_ns AND w.end_ns
+        WHERE w.run_id = ? AND t.cap_mw IS NOT NULL GROUP BY t.cap_mw ORDER BY count(*) DESC, min(t.ts_ns)
+        LIMIT 1""", [run_id])
+    return row[0] / 1000 if row else None
 
 
-def run_metrics(study_db, run_id: str) -> dict:
-    """All ``METRIC_COLUMNS`` for one run (see docs/analysis.md for each definition)."""
-    db = open_study_db(study_db, create=False)
-    _require_run(db, run_id)
+def _slo_text(slo: dict | None) -> str:
+    if not slo:
+        return ""
+    return ",".join(f"{k}={slo[k]:g}" for k in ("ttft_ms", "tpot_ms", "e2e_ms") if slo.get(k) is not None)
+
+
+def _row(db, run_id: str, view_row: dict | None, slo: dict | None) -> dict:
     windows = joins.run_windows(db, run_id)
     columns, extra = _labels(db, run_id, windows)
-    servers = extra.pop("_servers")
-    join = joins.join_requests(db, run_id)
-    server_rows = _unique_server_rows(join.server_rows)
-    ok_rows = [r for r in server_rows if is_ok(r.get("status"))]
-
-    telemetry = [row for w in windows for row in joins.telemetry_in_window(db, w)]
-    durations = [w.duration_s for w in windows if w.duration_s is not None]
-    # Several servers in one run (separate hosts): each window is on its own server's clock, so the
-    # run lasts as long as the longest one; energies add.
-    duration_s = max(durations) if durations else None
-
-    counter = [w for w in windows if w.begin_energy_j is not None and w.end_energy_j is not None]
-    gpu_energy = _gpu_energy_j(telemetry)
-    if windows and len(counter) == len(windows):
-        energy_total_j, energy_source = sum(w.end_energy_j - w.begin_energy_j for w in counter), "counter"
-    elif gpu_energy:
-        energy_total_j, energy_source = sum(gpu_energy.values()), "telemetry"
-    else:
-        energy_total_j, energy_source = None, None
-
-    responses = sum(r.get("n_prompts") or 0 for r in ok_rows)
-    output_tokens = sum(r.get("output_tokens") or 0 for r in ok_rows)
-    client_ok = [r for r in join.client_rows if is_ok(r.get("status"))]
-    output_words = sum(r.get("output_words") or 0 for r in client_ok) if join.client_rows else None
-    latencies = [r["latency_ms"] for r in client_ok if r.get("latency_ms") is not None]
-    ttfts = [r["ttft_ms"] for r in client_ok if r.get("ttft_ms") is not None]
-    batch_j = _batch_energy_j(db, server_rows)
-    attributed_j = sum(r.get("energy_j") or 0.0 for r in server_rows)
-
-    if columns.get("cap_w") is None:
-        caps = Counter(r["cap_mw"] for r in telemetry if r.get("cap_mw") is not None)
-        if caps:
-            columns["cap_w"] = caps.most_common(1)[0][0] / 1000
-
-    memory_total = {
-        (g["server_id"], g["gpu_uuid"]): g["memory_total_bytes"]
-        for w in windows
-        for g in db.query("SELECT * FROM gpus WHERE server_id = ?", [w.server_id])
-    } if db["gpus"].exists() else {}
-    mem_used_pct = [
-        100 * r["mem_used_bytes"] / memory_total[(r["server_id"], r["gpu_uuid"])]
-        for r in telemetry
-        if r.get("mem_used_bytes") is not None and memory_total.get((r["server_id"], r["gpu_uuid"]))
-    ]
-    sm = [r["sm_pct"] for r in telemetry if r.get("sm_pct") is not None]
-    mem = [r["mem_pct"] for r in telemetry if r.get("mem_pct") is not None]
-
-    simulated = (
-        any(w.simulated for w in windows)
-        or any(s.get("simulated") for s in servers)
-        or any(r.get("simulated") for r in telemetry)
-        or _any_simulated_batch(db, server_rows)
-    )
-    sources = sorted({s.get("power_source") for s in servers if s.get("power_source")})
-    power = "simulated" if simulated else ("/".join(sources) if sources else "nvml")
-
-    gpu_values = list(gpu_energy.values())
-    row = {
-        "run_id": run_id,
-        **{k: columns.get(k) for k in LABEL_COLUMNS},
-        "n_gpus": len({(r["server_id"], r["gpu_uuid"]) for r in telemetry}) or None,
-        "power": power,
-        "duration_s": duration_s,
-        "requests_ok": len(ok_rows),
-        "requests_failed": len(server_rows) - len(ok_rows),
-        "requests_refused": len(join.client_only),
-        "responses": responses,
-        "output_tokens": output_tokens,
-        "output_words": output_words,
-        "words_per_s": _div(output_words, duration_s),
-        "tokens_per_s": _div(output_tokens, duration_s),
-        "responses_per_s": _div(responses, duration_s),
-        "energy_total_j": energy_total_j,
-        "energy_busy_j": batch_j if server_rows else None,
-        "energy_source": energy_source,
-        "avg_power_w": _div(energy_total_j, duration_s),
-        "j_per_token": _div(energy_total_j, output_tokens),
-        "j_per_response": _div(energy_total_j, responses),
-        "sm_pct_mean": _div(sum(sm), len(sm)),
-        "mem_pct_mean": _div(sum(mem), len(mem)),
-        "mem_used_pct_max": max(mem_used_pct) if mem_used_pct else None,
-        "latency_p50_ms": percentile(latencies, 50),
-        "latency_p95_ms": percentile(latencies, 95),
-        "latency_p99_ms": percentile(latencies, 99),
-        "ttft_p50_ms": percentile(ttfts, 50),
-        "ttft_p95_ms": percentile(ttfts, 95),
-        "gpu_energy_min_j": min(gpu_values) if gpu_values else None,
-        "gpu_energy_max_j": max(gpu_values) if gpu_values else None,
-        "gpu_energy_spread": _div(max(gpu_values), min(gpu_values)) if gpu_values else None,
-        "attribution_rel_diff": _div(attributed_j - batch_j, batch_j),
-        "simulated": int(simulated),
-        "labels": json.dumps(extra, sort_keys=True) if extra else "",
-    }
-    assert list(row) == list(METRIC_COLUMNS), "METRIC_COLUMNS and run_metrics disagree"
+    view_row = view_row or {}
+    if columns.get("cap_w") is None and view_row.get("cap_mw_min") is not None:
+        if view_row["cap_mw_min"] == view_row["cap_mw_max"]:
+            columns["cap_w"] = view_row["cap_mw_min"] / 1000
+        else:
+            columns["cap_w"] = _cap_mode_w(db, run_id)
+    row = {"run_id": run_id, **{k: columns.get(k) for k in LABEL_COLUMNS}}
+    for column in VIEW_COLUMNS:
+        row[column] = view_row.get(column)
+    row["power"] = row["power"] or "nvml"
+    row["simulated"] = int(row["simulated"] or 0)
+    for flag in ("batch_energy_exceeds_window", "window_ends_before_last_request"):
+        row[flag] = int(row[flag] or 0)
+    for count in ("requests_ok", "requests_failed", "requests_refused", "responses", "output_tokens"):
+        row[count] = row[count] or 0
+    row["labels"] = json.dumps(extra, sort_keys=True) if extra else ""
+    row["slo"] = _slo_text(slo)
+    row = {c: row.get(c) for c in METRIC_COLUMNS}
     return row
 
 
-def _any_simulated_batch(db, server_rows: list[dict]) -> bool:
-    for key in {(r["server_id"], r["batch_id"]) for r in server_rows if r.get("batch_id") is not None}:
-        row = _one(db, "SELECT simulated FROM batches WHERE server_id = ? AND batch_id = ?", list(key))
-        if row and row[0]:
-            return True
-    return False
+def _slos(db) -> dict[str, dict]:
+    return {r["run_id"]: {k: r[k] for k in ("ttft_ms", "tpot_ms", "e2e_ms") if r[k] is not None}
+            for r in _dicts(db, "SELECT * FROM run_slo")}
+
+
+def run_metrics(study_db, run_id: str) -> dict:
+    """All ``METRIC_COLUMNS`` for one run: the ``run_metrics`` view's row plus the run's labels (see
+    docs/analysis.md for each definition)."""
+    db = open_study_db(study_db, create=False)
+    _require_run(db, run_id)
+    views.ensure_fresh(db)
+    rows = _dicts(db, "SELECT * FROM run_metrics WHERE run_id = ?", [run_id])
+    return _row(db, run_id, rows[0] if rows else None, _slos(db).get(run_id))
 
 
 def all_run_metrics(study_db) -> list[dict]:
-    """``run_metrics`` for every run a server saw, in order of BeginRun."""
+    """``run_metrics`` for every run a server saw, in order of BeginRun (one read of the view)."""
     db = open_study_db(study_db, create=False)
-    return [run_metrics(db, run_id) for run_id in joins.run_ids(db)]
+    views.ensure_fresh(db)
+    by_run = {r["run_id"]: r for r in _dicts(db, "SELECT * FROM run_metrics")}
+    slos = _slos(db)
+    return [_row(db, run_id, by_run.get(run_id), slos.get(run_id)) for run_id in joins.run_ids(db)]
 
 
 @dataclass
@@ -469,6 +440,7 @@ def choose_sla(study_db=None, *, latency_p95_ms_max: float, runs: list[dict] | N
 __all__ = [
     "METRIC_COLUMNS",
     "Reconciliation",
+    "all_reconciliations",
     "SlaChoice",
     "TradeoffPoint",
     "all_run_metrics",
