@@ -1,9 +1,13 @@
 """``llmwatts serve``: flags → ServerConfig → create_server, with SIGTERM/SIGINT → graceful stop."""
 
 import logging
+import os
 from pathlib import Path
 
+from llmwatts.errors import InvalidArgument
 from llmwatts.server.config import ServerConfig, check_engine
+from llmwatts.server.lifecycle import check_port_free
+from llmwatts.server.gpu import SIM_PROFILES
 
 
 def add_parser(subparsers) -> None:
@@ -20,15 +24,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default=d.dtype, help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--engine", default=d.engine, help="auto (fast on GPU, eager on CPU), eager or fast")
     p.add_argument("--host", default=d.host, help="interface to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=d.port, help="port (0 picks a free one; default: 50051)")
+    p.add_argument("--port", type=int, default=d.port, help="TCP port, 0 to 65535 (0 picks a free one; default: 50051)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
-    p.add_argument("--db", type=Path, default=d.db_path, dest="db_path", help="server SQLite DB")
+    p.add_argument("--db", type=Path, default=d.db_path, dest="db_path",
+                   help="server SQLite DB, in a folder that exists (default: %(default)s)")
     p.add_argument("--power-backend", default=d.power_backend,
                    help="auto (nvml-readonly with a GPU, else simulated), nvml, nvml-readonly, simulated")
     p.add_argument("--telemetry-hz", type=float, default=d.telemetry_hz, help="sampling rate, 0 to 100 (default 10)")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit)
-    p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens)
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="most prompts in one batch: one request's, merged requests' or continuous rows "
+                        "(default %(default)s)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit,
+                   help="largest max_new_tokens a request may ask for (default %(default)s)")
+    p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens,
+                   help="max_new_tokens of a request that sets none (default %(default)s)")
     p.add_argument("--merge-requests", action="store_true", help="merge concurrent requests into one batch")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help="how long a merged batch (--merge-requests) or a continuous batch's join round "
@@ -50,7 +59,9 @@ def add_parser(subparsers) -> None:
                         "rounded up to powers of two) replay CUDA graphs captured as a session opens, larger "
                         "ones run eagerly; 0: every join eagerly (default 512; docs/performance.md measures "
                         "2048: faster, more energy per token)")
-    p.add_argument("--queue-size", type=int, default=d.queue_size)
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help="requests waiting for the engine; more are refused with RESOURCE_EXHAUSTED "
+                        "(default %(default)s)")
     p.add_argument("--warmup", action="store_true",
                    help="fast engine: before serving, run every batch bucket up to --max-batch-size once (and "
                         "with --continuous every row prefix), so their compiles do not stall the first requests "
@@ -58,27 +69,37 @@ def add_parser(subparsers) -> None:
                         "graph of the continuous batch (llama-7b, 64 rows, 640 slots: 99 s on an H200)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random-weight presets")
     p.add_argument("--sim-gpus", type=int, default=d.sim_gpus, help="simulated GPUs (simulated backend)")
-    p.add_argument("--sim-profile", default=d.sim_profile, help="simulated GPU profile")
-    p.add_argument("--control-token-file", type=Path, help="file holding the control bearer token")
+    p.add_argument("--sim-profile", default=d.sim_profile, choices=list(SIM_PROFILES), metavar="PROFILE",
+                   help="simulated GPU profile: " + ", ".join(f"{k} ({v.label})" for k, v in SIM_PROFILES.items())
+                        + " (default %(default)s)")
+    p.add_argument("--control-token-file", type=Path, metavar="PATH",
+                   help="file holding the control token, needed to change power caps (default "
+                        "$LLMWATTS_CONTROL_TOKEN_FILE, then $LLMWATTS_CONTROL_TOKEN)")
+    p.add_argument("--inference-token-file", type=Path, metavar="PATH",
+                   help="file holding the inference token; when set, Inference calls must present it "
+                        "(default $LLMWATTS_INFERENCE_TOKEN_FILE, then $LLMWATTS_INFERENCE_TOKEN)")
     p.add_argument("--allow-insecure-loopback-control", action="store_true",
                    help="allow power-cap changes without a token on a loopback-only server")
-    p.add_argument("--tls-cert", type=Path)
-    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--cap-state", type=Path, dest="cap_state_path",
                    help="where cap changes are persisted for restore after a crash (default: DB path + .caps.json); "
                         "clock locks go to this path (or the DB path) + .clocks.json")
-    p.add_argument("--default-lease-s", type=float, default=d.default_lease_s)
-    p.add_argument("--shards", type=int, default=1, help="tensor-parallel shards (one process per GPU)")
+    p.add_argument("--default-lease-s", type=float, default=d.default_lease_s,
+                   help="seconds until a power cap or clock lock set without a lease reverts (default %(default)s)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="tensor-parallel shards, one process per GPU (FairScale; default 1)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="default INFO")
     p.set_defaults(func=run)
 
 
 def config_from_args(args) -> ServerConfig:
-    from llmwatts.errors import InvalidArgument
     from llmwatts.server import auth
 
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgument(f"--port must be between 0 and 65535 (0 picks a free one), got {args.port}")
     for name in ("max_batch_size", "max_new_tokens_limit", "default_max_new_tokens", "queue_size", "sim_gpus"):
         if getattr(args, name) < 1:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
@@ -110,13 +131,37 @@ def config_from_args(args) -> ServerConfig:
     fields = {k: getattr(args, k) for k in ServerConfig.__dataclass_fields__ if hasattr(args, k)}
     fields["control_token"] = auth.load_token(
         auth.CONTROL_TOKEN_ENV, auth.CONTROL_TOKEN_FILE_ENV, path=args.control_token_file)
-    fields["inference_token"] = auth.load_token(auth.INFERENCE_TOKEN_ENV, auth.INFERENCE_TOKEN_FILE_ENV)
+    fields["inference_token"] = auth.load_token(
+        auth.INFERENCE_TOKEN_ENV, auth.INFERENCE_TOKEN_FILE_ENV, path=args.inference_token_file)
+    from llmwatts.server.models import check_model_spec
+
+    check_model_spec(args.model)  # a mistyped preset: one line now, not hub retries after the imports
     return ServerConfig(**fields)
+
+
+def check_leader_resources(args) -> None:
+    """What only the serving process (rank 0) holds: its files' folders and its port, checked before the
+    model loads (minutes for a large one). Torchrun's other ranks share the argv but hold neither."""
+    for flag, path in (("--db", args.db_path), ("--cap-state", args.cap_state_path), ("--port-file", args.port_file)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise InvalidArgument(f"{flag} {path} is a folder: name a file in it, e.g. {path / 'server.db'}")
+        if not path.parent.is_dir():
+            raise InvalidArgument(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                       ("--tls-client-ca", args.tls_client_ca)):
+        if path is not None and not path.is_file():
+            raise InvalidArgument(f"{flag} {path} is not a file")
+    if args.port:
+        check_port_free(args.host, args.port)
 
 
 def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    if os.environ.get("RANK", "0") == "0":
+        check_leader_resources(args)
     if args.shards > 1:
         from llmwatts.server.sharded import serve_sharded
 

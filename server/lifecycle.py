@@ -4,14 +4,39 @@
 with its own server. CLI modules call this; this calls no CLI module.
 """
 
+import errno
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 
+from llmwatts.errors import Unavailable
 from llmwatts.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on, in one line and before the model loads. (The server binds
+    exclusively too, so a port taken in between still fails; this is the early, quiet check.)"""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise Unavailable(f"cannot listen on {host}:{port}: {e.strerror}; check --host") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise Unavailable(f"port {port} on {host} is already in use (another llmwatts serve?): "
+                                      f"stop it, or pick another with --port (0 picks a free one)") from None
+                if e.errno == errno.EACCES:
+                    raise Unavailable(f"no permission to listen on port {port}: ports below 1024 need root; "
+                                      f"pick another with --port") from None
+                # Anything else (an address family this host lacks): gRPC's own bind decides.
 
 
 def write_port_file(port_file: Path | None, port: int) -> None:

@@ -6,6 +6,7 @@ device in the target dtype (no fp32 CPU copy of a 13B model). Their values come 
 materialises exactly its slice of the model an unsharded server would have.
 """
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -177,16 +178,39 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", seed: int =
     return load_checkpoint(spec, dev, torch_dtype)
 
 
+def check_model_spec(spec: str) -> None:
+    """Refuse at once (no hub round trips) a ``--model`` that is neither a preset, a checkpoint directory
+    nor a hub id (``org/name``): a mistyped preset such as ``llama-3b`` must not cost retries offline."""
+    if spec in PRESETS or Path(spec).expanduser().is_dir():
+        return
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "~", "/")) and all(spec.split("/"))
+    if looks_like_hub_id and not Path(spec).expanduser().exists():
+        return
+    close = difflib.get_close_matches(spec, PRESETS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise NotFound(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}), a checkpoint directory nor a "
+                   f"hub id (org/name): {hint}pass a preset name or a folder holding config.json")
+
+
+def checkpoint_tokenizer(source: str, local_files_only: bool) -> PreTrainedTokenizerBase:
+    """A checkpoint's tokenizer with its quirks fixed at load time: LLaMA ships no pad token (unk, else
+    eos, pads), and batches pad on the left so every row's last token is its newest."""
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def load_checkpoint(spec: str, dev: torch.device, torch_dtype: torch.dtype) -> LoadedModel:
+    check_model_spec(spec)
     path = Path(spec).expanduser()
     local = path.is_dir()
-    if not local and (os.sep in spec and not spec.count("/") == 1 or spec.startswith((".", "~"))):
-        raise NotFound(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     source = str(path) if local else spec
     # Read at call time (huggingface_hub reads it once at import): offline means no network attempt.
     files_only = local or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=files_only)
+        tokenizer = checkpoint_tokenizer(source, local_files_only=files_only)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=files_only,
                                                      device_map=str(dev) if dev.type == "cuda" else None)
     except (OSError, ValueError) as e:
@@ -198,9 +222,6 @@ def load_checkpoint(spec: str, dev: torch.device, torch_dtype: torch.dtype) -> L
             f"`huggingface-cli download {spec} --local-dir DIR`, copy DIR here and pass --model DIR"
         ) from e
     model = fuse_projections(model.to(dev).eval())
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    tokenizer.padding_side = "left"
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     return LoadedModel(model, tokenizer, source, False, context, eos, dev, torch_dtype)

@@ -252,7 +252,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 def _load_checkpoint_slice(spec: str, device: torch.device, dtype: torch.dtype, rank: int, world: int):
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from llmwatts.server import models
 
@@ -294,10 +294,7 @@ def _load_checkpoint_slice(spec: str, device: torch.device, dtype: torch.dtype, 
             h.__exit__(None, None, None)
     models.materialize_buffers(model, device)
     models.fuse_projections(model, world)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = models.checkpoint_tokenizer(str(path), local_files_only=True)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     loaded = models.LoadedModel(model.eval(), tokenizer, str(path), False,
                                 int(getattr(config, "max_position_embeddings", 2048)), eos, device, dtype,
