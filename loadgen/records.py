@@ -58,6 +58,7 @@ class ClientRequest:
     itl_p50_ms: float | None = None
     itl_p99_ms: float | None = None
     itl_max_ms: float | None = None
+    itl_source: str | None = None            # "server_steps" (token_server_ns diffs) or "client_chunks"
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ClientChunk:
     arrival_ns: int                          # wall clock
     elapsed_ms: float                        # perf_counter time since the call was sent
     tokens: int                              # the most tokens any one sequence got in this chunk
+    step_server_ns: str | None = None        # JSON list: server clock of each decode step in this chunk
 
 
 @dataclass

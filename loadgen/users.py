@@ -125,7 +125,9 @@ class LlmUser(GrpcUser):
                                                           is_final=lambda ch: ch.done):
             tokens = max((len(d.token_ids) for d in chunk.deltas), default=0)
             if tokens or any(d.text for d in chunk.deltas):
-                clock.add(perf_ns, wall_ns, tokens)
+                # Every sequence of a request moves in the same steps: the union of their stamps is the steps.
+                steps = sorted({t for d in chunk.deltas for t in d.token_server_ns})
+                clock.add(perf_ns, wall_ns, tokens, steps)
             if chunk.done:
                 final = chunk.final
         return final
@@ -136,7 +138,8 @@ class LlmUser(GrpcUser):
         latency_ms = (outcome.done_perf_ns - clock.start_perf_ns) / 1e6
         completions = list(final.completions) if final is not None else []
         longest = max((x.output_tokens for x in completions), default=None)
-        lat = stream_latency(clock.elapsed_ms(), latency_ms, longest if outcome.status == "ok" else None)
+        lat = stream_latency(clock.elapsed_ms(), latency_ms, longest if outcome.status == "ok" else None,
+                             clock.steps_server_ns())
         return ClientRequest(
             request_id=request.request_id, run_id=request.run_id, worker=session.worker_name,
             dataset=session.dataset, batch_size=len(request.prompts), stream=int(session.config.stream),
@@ -149,7 +152,7 @@ class LlmUser(GrpcUser):
             clock_offset_ns=session.clock_offset_ns, scheduled_send_ns=due[1] if due else None,
             longest_output_tokens=longest, tpot_ms=lat.tpot_ms, itl_count=lat.itl_count,
             itl_mean_ms=lat.itl_mean_ms, itl_p50_ms=lat.itl_p50_ms, itl_p99_ms=lat.itl_p99_ms,
-            itl_max_ms=lat.itl_max_ms,
+            itl_max_ms=lat.itl_max_ms, itl_source=lat.itl_source,
         )
 
 

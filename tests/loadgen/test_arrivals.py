@@ -44,3 +44,11 @@ def test_stream_latency_definitions():
     one = stream_latency([40.0], 45.0, 1)
     assert one.ttft_ms == 40.0 and one.tpot_ms is None and one.itl_count == 0 and one.itl_mean_ms is None
     assert stream_latency([], 45.0, None).ttft_ms is None
+
+
+def test_itl_comes_from_the_servers_step_stamps_when_it_sends_them():
+    # chunks arrive in lumps (coalesced), but the steps were 10 ms apart on the server's clock
+    lat = stream_latency([40.0, 90.0], 95.0, 4, [1_000_000_000, 1_010_000_000, 1_020_000_000, 1_030_000_000])
+    assert lat.itl_source == "server_steps" and lat.itl_count == 3 and lat.itl_mean_ms == pytest.approx(10.0)
+    assert lat.ttft_ms == 40.0 and lat.tpot_ms == pytest.approx(55.0 / 3)
+    assert stream_latency([40.0, 90.0], 95.0, 4).itl_source == "client_chunks"

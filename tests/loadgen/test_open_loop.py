@@ -1,5 +1,5 @@
 """Acceptance of issue 17's load side against a real tiny server: Poisson arrivals at a fixed rate, generator
-lag, and TTFT/TPOT/ITL recomputed from the client DB's own chunk times."""
+lag, and TTFT/TPOT/ITL recomputed from the client DB's own chunk times and step stamps."""
 
 import json
 import math
@@ -76,7 +76,12 @@ def test_ttft_tpot_itl_match_the_chunk_times_in_the_client_db(poisson_run):
         assert n == r["output_tokens"]  # one prompt per request
         if n > 1:
             assert r["tpot_ms"] == pytest.approx((r["latency_ms"] - elapsed[0]) / (n - 1))
-        gaps = np.diff(elapsed)
+        # This server stamps each step (token_server_ns): ITL is the steps' gaps on its clock, exact to the
+        # step however the chunks were coalesced.
+        assert r["itl_source"] == "server_steps"
+        steps_ns = sorted({t for c in chunks for t in json.loads(c["step_server_ns"] or "[]")})
+        assert len(steps_ns) == n
+        gaps = np.diff(steps_ns) / 1e6
         assert r["itl_count"] == len(gaps)
         if len(gaps):
             checked += 1

@@ -26,7 +26,7 @@ def test_schema_matches_the_architecture_doc_strict_and_wal(tmp_path):
         "request_id", "run_id", "worker", "dataset", "batch_size", "stream", "client_send_ns", "first_token_ns",
         "done_ns", "latency_ms", "ttft_ms", "prompt_tokens", "output_tokens", "output_words", "status", "error",
         "batch_id", "clock_offset_ns", "scheduled_send_ns", "longest_output_tokens", "tpot_ms", "itl_count",
-        "itl_mean_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms"]
+        "itl_mean_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "itl_source"]
     assert db["client_requests"].pks == ["request_id"] and db["client_runs"].pks == ["run_id"]
     with pytest.raises(sqlite3.IntegrityError):  # STRICT: a wrong type is refused, not stored
         db["client_requests"].insert(row(1, batch_size="many"))
