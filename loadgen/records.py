@@ -150,8 +150,9 @@ def db_sink(db: sqlite_utils.Database) -> Callable[[list[dict]], None]:
 
 def wire_row(request: ClientRequest, chunks: Iterable[ClientChunk] = ()) -> dict:
     """A request (and its chunks, when recorded) as the plain dict the recorder buffers and workers ship."""
-    row = asdict(request)
-    chunk_rows = [asdict(c) for c in chunks]
+    # vars(), not asdict(): the fields are scalars, and asdict's deep copy cost ~60 µs per request.
+    row = dict(vars(request))
+    chunk_rows = [dict(vars(c)) for c in chunks]
     if chunk_rows:
         row[CHUNKS_KEY] = chunk_rows
     return row

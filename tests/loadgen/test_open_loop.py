@@ -93,3 +93,40 @@ def test_ttft_tpot_itl_match_the_chunk_times_in_the_client_db(poisson_run):
     tpots = [r["tpot_ms"] for r in rows if r["tpot_ms"] is not None]
     assert result["tpot_p95_ms"] == pytest.approx(float(np.percentile(tpots, 95)))
     assert result["ttft_p50_ms"] == pytest.approx(float(np.percentile([r["ttft_ms"] for r in rows], 50)))
+
+
+def test_distributed_workers_split_the_rate_each_with_its_own_stream(server, tmp_path):
+    """Locust distributed mode: the master tells its K workers the rate; each sends rate/K from the seeded
+    stream of its own node, so the union is a Poisson process at the full rate."""
+    import subprocess
+    from conftest import LLMWATTS, free_port
+
+    target, _ = server
+    port, db, rate = free_port(), tmp_path / "master.db", 8.0
+    common = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env(tmp_path), cwd=tmp_path)
+    master = subprocess.Popen(
+        [*LLMWATTS, "load", "--master", "--expect-workers", "2", "--master-bind-host", "127.0.0.1", "--master-port",
+         str(port), "--target", target, "--dataset", "mini", "--rate", str(rate), "--max-concurrency", "8",
+         "--requests", "24", "--max-new-tokens", "2", "--seed", "5", "--client-db", str(db), "--run-id", "dist-rate",
+         "--json", "--quiet"], **common)
+    workers = [subprocess.Popen([*LLMWATTS, "load", "--worker", "--master-host", "127.0.0.1", "--master-port",
+                                 str(port), "--quiet"], **common) for _ in range(2)]
+    try:
+        out, err = master.communicate(timeout=120)
+        for w in workers:
+            w.communicate(timeout=60)
+    finally:
+        for p in (master, *workers):
+            p.kill()
+    assert master.returncode == 0, err[-3000:]
+    assert json.loads(out)["requests_ok"] == 24
+    rows = list(sqlite_utils.Database(db).query(
+        "select worker, scheduled_send_ns from client_requests where run_id = 'dist-rate' order by scheduled_send_ns"))
+    by_worker: dict[str, list[int]] = {}
+    for r in rows:
+        by_worker.setdefault(r["worker"], []).append(r["scheduled_send_ns"])
+    assert len(by_worker) == 2
+    streams = [np.random.default_rng([5, node]).exponential(2 / rate, 64) for node in (1, 2)]  # rate/2 each
+    for sends in by_worker.values():
+        gaps = np.diff(sends) / 1e9
+        assert any(np.allclose(gaps, s[:len(gaps)], atol=1e-8) for s in streams), gaps
