@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "llmwatts.server.cap_cli",
     "llmwatts.server.clock_cli",
     "llmwatts.demo",
+    "llmwatts.study.cli",
 ]
 
 

@@ -1,0 +1,186 @@
+"""``llmwatts study``: the acceptance test of issue 19 and the plan's checks.
+
+A real server (tiny, CPU, simulated GPU) in its own process; the study in another, its loads in a third;
+records reach the study DB over ``Control.ExportRecords`` only (the study is never told the server DB's
+path). The study is killed mid-cell (SIGKILL to its process group: the runner and its load) and rerun.
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmwatts.errors import InvalidArgument
+from llmwatts.study.plan import check_plan, load_plan
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "llmwatts.cli"]
+TOKEN = "study-test-token"
+PLAN = """
+[study]
+name = "accept"
+warmup_requests = 1
+idle_s = 1
+sla_p95_ms = 600000
+
+[[servers]]
+target = "{target}"
+
+[load]
+dataset = "mini"
+requests = 3
+max_new_tokens = 4
+ignore_eos = true
+
+[grid]
+cap_w = [250, 200]
+batch_size = [1, 2]
+rate_rps = [8.0, 16.0]
+"""
+
+
+@pytest.fixture
+def served(tmp_path):
+    env = dict(os.environ, LLMWATTS_CONTROL_TOKEN=TOKEN)
+    server_dir = tmp_path / "gpu-node"
+    server_dir.mkdir()
+    port_file = server_dir / "port"
+    log = open(server_dir / "server.log", "w")
+    proc = subprocess.Popen(CLI + ["serve", "--model", "tiny", "--device", "cpu", "--power-backend", "simulated",
+                                   "--port", "0", "--port-file", str(port_file), "--db", str(server_dir / "server.db"),
+                                   "--telemetry-hz", "20"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (server_dir / "server.log").read_text()
+        time.sleep(0.2)
+    yield f"127.0.0.1:{port_file.read_text().strip()}", env
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def _cells(db: Path, status: str | None = None) -> list[tuple]:
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(str(db), timeout=10)
+    try:
+        if not conn.execute("select 1 from sqlite_master where name = 'study_cells'").fetchone():
+            return []
+        sql = "select cell_key, attempt, run_id, status from study_cells"
+        return conn.execute(sql + (" where status = ?" if status else ""), [status] if status else []).fetchall()
+    finally:
+        conn.close()
+
+
+def _independent_sla(db: Path, run_ids: list[str], bound_ms: float) -> str | None:
+    """The lowest-J/token run with client latency p95 <= bound: J from the run's energy markers over its
+    ok output tokens, p95 with numpy from the raw client rows."""
+    conn = sqlite3.connect(str(db))
+    best = None
+    for run_id in run_ids:
+        begin_j, end_j = conn.execute("select begin_energy_j, end_energy_j from runs where run_id = ?",
+                                      [run_id]).fetchone()
+        rows = conn.execute("select latency_ms, output_tokens from client_requests where run_id = ? and status = 'ok'",
+                            [run_id]).fetchall()
+        p95 = float(np.percentile([r[0] for r in rows], 95))
+        j_per_token = (end_j - begin_j) / sum(r[1] for r in rows)
+        if p95 <= bound_ms and (best is None or j_per_token < best[0]):
+            best = (j_per_token, run_id)
+    conn.close()
+    return best and best[1]
+
+
+def test_study_killed_mid_cell_resumes_without_repeating_cells(served, tmp_path):
+    """Guards resumability: after a SIGKILL mid-cell the rerun redoes only the interrupted cell (a new
+    attempt), keeps every finished cell's first run, and ends with exactly the plan's cells, each once."""
+    target, env = served
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(PLAN.format(target=target))
+    db = tmp_path / "study.db"
+    argv = CLI + ["study", str(plan_path), "--study-db", str(db), "--out", str(tmp_path / "report"), "--no-progress"]
+
+    first = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (len(_cells(db, "done")) >= 2 and _cells(db, "running")):
+        assert first.poll() is None, first.stdout.read().decode()
+        assert time.monotonic() < deadline, "the study never reached its third cell"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = {key: run_id for key, _, run_id, status in _cells(db) if status == "done"}
+    interrupted = {key for key, _, _, status in _cells(db) if status == "running"}
+    assert len(interrupted) == 1
+
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"{len(before)} already done" in second.stdout and "1 interrupted attempts closed" in second.stdout
+
+    done = {key: run_id for key, _, run_id, status in _cells(db, "done")}
+    plan = load_plan(plan_path)
+    expected = {f"{c.key},server={target}" for c in plan.cells()}
+    assert set(done) == expected  # the uninterrupted run's cell set, each cell once
+    assert len(_cells(db, "done")) == len(expected) == 8
+    assert all(done[k] == run_id for k, run_id in before.items())  # no finished cell was run again
+    (key,) = interrupted
+    assert [a for k, a, _, s in _cells(db) if k == key] == [1, 2] and done[key].endswith("-a2")
+
+    conn = sqlite3.connect(str(db))
+    runs = {r[0]: json.loads(r[1]) for r in conn.execute("select run_id, labels from runs")}
+    ok = dict(conn.execute("select run_id, count(*) from client_requests where status = 'ok' group by run_id"))
+    idle = conn.execute("select count(*), min(power_mw) from idle_power").fetchone()
+    conn.close()
+    assert set(runs) == set(done.values())  # warm-ups, idle windows and the abandoned attempt are gone
+    assert all(ok[r] == 3 for r in runs)
+    assert {(lab["cap_w"], lab["batch_size"], lab["rate_rps"]) for lab in runs.values()} == {
+        (c, b, r) for c in ("250", "200") for b in ("1", "2") for r in ("8", "16")}
+    assert idle[0] >= 1 and idle[1] > 0
+
+    from llmwatts.analysis.metrics import choose_sla
+
+    assert second.stdout.count("SLA:") == 1
+    conn = sqlite3.connect(str(db))
+    p95s = sorted(float(np.percentile([r[0] for r in conn.execute(
+        "select latency_ms from client_requests where run_id = ? and status = 'ok'", [run_id])], 95)) for run_id in runs)
+    conn.close()
+    for bound in (1e9, p95s[len(p95s) // 2]):  # every run meets it; about half do
+        choice = choose_sla(db, latency_p95_ms_max=bound)
+        assert (choice.row or {}).get("run_id") == _independent_sla(db, list(runs), bound)
+    assert (tmp_path / "report" / "report.html").exists()
+
+
+def test_dry_run_prints_the_grid_and_contacts_nothing(tmp_path):
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(PLAN.format(target="127.0.0.1:1"))
+    out = subprocess.run(CLI + ["study", str(plan_path), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "8 cells" in out.stdout and "estimated time" in out.stdout
+
+
+def test_plan_mistakes_are_one_readable_line(tmp_path):
+    base = {"servers": [{"target": "h:1"}], "load": {"requests": 2, "dataset": "mini"}}
+    for bad, words in [({"grid": {"colour": [1]}}, "not a dimension"),
+                       ({"grid": {"cap_w": [-5]}}, "cap_w wants watts"),
+                       ({"grid": {"users": [1], "rate_rps": [1.0]}}, "pick one"),
+                       ({"load": {"requests": 2, "bogus": 1}}, "unknown setting"),
+                       ({"servers": [{"target": "nohost"}]}, "HOST:PORT")]:
+        with pytest.raises(InvalidArgument, match=words):
+            check_plan({**base, **bad})
+    plan_path = tmp_path / "p.toml"
+    plan_path.write_text("[study\n")
+    out = subprocess.run(CLI + ["study", str(plan_path), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not valid TOML" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_paper_preset_fills_the_papers_grid(tmp_path):
+    plan_path = tmp_path / "p.toml"
+    plan_path.write_text('[[servers]]\ntarget = "h:1"\n[grid]\ncap_w = [250, 175]\n')
+    plan = load_plan(plan_path, preset="paper")
+    assert plan.grid == {"dataset": ["alpaca", "gsm8k"], "batch_size": [64], "cap_w": [250, 175]}
+    config = plan.load_config(plan.cells()[0], target="h:1")
+    assert (config.requests * config.batch_size, config.num_prompts, config.max_new_tokens) == (4096, 4096, 256)
