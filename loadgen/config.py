@@ -129,6 +129,29 @@ class LoadConfig:
             return self.users
         return self.max_concurrency or DEFAULT_OPEN_LOOP_CONCURRENCY
 
+    def run_labels(self, dataset: str) -> dict[str, str]:
+        """The run's labels (client_runs.labels, BeginRun): its settings, then every ``--label``."""
+        labels = {
+            "dataset": dataset,
+            "batch_size": str(self.batch_size),
+            "users": str(self.concurrency()),
+            "stream": str(int(self.stream)),
+            "num_prompts": str(self.num_prompts),
+            "seed": str(self.seed),
+            "ignore_eos": str(int(self.ignore_eos)),
+            "sampling": "greedy" if self.greedy else f"temperature={self.temperature},top_p={self.top_p}",
+        }
+        if self.max_new_tokens is not None:
+            labels["max_new_tokens"] = str(self.max_new_tokens)
+        if self.rate_rps is not None:
+            labels.update(rate_rps=f"{self.rate_rps:g}", arrival=self.arrival, max_concurrency=str(self.concurrency()))
+            if self.arrival == "gamma":
+                labels["burstiness"] = f"{self.burstiness:g}"
+        if self.slo:
+            labels["slo"] = self.slo
+        labels.update(self.labels)
+        return labels
+
     def resolved_run_id(self) -> str:
         if not self.run_id:
             self.run_id = new_run_id()

@@ -23,7 +23,8 @@ from llmwatts.loadgen.config import LoadConfig
 from llmwatts.loadgen.grpc_user import INFERENCE_TOKEN_ENV, ChannelOptions, call_metadata, make_channel
 from llmwatts.loadgen.locustfile import InferenceUser
 from llmwatts.loadgen.prompts import load_prompts
-from llmwatts.loadgen.session import LoadSession, install, server_clock_offset_ns
+from llmwatts.loadgen.clock import server_clock_offset_ns
+from llmwatts.loadgen.session import LoadSession, install
 from llmwatts.loadgen.summary import LoadResult, parse_slo, summarise
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 

@@ -22,6 +22,7 @@ from locust.runners import MasterRunner, WorkerRunner
 from llmwatts.errors import LlmwattsError
 from llmwatts.loadgen import records
 from llmwatts.loadgen.arrivals import ArrivalSchedule
+from llmwatts.loadgen.clock import CONTROL_DEADLINE_S, server_clock_offset_ns
 from llmwatts.loadgen.config import LoadConfig
 from llmwatts.loadgen.grpc_user import ChannelOptions, call_metadata, make_channel, normalise_target
 from llmwatts.loadgen.prompts import PromptSet, dataset_label, load_prompts
@@ -36,24 +37,7 @@ MSG_ROWS = "llmwatts_rows"              # worker → master [row, ...]
 MSG_FINAL = "llmwatts_final"            # worker → master {"shipped": n} after its last rows of a test
 MSG_ERROR = "llmwatts_error"            # worker → master {"error"}: it cannot run (e.g. no prompt file)
 FLUSH_INTERVAL_S = 0.5
-CONTROL_DEADLINE_S = 10.0
 PERMIT_WAIT_S = 60.0
-
-
-def server_clock_offset_ns(stub: pb_grpc.ControlStub, metadata=(), deadline_s: float = CONTROL_DEADLINE_S,
-                          samples: int = 5):
-    """(ServerInfo, server − client clock offset in ns): server_time_ns minus the midpoint of the call, from
-    the sample with the shortest round trip (NTP's rule). The first call also sets up the connection, whose
-    cost would otherwise bias the midpoint."""
-    best = None
-    for _ in range(samples):
-        sent_ns = time.time_ns()
-        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=deadline_s, metadata=metadata)
-        received_ns = time.time_ns()
-        rtt_ns = received_ns - sent_ns
-        if best is None or rtt_ns < best[0]:
-            best = (rtt_ns, info, info.server_time_ns - (sent_ns + received_ns) // 2)
-    return best[1], best[2]
 
 
 class LoadSession:
@@ -336,29 +320,6 @@ class LoadSession:
             )
             self._prompt_key = key
 
-    def run_labels(self) -> dict[str, str]:
-        c = self.config
-        labels = {
-            "dataset": self.dataset,
-            "batch_size": str(c.batch_size),
-            "users": str(c.concurrency()),
-            "stream": str(int(c.stream)),
-            "num_prompts": str(c.num_prompts),
-            "seed": str(c.seed),
-            "ignore_eos": str(int(c.ignore_eos)),
-            "sampling": "greedy" if c.greedy else f"temperature={c.temperature},top_p={c.top_p}",
-        }
-        if c.max_new_tokens is not None:
-            labels["max_new_tokens"] = str(c.max_new_tokens)
-        if c.rate_rps is not None:
-            labels.update(rate_rps=f"{c.rate_rps:g}", arrival=c.arrival, max_concurrency=str(c.concurrency()))
-            if c.arrival == "gamma":
-                labels["burstiness"] = f"{c.burstiness:g}"
-        if c.slo:
-            labels["slo"] = c.slo
-        labels.update(c.labels)
-        return labels
-
     def _arrival_schedule(self, options) -> ArrivalSchedule | None:
         c = self.config
         if c.rate_rps is None or self.role == "master":
@@ -382,7 +343,7 @@ class LoadSession:
 
     def _mark_begin(self):
         c = self.config
-        labels = self.run_labels()
+        labels = c.run_labels(self.dataset)
         started_ns = time.time_ns()
         self._measure_clock_offset()
         channel, control = self._control()

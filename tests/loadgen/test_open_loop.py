@@ -130,3 +130,37 @@ def test_distributed_workers_split_the_rate_each_with_its_own_stream(server, tmp
     for sends in by_worker.values():
         gaps = np.diff(sends) / 1e9
         assert any(np.allclose(gaps, s[:len(gaps)], atol=1e-8) for s in streams), gaps
+
+
+def test_sweep_over_rates_runs_one_labelled_open_loop_run_per_rate(server, tmp_path):
+    import subprocess
+    from conftest import LLMWATTS
+
+    target, _ = server
+    db = tmp_path / "client.db"
+    done = subprocess.run([*LLMWATTS, "sweep", "--target", target, "--rates", "20,40", "--dataset", "mini",
+                           "--requests", "4", "--max-new-tokens", "2", "--run-id", "rs", "--client-db", str(db),
+                           "--quiet"], capture_output=True, text=True, timeout=120, env=offline_env(tmp_path),
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["rate 20/s", "rate 40/s"]
+    runs = {r["run_id"]: json.loads(r["labels"]) for r in sqlite_utils.Database(db)["client_runs"].rows}
+    assert sorted(runs) == ["rs-rate20", "rs-rate40"]
+    assert runs["rs-rate40"]["rate_rps"] == "40" and runs["rs-rate40"]["sweep"] == "rs"
+    rows = list(sqlite_utils.Database(db).query("select run_id, scheduled_send_ns from client_requests"))
+    assert len(rows) == 8 and all(r["scheduled_send_ns"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rate", "0"], "--rate must be a positive number"),
+    (["--rate", "5", "--arrival", "poisson", "--burstiness", "0.5"], "--burstiness applies to --arrival gamma"),
+    (["--max-concurrency", "4"], "--max-concurrency must be at least 1 and applies with --rate"),
+    (["--slo", "ttft_ms=100"], "--slo ttft_ms/tpot_ms need --stream"),
+    (["--slo", "ttft=1", "--stream"], "--slo wants KEY=MS pairs"),
+    (["--grace", "soon"], "--grace must look like 30s"),
+    (["--record-chunks"], "--record-chunks needs --stream"),
+])
+def test_open_loop_flag_mistakes_are_one_line_before_any_connection(tmp_path, args, message):
+    done = load(tmp_path, "--target", "127.0.0.1:1", "--dataset", "mini", "--requests", "1", *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
