@@ -11,12 +11,17 @@ token-by-token argmax (fp16, ``--agreement-seqs`` random sequences of 256 tokens
 vs full-forward agreement beside it as the noise floor, and eager's logit gap at every disagreement),
 and rows for fast-engine variants (``--variants bmm,flex``: decode attention as two matmuls, or as
 FlexAttention over the whole cache; ``sdpa:64`` etc. also sets the window granularity), run last.
+``--weights fp16,fp8`` adds the fast engine (and server) rows with fp8 weights, each further precision in
+a process of its own (its model alone in GPU memory), labelled ``fast-fp8``, their last column against
+fp16's, and fp8's accuracy cost: top-1 agreement and mean KL against the fp16 logits on a fixed token
+set (``weights_accuracy.py``).
 
 Read-only NVML only: no setter is ever called (shared GPUs).
 
     python bench/engine.py                      # llama-7b on cuda, everything (~9 min on an H100)
     python bench/engine.py --quick              # tiny on cpu: proves the script runs
     python bench/engine.py --engines fast,server --batches 1,64,256
+    python bench/engine.py --engines fast --batches 1,64,320 --weights fp16,fp8 --variants '' --telemetry-hz ''
 """
 
 import argparse
@@ -31,9 +36,10 @@ from pathlib import Path
 import torch
 from fixed_prompts import fixed_length_prompts
 from nvml_energy import EnergyCounter
+from agreement import AgreementCheck, fmt_gaps
+from weights_accuracy import against_fp16, fmt_accuracy, other_precision
 
 from llmwatts.server.engine import WINDOW_SLOTS, BatchSpec, FastEngine, Sampling, check_decode_options
-from llmwatts.server.models import materialize_buffers, meta_model
 
 ENGINES = ("eager", "static", "fast", "server")
 
@@ -104,6 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-batches", default="1,64,256")
     ap.add_argument("--no-agreement", action="store_true", help="skip the teacher-forced argmax check")
     ap.add_argument("--agreement-seqs", type=int, default=4, help="random 256-token sequences it feeds")
+    ap.add_argument("--weights", default="fp16",
+                    help="weight precisions, comma-separated: fp16 and/or fp8 (an FP8 GPU; on --quick the CPU "
+                         "reference); each after the first runs fast/server rows in its own process")
+    ap.add_argument("--accuracy-seqs", type=int, default=4, help="256-token sequences for fp8's accuracy vs fp16")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="tiny on cpu, short: proves the script runs")
     args = ap.parse_args(argv)
@@ -117,7 +127,14 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown engines {sorted(unknown)}: use {','.join(ENGINES)}")
     batches = [int(b) for b in args.batches.split(",") if b]
+    precisions = [w for w in args.weights.split(",") if w]
+    if not precisions or set(precisions) - {"fp16", "fp8"}:
+        ap.error(f"--weights takes fp16 and/or fp8, got {args.weights!r}")
+    args.weights = precisions[0]
     results = run_bench(args, engines, batches)
+    for precision in precisions[1:]:
+        fast_rows = ",".join(e for e in engines if e in ("fast", "server")) or "fast"
+        results["rows"] += other_precision(__file__, sys.argv[1:] if argv is None else argv, precision, fast_rows, results)
     print_report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
@@ -150,7 +167,8 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
     t_load = time.perf_counter()
     db = Path(tempfile.mkdtemp()) / "bench.db"
     largest = max(batches + [1])
-    cfg = ServerConfig(model=args.model, device=args.device, engine="fast",
+    weights = "fp8-reference" if args.weights == "fp8" and device.type == "cpu" else args.weights
+    cfg = ServerConfig(model=args.model, device=args.device, engine="fast", weights=weights,
                        power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
                        port=0, db_path=db, telemetry_hz=0, max_batch_size=max(largest, 256),
                        queue_size=8, cap_state_path=db.with_suffix(".caps.json"))
@@ -169,6 +187,8 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
     new = args.new_tokens
 
     def add(engine_name: str, batch: int, row: dict) -> None:
+        if args.weights != "fp16":
+            engine_name = f"{engine_name}-{args.weights}"
         row.update(engine=engine_name, batch=batch)
         results["rows"].append(row)
         note(f"{engine_name:>7} b={batch:<4} " + (row.get("error") or
@@ -323,6 +343,14 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
             alt.release()
             del alt
 
+    if args.weights != "fp16" and "fast" in engines:
+        try:
+            engine.release()
+            results["weights_accuracy"] = {args.weights: against_fp16(args.model, device, model, args.accuracy_seqs)}
+            note(f"{args.weights} vs fp16: {fmt_accuracy(results['weights_accuracy'][args.weights])}")
+        except Exception as e:
+            note(f"{args.weights} accuracy check failed: {type(e).__name__}: {e}")
+
     srv.stop(grace=1)
     return results
 
@@ -338,62 +366,10 @@ def parse_variant(variant: str) -> tuple[str, int]:
     return attention, window_slots
 
 
-class AgreementCheck:
-    """Teacher-forced next-token argmax over ``n`` random 256-token sequences: eager as ``generate``
-    computes it (one token at a time, dynamic cache; the sequences batched), eager's full forward, and any
-    engine's ``teacher_forced_argmax``. Eager's logits are kept, so every disagreement comes with eager's
-    logit gap between its own choice and the engine's: near-ties (random weights) show as small gaps."""
-
-    def __init__(self, model, device: torch.device, n: int, length: int = 256):
-        g = torch.Generator().manual_seed(1)
-        self.seqs = torch.randint(3, model.config.vocab_size, (n, length), generator=g)
-        self.positions = n * length
-        x, past, steps = self.seqs.to(device), None, []
-        with torch.inference_mode():
-            for t in range(length):
-                out = model(input_ids=x[:, t:t + 1], past_key_values=past, use_cache=True)
-                past = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-                steps.append(out.logits[:, -1].float())
-            self.logits = torch.stack(steps, 1)                                 # [n, length, V]
-            self.ref = self.logits.argmax(-1)
-            self.full = model(x).logits.argmax(-1)
-            # Exact arithmetic on the same weights: the fp16 weights upcast, one fp32 full forward. How often
-            # each fp16 path (eager's two, the engine's) picks the exact argmax says which rounds more.
-            exact = meta_model(model.config, torch.float32)
-            exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False, assign=True)
-            materialize_buffers(exact, device)
-            self.exact = exact(x).logits.argmax(-1)
-            del exact
-        top2 = self.logits.topk(2, dim=-1).values
-        self.median_top2_gap = (top2[..., 0] - top2[..., 1]).median().item()
-
-    def predict(self, engine) -> torch.Tensor:
-        return torch.tensor([engine.teacher_forced_argmax(s) for s in self.seqs.tolist()], device=self.ref.device)
-
-    def rate(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return (a == b).float().mean().item()
-
-    def gaps(self, pred: torch.Tensor) -> list[float]:
-        """Eager's logit of its argmax minus its logit of ``pred``'s token, where they differ (ascending)."""
-        gap = self.logits.gather(-1, self.ref[..., None]) - self.logits.gather(-1, pred[..., None])
-        return sorted(gap[..., 0][pred != self.ref].tolist())
-
-    def record(self, results: dict, suffix: str, engine) -> torch.Tensor:
-        """The engine's agreement and gaps into ``results`` (keys ``agreement{suffix}...``); its argmax."""
-        pred = self.predict(engine)
-        if not suffix:
-            results["agreement_positions"] = self.positions
-            results["agreement_median_top2_gap"] = self.median_top2_gap
-        results[f"agreement{suffix}"] = self.rate(self.ref, pred)
-        results[f"agreement{suffix}_gaps"] = self.gaps(pred)
-        return pred
-
-
-def fmt_gaps(gaps: list[float]) -> str:
-    return "(none)" if not gaps else f"max {max(gaps):.3f} over {len(gaps)}"
-
-
 TARGETS = "≥160 tok/s @1; ≥3,500 tok/s @32; ≤0.10 J/tok @64; ≤0.06 J/tok @largest; server ≤3% below fast; telemetry ≤1%"
+
+
+FP8_TARGETS = "fast-fp8 ≥1.5× fast's tok/s @1 (last column ≥150%); ≤0.07 J/tok @64"
 
 
 def print_report(results: dict) -> None:
@@ -439,6 +415,10 @@ def print_report(results: dict) -> None:
         if "agreement_exact" in results:
             print("argmax agreement with exact (fp32) arithmetic on the same weights: " + ", ".join(
                 f"{k} {100 * v:.2f}%" for k, v in results["agreement_exact"].items()))
+    for precision, a in results.get("weights_accuracy", {}).items():
+        print(f"{precision} weights vs fp16 logits: {fmt_accuracy(a)} (random weights say little about real quality)")
+    if results.get("weights_accuracy"):
+        print(f"fp8 targets: {FP8_TARGETS}")
     print(f"targets: {TARGETS}")
 
 

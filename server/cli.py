@@ -22,6 +22,9 @@ def add_parser(subparsers) -> None:
                    help="preset (tiny, llama-7b, llama-13b, llama-65b) or HF checkpoint dir/hub id (default: tiny)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=d.dtype, help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--weights", default=d.weights, choices=("fp16", "fp8"),
+                   help="decoder weights: fp16 (as --dtype) or fp8 (e4m3, per-channel scales; an FP8 GPU: "
+                        "Ada or Hopper; default: fp16)")
     p.add_argument("--engine", default=d.engine, help="auto (fast on GPU, eager on CPU), eager or fast")
     p.add_argument("--host", default=d.host, help="interface to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=d.port, help="TCP port, 0 to 65535 (0 picks a free one; default: 50051)")

@@ -34,6 +34,7 @@ class ServerConfig:
     model: str = "tiny"                  # preset name (tiny, llama-7b, llama-13b, llama-65b) or HF checkpoint dir
     device: str = "auto"                 # auto, cpu, cuda, cuda:N
     dtype: str = "auto"                  # auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32
+    weights: str = "fp16"                # fp16 (the dtype as it is) or fp8 (projections e4m3, FP8 GPUs only)
     engine: str = "auto"                 # auto (fast on GPU, eager on CPU), eager, fast
     host: str = "127.0.0.1"
     port: int = 50051                    # 0 picks a free port (tests)

@@ -39,7 +39,8 @@ class Host:
         self.config = config
         self.server_id = uuid.uuid4().hex[:12]
         self.node = node or socket.gethostname()
-        self.loaded: LoadedModel = loaded or load_model(config.model, config.device, config.dtype, config.seed)
+        self.loaded: LoadedModel = loaded or load_model(config.model, config.device, config.dtype, config.seed,
+                                                              config.weights)
         self.engine = engine or make_engine(config.engine, self.loaded, config.continuous)
         self.gpus = gpus if gpus is not None else open_gpus(
             config.power_backend, node=self.node, sim_gpus=config.sim_gpus, sim_profile=config.sim_profile,
@@ -109,7 +110,9 @@ class Host:
     def _record_server(self) -> None:
         self.store.record_server({
             "started_ns": time.time_ns(), "node": self.node, "model": self.loaded.name,
-            "dtype": str(self.loaded.dtype).removeprefix("torch."), "engine": self.engine.name,
+            "dtype": str(self.loaded.dtype).removeprefix("torch.")
+            + ("+fp8-weights" if self.loaded.weights != "fp16" else ""),
+            "engine": self.engine.name,
             "power_source": self.power_source, "shard_count": self.shard_count, "layout": self.layout,
             "simulated": int(self.simulated), "versions": versions(),
         })
@@ -142,6 +145,8 @@ def make_engine(name: str, loaded: LoadedModel, continuous: bool = False):
     if name == "auto":  # continuous batching is a fast-engine feature, on CPU too
         name = "fast" if loaded.device.type == "cuda" or continuous else "eager"
     if name == "eager":
+        if loaded.parallel is not None and loaded.weights != "fp16":  # FairScale's layers run fp16 weights only
+            raise InvalidArgument("--weights fp8 with --shards needs --engine fast")
         from llmwatts.server.engine import EagerEngine
 
         return EagerEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device)

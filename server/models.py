@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from llmwatts.errors import InvalidArgument, NotFound
 from llmwatts.server import weights
+from llmwatts.server.engine import fp8
 from llmwatts.server.engine.parallel import TensorParallel
 from llmwatts.server.tokenizer import llama_like_tokenizer
 
@@ -45,6 +46,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     parallel: TensorParallel | None = None  # a sharded rank's slice: how its engine joins the other ranks
+    weights: str = "fp16"                    # "fp16" (the dtype as it is) or "fp8" (``fp8.Fp8Linear`` projections)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class FusedProjections:
     n_kv: int
     n_inter: int
     world: int = 1                  # ranks the layer is split over (1: whole)
+    sqkv: torch.Tensor | None = None  # fp8 weights: the stacked per-channel scales [n_q + 2 n_kv]
+    sgu: torch.Tensor | None = None   # [2 n_inter]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,11 +100,44 @@ def meta_model(config: LlamaConfig, dtype: torch.dtype) -> LlamaForCausalLM:
     return model.eval()
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_projection(name: str) -> bool:
+    """A decoder layer's projection weight (what ``--weights fp8`` stores in fp8)."""
+    return name.endswith(".weight") and name.rpartition(".")[0].rpartition(".")[2] in PROJECTIONS
+
+
+def to_fp8(model: torch.nn.Module, module_name: str, value: torch.Tensor, reduce_amax=None) -> None:
+    """Quantize ``value`` (the weight of ``module_name``) to fp8 with per-channel scales, in place of the
+    module's weight: an ``nn.Linear`` becomes an ``fp8.Fp8Linear``; any other (a sharded rank's FairScale
+    layer) keeps its class and gains ``scale`` (only the fast engine runs it). ``reduce_amax``:
+    ``fp8.quantize_weight``'s, for a slice of a row-parallel weight."""
+    w_q, scale = fp8.quantize_weight(value, reduce_amax)
+    module = model.get_submodule(module_name)
+    if type(module) is torch.nn.Linear:
+        parent, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, fp8.Fp8Linear(w_q, scale, module.bias))
+    else:
+        module.weight = torch.nn.Parameter(w_q, requires_grad=False)
+        module.scale = torch.nn.Parameter(scale, requires_grad=False)
+
+
+def quantize_projections(model: torch.nn.Module, reduce_amax=None) -> None:
+    """Every decoder projection of a loaded model to fp8 (a checkpoint: it was loaded first).
+    ``reduce_amax(name)``: the ``fp8.quantize_weight`` hook for the weight ``name`` (sharding), or None."""
+    for name, param in list(model.named_parameters()):
+        if is_projection(name) and param.dtype != fp8.FP8:
+            to_fp8(model, name.rpartition(".")[0], param.detach(), reduce_amax and reduce_amax(name))
+
+
 def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int,
-                       slices: dict[str, tuple[slice, slice]] | None = None) -> None:
+                       slices: dict[str, tuple[slice, slice]] | None = None, weights_fp8: bool = False,
+                       reduce_amax=None) -> None:
     """Give every meta parameter storage on ``device``: norms 1, everything else N(0, 0.02) from
     ``weights.tiled_normal``. ``slices`` maps a parameter name to the (rows, cols) of the full tensor
-    that this rank holds (sharding); absent names are whole."""
+    that this rank holds (sharding); absent names are whole. ``weights_fp8``: each projection is quantized
+    as soon as it is drawn (``to_fp8``), so no more than one full-precision projection exists at a time."""
     slices = slices or {}
     for name, param in list(model.named_parameters()):
         if name.endswith("norm.weight"):
@@ -112,8 +149,11 @@ def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torc
                                          device=device, dtype=dtype)
             assert value.shape == param.shape, (name, value.shape, param.shape)
         module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+        if weights_fp8 and is_projection(name):
+            to_fp8(model, module_name, value, reduce_amax and reduce_amax(name))
+            del value
+            continue
+        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(value, requires_grad=False))
     materialize_buffers(model, device)
 
 
@@ -128,23 +168,23 @@ def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, rebuilt)
 
 
-def _stack(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Copy the weights (and biases) of ``linears`` into one tensor, rows in order, and re-point each
-    module's weight at its rows of it: no extra memory once the originals are freed."""
-    first = linears[0].weight
-    fused = first.new_empty((sum(m.weight.shape[0] for m in linears), first.shape[1]))
-    biases = [m.bias for m in linears]
-    fused_bias = None if all(b is None for b in biases) else first.new_zeros(fused.shape[0])
-    row = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        fused[row:row + n].copy_(m.weight.detach())
-        m.weight = torch.nn.Parameter(fused[row:row + n], requires_grad=False)
-        if m.bias is not None:
-            fused_bias[row:row + n].copy_(m.bias.detach())
-            m.bias = torch.nn.Parameter(fused_bias[row:row + n], requires_grad=False)
-        row += n
-    return fused, fused_bias
+def _stack(linears, attr: str) -> torch.Tensor | None:
+    """Copy each module's ``attr`` (weight, bias or fp8 scale) into one tensor, rows in order, and re-point
+    the module's own at its rows of it: no extra memory once the originals are freed. A missing bias
+    among present ones stacks as zeros; None when no module has one."""
+    parts = [getattr(m, attr, None) for m in linears]
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    rows = [m.weight.shape[0] for m in linears]
+    fused = present[0].new_zeros((sum(rows), *present[0].shape[1:]))
+    at = 0
+    for m, part, n in zip(linears, parts, rows):
+        if part is not None:
+            fused[at:at + n].copy_(part.detach())
+            setattr(m, attr, torch.nn.Parameter(fused[at:at + n], requires_grad=False))
+        at += n
+    return fused
 
 
 def fuse_projections(model: torch.nn.Module, world: int = 1) -> torch.nn.Module:
@@ -158,24 +198,32 @@ def fuse_projections(model: torch.nn.Module, world: int = 1) -> torch.nn.Module:
                 hasattr(mlp, n) for n in ("gate_proj", "up_proj")):
             continue
         n_q, n_kv, n_inter = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], mlp.gate_proj.weight.shape[0]
-        wqkv, bqkv = _stack((a.q_proj, a.k_proj, a.v_proj))
-        wgu, bgu = _stack((mlp.gate_proj, mlp.up_proj))
-        layer.fused_projections = FusedProjections(wqkv, bqkv, wgu, bgu, n_q, n_kv, n_inter, world)
+        qkv, gu = (a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)
+        layer.fused_projections = FusedProjections(
+            _stack(qkv, "weight"), _stack(qkv, "bias"), _stack(gu, "weight"), _stack(gu, "bias"), n_q, n_kv,
+            n_inter, world, sqkv=_stack(qkv, "scale"), sgu=_stack(gu, "scale"))
     return model
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
-    """Load a preset (random weights) or a HF checkpoint (directory or hub id)."""
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", seed: int = 0,
+               weights_precision: str = "fp16") -> LoadedModel:
+    """Load a preset (random weights) or a HF checkpoint (directory or hub id). ``weights_precision``:
+    "fp16" keeps ``dtype``; "fp8" stores the decoder projections in fp8 (an FP8 GPU only; presets quantize
+    each tensor as it is drawn); "fp8-reference" the same on any device, for tests (``fp8.py``)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    fp8.check_fp8_device(dev, weights_precision)
+    quantized = weights_precision != "fp16"
     if spec in PRESETS:
         config = preset_config(spec)
         model = meta_model(config, torch_dtype)
-        materialize_random(model, dev, torch_dtype, seed)
+        materialize_random(model, dev, torch_dtype, seed, weights_fp8=quantized)
         fuse_projections(model)
         return LoadedModel(model, llama_like_tokenizer(), spec, True, config.max_position_embeddings,
-                           config.eos_token_id, dev, torch_dtype)
-    return load_checkpoint(spec, dev, torch_dtype)
+                           config.eos_token_id, dev, torch_dtype, weights=weights_precision)
+    loaded = load_checkpoint(spec, dev, torch_dtype, weights_fp8=quantized)
+    loaded.weights = weights_precision
+    return loaded
 
 
 def check_model_spec(spec: str) -> None:
@@ -202,7 +250,8 @@ def checkpoint_tokenizer(source: str, local_files_only: bool) -> PreTrainedToken
     return tokenizer
 
 
-def load_checkpoint(spec: str, dev: torch.device, torch_dtype: torch.dtype) -> LoadedModel:
+def load_checkpoint(spec: str, dev: torch.device, torch_dtype: torch.dtype,
+                    weights_fp8: bool = False) -> LoadedModel:
     check_model_spec(spec)
     path = Path(spec).expanduser()
     local = path.is_dir()
@@ -221,7 +270,10 @@ def load_checkpoint(spec: str, dev: torch.device, torch_dtype: torch.dtype) -> L
             f"could not be fetched from the Hugging Face hub (offline?): download it elsewhere with "
             f"`huggingface-cli download {spec} --local-dir DIR`, copy DIR here and pass --model DIR"
         ) from e
-    model = fuse_projections(model.to(dev).eval())
+    model = model.to(dev).eval()
+    if weights_fp8:
+        quantize_projections(model)
+    fuse_projections(model)
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     return LoadedModel(model, tokenizer, source, False, context, eos, dev, torch_dtype)

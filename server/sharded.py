@@ -52,7 +52,8 @@ NODE_ENV = "LLMWATTS_NODE"             # node name override (two "nodes" on one 
 TIMEOUT_ENV = "LLMWATTS_SHARD_TIMEOUT_S"
 HEARTBEAT_S = 1.0
 MAX_BUFFERED_ROWS = 100_000
-FOLLOWER_FIELDS = ("model", "device", "dtype", "engine", "seed", "power_backend", "telemetry_hz", "sim_profile")
+FOLLOWER_FIELDS = ("model", "device", "dtype", "weights", "engine", "seed", "power_backend", "telemetry_hz",
+                   "sim_profile")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def load_rank(config: ServerConfig, r: Rank):
     from llmwatts.server.tp import load_sharded
 
     dtype = resolve_dtype(config.dtype, r.device)
-    loaded, shard = load_sharded(config.model, r.device, dtype, config.seed, r.rank, r.world)
+    loaded, shard = load_sharded(config.model, r.device, dtype, config.seed, r.rank, r.world, config.weights)
     # auto: the fast engine on GPUs (its CUDA graphs capture the NCCL all-reduces; measured on 4 H100s,
     # docs/results.md), eager on CPU.
     engine = make_engine(config.engine, loaded)

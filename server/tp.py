@@ -211,26 +211,51 @@ def full_numel(model: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_sharded(spec: str, device: torch.device, dtype: torch.dtype, seed: int, rank: int, world: int):
-    """This rank's slice of a preset (random weights) or a HF safetensors checkpoint directory.
+def row_parallel_amax(name: str):
+    """For ``--weights fp8``: the ``fp8.quantize_weight`` hook of weight ``name``'s slice. A row-parallel
+    weight (o, down) holds a block of every row's columns here: its row maxima are maxed over the ranks,
+    so each rank's scales are those of the whole weight (an unsharded server's). None for the rest."""
+    if not name.endswith(tuple(f"{p}.weight" for p in ROW)):
+        return None
+
+    def over_ranks(amax: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=get_model_parallel_group())
+        return amax
+
+    return over_ranks
+
+
+def load_sharded(spec: str, device: torch.device, dtype: torch.dtype, seed: int, rank: int, world: int,
+                 weights_precision: str = "fp16"):
+    """This rank's slice of a preset (random weights) or a HF safetensors checkpoint directory, its
+    projections in fp8 with ``weights_precision`` "fp8" (or "fp8-reference", ``models.load_model``).
 
     Returns ``(LoadedModel, ShardReport)``. Model-parallel groups must be initialised.
     """
     from llmwatts.server import models
+    from llmwatts.server.engine import fp8
     from llmwatts.server.tokenizer import llama_like_tokenizer
 
+    fp8.check_fp8_device(device, weights_precision)
+    quantized = weights_precision != "fp16"
     if spec in models.PRESETS:
         config = models.preset_config(spec)
         check_shardable(config, world)
         model = models.meta_model(config, dtype)
         total = full_numel(model)
         apply_tp(model)
-        models.materialize_random(model, device, dtype, seed, slices=shard_slices(config, rank, world))
+        models.materialize_random(model, device, dtype, seed, slices=shard_slices(config, rank, world),
+                                  weights_fp8=quantized, reduce_amax=row_parallel_amax)
         models.fuse_projections(model, world)
         loaded = models.LoadedModel(model, llama_like_tokenizer(), spec, True, config.max_position_embeddings,
-                                    config.eos_token_id, device, dtype, tensor_parallel(device))
+                                    config.eos_token_id, device, dtype, tensor_parallel(device), weights_precision)
         return loaded, report(model, rank, world, total)
-    return _load_checkpoint_slice(spec, device, dtype, rank, world)
+    loaded, shard = _load_checkpoint_slice(spec, device, dtype, rank, world, quantized)
+    loaded.weights = weights_precision
+    return loaded, shard
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -250,7 +275,8 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def _load_checkpoint_slice(spec: str, device: torch.device, dtype: torch.dtype, rank: int, world: int):
+def _load_checkpoint_slice(spec: str, device: torch.device, dtype: torch.dtype, rank: int, world: int,
+                           weights_fp8: bool = False):
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -293,6 +319,8 @@ def _load_checkpoint_slice(spec: str, device: torch.device, dtype: torch.dtype, 
         for h in handles.values():
             h.__exit__(None, None, None)
     models.materialize_buffers(model, device)
+    if weights_fp8:
+        models.quantize_projections(model, row_parallel_amax)
     models.fuse_projections(model, world)
     tokenizer = models.checkpoint_tokenizer(str(path), local_files_only=True)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from llmwatts.server.engine.fp8 import linear
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = x.to(torch.float32)
@@ -27,8 +29,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (x * cos) + (rotated * sin)
 
 
-def pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: int, head_dim: int,
-                   kc, vc, slots, per_row: bool = False):
+def pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, sqkv, n_q: int, n_kv: int, head_dim: int,
+                  kc, vc, slots, per_row: bool = False):
     """h: [B, T, E] -> q: [B, Hq, T, D] (rotary applied); k (rotary applied) and v are written into the
     caches ``kc``, ``vc`` [B, Hkv, L, D] at ``slots`` (``rope_into_cache``). One matmul for q, k and v (``wqkv``: their
     weights stacked), split afterwards. Compiled, inductor fuses the cache writes with the rotary's
@@ -36,7 +38,7 @@ def pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, n_q: int, n_kv: int
     with the k write, and the v write)."""
     b, t, _ = h.shape
     x = rms_norm(h, ln_w, eps)
-    q, k, v = F.linear(x, wqkv, bqkv).split((n_q, n_kv, n_kv), dim=-1)
+    q, k, v = linear(x, wqkv, bqkv, sqkv).split((n_q, n_kv, n_kv), dim=-1)
     q = q.reshape(b, t, -1, head_dim).transpose(1, 2)
     k = k.reshape(b, t, -1, head_dim).transpose(1, 2)
     v = v.reshape(b, t, -1, head_dim).transpose(1, 2)
@@ -57,24 +59,25 @@ def rope_into_cache(q, k, v, cos, sin, kc, vc, slots, per_row: bool = False):
     return rope(q, cos, sin)
 
 
-def swiglu(x, wgu, bgu, n_inter: int, wd, bd):
-    """x: [B, T, E] -> down(silu(gate(x)) * up(x)), gate and up as one matmul (``wgu``: stacked)."""
-    gate, up = F.linear(x, wgu, bgu).split((n_inter, n_inter), dim=-1)
-    return F.linear(F.silu(gate) * up, wd, bd)
+def swiglu(x, wgu, bgu, sgu, n_inter: int, wd, bd, sd):
+    """x: [B, T, E] -> down(silu(gate(x)) * up(x)), gate and up as one matmul (``wgu``: stacked). ``s*``:
+    an fp8 weight's per-channel scales (``fp8.linear``), None for plain weights."""
+    gate, up = linear(x, wgu, bgu, sgu).split((n_inter, n_inter), dim=-1)
+    return linear(F.silu(gate) * up, wd, bd, sd)
 
 
-def post_attention(h, attn, wo, bo, ln_w, eps: float, wgu, bgu, n_inter: int, wd, bd):
+def post_attention(h, attn, wo, bo, so, ln_w, eps: float, wgu, bgu, sgu, n_inter: int, wd, bd, sd):
     """h: [B, T, E], attn: [B, Hq, T, D] -> the layer's output [B, T, E]."""
     b, t, _ = h.shape
-    h = h + F.linear(attn.transpose(1, 2).reshape(b, t, -1).contiguous(), wo, bo)
-    return h + swiglu(rms_norm(h, ln_w, eps), wgu, bgu, n_inter, wd, bd)
+    h = h + linear(attn.transpose(1, 2).reshape(b, t, -1).contiguous(), wo, bo, so)
+    return h + swiglu(rms_norm(h, ln_w, eps), wgu, bgu, sgu, n_inter, wd, bd, sd)
 
 
-def mlp_partial(h, o, ln_w, eps: float, wgu, bgu, n_inter: int, wd):
+def mlp_partial(h, o, ln_w, eps: float, wgu, bgu, sgu, n_inter: int, wd, sd):
     """Tensor-parallel half of ``post_attention`` after o's all-reduce: h: [B, T, E], o: [B, T, E] (summed
     over ranks) -> (h + o, this rank's partial down projection [B, T, E], to be all-reduced)."""
     h = h + o
-    return h, swiglu(rms_norm(h, ln_w, eps), wgu, bgu, n_inter, wd, None)
+    return h, swiglu(rms_norm(h, ln_w, eps), wgu, bgu, sgu, n_inter, wd, None, sd)
 
 
 class Layer:
@@ -103,6 +106,9 @@ class Layer:
         self.n_q, self.n_kv, self.n_inter = f.n_q, f.n_kv, f.n_inter
         self.wqkv, self.bqkv, self.wgu, self.bgu = f.wqkv, f.bqkv, f.wgu, f.bgu
         self.wo, self.bo, self.wd, self.bd = a.o_proj.weight, a.o_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias
+        # fp8 weights (``fp8.Fp8Linear``): each weight's per-channel scales; None for plain weights.
+        self.sqkv, self.sgu = f.sqkv, f.sgu
+        self.so, self.sd = getattr(a.o_proj, "scale", None), getattr(mlp.down_proj, "scale", None)
 
     @property
     def n_kv_heads(self) -> int | None:
@@ -117,26 +123,26 @@ class Layer:
             x = m.input_layernorm(h)
             q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
             return rope_into_cache(q, k, v, cos, sin, kc, vc, slots, per_row)
-        return fn(h, cos, sin, m.input_layernorm.weight, self.eps1, self.wqkv, self.bqkv, self.n_q, self.n_kv,
-                  self.head_dim, kc, vc, slots, per_row)
+        return fn(h, cos, sin, m.input_layernorm.weight, self.eps1, self.wqkv, self.bqkv, self.sqkv, self.n_q,
+                  self.n_kv, self.head_dim, kc, vc, slots, per_row)
 
     def post(self, fns, h, attn):
         m = self.module
         post_fn, mlp_fn = fns
         if self.mode == "plain":
-            return post_fn(h, attn, self.wo, self.bo, m.post_attention_layernorm.weight, self.eps2,
-                           self.wgu, self.bgu, self.n_inter, self.wd, self.bd)
+            return post_fn(h, attn, self.wo, self.bo, self.so, m.post_attention_layernorm.weight, self.eps2,
+                           self.wgu, self.bgu, self.sgu, self.n_inter, self.wd, self.bd, self.sd)
         b, t, _ = h.shape
         flat = attn.transpose(1, 2).reshape(b, t, -1).contiguous()             # [B, T, Hq_local * D]
         if self.mode == "module":
             h = h + m.self_attn.o_proj(flat)
             return h + m.mlp(m.post_attention_layernorm(h))
         # What a row-parallel linear does: the local matmul, the all-reduce, then the bias.
-        o = self.all_reduce(F.linear(flat, self.wo))
+        o = self.all_reduce(linear(flat, self.wo, None, self.so))
         if self.bo is not None:
             o = o + self.bo
-        h, down = mlp_fn(h, o, m.post_attention_layernorm.weight, self.eps2, self.wgu, self.bgu, self.n_inter,
-                         self.wd)
+        h, down = mlp_fn(h, o, m.post_attention_layernorm.weight, self.eps2, self.wgu, self.bgu, self.sgu,
+                         self.n_inter, self.wd, self.sd)
         down = self.all_reduce(down)
         return h + (down if self.bd is None else down + self.bd)
 

@@ -4,6 +4,7 @@ Greedy tokens must be identical: the fast engine replays the decoder layer's own
 a bug in padding, positions, masks or the cache (the bugs these tests guard against).
 """
 
+import contextlib
 import socket
 
 import pytest
@@ -201,17 +202,9 @@ def test_fairscale_layers_run_the_functional_tensor_parallel_path(tiny):
     """A FairScale-sharded model (world 1 here; 2, 4 and 8 ranks run in tests/server/test_sharding.py) is
     not a black box of modules: the engine runs its slices through the same functions, all-reducing
     after o and down through the ``TensorParallel`` tp.py hands it, and gives the unsharded eager tokens."""
-    import torch.distributed as dist
-    from fairscale.nn.model_parallel.initialize import destroy_model_parallel, initialize_model_parallel
-
     from llmwatts.server.tp import load_sharded
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        initialize_model_parallel(1, model_parallel_backend="gloo")
+    with one_rank_model_parallel():
         loaded, _ = load_sharded("tiny", torch.device("cpu"), torch.float32, 0, 0, 1)
         fast = FastEngine(loaded.model, loaded.tokenizer.pad_token_id, None, loaded.device, parallel=loaded.parallel)
         assert {layer.mode for layer in fast.layers} == {"tp"}
@@ -219,6 +212,21 @@ def test_fairscale_layers_run_the_functional_tensor_parallel_path(tiny):
         eager, _ = engines(tiny, None)
         spec = BatchSpec(prompts([5, 12]), [6, 6], GREEDY, ignore_eos=True)
         assert fast.generate(spec).tokens == eager.generate(spec).tokens
+
+
+@contextlib.contextmanager
+def one_rank_model_parallel():
+    """A gloo process group of one rank, FairScale's model-parallel groups on it (world 1)."""
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel.initialize import destroy_model_parallel, initialize_model_parallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        initialize_model_parallel(1, model_parallel_backend="gloo")
+        yield
     finally:
         destroy_model_parallel()
         dist.destroy_process_group()

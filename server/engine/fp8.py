@@ -1,0 +1,95 @@
+"""FP8 weights (``--weights fp8``): e4m3 with one fp32 scale per output channel, and the matmul over them.
+
+A weight ``w`` [N, K] is stored as ``w_q = w / s`` in float8_e4m3fn with ``s = amax(|w|, row) / 448`` [N]
+(per output channel). A matmul quantizes its input the same way per row (per token, dynamically) and
+multiplies the two fp8 operands with fp32 accumulation: ``y = (x_q @ w_q^T) * s_x * s_w``. On an FP8 GPU
+(compute capability 8.9+: Ada, Hopper) that is ``torch._scaled_mm`` with row-wise scales (cuBLASLt);
+the reference path (``dequantized``) computes the same product from the dequantized operands in the
+input's dtype, which tests run on CPU. Anything else refuses: FP8 weights on a GPU without FP8 would
+only be slower than fp16.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from llmwatts.errors import InvalidArgument
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0          # largest finite e4m3fn value
+MIN_SCALE = 1e-12        # an all-zero row or token still divides by something
+SCALED_MM_ALIGN = 16     # cuBLASLt fp8: every dimension a multiple of 16 (rows are padded up to it)
+WEIGHTS = ("fp16", "fp8")  # what ``--weights`` takes; "fp16" is the model's own dtype (``--dtype``)
+REFERENCE = "fp8-reference"  # the library's explicit CPU reference (tests): same maths, dequantized operands
+
+
+def check_fp8_device(device: torch.device, weights: str) -> None:
+    """InvalidArgument (one line) unless ``weights`` can run on ``device``: ``fp8`` needs an FP8 GPU,
+    ``fp8-reference`` runs anywhere (slowly: it dequantizes every weight in every matmul)."""
+    if weights in ("fp16", "auto", REFERENCE):
+        return
+    if weights != "fp8":
+        raise InvalidArgument(f"unknown weights {weights!r}: use {' or '.join(WEIGHTS)}")
+    if device.type != "cuda":
+        raise InvalidArgument(f"--weights fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
+                              f"device {device} has none: use --weights fp16")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise InvalidArgument(f"--weights fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
+                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --weights fp16")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [..., K] -> (x_q [..., K] fp8, scale [..., 1] fp32) with x ≈ x_q * scale, per row."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_weight(w: torch.Tensor, reduce_amax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [N, K] -> (w_q [N, K] fp8, scale [N] fp32), one scale per output channel. ``reduce_amax`` (a
+    rank's slice of a row-parallel weight: a max over the ranks) turns this slice's row maxima [N, 1] into
+    the whole rows', so every rank quantizes with the scales of the unsharded weight."""
+    amax = w.abs().amax(dim=-1, keepdim=True).float()
+    if reduce_amax is not None:
+        amax = reduce_amax(amax)
+    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale[:, 0]
+
+
+def dequantize(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The values an fp8 weight stands for: w_q [N, K] * scale [N], in ``dtype``."""
+    return (w_q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_scale: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for a plain weight (``w_scale`` None), else the fp8 matmul of x [..., K] and the fp8
+    weight w [N, K] with its per-channel ``w_scale`` [N] -> [..., N] in x's dtype."""
+    if w_scale is None:
+        return F.linear(x, w, b)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)                                                     # [M, K]
+    m, n = x2.shape[0], w.shape[0]
+    if x.is_cuda and k % SCALED_MM_ALIGN == 0 and n % SCALED_MM_ALIGN == 0:
+        # Rows padded to 16 with zeros (a decode step's few rows: nothing next to the weight read).
+        x_q, x_scale = quantize_rows(F.pad(x2, (0, 0, 0, -m % SCALED_MM_ALIGN)))
+        y = torch._scaled_mm(x_q, w.t(), scale_a=x_scale, scale_b=w_scale[None, :].float(),
+                             out_dtype=torch.bfloat16)[:m].to(x.dtype)        # row-wise scales: bf16 out
+    else:  # the reference: the same product from the dequantized operands
+        x_q, x_scale = quantize_rows(x2)
+        y = F.linear((x_q.to(torch.float32) * x_scale).to(x.dtype), dequantize(w, w_scale, x.dtype))
+    y = y.reshape(*lead, n)
+    return y if b is None else y + b
+
+
+class Fp8Linear(torch.nn.Module):
+    """An ``nn.Linear`` with fp8 weights (``weight`` [N, K] float8_e4m3fn, ``scale`` [N] fp32): what the
+    eager engine and module-mode layers call; the fast engine reads the same tensors."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.scale = torch.nn.Parameter(scale, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.scale)
