@@ -99,6 +99,19 @@ def test_continuous_bench_runs_static_and_continuous_on_both_parts(tmp_path):
     assert rows[("server", 4, "merge")]["mean_batch"] > 1  # the baseline really merged
 
 
+def test_stream_bench_runs_unary_and_both_stream_modes_in_one_run(tmp_path):
+    records = [{"instruction": f"Say {n} words.", "input": "", "output": "word"} for n in range(24)]
+    (tmp_path / "alpaca_5k.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    results = run_bench("stream.py", tmp_path, "--data-dir", str(tmp_path), timeout_s=600)
+    rows = {r["mode"]: r for r in results["rows"]}
+    assert set(rows) == {"unary", "stream-per-step", "stream"}
+    assert all("error" not in r and r["tokens"] == 16 * 12 and r["tok_s"] > 0 for r in rows.values()), rows
+    assert rows["unary"]["chunks_s"] == 0 and "ttft_p50_ms" not in rows["unary"]
+    for mode in ("stream-per-step", "stream"):  # every streamed token carried its server time
+        assert rows[mode]["chunks_s"] > 0 and rows[mode]["ttft_p50_ms"] > 0 and rows[mode]["itl_p50_ms"] >= 0
+    assert rows["stream-per-step"]["stream_interval_ms"] == 0 and rows["stream"]["stream_interval_ms"] > 0
+
+
 def test_continuous_bench_refuses_bad_join_tokens(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "continuous.py"), "--quick", "--join-tokens", "8,x"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
