@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
                    help="server SQLite DB, in a folder that exists (default: %(default)s)")
     p.add_argument("--power-backend", default=d.power_backend,
                    help="auto (nvml-readonly with a GPU, else simulated), nvml, nvml-readonly, simulated")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (per-GPU power, energy, cap, SM %%, memory-controller %%, queue, "
+                        "in-flight requests, tokens/s, requests by status) on this port of --host")
     p.add_argument("--telemetry-hz", type=float, default=d.telemetry_hz, help="sampling rate, 0 to 100 (default 10)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help="most prompts in one batch: one request's, merged requests' or continuous rows "
@@ -106,6 +109,8 @@ def config_from_args(args) -> ServerConfig:
     for name in ("max_batch_size", "max_new_tokens_limit", "default_max_new_tokens", "queue_size", "sim_gpus"):
         if getattr(args, name) < 1:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise InvalidArgument(f"--metrics-port must be between 0 and 65535, got {args.metrics_port}")
     if not 0 <= args.telemetry_hz <= 100:
         raise InvalidArgument(f"--telemetry-hz must be between 0 and 100, got {args.telemetry_hz:g}")
     if args.default_max_new_tokens > args.max_new_tokens_limit:

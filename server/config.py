@@ -40,6 +40,7 @@ class ServerConfig:
     port: int = 50051                    # 0 picks a free port (tests)
     db_path: Path = Path("llmwatts-server.db")
     power_backend: str = "auto"          # auto, nvml, nvml-readonly, simulated
+    metrics_port: int | None = None      # Prometheus metrics on this port (0 picks one); None: off
     telemetry_hz: float = 10.0           # 0 disables the sampler (batch-boundary reads still happen)
     max_batch_size: int = 64             # most sequences in one batch (per request and merged)
     max_new_tokens_limit: int = 2048     # largest max_new_tokens a request may ask for

@@ -28,8 +28,9 @@ SERVICE_NAMES = ("llmwatts.v1.Inference", "llmwatts.v1.Control")
 class LlmwattsServer:
     """A started-or-not gRPC server and the host behind it; ``stop`` also stops the host."""
 
-    def __init__(self, grpc_server: grpc.Server, host: Host, health_servicer: health.HealthServicer):
+    def __init__(self, grpc_server: grpc.Server, host: Host, health_servicer: health.HealthServicer, metrics=None):
         self.grpc_server, self.host, self.health = grpc_server, host, health_servicer
+        self.metrics = metrics  # server.metrics.LiveMetrics (--metrics-port) or None
         host.batcher.on_failure = lambda err: self.set_not_serving()  # a dead engine or rank: NOT_SERVING
 
     def start(self) -> None:
@@ -46,6 +47,8 @@ class LlmwattsServer:
         self.set_not_serving()
         self.host.batcher.stop()  # finish the batch in flight so its callers get answers
         self.grpc_server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.host.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -71,7 +74,12 @@ def create_server(config: ServerConfig, host: Host | None = None) -> tuple[Llmwa
         raise InvalidArgument(f"--default-lease-s must be between 0 and {MAX_LEASE_S:g} seconds, "
                               f"got {config.default_lease_s:g}")
     host = host or Host(config)
+    live = None
     try:
+        if config.metrics_port is not None:
+            from llmwatts.server.metrics import LiveMetrics
+
+            live = LiveMetrics(host, config.metrics_port, config.host)
         interceptor = auth.BearerTokenInterceptor(
             config.control_token, inference_token=config.inference_token, loopback_only=loopback,
             allow_insecure_loopback_control=config.allow_insecure_loopback_control)
@@ -79,7 +87,8 @@ def create_server(config: ServerConfig, host: Host | None = None) -> tuple[Llmwa
         # Control and health calls, so a full queue never starves SetPowerCap or a health check.
         workers = config.queue_size + config.max_batch_size + 16
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                             interceptors=[interceptor], maximum_concurrent_rpcs=workers,
+                             interceptors=[interceptor] + ([live.interceptor] if live else []),
+                             maximum_concurrent_rpcs=workers,
                              options=[("grpc.so_reuseport", 0)])  # a taken port is an error, never shared
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(host), server)
         pb_grpc.add_ControlServicer_to_server(ControlServicer(host), server)
@@ -94,6 +103,8 @@ def create_server(config: ServerConfig, host: Host | None = None) -> tuple[Llmwa
         if port == 0:
             raise Unavailable(f"cannot listen on {address}: is the port in use? pick another with --port")
     except BaseException:
+        if live is not None:
+            live.stop()
         host.close()
         raise
-    return LlmwattsServer(server, host, health_servicer), port
+    return LlmwattsServer(server, host, health_servicer, live), port
