@@ -16,7 +16,8 @@ from pathlib import Path
 import grpc
 
 from llmwatts.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
-from llmwatts.server.auth import CONTROL_TOKEN_ENV, client_channel
+from llmwatts.client import client_channel
+from llmwatts.server.auth import CONTROL_TOKEN_ENV
 from llmwatts.server.export import cell_value
 from llmwatts.server.store import SCHEMA, open_db
 from llmwatts.v1 import llmwatts_pb2 as pb

@@ -15,7 +15,7 @@ SUBCOMMANDS = [
     "llmwatts.server.cli",
     "llmwatts.loadgen.cli",
     "llmwatts.analysis.cli",
-    "llmwatts.server.cap_cli",
+    "llmwatts.cap_cli",
     "llmwatts.server.clock_cli",
     "llmwatts.demo",
     "llmwatts.study.cli",

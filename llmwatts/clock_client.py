@@ -18,11 +18,10 @@ from typing import Iterator
 import grpc
 
 from llmwatts.errors import InvalidArgument
-from llmwatts.server.auth import client_channel, load_token
-from llmwatts.server.cap_cli import CapCommandError, rpc_error, selector_of
+from llmwatts.client import ClientError, client_channel, control_token, gpu_selector, rpc_error
 
 
-class ClockCommandError(CapCommandError):
+class ClockCommandError(ClientError):
     """A clock Control RPC failed; the message is ``CODE: details``."""
 
 
@@ -30,14 +29,14 @@ class ClockClient:
     """One control channel to ``target``; ``token`` defaults to the control token of the environment."""
 
     def __init__(self, target: str, *, token: str | None = None, ca=None, cert=None, key=None,
-                 timeout_s: float = 10.0, gpus: list[str] | None = None):
+                 timeout_s: float = 10.0, gpus: str | list[str] | None = None):
         from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise InvalidArgument(f"timeout_s must be a positive number of seconds, got {timeout_s:g}")
         self.target, self.timeout_s = target, timeout_s
-        self.selector = selector_of(gpus)
-        self._channel = client_channel(target, ca=ca, cert=cert, key=key, token=token or load_token())
+        self.selector = gpu_selector(gpus)
+        self._channel = client_channel(target, ca=ca, cert=cert, key=key, token=token or control_token())
         self._stub = pb_grpc.ControlStub(self._channel)
 
     def _call(self, method: str, request):

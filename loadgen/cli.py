@@ -36,23 +36,27 @@ def add_parser(subparsers) -> None:
         "sweep",
         help="one load run per power cap (set over the Control RPC) and/or arrival rate, for latency-vs-energy studies",
         description="For each cap in --caps: set it on the server's GPUs (leased, needs the control token from "
-        "$LLMWATTS_CONTROL_TOKEN or --control-token-file), run the load, label the run cap_w=W. The caps are "
+        "--control-token-file, $LLMWATTS_CONTROL_TOKEN_FILE or $LLMWATTS_CONTROL_TOKEN), run the load, label the run cap_w=W. The caps are "
         "reset when the sweep ends. Then `llmwatts report` shows the runs side by side, the trade-off and the "
         "SLA choice.",
     )
     s.add_argument("--caps", metavar="W,W,...", help="caps in watts, in the order to run them")
     s.add_argument("--rates", metavar="R,R,...",
                    help="open-loop rates in requests/s: one run per rate (under each cap); see --arrival")
-    s.add_argument("--gpus", action="append", metavar="SEL", help="GPUs to cap (uuid, index or rank:index; default all)")
+    s.add_argument("--gpus", metavar="SEL[,SEL...]",
+                   help="GPUs to cap by uuid, index or rank:index, comma-separated (default all)")
     s.add_argument("--lease-s", type=float, default=0.0, help="lease of each cap (default: the server's)")
-    s.add_argument("--control-token-file", metavar="PATH", help="file holding the control bearer token")
+    s.add_argument("--control-token-file", metavar="PATH",
+                   help="file holding the control token (default $LLMWATTS_CONTROL_TOKEN_FILE, then "
+                        "$LLMWATTS_CONTROL_TOKEN)")
     add_load_arguments(s, distributed=False)
     s.set_defaults(func=run_sweep)
 
 
 def add_load_arguments(p, *, distributed: bool) -> None:
     """The flags of one load run (shared by ``load`` and ``sweep``)."""
-    p.add_argument("--target", metavar="HOST:PORT", help="address of `llmwatts serve` (required unless --worker)")
+    p.add_argument("--target", metavar="HOST:PORT",
+                   help="address of `llmwatts serve`" + (" (required unless --worker)" if distributed else " (required)"))
     g = p.add_argument_group("prompts")
     g.add_argument("--dataset", choices=DATASETS, default="alpaca",
                    help="alpaca, gsm8k, a JSONL file (jsonl) or the embedded demo set (mini); default alpaca")
@@ -94,11 +98,12 @@ def add_load_arguments(p, *, distributed: bool) -> None:
                    help="--stream: keep every chunk's arrival time (table client_chunks; large)")
     g.add_argument("--json", action="store_true", help="print the result as JSON instead of a summary")
     g.add_argument("--quiet", action="store_true", help="no Locust log lines")
-    g = p.add_argument_group("security", "the inference token is read from $LLMWATTS_INFERENCE_TOKEN or --token-file")
+    g = p.add_argument_group("security", "the inference token is read from --inference-token-file, "
+                                         "$LLMWATTS_INFERENCE_TOKEN_FILE or $LLMWATTS_INFERENCE_TOKEN")
     g.add_argument("--ca", metavar="PEM", help="TLS: CA bundle that signed the server's certificate")
     g.add_argument("--cert", metavar="PEM", help="mutual TLS: client certificate")
     g.add_argument("--key", metavar="PEM", help="mutual TLS: client private key")
-    g.add_argument("--token-file", metavar="PATH", help="file holding the inference bearer token")
+    g.add_argument("--inference-token-file", metavar="PATH", help="file holding the inference token")
     if not distributed:
         p.set_defaults(master=False, expect_workers=1, master_bind_host="*", master_port=5557, worker=False,
                        master_host="127.0.0.1")
@@ -113,15 +118,11 @@ def add_load_arguments(p, *, distributed: bool) -> None:
 
 
 def config_from_args(args) -> LoadConfig:
-    token = None
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise InvalidArgument(f"cannot read --token-file {args.token_file}: {e.strerror}") from e
+    from llmwatts.client import inference_token, parse_target
+
+    token = inference_token(args.inference_token_file)
     return LoadConfig(
-        target=args.target, dataset=args.dataset, jsonl_path=args.jsonl_path, field=args.field, split=args.split,
+        target=parse_target(args.target) if args.target else None, dataset=args.dataset, jsonl_path=args.jsonl_path, field=args.field, split=args.split,
         data_dir=args.data_dir, num_prompts=args.num_prompts, seed=args.seed, batch_size=args.batch_size,
         users=args.users, spawn_rate=args.spawn_rate,
         run_time_s=parse_duration_s(args.run_time) if args.run_time else None, requests=args.requests,
@@ -159,7 +160,7 @@ def run(args) -> int:
 
 def run_sweep(args) -> int:
     from llmwatts.loadgen.sweep import parse_caps, parse_rates
-    from llmwatts.server.auth import load_token
+    from llmwatts.client import control_token
 
     if not (args.caps or args.rates):
         raise InvalidArgument("sweep what? pass --caps W,W,... and/or --rates R,R,...")
@@ -170,7 +171,7 @@ def run_sweep(args) -> int:
         config.rate_rps = rates[0]  # validated as an open-loop run
     config.validate()
     check_prompts(config)
-    token = load_token(path=args.control_token_file) if caps else None
+    token = control_token(args.control_token_file) if caps else None
     from llmwatts.loadgen.sweep import run_sweep as sweep
 
     steps = sweep(config, caps_w=caps, rates_rps=rates, gpus=args.gpus, lease_s=args.lease_s, control_token=token)

@@ -16,6 +16,8 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User
 from locust.exception import LocustError
 
+from llmwatts.client import call_metadata, client_channel, strip_scheme  # noqa: F401 (call_metadata: users import it here)
+
 _gevent_ready = False
 
 
@@ -46,30 +48,12 @@ class ChannelOptions:
 
 def normalise_target(host: str) -> str:
     """``HOST:PORT`` from what users type into Locust's host field (``grpc://h:p`` or ``h:p``)."""
-    for scheme in ("grpc://", "grpcs://", "http://", "https://"):
-        if host.startswith(scheme):
-            host = host[len(scheme):]
-    return host.rstrip("/")
+    return strip_scheme(host)
 
 
 def make_channel(options: ChannelOptions) -> grpc.Channel:
-    """An insecure or TLS channel to ``options.target``."""
-    if options.ca:
-        def read(path):
-            with open(path, "rb") as f:
-                return f.read()
-
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=read(options.ca),
-            private_key=read(options.key) if options.key else None,
-            certificate_chain=read(options.cert) if options.cert else None,
-        )
-        return grpc.secure_channel(options.target, credentials)
-    return grpc.insecure_channel(options.target)
-
-
-def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    """An insecure or TLS channel to ``options.target`` (the token goes on each call's metadata)."""
+    return client_channel(options.target, ca=options.ca, cert=options.cert, key=options.key)
 
 
 class StoppedByLoadGenerator(Exception):

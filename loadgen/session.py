@@ -77,6 +77,7 @@ class LoadSession:
         self._first_ticket = 0                  # worker: tickets below this belong to an earlier test
         self._flusher = None
         self._explicit_run_id = None
+        self._begun = False                     # our BeginRun was accepted: EndRun is ours to send
         self._prompt_key = None
         self.stop_on_finish = True
         self._last_error: str | None = None
@@ -353,12 +354,15 @@ class LoadSession:
                 control.BeginRun(pb.BeginRunRequest(run_id=self.run_id, labels=labels),
                                  timeout=CONTROL_DEADLINE_S, metadata=metadata)
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # another run's window: send nothing under it
+                    self._begun = False
+                    self._fail(f"run id {self.run_id!r} was already used on this server: nothing was sent; "
+                               "pass a new --run-id (or none: one is made)")
+                    return
                 log.error("BeginRun(%s) failed: %s", self.run_id, _rpc_text(e))
-                if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # the server's run window is another run's
-                    self.errors.append(f"run id {self.run_id!r} was already used on this server: "
-                                       "its rows here are not a run of their own; pass a new --run-id")
         finally:
             channel.close()
+        self._begun = True
         records.write_run_start(self.db, {
             "run_id": self.run_id, "target": normalise_target(self.environment.host or c.target or ""),
             "started_ns": started_ns, "labels": labels, "clock_offset_ns": self.clock_offset_ns,
@@ -366,6 +370,8 @@ class LoadSession:
         })
 
     def _mark_end(self):
+        if not self._begun:  # the run id was another run's: its window is not ours to end
+            return
         channel, control = self._control()
         try:
             control.EndRun(pb.EndRunRequest(run_id=self.run_id), timeout=CONTROL_DEADLINE_S,

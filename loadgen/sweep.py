@@ -12,15 +12,10 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
-import grpc
-
-from llmwatts.errors import InvalidArgument
+from llmwatts.cap_client import CapClient
+from llmwatts.errors import InvalidArgument, LlmwattsError
 from llmwatts.loadgen.config import LoadConfig, LoadResult, new_run_id
 from llmwatts.loadgen.runner import run_load
-from llmwatts.server.auth import client_channel
-from llmwatts.server.cap_cli import rpc_error, selector_of
-from llmwatts.v1 import llmwatts_pb2 as pb
-from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
 log = logging.getLogger("llmwatts.loadgen")
 CONTROL_TIMEOUT_S = 30.0
@@ -59,7 +54,7 @@ def _positive_list(text: str, message: str) -> list[float]:
 
 
 def run_sweep(config: LoadConfig, *, caps_w: list[float] | None = None, rates_rps: list[float] | None = None,
-              gpus: list[str] | None = None, lease_s: float = 0.0,
+              gpus: str | list[str] | None = None, lease_s: float = 0.0,
               control_token: str | None = None) -> list[SweepStep]:
     """One load run per cap × rate, caps outermost, in the order given. Run ids are
     ``<run_id>[-cap<W>][-rate<R>]``, labelled ``cap_w`` / ``rate_rps`` and ``sweep``. Without caps no cap
@@ -75,29 +70,23 @@ def run_sweep(config: LoadConfig, *, caps_w: list[float] | None = None, rates_rp
         for rate in rates_rps:
             steps.append(_run_step(config, base, None, rate))
         return steps
-    channel = client_channel(config.target, ca=config.ca, cert=config.cert, key=config.key, token=control_token)
-    control = pb_grpc.ControlStub(channel)
-    selector = selector_of(gpus)
+    caps = CapClient(config.target, token=control_token, ca=config.ca, cert=config.cert, key=config.key,
+                     timeout_s=CONTROL_TIMEOUT_S, gpus=gpus)
     changed = False  # reset only what this sweep changed: a refused first set leaves nothing to undo
     try:
+        caps.check_caps(caps_w)  # every cap in range before the first cell runs
         for cap_w in caps_w:
-            try:
-                control.SetPowerCap(pb.SetPowerCapRequest(selector=selector, cap_w=cap_w, lease_s=lease_s,
-                                                          reason=f"sweep {base}"), timeout=CONTROL_TIMEOUT_S)
-            except grpc.RpcError as e:
-                raise rpc_error(e, config.target) from None
+            caps.set(cap_w, lease_s=lease_s, reason=f"sweep {base}")
             changed = True
             for rate in rates_rps or [None]:
                 steps.append(_run_step(config, base, cap_w, rate))
     finally:
         try:
             if changed:
-                control.ResetPowerCap(pb.ResetPowerCapRequest(selector=selector, reason=f"sweep {base} done"),
-                                      timeout=CONTROL_TIMEOUT_S)
-        except grpc.RpcError as e:  # the lease still restores the cap; say so rather than hide the first error
-            log.error("could not reset the caps after the sweep (%s); their lease will restore them",
-                      rpc_error(e, config.target))
-        channel.close()
+                caps.reset(reason=f"sweep {base} done")
+        except LlmwattsError as e:  # the lease still restores the cap; say so rather than hide the first error
+            log.error("could not reset the caps after the sweep (%s); their lease will restore them", e)
+        caps.close()
     return steps
 
 

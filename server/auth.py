@@ -9,13 +9,11 @@ token, mutating calls are refused unless the server listens on loopback only *an
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -186,10 +184,10 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
                     "or bind it to 127.0.0.1 with --allow-insecure-loopback-control on a single-user machine"
                 )
             return self._check_token(method, metadata, self.control_token,
-                                     f"${CONTROL_TOKEN_ENV} or --token-file PATH")
+                                     f"${CONTROL_TOKEN_ENV} or --control-token-file PATH")
         if self.inference_token is not None and method.startswith(INFERENCE_PREFIX):
             return self._check_token(method, metadata, self.inference_token,
-                                     f"${INFERENCE_TOKEN_ENV} or --token-file PATH")
+                                     f"${INFERENCE_TOKEN_ENV} or --inference-token-file PATH")
         return None
 
     @staticmethod
@@ -234,78 +232,3 @@ def server_credentials(
         root_certificates=_read(client_ca, "client CA"),
         require_client_auth=client_ca is not None,
     )
-
-
-# -------------------------------------------------------------------------------------------------
-# Client side
-# -------------------------------------------------------------------------------------------------
-
-
-class _CallDetails(
-    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-    grpc.ClientCallDetails,
-):
-    pass
-
-
-class _MetadataInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds fixed metadata to every call (bearer token on plaintext channels, where grpc refuses
-    call credentials)."""
-
-    def __init__(self, metadata: list[tuple[str, str]]):
-        self._metadata = metadata
-
-    def _details(self, d):
-        return _CallDetails(d.method, d.timeout, list(d.metadata or []) + self._metadata, d.credentials,
-                            d.wait_for_ready, d.compression)
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-
-def client_channel(
-    target: str,
-    *,
-    ca: str | os.PathLike | None = None,
-    cert: str | os.PathLike | None = None,
-    key: str | os.PathLike | None = None,
-    token: str | None = None,
-    options: list[tuple[str, object]] | None = None,
-) -> grpc.Channel:
-    """A channel to ``target`` (HOST:PORT). TLS when ``ca`` or ``cert`` is given (``ca`` verifies the
-    server, default the system roots; ``cert`` + ``key`` present a client certificate for mTLS).
-    ``token`` is sent as ``authorization: Bearer``: as call credentials under TLS, as metadata on
-    plaintext (where it travels in clear text; keep plaintext to loopback)."""
-    if (cert is None) != (key is None):
-        raise InvalidArgument("a client certificate needs both --cert and --key")
-    if ca is not None or cert is not None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(ca, "CA certificate"),
-            private_key=_read(key, "client key"),
-            certificate_chain=_read(cert, "client certificate"),
-        )
-        if token:
-            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-        return grpc.secure_channel(target, credentials, options=options)
-    channel = grpc.insecure_channel(target, options=options)
-    if token:
-        host = target.rsplit(":", 1)[0] if ":" in target else target
-        if not is_loopback_host(host.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:")):
-            warnings.warn(f"sending a bearer token to {target} without TLS: anyone on the path can read it; "
-                          "use --ca (and a TLS server)", stacklevel=2)
-        channel = grpc.intercept_channel(channel, _MetadataInterceptor([("authorization", f"Bearer {token}")]))
-    return channel

@@ -6,8 +6,9 @@ import argparse
 import time
 
 from llmwatts.clock_client import ClockClient
-from llmwatts.server.auth import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, load_token
-from llmwatts.server.cap_cli import add_control_options
+from llmwatts.cap_cli import add_control_options
+from llmwatts.client import control_token
+from llmwatts.server.auth import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV
 from llmwatts.server.gpu.common import format_mhz
 
 
@@ -34,7 +35,7 @@ def print_clocks(reply, target: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with ClockClient(args.target, token=load_token(path=args.token_file), ca=args.ca, cert=args.cert, key=args.key,
+    with ClockClient(args.target, token=control_token(args.control_token_file), ca=args.ca, cert=args.cert, key=args.key,
                      timeout_s=args.timeout_s, gpus=args.gpus) as clocks:
         if args.clocks_command == "get":
             reply = clocks.get()
@@ -54,7 +55,7 @@ def add_parser(subparsers) -> None:
         description=(
             "Read the GPU clocks of a running llmwatts server (current, maximum, supported, and what holds "
             "them back), or lock them. Locking needs the server's control token: "
-            f"${CONTROL_TOKEN_ENV}, ${CONTROL_TOKEN_FILE_ENV} or --token-file. Locks are reset when their "
+            f"--control-token-file, ${CONTROL_TOKEN_FILE_ENV} or ${CONTROL_TOKEN_ENV}. Locks are reset when their "
             "lease runs out and when the server stops. Servers on shared GPUs (nvml-readonly) only read."
         ),
     )

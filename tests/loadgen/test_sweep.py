@@ -88,3 +88,14 @@ def test_sweep_refuses_bad_caps_before_touching_the_server(tmp_path):
     out = subprocess.run(CLI + ["sweep", "--target", "127.0.0.1:1", "--caps", "250,inf", "--dataset", "mini",
                                 "--requests", "1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--caps wants watts" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_cap_outside_the_range_is_refused_before_any_cell_runs(capped_server):
+    """Guards: `sweep --caps 250,50` ran (and recorded) the 250 W cell before the server refused 50 W."""
+    target, tmp = capped_server
+    out = sweep(target, tmp, "250,50", TOKEN)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "llmwatts sweep: error: 50 W outside GPU 0:0's range 100–250 W: pick caps in that range"]
+    assert sqlite_utils.Database(tmp / "server.db")["cap_events"].count == 0
+    assert not (tmp / "client.db").exists()

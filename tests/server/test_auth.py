@@ -14,7 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmwatts.errors import InvalidArgument
 from llmwatts.server import auth
-from llmwatts.server.auth import BearerTokenInterceptor, client_channel, load_token, server_credentials
+from llmwatts.client import client_channel
+from llmwatts.server.auth import BearerTokenInterceptor, load_token, server_credentials
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"

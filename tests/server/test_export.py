@@ -9,7 +9,7 @@ from tests.conftest import start_server
 
 from llmwatts.analysis.pull import pull_records
 from llmwatts.errors import InvalidArgument, Unauthenticated
-from llmwatts.server.auth import client_channel
+from llmwatts.client import client_channel
 from llmwatts.server.export import TABLES, decode_cursor
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc

@@ -1,0 +1,152 @@
+"""The one client module every command uses (load, sweep, cap, clocks, demo, report --server): target
+parsing, credentials (TLS files, bearer tokens), the channel factory, and one error text for a failed call.
+
+Library code: it imports no CLI module, and no Locust (loadgen's users make their channels here too).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+
+import grpc
+
+from llmwatts.errors import InvalidArgument, LlmwattsError
+from llmwatts.server.auth import (CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, INFERENCE_TOKEN_ENV,
+                                  INFERENCE_TOKEN_FILE_ENV, _read, is_loopback_host, load_token)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+_SCHEMES = ("grpc://", "grpcs://", "http://", "https://")
+
+
+class ClientError(LlmwattsError):
+    """A call to the server failed; the message is ``CODE: details`` and what to do."""
+
+
+def strip_scheme(text: str) -> str:
+    """``h:p`` from ``grpc://h:p/`` (what users type into Locust's host field), unchecked."""
+    target = text.strip()
+    for scheme in _SCHEMES:
+        target = target.removeprefix(scheme)
+    return target.rstrip("/")
+
+
+def parse_target(text: str | None, flag: str = "--target") -> str:
+    """``HOST:PORT`` from what users type (``grpc://h:p/``, ``h:p``, ``[::1]:p``), checked: a port 1-65535."""
+    target = strip_scheme(text or "")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise InvalidArgument(f"{flag} wants HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_TARGET}; "
+                              f"got {text!r}")
+    return target
+
+
+def control_token(path: str | os.PathLike | None = None) -> str | None:
+    """The control token (power caps, clocks): ``--control-token-file``, else $LLMWATTS_CONTROL_TOKEN_FILE,
+    else $LLMWATTS_CONTROL_TOKEN."""
+    return load_token(CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, path=path)
+
+
+def inference_token(path: str | os.PathLike | None = None) -> str | None:
+    """The inference token: ``--inference-token-file``, else $LLMWATTS_INFERENCE_TOKEN_FILE, else
+    $LLMWATTS_INFERENCE_TOKEN."""
+    return load_token(INFERENCE_TOKEN_ENV, INFERENCE_TOKEN_FILE_ENV, path=path)
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Per-call metadata carrying ``token`` (for channels made without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def gpu_selector(gpus: str | list[str] | None):
+    """A ``GpuSelector`` from ``--gpus``: uuids, indices or rank:index, comma-separated (every command the
+    same way); empty selects every GPU."""
+    from llmwatts.v1 import llmwatts_pb2
+
+    entries = [gpus] if isinstance(gpus, str) else list(gpus or [])
+    names = [name.strip() for entry in entries for name in entry.split(",") if name.strip()]
+    return llmwatts_pb2.GpuSelector(gpus=names)
+
+
+def rpc_error(e: grpc.RpcError, target: str) -> ClientError:
+    """One readable line for a failed call to ``target``."""
+    code = e.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ClientError(
+            f"UNAVAILABLE: could not reach {target} ({e.details()}); check the server is running "
+            "(llmwatts serve) and the address, and whether it uses TLS (--ca)"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ClientError(f"DEADLINE_EXCEEDED: {target} did not answer in time; check the server is running")
+    return ClientError(f"{code.name}: {e.details()}")
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _MetadataInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata to every call (bearer token on plaintext channels, where grpc refuses
+    call credentials)."""
+
+    def __init__(self, metadata: list[tuple[str, str]]):
+        self._metadata = metadata
+
+    def _details(self, d):
+        return _CallDetails(d.method, d.timeout, list(d.metadata or []) + self._metadata, d.credentials,
+                            d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def client_channel(
+    target: str,
+    *,
+    ca: str | os.PathLike | None = None,
+    cert: str | os.PathLike | None = None,
+    key: str | os.PathLike | None = None,
+    token: str | None = None,
+    options: list[tuple[str, object]] | None = None,
+) -> grpc.Channel:
+    """A channel to ``target`` (HOST:PORT). TLS when ``ca`` or ``cert`` is given (``ca`` verifies the
+    server, default the system roots; ``cert`` + ``key`` present a client certificate for mTLS).
+    ``token`` is sent as ``authorization: Bearer``: as call credentials under TLS, as metadata on
+    plaintext (where it travels in clear text; keep plaintext to loopback)."""
+    if (cert is None) != (key is None):
+        raise InvalidArgument("a client certificate needs both --cert and --key")
+    if ca is not None or cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca, "CA certificate"),
+            private_key=_read(key, "client key"),
+            certificate_chain=_read(cert, "client certificate"),
+        )
+        if token:
+            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+        return grpc.secure_channel(target, credentials, options=options)
+    plain = grpc.insecure_channel(target, options=options)
+    if token:
+        host = target.rsplit(":", 1)[0] if ":" in target else target
+        if not is_loopback_host(host.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:")):
+            warnings.warn(f"sending a bearer token to {target} without TLS: anyone on the path can read it; "
+                          "use --ca (and a TLS server)", stacklevel=2)
+        return grpc.intercept_channel(plain, _MetadataInterceptor([("authorization", f"Bearer {token}")]))
+    return plain
