@@ -26,9 +26,8 @@ from pathlib import Path
 import grpc
 
 from llmwatts.analysis.pull import mirror_path, pull_records
+from llmwatts.client import client_channel, control_token, rpc_error
 from llmwatts.errors import FailedPrecondition, InvalidArgument, LlmwattsError, Unavailable
-from llmwatts.server.auth import client_channel, load_token
-from llmwatts.server.cap_cli import rpc_error
 from llmwatts.study.plan import Cell, Plan
 from llmwatts.study.progress import StudyProgress
 from llmwatts.v1 import llmwatts_pb2 as pb
@@ -125,7 +124,7 @@ def run_study(plan: Plan, study_db: str | Path, *, out: str | Path | None = None
               tls: dict | None = None, show_progress: bool = True) -> StudyResult:
     """Run every cell of ``plan`` not yet done in ``study_db``; then the report (when ``out``)."""
     study_db = Path(study_db)
-    token = token or load_token()
+    token = token or control_token()
     tls = tls or {}
     state = _open_state(study_db)
     servers = _connect(plan.servers, token, tls)
