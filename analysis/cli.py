@@ -44,6 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
     parser.add_argument("--sla-p95-ms", type=float, default=None, metavar="MS",
                         help="pick the lowest-J/token run whose client latency p95 is at most MS")
+    parser.add_argument("--slo", default=None, metavar="KEY=MS,...",
+                        help="latency objectives for goodput and J per good token, e.g. ttft_ms=500,tpot_ms=50,"
+                        "e2e_ms=5000 (default: each run's own `llmwatts load --slo`)")
     parser.set_defaults(func=run)
     return parser
 
@@ -51,7 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from llmwatts.analysis.ingest import ingest
     from llmwatts.analysis.report import build_report
+    from llmwatts.analysis.slo import parse_slo
 
+    slo = parse_slo(args.slo)
     if args.sla_p95_ms is not None and not (args.sla_p95_ms > 0 and math.isfinite(args.sla_p95_ms)):
         raise InvalidArgument(f"--sla-p95-ms must be a positive number of ms, got {args.sla_p95_ms:g}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -70,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
             server_dbs.append(str(mirror))
     if server_dbs or args.client_db:
         ingest(args.study_db, server_dbs, args.client_db)
-    build_report(args.study_db, args.out, sla_p95_ms=args.sla_p95_ms)
+    build_report(args.study_db, args.out, sla_p95_ms=args.sla_p95_ms, slo=slo)
     return 0

@@ -22,7 +22,7 @@ import rich.box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from llmwatts.analysis import metrics  # noqa: E402
+from llmwatts.analysis import metrics, views  # noqa: E402
 from llmwatts.analysis.ingest import open_study_db  # noqa: E402
 from llmwatts.console import console as llmwatts_console  # noqa: E402
 from llmwatts.errors import FailedPrecondition, InvalidArgument  # noqa: E402
@@ -33,6 +33,9 @@ DISPLAY_COLUMNS = [
     "words_per_s", "tokens_per_s", "responses_per_s", "avg_power_w", "energy_total_j", "energy_busy_j",
     "j_per_token", "j_per_response", "sm_pct_mean", "mem_pct_mean", "mem_used_pct_max",
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms", "gpu_energy_spread",
+    "tpot_p50_ms", "itl_p50_ms", "slo", "goodput_rps", "goodput_tokens_per_s", "j_per_good_token",
+    "j_per_request_p50", "j_per_request_p95", "j_per_output_token_p50", "idle_power_w", "energy_dynamic_j",
+    "steady_s", "steady_j_per_token",
 ]
 # The terminal gets fewer columns, with short headers, so the table fits a normal window.
 TERMINAL_COLUMNS = {
@@ -42,7 +45,8 @@ TERMINAL_COLUMNS = {
 }
 RECONCILE_COLUMNS = [
     "run_id", "client_sent", "server_ok", "server_error", "missing", "duplicated", "server_only",
-    "outside_window", "attributed_j", "batch_j", "attribution_rel_diff",
+    "outside_window", "attributed_j", "batch_j", "attribution_rel_diff", "status_mismatch",
+    "done_after_window", "batch_energy_exceeds_window",
 ]
 PLOT_NAMES = ("j_per_token_vs_batch", "tokens_per_s_vs_batch", "tradeoff", "power_timeline")
 MAX_POINTS_PER_GPU = 5000
@@ -157,29 +161,45 @@ def _plot_tradeoff(points: list[metrics.TradeoffPoint], path: Path, simulated: b
     return _save(fig, ax, path)
 
 
+def power_series(db, gpu_key: int, t0_ns: int, t1_ns: int, points: int = MAX_POINTS_PER_GPU):
+    """One GPU's power timeline downsampled in SQL to at most ``points`` equal time buckets over
+    [t0_ns, t1_ns]: per bucket its midpoint (s since t0_ns) and the mean, min and max of ``power_mw`` (W).
+    One scan of the GPU's key range; the metrics read every sample, only the plot is downsampled."""
+    bucket_ns = max(1, -(-(t1_ns - t0_ns + 1) // points))
+    rows = db.execute(
+        "SELECT (ts_ns - ?) / ? AS b, avg(power_mw), min(power_mw), max(power_mw) FROM telemetry_samples "
+        "WHERE gpu_key = ? AND power_mw IS NOT NULL GROUP BY b ORDER BY b", [t0_ns, bucket_ns, gpu_key]).fetchall()
+    return ([(r[0] + 0.5) * bucket_ns / 1e9 for r in rows], [r[1] / 1000 for r in rows],
+            [r[2] / 1000 for r in rows], [r[3] / 1000 for r in rows])
+
+
 def _plot_power_timeline(db, path: Path):
-    if not db["telemetry"].exists():
-        return None
-    servers = [r[0] for r in db.execute("SELECT DISTINCT server_id FROM telemetry ORDER BY server_id")]
+    servers = [r[0] for r in db.execute(
+        "SELECT DISTINCT g.server_id FROM telemetry_gpus g "
+        "WHERE EXISTS (SELECT 1 FROM telemetry_samples s WHERE s.gpu_key = g.gpu_key) ORDER BY g.server_id")]
     if not servers:
         return None
     fig, axes = plt.subplots(len(servers), 1, figsize=(9, 3.2 * len(servers)), squeeze=False)
     for ax, server_id in zip(axes[:, 0], servers):
-        t0_ns, server_simulated = db.execute(
-            "SELECT MIN(ts_ns), MAX(simulated) FROM telemetry WHERE server_id = ?", [server_id]).fetchone()
-        gpus = [r[0] for r in db.execute(
-            "SELECT DISTINCT gpu_uuid FROM telemetry WHERE server_id = ? ORDER BY rank, gpu_uuid", [server_id])]
-        for gpu_uuid in gpus:
-            rows = db.execute(
-                "SELECT ts_ns, power_mw FROM telemetry WHERE server_id = ? AND gpu_uuid = ? "
-                "AND power_mw IS NOT NULL ORDER BY ts_ns", [server_id, gpu_uuid]).fetchall()
-            step = max(1, len(rows) // MAX_POINTS_PER_GPU)  # plot resolution only; metrics use every row
-            rows = rows[::step]
-            ax.plot([(r[0] - t0_ns) / 1e9 for r in rows], [r[1] / 1000 for r in rows], lw=1, label=gpu_uuid)
+        gpus = db.execute("SELECT gpu_key, gpu_uuid FROM telemetry_gpus WHERE server_id = ? ORDER BY rank, gpu_uuid",
+                          [server_id]).fetchall()
+        keys = [k for k, _ in gpus]
+        marks = ",".join("?" * len(keys))
+        t0_ns, t1_ns, server_simulated = db.execute(
+            f"SELECT min(ts_ns), max(ts_ns), max(simulated) FROM telemetry_samples WHERE gpu_key IN ({marks})",
+            keys).fetchone()
+        for gpu_key, gpu_uuid in gpus:
+            x, mean_w, min_w, max_w = power_series(db, gpu_key, t0_ns, t1_ns)
+            line, = ax.plot(x, mean_w, lw=1, label=gpu_uuid)
+            ax.fill_between(x, min_w, max_w, color=line.get_color(), alpha=0.15, lw=0)
         for run_id, begin_ns, end_ns in db.execute(
             "SELECT run_id, begin_ns, end_ns FROM runs WHERE server_id = ? AND end_ns IS NOT NULL "
             "ORDER BY begin_ns", [server_id]) if db["runs"].exists() else []:
             ax.axvspan((begin_ns - t0_ns) / 1e9, (end_ns - t0_ns) / 1e9, color="tab:blue", alpha=0.08)
+            steady = db.execute("SELECT begin_ns, end_ns FROM run_steady WHERE run_id = ?", [run_id]).fetchone()
+            if steady:
+                ax.axvspan((steady[0] - t0_ns) / 1e9, (steady[1] - t0_ns) / 1e9, fill=False, hatch="//",
+                           edgecolor="tab:green", lw=0, alpha=0.4)
             ax.text((begin_ns - t0_ns) / 1e9, 1.0, f" {run_id}", transform=ax.get_xaxis_transform(),
                     fontsize=7, va="top")
         if db["cap_events"].exists():
@@ -193,7 +213,8 @@ def _plot_power_timeline(db, path: Path):
                         transform=ax.get_xaxis_transform(), va="bottom")
         ax.set_xlabel("time since first sample (s, server clock)")
         ax.set_ylabel("power (W)")
-        ax.set_title(_title(f"GPU power, server {server_id} (runs shaded, cap changes dashed)",
+        ax.set_title(_title(f"GPU power, server {server_id} (mean per time bucket, min–max band; "
+                            "runs shaded, steady state hatched, cap changes dashed)",
                             bool(server_simulated)),
                      fontsize=9)
         ax.grid(True, alpha=0.3)
@@ -274,12 +295,18 @@ def build_report(
     out_dir: str | os.PathLike,
     *,
     sla_p95_ms: float | None = None,
+    slo: dict[str, float] | None = None,
     console: Console | None = None,
 ) -> ReportResult:
     """Compute every run's metrics from ``study_db`` and write runs.csv, runs.md, the plots and
     report.html into ``out_dir`` (created). Prints the runs table to ``console`` (stdout by default).
-    ``sla_p95_ms``: also pick the lowest-J/token run with latency p95 at most this many ms."""
+    ``sla_p95_ms``: also pick the lowest-J/token run with latency p95 at most this many ms. ``slo``
+    (ms, keys ttft_ms/tpot_ms/e2e_ms): the objectives goodput is judged by for every run, instead of each
+    run's own (``llmwatts load --slo``)."""
     db = open_study_db(study_db, create=False)
+    if slo:
+        views.ensure_fresh(db)
+        views.set_slo(db, slo)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidArgument(f"--out {out} is a file; give a folder")
@@ -318,10 +345,16 @@ def build_report(
     console = console or llmwatts_console()
     _print_table(console, runs, simulated)
     for rec in result.reconciliations:
-        if not rec.consistent:
+        if rec.missing or rec.duplicated or rec.server_only:
             console.print(
                 f"run {rec.run_id}: {rec.missing} client request(s) with no server row, "
                 f"{rec.duplicated} on several servers, {rec.server_only} server row(s) no client sent"
+            )
+        if rec.done_after_window or rec.batch_energy_exceeds_window:
+            console.print(
+                f"run {rec.run_id}: its window ended before {rec.done_after_window} of its request(s) finished"
+                + (" and its batches' energy exceeds the window's" if rec.batch_energy_exceeds_window else "")
+                + ": its J/token leaves out energy those requests spent"
             )
     for run_id in orphan_client_runs(db):
         console.print(f"client run {run_id} has no server run: ingest its server DB (--server-db)")
