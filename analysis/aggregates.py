@@ -1,8 +1,8 @@
 """Per-run tables the views read that SQL alone does not give: percentiles (``run_percentiles``), the
 steady-state span (``run_steady``) and idle power per GPU (``study_idle_power``).
 
-All three come from one vectorised pass: the study's requests are read once from ``request_join`` in
-chunks into numpy arrays (memory: ~70 bytes a request), grouped by run with one sort, and every
+Percentiles and steady spans come from one vectorised pass: the study's requests are read once from
+``request_join_rows`` in chunks into numpy arrays (memory: ~70 bytes a request), grouped by run with one sort, and every
 percentile is ``llmwatts.stats.percentiles`` (numpy ``linear``), the project's one definition.
 """
 
@@ -14,7 +14,7 @@ import sqlite_utils
 from llmwatts.stats import percentiles
 
 PCTS = (50, 90, 95, 99)
-# metric -> SQL expression over request_join (ok rows only).
+# metric -> SQL expression over request_join_rows (ok rows only).
 METRICS = {
     "e2e_ms": "e2e_ms",
     "ttft_ms": "ttft_ms",
@@ -72,11 +72,27 @@ def _summary(values: np.ndarray) -> list:
     return [*percentiles(values, PCTS), float(values.mean()), int(values.size)]
 
 
-def refresh_percentiles(db: sqlite_utils.Database) -> None:
+def fetch_requests(db: sqlite_utils.Database) -> tuple[list[str], dict, int]:
+    """The one pass: every request row of every run that is ok or reached a server, as arrays (times in ns
+    since the study's first BeginRun, so float64 keeps every nanosecond). Returns (runs, arrays, base_ns)."""
+    base_ns = db.execute("SELECT coalesce(min(begin_ns), 0) FROM runs").fetchone()[0]
+    names = [m for m, expr in METRICS.items() if expr]
+    columns = [METRICS[m] for m in names] + ["itl_mean_ms", "itl_count", "ok", "has_server", "output_tokens"]
+    runs, arrays = _fetch(db, f"SELECT run_id, {', '.join(columns)}, received_ns - ?, done_ns - ? "
+                              "FROM request_join_rows WHERE ok OR has_server",
+                          names + columns[len(names):] + ["received_ns", "done_ns"], [base_ns, base_ns])
+    return runs, arrays, base_ns
+
+
+def _subset(arrays: dict, mask: np.ndarray) -> dict:
+    return {k: v[mask] for k, v in arrays.items()}
+
+
+def refresh_percentiles(db: sqlite_utils.Database, fetched=None) -> None:
     """``run_percentiles``: p50/p90/p95/p99/mean/n of each ``METRICS`` entry over each run's ok requests."""
     names = [m for m, expr in METRICS.items() if expr]
-    runs, arrays = _fetch(db, f"SELECT run_id, {', '.join(METRICS[m] for m in names)}, itl_mean_ms, itl_count "
-                              "FROM request_join WHERE ok", names + ["itl_mean_ms", "itl_count"])
+    runs, arrays, _ = fetched or fetch_requests(db)
+    arrays = _subset(arrays, arrays["ok"] == 1)
     rows: dict[str, dict] = {}
     for code, idx in _groups(arrays["_code"]):
         row = rows.setdefault(runs[code], {})
@@ -104,7 +120,7 @@ def _itl_from_chunks(db: sqlite_utils.Database, rows: dict[str, dict]) -> None:
         return
     runs, arrays = _fetch(db, """
         SELECT j.run_id, ch.elapsed_ms - lag(ch.elapsed_ms) OVER (PARTITION BY ch.request_id ORDER BY ch.chunk_index)
-        FROM client_chunks ch JOIN request_join j ON j.request_id = ch.request_id AND j.has_client AND j.ok
+        FROM client_chunks ch JOIN request_join_rows j ON j.request_id = ch.request_id AND j.has_client AND j.ok
     """, ["gap_ms"])
     for code, idx in _groups(arrays["_code"]):
         rows.setdefault(runs[code], {}).update(
@@ -160,15 +176,13 @@ def steady_span(received_ns: np.ndarray, done_ns: np.ndarray, target: float) -> 
     return int(times[first]), int(end)
 
 
-def refresh_steady(db: sqlite_utils.Database) -> None:
+def refresh_steady(db: sqlite_utils.Database, fetched=None) -> None:
     """``run_steady``: each run's steady-state span (``steady_span``; target = the run's load users, else
     the most requests ever in flight), the telemetry energy inside it (per-GPU counter delta between the
     first and last sample in the span) and the output tokens of ok requests done inside it."""
     targets = dict(db.execute("SELECT run_id, sum(users) FROM client_runs GROUP BY run_id").fetchall())
-    # Times relative to the study's first BeginRun, so float64 keeps every nanosecond.
-    base_ns = db.execute("SELECT coalesce(min(begin_ns), 0) FROM runs").fetchone()[0]
-    runs, arrays = _fetch(db, "SELECT run_id, received_ns - ?, done_ns - ?, ok, output_tokens FROM request_join "
-                              "WHERE has_server", ["received_ns", "done_ns", "ok", "output_tokens"], [base_ns, base_ns])
+    runs, arrays, base_ns = fetched or fetch_requests(db)
+    arrays = _subset(arrays, arrays["has_server"] == 1)
     rows = []
     for code, idx in _groups(arrays["_code"]):
         run_id = runs[code]
@@ -216,5 +230,6 @@ def _span_energy_j(db: sqlite_utils.Database, run_id: str, begin_ns: int, end_ns
 
 def refresh(db: sqlite_utils.Database) -> None:
     refresh_idle_power(db)
-    refresh_percentiles(db)
-    refresh_steady(db)
+    fetched = fetch_requests(db)
+    refresh_percentiles(db, fetched)
+    refresh_steady(db, fetched)

@@ -197,31 +197,32 @@ def _require_run(db, run_id: str) -> None:
         raise NotFound(f"no run {run_id!r} in the study DB (runs: {known})")
 
 
-def all_reconciliations(study_db, run_ids: list[str] | None = None) -> list[Reconciliation]:
-    """``Reconciliation`` of every run a server saw (or of ``run_ids``), from the views in one pass."""
+def all_reconciliations(study_db, run_ids: list[str] | None = None, runs: list[dict] | None = None
+                        ) -> list[Reconciliation]:
+    """``Reconciliation`` of every run a server saw (or of ``run_ids``), from the views in one pass.
+    ``runs``: the runs' ``run_metrics`` rows when the caller has them (saves reading the view again)."""
     db = open_study_db(study_db, create=False)
     views.ensure_fresh(db)
     run_ids = joins.run_ids(db) if run_ids is None else run_ids
     counts = {r["run_id"]: r for r in _dicts(db, "SELECT * FROM run_reconciliation")}
-    energy = {r["run_id"]: r for r in _dicts(
-        db, "SELECT run_id, energy_busy_j, attribution_rel_diff, batch_energy_exceeds_window FROM run_metrics")}
+    if runs is None:
+        runs = _dicts(db, "SELECT run_id, energy_busy_j, batch_energy_exceeds_window FROM run_metrics")
+    energy = {r["run_id"]: r for r in runs}
     ids: dict[tuple[str, str], list[str]] = {}
     for run_id, request_id, kind in db.execute("""
         SELECT run_id, request_id, CASE WHEN NOT has_client THEN 'server_only'
           WHEN server_rows = 0 THEN 'missing' WHEN server_rows > 1 THEN 'duplicated' ELSE 'outside' END
-        FROM request_join
+        FROM request_join_rows
         WHERE NOT has_client OR server_rows <> 1 OR (server_rows = 1 AND outside_window)
         ORDER BY coalesce(send_server_ns, received_ns), request_id"""):
         bucket = ids.setdefault((run_id, kind), [])
         if kind != "duplicated" or request_id not in bucket:
             bucket.append(request_id)
-    attributed = dict(db.execute(
-        "SELECT run_id, coalesce(sum(energy_j), 0.0) FROM request_join WHERE has_server GROUP BY run_id"))
     out = []
     for run_id in run_ids:
         c, e = counts.get(run_id, {}), energy.get(run_id, {})
         batch_j = e.get("energy_busy_j") or 0.0
-        attributed_j = attributed.get(run_id, 0.0)
+        attributed_j = c.get("attributed_j") or 0.0
         out.append(Reconciliation(
             run_id=run_id,
             client_sent=c.get("client_sent") or 0, server_ok=c.get("server_ok") or 0,

@@ -319,7 +319,7 @@ def build_report(
     simulated = any(r["simulated"] for r in runs)
     result = ReportResult(out, out / "runs.csv", out / "runs.md", out / "report.html", runs=runs,
                           simulated=simulated)
-    result.reconciliations = metrics.all_reconciliations(db, [r["run_id"] for r in runs])
+    result.reconciliations = metrics.all_reconciliations(db, [r["run_id"] for r in runs], runs=runs)
     points = metrics.tradeoffs(runs=runs)
     if sla_p95_ms is not None:
         result.sla = metrics.choose_sla(latency_p95_ms_max=sla_p95_ms, runs=runs)
