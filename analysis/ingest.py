@@ -50,7 +50,7 @@ SERVER_TABLES: dict[str, tuple[str, ...]] = {
     "requests": ("server_id", "request_id"),
     "telemetry": ("server_id", "gpu_uuid", "ts_ns"),
     "cap_events": ("server_id", "id"),
-    "idle_power": ("server_id", "gpu_uuid", "begin_ns"),
+    "idle_power": ("server_id", "gpu_uuid"),  # as llmwatts study writes it into the study DB
 }
 CLIENT_TABLES: dict[str, tuple[str, ...]] = {
     "client_runs": ("run_id", "started_ns"),
@@ -79,7 +79,7 @@ BASE_COLUMNS: dict[str, dict[str, str]] = {
                  "output_tokens": "INTEGER", "energy_j": "REAL", "status": "TEXT"},
     "cap_events": {"id": "INTEGER", "server_id": "TEXT", "ts_ns": "INTEGER", "gpu_uuid": "TEXT"},
     "idle_power": {"server_id": "TEXT", "gpu_uuid": "TEXT", "begin_ns": "INTEGER", "end_ns": "INTEGER",
-                   "power_mw": "INTEGER", "simulated": "INTEGER"},
+                   "power_mw": "INTEGER", "energy_j": "REAL", "simulated": "INTEGER"},
     "client_runs": {"run_id": "TEXT", "started_ns": "INTEGER", "clock_offset_ns": "INTEGER", "labels": "TEXT",
                     "users": "INTEGER"},
     "client_requests": {"request_id": "TEXT", "run_id": "TEXT", "client_send_ns": "INTEGER",

@@ -3,7 +3,8 @@ user reads with ``sqlite-utils query study.db "select * from run_metrics"`` or D
 
 Views (definitions and formulas: docs/analysis.md):
 
-- ``request_join``: one row per (run, request): each client row joined to its server row(s) by
+- ``request_join``: one row per (run, request), with ``simulated`` from its server (docs/energy.md: every
+  number labelled): each client row joined to its server row(s) by
   ``request_id``, plus the run's server rows no client row of the run claims. Flags ``ok`` (counted:
   ok on the server and, where the run has client rows, ok on the client too) and ``good`` (ok and every
   SLO of ``run_slo`` met).
@@ -46,7 +47,8 @@ SELECT c.run_id AS run_id, c.request_id AS request_id, r.server_id AS server_id,
   (r.received_ns - (c.client_send_ns + c.client_clock_offset_ns)) / 1e6 AS uplink_ms,
   w.begin_ns IS NOT NULL AND (c.client_send_ns + c.client_clock_offset_ns < w.begin_ns
     OR (w.end_ns IS NOT NULL AND c.client_send_ns + c.client_clock_offset_ns > w.end_ns)) AS outside_window,
-  coalesce(r.done_ns > w.end_ns, 0) AS done_after_window
+  coalesce(r.done_ns > w.end_ns, 0) AS done_after_window,
+  (SELECT sv.simulated FROM servers sv WHERE sv.server_id = r.server_id) AS simulated
 FROM client_requests c
 LEFT JOIN requests r ON r.request_id = c.request_id
 LEFT JOIN runs w ON w.server_id = r.server_id AND w.run_id = c.run_id
@@ -55,7 +57,8 @@ SELECT r.run_id, r.request_id, r.server_id, 0, 1, NULL, NULL, r.status,
   lower(r.status) = 'ok' AND NOT EXISTS (SELECT 1 FROM client_runs cr WHERE cr.run_id = r.run_id),
   NULL, NULL, r.received_ns, r.done_ns, r.batch_id, r.n_prompts, r.output_tokens, NULL,
   NULL, NULL, NULL, NULL, NULL, NULL, r.energy_j, r.energy_j / nullif(r.output_tokens, 0), NULL, 0,
-  coalesce(r.done_ns > w.end_ns, 0)
+  coalesce(r.done_ns > w.end_ns, 0),
+  (SELECT sv.simulated FROM servers sv WHERE sv.server_id = r.server_id)
 FROM requests r
 LEFT JOIN runs w ON w.server_id = r.server_id AND w.run_id = r.run_id
 WHERE r.run_id IS NOT NULL
