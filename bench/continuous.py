@@ -12,8 +12,8 @@ Two parts, each with its baseline in the same run:
   ``ContinuousSession`` of ``B`` rows that waiting requests join as soon as a row frees (``continuous``) or
   once ``N`` rows are free, several in one prefill (``continuous-joinN``, ``--join-rows``). Latency is each
   request's completion time from t0.
-- ``server``, closed loop: ``B`` client threads, each sending its next request when the last is
-  answered, against ``llmwatts serve --merge-requests`` (concurrent requests merged into one batch,
+- ``server``, closed loop: ``B`` client threads (``B + --extra-users``), each sending its next request
+  when the last is answered, against ``llmwatts serve --merge-requests`` (concurrent requests merged into one batch,
   ``batch_wait_ms`` 50) and against ``--continuous`` (its default join rounds), same model and engine; the
   clients run in a process of their own. ``--server-modes``: ``continuous-captured`` (the default)
   captures every decode graph of the server's session first (``ContinuousSession.capture_steps``, as
@@ -205,6 +205,9 @@ def main(argv=None) -> int:
                     help="server part: subset of merge,continuous,continuous-captured (continuous after "
                          "ContinuousSession.capture_steps: every decode graph captured first, as serve --warmup "
                          "--continuous-slots does)")
+    ap.add_argument("--extra-users", type=int, default=0,
+                    help="server part: B + this many client threads against B rows (default 0), so a row that "
+                         "frees finds a request waiting, as the offline engine's queue always has one")
     ap.add_argument("--data-dir", help="folder with alpaca_5k.jsonl (default: llmwatts' data folders)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="tiny on cpu, 2 and 4 rows, 12 requests")
@@ -218,6 +221,8 @@ def main(argv=None) -> int:
         ap.error(f"--join-tokens takes integers, got {args.join_tokens!r}")
     if not join_tokens or min(join_tokens) < 0:
         ap.error(f"--join-tokens takes integers >= 0, got {args.join_tokens!r}")
+    if args.extra_users < 0:
+        ap.error(f"--extra-users must be 0 or more, got {args.extra_users}")
     if set(parts) - set(PARTS):
         ap.error(f"unknown parts {sorted(set(parts) - set(PARTS))}: use {','.join(PARTS)}")
     dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
@@ -238,7 +243,7 @@ def main(argv=None) -> int:
         return ServerConfig(model=args.model, device=args.device, engine="fast", port=0,
                             power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
                             db_path=db_dir / f"{name}.db", cap_state_path=db_dir / f"{name}.caps.json",
-                            max_batch_size=b, queue_size=b + 8, **kw)
+                            max_batch_size=b, queue_size=b + 8 + args.extra_users, **kw)
 
     t_load = time.perf_counter()
     base = Host(config("load", 1))
@@ -314,12 +319,13 @@ def main(argv=None) -> int:
                     batcher.stats = LoopStats()
 
                 try:
-                    add("server", mode, lambda: clients.submit(closed_loop, port, reqs, b).result(),
+                    add("server", mode, lambda: clients.submit(closed_loop, port, reqs, b + args.extra_users).result(),
                         timed=reset_stats if mode.startswith("continuous") else None)
                     srv.host.store.flush()
                     sizes = [r[0] for r in srv.host.store.db.execute("select n_sequences from batches").fetchall()]
                     if mode == "merge" and sizes and "error" not in results["rows"][-1]:
                         results["rows"][-1]["mean_batch"] = statistics.mean(sizes)
+                    results["rows"][-1]["users"] = b + args.extra_users
                     if mode.startswith("continuous"):
                         results["rows"][-1]["join_rows"] = batcher.join_rows
                         results["rows"][-1]["loop"] = dataclasses.asdict(batcher.stats)
@@ -360,6 +366,8 @@ def print_report(results: dict) -> None:
                          f"{r['prefill_ms']:.1f} ms; {r['decode_ms']:.2f} ms a decode step")
         if "mean_batch" in r:
             notes.append(f"mean batch {r['mean_batch']:.1f}")
+        if r.get("users", r["batch"]) != r["batch"]:
+            notes.append(f"{r['users']} client threads")
         if "join_rows" in r:
             notes.append(f"joins once {r['join_rows']} rows are free")
         if "loop" in r:

@@ -6,7 +6,8 @@ every sequence at every step). This script measures, in one run and one server p
 
 - ``unary``: ``Generate``, the baseline;
 - ``stream-per-step``: ``GenerateStream`` with ``--stream-interval-ms 0`` (a chunk as soon as a step is there);
-- ``stream``: ``GenerateStream`` with the server's default interval (steps faster than it coalesced).
+- ``stream``: ``GenerateStream`` with the server's default interval (steps faster than it coalesced);
+  ``stream-<ms>``: with that interval.
 
 Workload: the first ``--requests`` Alpaca prompts as the load generator renders them, greedy,
 ``--max-new-tokens`` each (fixed length, as ``llmwatts load --greedy --max-new-tokens 256`` against
@@ -46,6 +47,17 @@ from llmwatts.loadgen.prompts import ALPACA_FILES, _find
 from llmwatts.server.continuous import LoopStats
 
 MODES = {"unary": None, "stream-per-step": 0.0, "stream": None}  # mode -> --stream-interval-ms (None: default)
+
+
+def interval_of(mode: str) -> float | None:
+    """A mode's --stream-interval-ms: ``stream-per-step`` 0, ``stream`` the server's default (None),
+    ``stream-<ms>`` that many ms. Raises ValueError for anything else."""
+    if mode in MODES:
+        return MODES[mode]
+    ms = float(mode.removeprefix("stream-")) if mode.startswith("stream-") else -1.0
+    if not 0 <= ms <= 10000:
+        raise ValueError(mode)
+    return ms
 
 
 def clients(port: int, reqs: list[Request], users: int, stream: bool) -> dict:
@@ -147,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--lengths", choices=("fixed", "reference"), default="fixed",
                     help="fixed: every request asks for --max-new-tokens; reference: its Alpaca reference length")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}, in this order")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"in this order, repeats allowed: {', '.join(MODES)}, or stream-<ms> (that interval)")
     ap.add_argument("--client-procs", type=int, default=4, help="client processes (each with users/N threads)")
     ap.add_argument("--data-dir", help="folder with alpaca_5k.jsonl (default: llmwatts' data folders)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -157,8 +170,11 @@ def main(argv=None) -> int:
         args.model, args.device, args.users, args.requests, args.max_new_tokens = "tiny", "cpu", 4, 16, 12
         args.client_procs = min(args.client_procs, 2)
     modes = [m for m in args.modes.split(",") if m]
-    if set(modes) - set(MODES):
-        ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}: use {','.join(MODES)}")
+    for mode in modes:
+        try:
+            interval_of(mode)
+        except ValueError:
+            ap.error(f"unknown mode {mode!r}: use {', '.join(MODES)} or stream-<ms> (e.g. stream-20)")
     dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
     path = _find(dirs, ALPACA_FILES)
     if path is None:
@@ -204,7 +220,7 @@ def main(argv=None) -> int:
     pool = concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
     procs = min(args.client_procs, args.users)
     for mode in modes:
-        interval = MODES[mode]
+        interval = interval_of(mode)
         kw = {"continuous_slots": slots}
         if interval is not None:
             kw["stream_interval_ms"] = interval
