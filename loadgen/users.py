@@ -86,6 +86,8 @@ class LlmUser(GrpcUser):
         due, self._due = self._due, None
         if self.session.schedule is not None and due is None:
             return  # a user's first task: its first arrival is claimed by wait_time, like every later one
+        while due is not None and (early_ns := due[0] - time.perf_counter_ns()) > 0:
+            gevent.sleep(early_ns / 1e9)  # libev times its timers from a cached loop clock: they may wake early
         seq = self.session.take_permit()
         if seq is None:
             gevent.sleep(IDLE_S)
