@@ -1,5 +1,6 @@
 """Streams coalesced by the server (``--stream-interval-ms``) still give the client ITL exact to the step."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -8,7 +9,16 @@ import time
 import pytest
 import sqlite_utils
 
-from conftest import LLMWATTS, offline_env
+LLMWATTS = [sys.executable, "-m", "llmwatts.cli"]
+
+
+def offline_env(tmp_path) -> dict:
+    """tests/loadgen/conftest.py's, copied: ``from conftest import`` gets whichever folder's conftest came first
+    when several test folders run together (tests/server has one too)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LLMWATTS_DATA_DIR", "LLMWATTS_INFERENCE_TOKEN")}
+    env.update(LLMWATTS_OFFLINE="1", HF_HUB_OFFLINE="1", LLMWATTS_CACHE_DIR=str(tmp_path / "cache"))
+    return env
 
 
 @pytest.fixture
