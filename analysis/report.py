@@ -340,7 +340,9 @@ def build_report(
     }
     result.plots = {name: path for name, path in plots.items() if path is not None}
     _write_markdown(result)
-    _write_html(result)
+    from llmwatts.analysis.html_report import cpu_only, write_html
+
+    write_html(db, runs, result.report_html, sla_p95_ms=sla_p95_ms, cpu_only=cpu_only(db))
 
     console = console or llmwatts_console()
     _print_table(console, runs, simulated)

@@ -39,7 +39,7 @@ def test_report_writes_every_file(tmp_path):
     assert {r["power"] for r in rows} == {"simulated"}
     assert float(rows[1]["j_per_token"]) == pytest.approx(1.0)
     page = result.report_html.read_text()
-    assert "SIMULATED power" in page and page.count("data:image/png;base64,") == 4
+    assert "SIMULATED power" in page and page.count("data:image/png;base64,") >= 4
     text = console.export_text()
     assert "SIMULATED power" in text and "sweep-300w-b8" in text and "meets latency p95 <= 250 ms" in text
     assert "client run run-1 has no server run: ingest its server DB" in text

@@ -1,0 +1,187 @@
+"""What report.html shows, computed from the study DB's views: workload groups, per-group SLA choices with
+their saving against the default cap and the runner-up, Pareto tables, cap-change comparisons beside the
+seed paper's published figures (``reference/samsi2023.toml``), and the words for simulated power.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmwatts.analysis import metrics
+
+REFERENCE = Path(__file__).with_name("reference") / "samsi2023.toml"
+# A workload: what a run serves (never mixed in one series or one choice).
+WORKLOAD_KEYS = ("model", "engine", "dtype", "dataset", "stream", "greedy", "max_new_tokens")
+# Settings swept within a workload (the x-axes and the series).
+SETTING_KEYS = ("batch_size", "users", "rate_rps", "cap_w")
+COLUMN_NAMES = {
+    "run_id": "run", "dataset": "dataset", "batch_size": "batch size (prompts per request)",
+    "cap_w": "power cap (W)", "rate_rps": "arrival rate (requests/s)", "users": "closed-loop users",
+    "power": "power source", "duration_s": "duration (s)", "responses": "responses",
+    "tokens_per_s": "throughput (output tokens/s)", "words_per_s": "throughput (words/s)",
+    "responses_per_s": "responses per second", "avg_power_w": "mean power, all GPUs (W)",
+    "energy_total_j": "energy in the run's window (J)", "j_per_token": "energy per output token (J)",
+    "j_per_token_dynamic": "energy above idle per output token (J)", "j_per_response": "energy per response (J)",
+    "latency_p50_ms": "latency p50 (ms)", "latency_p95_ms": "latency p95 (ms)", "latency_p99_ms": "latency p99 (ms)",
+    "ttft_p50_ms": "time to first token p50 (ms)", "ttft_p95_ms": "time to first token p95 (ms)",
+    "tpot_p50_ms": "time per output token p50 (ms)", "j_per_request_p50": "energy per request p50 (J)",
+    "sm_pct_mean": "SM busy, mean (%)", "mem_pct_mean": "memory controller busy, mean (%)",
+    "mem_used_pct_max": "GPU memory used, max (%)", "gpu_energy_spread": "energy spread across GPUs (max/min)",
+    "n_gpus": "GPUs", "idle_power_w": "idle power, all GPUs (W)",
+}
+SETTINGS = ["run_id", "dataset", "batch_size", "rate_rps", "users", "cap_w"]
+TABLES = {
+    "Throughput and energy": SETTINGS + ["duration_s", "responses", "tokens_per_s", "avg_power_w",
+                                         "energy_total_j", "j_per_token", "j_per_token_dynamic", "j_per_response"],
+    "Latency": SETTINGS + ["latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms", "ttft_p95_ms",
+                           "tpot_p50_ms"],
+    "Utilisation": SETTINGS + ["n_gpus", "sm_pct_mean", "mem_pct_mean", "mem_used_pct_max", "gpu_energy_spread",
+                               "idle_power_w"],
+}
+SIMULATED_COLUMNS = {"avg_power_w", "energy_total_j", "j_per_token", "j_per_token_dynamic", "j_per_response",
+                     "sm_pct_mean", "mem_pct_mean", "idle_power_w", "j_per_request_p50"}
+
+
+@dataclass
+class GroupChoice:
+    """The SLA choice of one workload group."""
+
+    best: dict | None
+    runner_up: dict | None
+    default: dict | None        # the same settings at the default (highest or unset) cap
+    saving_pct: float | None    # energy per token saved by ``best`` against ``default``
+    message: str
+
+
+@dataclass
+class Group:
+    name: str
+    workload: dict
+    runs: list[dict]
+    pareto: list[dict] = field(default_factory=list)
+    choice: GroupChoice | None = None
+    cap_change: dict | None = None
+
+
+def with_labels(db, runs: list[dict]) -> list[dict]:
+    """Each run row plus its BeginRun labels (rate_rps, rep, ...) where the row lacks them."""
+    labels = {}
+    if db["runs"].exists():
+        for run_id, text in db.execute("SELECT run_id, labels FROM runs"):
+            try:
+                labels[run_id] = json.loads(text or "{}")
+            except ValueError:
+                labels[run_id] = {}
+    out = []
+    for row in runs:
+        extra = {k: v for k, v in labels.get(row["run_id"], {}).items() if row.get(k) is None}
+        out.append({**extra, **row})
+    return out
+
+
+def _num(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def groups_of(runs: list[dict]) -> list[Group]:
+    by_key: dict[tuple, list[dict]] = {}
+    for row in runs:
+        by_key.setdefault(tuple(str(row.get(k)) for k in WORKLOAD_KEYS), []).append(row)
+    groups = []
+    for key, rows in by_key.items():
+        workload = {k: v for k, v in zip(WORKLOAD_KEYS, key) if v != "None"}
+        name = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in workload.items()) or "all runs"
+        groups.append(Group(name, workload, rows))
+    return groups
+
+
+def settings_text(row: dict) -> str:
+    parts = []
+    for k, unit in (("batch_size", "batch"), ("rate_rps", "req/s"), ("users", "users"), ("cap_w", "W cap")):
+        if row.get(k) is not None:
+            parts.append(f"{unit} {row[k]}" if k == "batch_size" else f"{row[k]} {unit}")
+    return ", ".join(parts) or row["run_id"]
+
+
+def pareto_rows(rows: list[dict]) -> list[dict]:
+    usable = sorted((r for r in rows if r.get("latency_p95_ms") is not None and r.get("j_per_token") is not None),
+                    key=lambda r: (r["latency_p95_ms"], r["j_per_token"]))
+    flags = metrics.pareto_front([(r["latency_p95_ms"], r["j_per_token"]) for r in usable])
+    return [r for r, on in zip(usable, flags) if on]
+
+
+def _default_cap(rows: list[dict]) -> float | None:
+    caps = [c for c in (_num(r.get("cap_w")) for r in rows) if c is not None]
+    return max(caps) if caps else None
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    return all(str(a.get(k)) == str(b.get(k)) for k in SETTING_KEYS if k != "cap_w")
+
+
+def choose(group: Group, sla_p95_ms: float) -> GroupChoice:
+    """Lowest J/token with latency p95 within the SLA, the runner-up, and the saving against the same
+    settings at the default cap (the highest cap of the sweep, or no cap)."""
+    usable = [r for r in group.runs if r.get("latency_p95_ms") is not None and r.get("j_per_token") is not None]
+    meeting = sorted((r for r in usable if r["latency_p95_ms"] <= sla_p95_ms),
+                     key=lambda r: (r["j_per_token"], r["latency_p95_ms"]))
+    if not meeting:
+        return GroupChoice(None, None, None, None, f"no run meets latency p95 ≤ {sla_p95_ms:g} ms")
+    best = meeting[0]
+    runner_up = meeting[1] if len(meeting) > 1 else None
+    top = _default_cap(group.runs)
+    defaults = [r for r in usable if _num(r.get("cap_w")) == top and _same_settings(r, best)]
+    default = min(defaults, key=lambda r: r["j_per_token"]) if defaults else None
+    saving = (1 - best["j_per_token"] / default["j_per_token"]) * 100 if default and default["j_per_token"] else None
+    text = (f"{settings_text(best)}: {best['j_per_token']:.4g} J/token at latency p95 "
+            f"{best['latency_p95_ms']:.0f} ms")
+    if saving is not None and default is not best:
+        text += f"; {saving:.1f}% less energy per token than the default cap ({settings_text(default)})"
+    elif default is best:
+        text += "; the default cap is itself the best choice"
+    return GroupChoice(best, runner_up, default, saving, text)
+
+
+def cap_change(group: Group) -> dict | None:
+    """Highest vs lowest cap at otherwise equal settings: % change of time per token and energy per token
+    (the paper's comparison), averaged over the settings where both caps ran."""
+    caps = sorted({c for c in (_num(r.get("cap_w")) for r in group.runs) if c is not None})
+    if len(caps) < 2:
+        return None
+    high, low = caps[-1], caps[0]
+    time_pct, energy_pct = [], []
+    for a in (r for r in group.runs if _num(r.get("cap_w")) == high):
+        for b in (r for r in group.runs if _num(r.get("cap_w")) == low and _same_settings(r, a)):
+            if a.get("tokens_per_s") and b.get("tokens_per_s") and a.get("j_per_token") and b.get("j_per_token"):
+                time_pct.append((a["tokens_per_s"] / b["tokens_per_s"] - 1) * 100)
+                energy_pct.append((b["j_per_token"] / a["j_per_token"] - 1) * 100)
+    if not time_pct:
+        return None
+    return {"cap_from_w": high, "cap_to_w": low, "pairs": len(time_pct),
+            "time_change_pct": sum(time_pct) / len(time_pct), "energy_change_pct": sum(energy_pct) / len(energy_pct)}
+
+
+def reference() -> list[dict]:
+    return tomllib.loads(REFERENCE.read_text())["cap_change"]
+
+
+def simulated_note(runs: list[dict], cpu_only: bool) -> str | None:
+    """The truth about simulated numbers: none, some (named), or all; and what J/token means on a CPU."""
+    sim = [r["run_id"] for r in runs if r.get("simulated")]
+    if not sim:
+        return None
+    what = ("watts, joules, SM % and memory-controller % come from a model of a GPU (docs/power-caps.md), "
+            "not from NVML")
+    text = (f"All runs use SIMULATED power: {what}." if len(sim) == len(runs)
+            else f"{len(sim)} of {len(runs)} runs use SIMULATED power ({', '.join(sim[:8])}"
+                 f"{'…' if len(sim) > 8 else ''}): {what}; their columns say so.")
+    if cpu_only:
+        text += (" The model ran on a CPU: a simulated J/token here is the modelled GPU's watts times this "
+                 "CPU's wall time, so it shows the pipeline at work, not what a GPU would spend.")
+    return text

@@ -1,0 +1,176 @@
+"""report.html's plots (matplotlib, PNG bytes): per workload group, never mixing workloads in a series.
+
+Rules from what users tripped on: batch sizes on a categorical axis ticked with the integers run; every
+y-axis starts at zero; repeated runs of one setting are drawn as points with their mean, never joined by
+a vertical line; legends sit outside the data; Pareto points are numbered (the numbers key the Pareto
+table) instead of labelled with run ids that overlap; "simulated" is in the axis label of each simulated
+quantity.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+
+from llmwatts.analysis.report_data import SETTING_KEYS, Group, _num  # noqa: E402
+
+MAX_TIMELINES = 24
+MAX_POINTS_PER_GPU = 2000
+MAX_REQUEST_POINTS = 20000
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _sim(label: str, simulated: bool) -> str:
+    return f"{label} [simulated]" if simulated else label
+
+
+def _series(rows: list[dict], x_key: str):
+    """{series label: {x: [rows]}}: a series holds every other swept setting fixed (so only repeats of one
+    setting share a point), for rows that have ``x_key``."""
+    varying = [k for k in SETTING_KEYS if k != x_key and len({str(r.get(k)) for r in rows}) > 1]
+    out: dict = {}
+    for r in rows:
+        x = _num(r.get(x_key))
+        if x is None:
+            continue
+        label = ", ".join(f"{k.replace('_', ' ')} {r.get(k)}" for k in varying) or "all runs"
+        out.setdefault(label, {}).setdefault(x, []).append(r)
+    return out
+
+
+def metric_vs(group: Group, x_key: str, y_key: str, y_label: str, x_label: str, simulated: bool) -> bytes | None:
+    """``y_key`` against ``x_key`` (categorical axis ticked with the values run), one line per setting of
+    the other swept dimensions through the means of repeats, every repeat drawn as a point."""
+    rows = [r for r in group.runs if r.get(y_key) is not None]
+    series = _series(rows, x_key)
+    xs = sorted({x for s in series.values() for x in s})
+    if len(xs) < 2 and len(series) < 2:
+        return None
+    position = {x: i for i, x in enumerate(xs)}
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for label in sorted(series):
+        points = series[label]
+        line_x = [position[x] for x in sorted(points)]
+        means = [sum(r[y_key] for r in points[x]) / len(points[x]) for x in sorted(points)]
+        (line,) = ax.plot(line_x, means, marker="o", label=label)
+        for x, rs in points.items():
+            if len(rs) > 1:
+                ax.scatter([position[x]] * len(rs), [r[y_key] for r in rs], color=line.get_color(), s=12, alpha=0.5)
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(_sim(y_label, simulated))
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(group.name, fontsize=9)
+    return _png(fig)
+
+
+def pareto(group: Group, simulated: bool) -> bytes | None:
+    rows = [r for r in group.runs if r.get("latency_p95_ms") is not None and r.get("j_per_token") is not None]
+    if not rows:
+        return None
+    front = group.pareto
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.scatter([r["latency_p95_ms"] for r in rows], [r["j_per_token"] for r in rows], color="tab:gray", s=18,
+               label="runs")
+    ax.plot([r["latency_p95_ms"] for r in front], [r["j_per_token"] for r in front], color="tab:red", marker="o",
+            drawstyle="steps-post", label="Pareto front (numbered as in its table)")
+    for i, r in enumerate(front, 1):
+        ax.annotate(str(i), (r["latency_p95_ms"], r["j_per_token"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points", color="tab:red")
+    ax.set_xlabel("latency p95 (ms, client)")
+    ax.set_ylabel(_sim("energy per output token (J)", simulated))
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(group.name, fontsize=9)
+    return _png(fig)
+
+
+def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
+    """Small multiples: each run's GPU power over its own window (±1 s), its steady-state span shaded and
+    its cap changes dashed; titled by its settings, not a server hash."""
+    shown = runs[:MAX_TIMELINES]
+    if not shown or not db["runs"].exists():
+        return None
+    cols = min(3, len(shown))
+    rows_n = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.4 * cols, 2.6 * rows_n), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax, run in zip(axes.flat, shown):
+        window = db.execute("SELECT server_id, begin_ns, end_ns FROM runs WHERE run_id = ? AND end_ns IS NOT NULL",
+                            [run["run_id"]]).fetchone()
+        if window is None:
+            ax.axis("off")
+            continue
+        server_id, begin_ns, end_ns = window
+        lo, hi = begin_ns - 1_000_000_000, end_ns + 1_000_000_000
+        gpus = db.execute("SELECT DISTINCT gpu_uuid FROM telemetry_gpus WHERE server_id = ? ORDER BY gpu_uuid",
+                          [server_id]).fetchall() if db["telemetry_gpus"].exists() else []
+        for (gpu_uuid,) in gpus:
+            pts = db.execute("SELECT ts_ns, power_mw FROM telemetry WHERE server_id = ? AND gpu_uuid = ? AND ts_ns "
+                             "BETWEEN ? AND ? AND power_mw IS NOT NULL ORDER BY ts_ns",
+                             [server_id, gpu_uuid, lo, hi]).fetchall()
+            step = max(1, len(pts) // MAX_POINTS_PER_GPU)
+            pts = pts[::step]
+            ax.plot([(t - begin_ns) / 1e9 for t, _ in pts], [p / 1000 for _, p in pts], lw=1,
+                    label=f"GPU {gpu_uuid[-6:]}" if len(gpus) > 1 else None)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.axvline((end_ns - begin_ns) / 1e9, color="black", lw=0.8)
+        if run.get("steady_begin_ns") and run.get("steady_end_ns"):
+            ax.axvspan((run["steady_begin_ns"] - begin_ns) / 1e9, (run["steady_end_ns"] - begin_ns) / 1e9,
+                       color="tab:green", alpha=0.15, label="steady state")
+        if db["cap_events"].exists():
+            for ts_ns, new_cap_w in db.execute("SELECT ts_ns, new_cap_w FROM cap_events WHERE server_id = ? AND "
+                                               "ts_ns BETWEEN ? AND ?", [server_id, lo, hi]):
+                ax.axvline((ts_ns - begin_ns) / 1e9, color="tab:red", ls="--", lw=0.8)
+                ax.text((ts_ns - begin_ns) / 1e9, 0.02, f" cap {new_cap_w:g} W", color="tab:red", fontsize=6,
+                        rotation=90, transform=ax.get_xaxis_transform(), va="bottom")
+        ax.set_ylim(bottom=0)
+        ax.set_title(titles.get(run["run_id"], run["run_id"]), fontsize=8)
+        ax.set_xlabel("s since the run began", fontsize=7)
+        ax.set_ylabel(_sim("power (W)", bool(run.get("simulated"))), fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def request_energy(db, group: Group, simulated: bool) -> bytes | None:
+    """Per-request joules vs latency, one colour per run setting."""
+    if not db["request_join"].exists():
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    drawn = 0
+    for run in group.runs[:20]:
+        pts = db.execute("SELECT e2e_ms, energy_j FROM request_join WHERE run_id = ? AND ok AND e2e_ms IS NOT NULL "
+                         "AND energy_j IS NOT NULL LIMIT ?", [run["run_id"], MAX_REQUEST_POINTS]).fetchall()
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, alpha=0.6, label=run.get("_title", run["run_id"]))
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("request latency (ms, client)")
+    ax.set_ylabel(_sim("energy attributed to the request (J)", simulated))
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(group.name, fontsize=9)
+    return _png(fig)
