@@ -6,7 +6,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmwatts.server.auth import client_channel
+from llmwatts.client import client_channel
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 from tests.conftest import start_server
