@@ -122,7 +122,8 @@ class SettingManager(Generic[V]):
         self._changes: dict[str, _Change[V]] = {}
         self._foreign: dict[str, dict] = {}  # state entries for GPUs this manager does not hold
         self._closed = False
-        self._lease_thread = threading.Thread(target=self._lease_loop, name=f"llmwatts-{setting.noun.replace(' ', '-')}-lease", daemon=True)
+        self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True,
+                                              name=f"llmwatts-{setting.noun.replace(' ', '-')}-lease")
         self._lease_thread.start()
 
     # -------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+from llmwatts.errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class GpuSample:
@@ -200,8 +202,6 @@ def check_lock(lock: LockedClocks, supported: dict[int, tuple[int, ...]], where:
     """Refuse (``InvalidArgument``, naming the supported clocks) a lock ``supported`` does not allow:
     SM clocks must be ones NVML lists for the locked memory clock (the highest one when memory is left
     alone), memory clocks ones it lists at all."""
-    from llmwatts.errors import InvalidArgument
-
     if not supported:
         raise InvalidArgument(f"{where}: the GPU reports no supported clocks; it cannot lock them")
     if not 0 < lock.sm_min_mhz <= lock.sm_max_mhz:
