@@ -38,6 +38,14 @@ QUICK = StudySpec(2_000, 20_000)
 
 
 def _peak_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and
+    exec, so a child would report at least its parent's peak (the study generator's arrays)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
