@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     results = run_bench(args, engines, batches)
     for precision in precisions[1:]:
         fast_rows = ",".join(e for e in engines if e in ("fast", "server")) or "fast"
-        results["rows"] += other_precision(__file__, sys.argv[1:] if argv is None else argv, precision, fast_rows, results)
+        results["rows"] += other_precision(__file__, sys.argv[1:] if argv is None else argv, precision, fast_rows, results,
+                                           args.json)
     print_report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

@@ -51,12 +51,13 @@ def against_fp16(spec: str, device: torch.device, model: torch.nn.Module, n_seqs
     return compare(ref, low)
 
 
-def other_precision(script: str, argv: list[str], precision: str, engines: str, results: dict) -> list[dict]:
+def other_precision(script: str, argv: list[str], precision: str, engines: str, results: dict,
+                    json_path: Path | None = None) -> list[dict]:
     """The fast/server rows with ``precision`` weights, from ``script`` (``engine.py``) run with ``argv`` in a
     process of its own (argparse takes an option's last value: these override the caller's); its accuracy
-    goes into ``results``."""
+    goes into ``results``. Its JSON goes beside ``json_path`` (``-fp8.json``), so a run cut short keeps it."""
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "rows.json"
+        out = json_path.with_name(f"{json_path.stem}-{precision}.json") if json_path else Path(d) / "rows.json"
         subprocess.run([sys.executable, script, *argv, "--weights", precision, "--json", str(out),
                         "--engines", engines, "--variants", "", "--telemetry-hz", "", "--no-agreement"], check=False)
         if not out.exists():
