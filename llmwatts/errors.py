@@ -44,3 +44,17 @@ class Unavailable(LlmwattsError):
 
 class ReadOnlyPowerError(FailedPrecondition):
     """A power limit was to be set on a backend that only reads (``nvml-readonly``)."""
+
+
+class EngineError(LlmwattsError):
+    """The engine failed on one batch; the server still serves."""
+
+    grpc_code = "INTERNAL"
+
+
+class CallEnded(LlmwattsError):
+    """The call was cancelled or ran past its deadline before its answer; ``grpc_code`` says which."""
+
+    def __init__(self, grpc_code: str):
+        super().__init__(f"the call ended ({grpc_code}) before its answer")
+        self.grpc_code = grpc_code

@@ -37,6 +37,7 @@ MSG_ROWS = "llmwatts_rows"              # worker → master [row, ...]
 MSG_FINAL = "llmwatts_final"            # worker → master {"shipped": n} after its last rows of a test
 MSG_ERROR = "llmwatts_error"            # worker → master {"error"}: it cannot run (e.g. no prompt file)
 FLUSH_INTERVAL_S = 0.5
+END_RUN_DEADLINE_S = 120.0  # EndRun waits on the server for the run's requests still in flight
 PERMIT_WAIT_S = 60.0
 
 
@@ -58,6 +59,7 @@ class LoadSession:
         self.config: LoadConfig | None = None
         self.prompts: PromptSet | None = None
         self.run_id: str | None = None
+        self.run_secret = ""                    # BeginRun's answer: the run's requests and EndRun carry it
         self.dataset = ""
         self.worker_name = self.runner.client_id if self.role == "worker" else socket.gethostname()
         self.db = None
@@ -119,6 +121,7 @@ class LoadSession:
         self.config = config
         self.run_id = config.resolved_run_id()
         self.schedule = self._arrival_schedule(options)
+        self.run_secret = getattr(options, "llm_run_secret", None) or "" if self.role == "worker" else ""
         self.dataset = dataset_label(config.dataset, split=config.split, jsonl_path=config.jsonl_path,
                                      field=config.field)
         self.finished.clear()
@@ -351,8 +354,11 @@ class LoadSession:
         metadata = call_metadata(self.token)
         try:
             try:
-                control.BeginRun(pb.BeginRunRequest(run_id=self.run_id, labels=labels),
-                                 timeout=CONTROL_DEADLINE_S, metadata=metadata)
+                marker = control.BeginRun(pb.BeginRunRequest(run_id=self.run_id, labels=labels),
+                                          timeout=CONTROL_DEADLINE_S, metadata=metadata)
+                self.run_secret = marker.run_secret
+                if self.environment.parsed_options is not None:  # workers get it with the spawn message
+                    self.environment.parsed_options.llm_run_secret = marker.run_secret
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # another run's window: send nothing under it
                     self._begun = False
@@ -374,8 +380,9 @@ class LoadSession:
             return
         channel, control = self._control()
         try:
-            control.EndRun(pb.EndRunRequest(run_id=self.run_id), timeout=CONTROL_DEADLINE_S,
-                           metadata=call_metadata(self.token))
+            # The server answers once the run's requests have ended (its window holds their energy).
+            control.EndRun(pb.EndRunRequest(run_id=self.run_id, run_secret=self.run_secret),
+                           timeout=END_RUN_DEADLINE_S, metadata=call_metadata(self.token))
         except grpc.RpcError as e:
             log.error("EndRun(%s) failed: %s", self.run_id, _rpc_text(e))
         finally:

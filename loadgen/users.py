@@ -63,6 +63,7 @@ class LlmUser(GrpcUser):
         request = pb.GenerateRequest(
             request_id=uuid.uuid4().hex,
             run_id=self.session.run_id,
+            run_secret=self.session.run_secret,
             prompts=self.session.prompts.batch(seq, c.batch_size),
             sampling=sampling,
             ignore_eos=c.ignore_eos,

@@ -36,6 +36,8 @@ CONTROL_MUTATING_METHODS = frozenset({
     "/llmwatts.v1.Control/ResetClocks",
 })
 INFERENCE_PREFIX = "/llmwatts.v1.Inference/"
+# Run markers bound a study's window: where an inference token is configured, they need it too.
+RUN_MARKER_METHODS = frozenset({"/llmwatts.v1.Control/BeginRun", "/llmwatts.v1.Control/EndRun"})
 _BEARER = "bearer "
 
 
@@ -185,7 +187,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
                 )
             return self._check_token(method, metadata, self.control_token,
                                      f"${CONTROL_TOKEN_ENV} or --control-token-file PATH")
-        if self.inference_token is not None and method.startswith(INFERENCE_PREFIX):
+        if self.inference_token is not None and (method.startswith(INFERENCE_PREFIX) or method in RUN_MARKER_METHODS):
             return self._check_token(method, metadata, self.inference_token,
                                      f"${INFERENCE_TOKEN_ENV} or --inference-token-file PATH")
         return None

@@ -15,8 +15,9 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
-from llmwatts.errors import ResourceExhausted, Unavailable
+from llmwatts.errors import CallEnded, EngineError, ResourceExhausted, Unavailable
 from llmwatts.server.engine import BatchOutput, BatchSpec, Engine, Sampling
 from llmwatts.server.engine.sampling import row_keys
 from llmwatts.server.gpu import GPU, pace_slowest
@@ -40,6 +41,11 @@ class Work:
     # ("step", step, deltas, server_ns) | ("done", Result) | ("error", exception)
     events: queue.Queue = field(default_factory=queue.Queue)
     stream: bool = True  # False (unary Generate): no "step" events, so its thread does not wake every step
+    # "CANCELLED" or "DEADLINE_EXCEEDED" once its call ended before its answer (``Batcher.cancel``): it
+    # leaves the queue, and a running batch at its next decode step.
+    cancelled: str | None = None
+    ended: bool = False
+    on_end: Callable[["Work"], None] | None = None  # the host's run bookkeeping (``runs.py``)
 
     def put_step(self, step: int, deltas: list[list[int]]) -> None:
         """A step's new tokens, stamped with the server clock now, for a streaming request (a unary one
@@ -47,12 +53,32 @@ class Work:
         if self.stream:
             self.events.put(("step", step, deltas, time.time_ns()))
 
+    def end(self, event: tuple) -> None:
+        """Its last event ("done" or "error"), once its row is written."""
+        self.ended = True
+        self.events.put(event)
+        if self.on_end is not None:
+            self.on_end(self)
+
     def compatible(self, other: "Work", per_row_seeds: bool = False) -> bool:
         """Same sampling (any seeds with ``per_row_seeds``) and fixed-length mode: one batch can hold both."""
         mine, theirs = self.sampling, other.sampling
         if per_row_seeds:
             mine, theirs = dataclasses.replace(mine, seed=None), dataclasses.replace(theirs, seed=None)
         return mine == theirs and self.ignore_eos == other.ignore_eos
+
+
+def status_of(work: Work) -> str:
+    """The request row's status of a request that ran: ok, or how its call ended early."""
+    return work.cancelled or "ok"
+
+
+def unrun_row(work: Work, status: str, error: str | None) -> dict:
+    """The row of a request that never reached a batch (refused, cancelled while queued, shut down)."""
+    return {"request_id": work.request_id, "run_id": work.run_id, "batch_id": None,
+            "received_ns": work.received_ns, "n_prompts": len(work.prompts),
+            "prompt_tokens": sum(map(len, work.prompts)), "output_tokens": 0, "energy_j": 0.0,
+            "status": status, "error": error}
 
 
 @dataclass
@@ -70,6 +96,11 @@ class Result:
     simulated: bool
 
 
+# A batch that fails fails its own requests (INTERNAL) and the next batch runs; only this many failures in
+# a row mark the engine broken (NOT_SERVING): one bad request must never take the server down.
+MAX_CONSECUTIVE_FAILURES = 3
+
+
 class Batcher:
     def __init__(self, engine: Engine, gpus: list[GPU], store: ServerStore, *, max_batch_size: int,
                  queue_size: int, merge_requests: bool = False, batch_wait_ms: float = 5.0,
@@ -85,6 +116,7 @@ class Batcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.failure: BaseException | None = None
+        self.failures_in_row = 0
         self.on_failure = on_failure  # called once (from the batcher thread) when the engine breaks
 
     def start(self) -> None:
@@ -100,16 +132,45 @@ class Batcher:
                 f"request queue is full ({self._queue.maxsize} waiting): slow down, or raise --queue-size"
             ) from None
 
+    def cancel(self, work: Work, status: str) -> None:
+        """``work``'s call ended before its answer (``status``: CANCELLED or DEADLINE_EXCEEDED). Still
+        queued: it leaves the queue now, its row says so. Running: its rows stop at the next decode step
+        (``BatchSpec.stopped``) and its row keeps the energy it used."""
+        if work.ended or work.cancelled:
+            return
+        work.cancelled = status
+        with self._queue.mutex:  # (queue.Queue has no remove: its deque, under its own lock)
+            try:
+                self._queue.queue.remove(work)
+            except ValueError:
+                return  # taken by the batcher thread: it sees ``cancelled``
+            self._queue.not_full.notify()
+        self._end_unrun([work], status, None)
+
+    def _end_unrun(self, works: list[Work], status: str, err: BaseException | None) -> None:
+        """Rows and last events for requests that never ran (``err`` None: their call ended early)."""
+        if not works:
+            return
+        try:
+            self.store.record_requests([unrun_row(w, status, str(err) if err else None) for w in works])
+        finally:
+            for w in works:
+                w.end(("error", err or CallEnded(status)))
+
     def _next_work(self, block: bool = True) -> Work | None:
         """The request held back for the next batch, else the queue's next (waiting up to 0.1 s if
-        ``block``); None when there is none."""
-        if self._held is not None:
-            work, self._held = self._held, None
-            return work
-        try:
-            return self._queue.get(timeout=0.1) if block else self._queue.get_nowait()
-        except queue.Empty:
-            return None
+        ``block``); None when there is none. A request cancelled while queued is ended, never returned."""
+        while True:
+            if self._held is not None:
+                work, self._held = self._held, None
+            else:
+                try:
+                    work = self._queue.get(timeout=0.1) if block else self._queue.get_nowait()
+                except queue.Empty:
+                    return None
+            if work.cancelled is None:
+                return work
+            self._end_unrun([work], work.cancelled, None)
 
     def _next_group(self) -> list[Work] | None:
         first = self._next_work()
@@ -125,7 +186,9 @@ class Batcher:
             except queue.Empty:
                 break
             seeds_apart = getattr(self.engine, "per_row_seeds", False)
-            if more.compatible(first, seeds_apart) and n + len(more.prompts) <= self.max_batch_size:
+            if more.cancelled is not None:
+                self._end_unrun([more], more.cancelled, None)
+            elif more.compatible(first, seeds_apart) and n + len(more.prompts) <= self.max_batch_size:
                 group.append(more)
                 n += len(more.prompts)
             else:
@@ -140,26 +203,45 @@ class Batcher:
                 continue
             try:
                 self._run_batch(group)
-            except BaseException as e:  # the engine broke: fail these requests, refuse new ones
+                self.failures_in_row = 0
+            except BatchFailed as e:  # its requests have their rows and their errors; the next batch runs
+                self.failures_in_row += 1
+                if self.failures_in_row >= MAX_CONSECUTIVE_FAILURES:
+                    self._fail_engine(e.__cause__ or e)
+                    return
+            except BaseException as e:  # the bookkeeping broke: fail these requests, refuse new ones
                 log.exception("batch failed")
-                self.failure = e
+                self._mark_failed(e)  # (NOT_SERVING before any of them hears of it)
                 for w in group:
-                    w.events.put(("error", e))
-                self._fail_pending(e)
-                if self.on_failure is not None:
-                    self.on_failure(e)
+                    if not w.ended:
+                        w.end(("error", e))
+                self._fail_engine(e)
                 return
+
+    def _mark_failed(self, e: BaseException) -> None:
+        """The engine (or the store) is broken: refuse new requests, tell the server (NOT_SERVING). Once."""
+        if self.failure is not None:
+            return
+        log.error("the engine is marked failed (%d batches failed in a row): %s", self.failures_in_row, e)
+        self.failure = e
+        if self.on_failure is not None:
+            self.on_failure(e)
+
+    def _fail_engine(self, e: BaseException) -> None:
+        self._mark_failed(e)
+        self._fail_pending(Unavailable(f"the engine failed ({type(e).__name__}: {e}); the server is no longer "
+                                       f"serving: restart it"))
 
     def _fail_pending(self, e: BaseException) -> None:
         """Answer every request that will never run: the one held back for the next batch and the queue."""
         held, self._held = self._held, None
-        if held is not None:
-            held.events.put(("error", e))
+        pending = [held] if held is not None else []
         while True:
             try:
-                self._queue.get_nowait().events.put(("error", e))
+                pending.append(self._queue.get_nowait())
             except queue.Empty:
-                return
+                break
+        self._end_unrun(pending, getattr(e, "grpc_code", "UNAVAILABLE"), e)
 
     def _pace(self, busy_s: float) -> None:
         pace_slowest(self.gpus, busy_s)  # simulated GPUs throttle under a cap; real ones return at once
@@ -170,7 +252,8 @@ class Batcher:
         limits = [w.max_new_tokens for w in group for _ in w.prompts]
         owners = [(i, j) for i, w in enumerate(group) for j in range(len(w.prompts))]
         keys = [k for w in group for k in row_keys(w.sampling.seed, len(w.prompts))]  # each request's own seed
-        spec = BatchSpec(prompts, limits, group[0].sampling, group[0].ignore_eos, keys)
+        spec = BatchSpec(prompts, limits, group[0].sampling, group[0].ignore_eos, keys,
+                         stopped=lambda row: group[owners[row][0]].cancelled is not None)
 
         def on_step(step: int, deltas: list[list[int]]) -> None:
             per_work: list[list[list[int]]] = [[] for _ in group]
@@ -182,8 +265,16 @@ class Batcher:
         start = self.meter.read()
         for g in self.gpus:
             g.set_load(len(prompts))
+        failed: Exception | None = None
         try:
             out: BatchOutput = self.engine.generate(spec, on_step=on_step, pace=self._pace)
+        except Exception as e:  # this batch's requests fail; its energy is still theirs
+            log.exception("batch %s failed", batch_id)
+            failed = EngineError(f"the engine failed on this request's batch ({type(e).__name__}: {e}); the "
+                                 f"server still serves: retry, or change the request")
+            failed.__cause__ = e
+            out = BatchOutput([[] for _ in prompts], ["error"] * len(prompts), time.time_ns(),
+                              [time.time_ns()] * len(prompts))
         finally:
             for g in self.gpus:
                 g.set_load(0)
@@ -211,7 +302,8 @@ class Batcher:
                 "request_id": w.request_id, "run_id": w.run_id, "batch_id": batch_id,
                 "received_ns": w.received_ns, "batch_start_ns": start.ts_ns, "first_token_ns": out.first_token_ns,
                 "done_ns": done_ns, "n_prompts": len(idx), "prompt_tokens": sum(p_tok),
-                "output_tokens": sum(o_tok), "energy_j": share_j, "status": "ok", "error": None,
+                "output_tokens": sum(o_tok), "energy_j": share_j,
+                "status": failed.grpc_code if failed else status_of(w), "error": str(failed) if failed else None,
             })
             results.append(Result(batch_id, w.received_ns, steps, [out.tokens[k] for k in idx],
                                   [out.finish_reasons[k] for k in idx], p_tok, start.ts_ns, out.first_token_ns,
@@ -224,7 +316,9 @@ class Batcher:
             gpu_energy, requests,
         )
         for w, result in zip(group, results):
-            w.events.put(("done", result))
+            w.end(("error", failed) if failed else ("done", result))
+        if failed:
+            raise BatchFailed(str(failed)) from failed.__cause__
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the batch in flight, then stop; queued requests are failed as UNAVAILABLE."""
@@ -232,3 +326,7 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout=timeout)
         self._fail_pending(Unavailable("the server is shutting down; the request was not run"))
+
+
+class BatchFailed(Exception):
+    """A batch's engine call failed; its requests have their rows and their errors."""

@@ -86,6 +86,8 @@ def add_parser(subparsers) -> None:
                         "(default $LLMWATTS_INFERENCE_TOKEN_FILE, then $LLMWATTS_INFERENCE_TOKEN)")
     p.add_argument("--allow-insecure-loopback-control", action="store_true",
                    help="allow power-cap changes without a token on a loopback-only server")
+    p.add_argument("--allow-short-token", action="store_true",
+                   help="accept control and inference tokens shorter than 16 bytes (refused by default)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")

@@ -62,6 +62,7 @@ class ServerConfig:
     control_token: str | None = None     # bearer token for mutating Control calls (from env/file, never argv)
     inference_token: str | None = None   # optional token for Inference calls
     allow_insecure_loopback_control: bool = False
+    allow_short_token: bool = False      # accept control/inference tokens under 16 bytes (limits.MIN_TOKEN_BYTES)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None    # set → mutual TLS (clients must present a cert signed by it)

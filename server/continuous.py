@@ -28,12 +28,14 @@ read, so the sums agree whenever the DB is read.
 """
 
 import logging
+import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from llmwatts.server.batcher import Batcher, Result, Work
+from llmwatts.errors import EngineError, Unavailable
+from llmwatts.server.batcher import MAX_CONSECUTIVE_FAILURES, Batcher, Result, Work, status_of
 from llmwatts.server.engine import BatchSpec
 from llmwatts.server.telemetry import EnergyReading
 
@@ -51,6 +53,10 @@ MIN_READ_GAP_S = 0.02
 # (their second design) rounds of 8 still ran 1.11x (batch 64) and 1.02x (batch 256) of joining at once
 # (docs/performance.md).
 JOIN_FRACTION = 8
+
+
+class MeterFailed(Unavailable):
+    """The meter thread could not read or record the energy: the server stops serving (no unmetered work)."""
 
 
 @dataclass
@@ -148,29 +154,63 @@ class ContinuousBatcher(Batcher):
     # -- the batcher thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            while True:
-                if self._meter_error is not None:
-                    raise self._meter_error
-                if not self._stop.is_set():
-                    self._admit()
-                if self.session is not None and self.session.busy:
-                    self._step()
-                elif self.segment is not None:
-                    self._close_segment()
-                elif self._stop.is_set():
+        while True:
+            try:
+                if self._run_once():
                     return
-        except BaseException as e:  # the engine broke: fail every request it holds, refuse new ones
-            log.exception("continuous batch failed")
-            self.failure = e
-            with self._lock:
-                ended, self._ended = self._ended, []
-            for j in list(self.joined.values()) + ended:  # (answered requests are not in either)
-                j.work.events.put(("error", e))
-            self.joined.clear()
-            self._fail_pending(e)
-            if self.on_failure is not None:
-                self.on_failure(e)
+            except BaseException as e:  # fail the requests the session holds; the next ones run, unless
+                log.exception("continuous batch failed")  # the store or the meter broke (or too many in a row)
+                self.failures_in_row += 1
+                fatal = isinstance(e, (sqlite3.Error, MeterFailed)) or not isinstance(e, Exception)
+                if fatal or self.failures_in_row >= MAX_CONSECUTIVE_FAILURES:
+                    self._mark_failed(e)  # (NOT_SERVING before any of its requests hears of it)
+                try:
+                    self._fail_session(e)
+                except Exception:
+                    log.exception("recording the failed session's requests failed")
+                    fatal = True
+                if fatal or self.failures_in_row >= MAX_CONSECUTIVE_FAILURES:
+                    self._fail_engine(e)
+                    return
+
+    def _run_once(self) -> bool:
+        """One turn of the batcher thread: admit, step or close; True once stopped and drained."""
+        if self._meter_error is not None:
+            raise MeterFailed(f"reading or recording the energy failed: {self._meter_error}") from self._meter_error
+        if not self._stop.is_set():
+            self._admit()
+        if self.session is not None and self.session.busy:
+            self._step()
+        elif self.segment is not None:
+            self._close_segment()
+        elif self._stop.is_set():
+            return True
+        return False
+
+    def _fail_session(self, e: BaseException) -> None:
+        """Fail every request the session holds (rows with the energy settled so far) and drop the session:
+        the next request opens a fresh one."""
+        if isinstance(e, MeterFailed):
+            err = e
+        elif isinstance(e, sqlite3.Error):
+            err = Unavailable(f"recording this request's batch failed ({e}); the server is no longer serving")
+        else:
+            err = EngineError(f"the engine failed on this request's batch ({type(e).__name__}: {e}); the server "
+                              f"still serves: retry, or change the request")
+        with self._lock:
+            ended, self._ended = self._ended, []
+            self._tokens.clear()
+        failed = list(self.joined.values()) + ended  # (answered requests are in neither)
+        self.joined.clear()
+        self.session, self.run_id = None, None
+        segment, self.segment, self._last_step = self.segment, None, None
+        try:
+            if segment is not None and not isinstance(e, (sqlite3.Error, MeterFailed)):
+                with self._settle_lock:
+                    self._write(segment, failed, status=err.grpc_code, error=str(err))
+        finally:
+            for j in failed:
+                j.work.end(("error", err))
 
     def _admit(self) -> None:
         """Join queued requests first come, first served, all that fit in one prefill. While the session
@@ -185,7 +225,7 @@ class ContinuousBatcher(Batcher):
             if work is None:
                 break
             spec = BatchSpec(work.prompts, [work.max_new_tokens] * len(work.prompts), work.sampling,
-                             work.ignore_eos)
+                             work.ignore_eos, stopped=lambda _row, w=work: w.cancelled is not None)
             if self.session is None or (idle and not joins and (not self.session.fits(spec)
                                                                   or work.run_id != self.run_id)):
                 if self.segment is not None:
@@ -257,6 +297,7 @@ class ContinuousBatcher(Batcher):
         # tokens a step processes: one per sequence that ran it (the step it stopped on EOS included)
         self._account(dict(self.session.last_ran))
         self._last_step = time.perf_counter()
+        self.failures_in_row = 0
 
     def _account(self, tokens: dict[str, int]) -> None:
         """Add the tokens each request processed; hand the requests that ended to the meter thread. One
@@ -302,10 +343,9 @@ class ContinuousBatcher(Batcher):
                 self._meter_stop.wait(wait)
             try:
                 self._settle()
-            except Exception as e:  # a failed read or write: the batcher thread fails everything else
+            except Exception as e:  # a failed read or write: the batcher thread fails the session's requests
                 log.exception("settling continuous-batch energy failed")
                 self._meter_error = e
-                return
 
     def _settle(self) -> None:
         """Read the counters; split the joules since the last read over the tokens processed since then;
@@ -321,9 +361,9 @@ class ContinuousBatcher(Batcher):
                 return
             try:
                 self._settle_taken(segment, tokens, ended)
-            except BaseException as e:
-                for j in ended:
-                    j.work.events.put(("error", e))
+            except BaseException:
+                with self._lock:  # the batcher thread fails them with the rest of the session
+                    self._ended[:0] = ended
                 raise
 
     def _settle_taken(self, segment: _Segment, tokens: dict[str, int], ended: list[_Joined]) -> None:
@@ -342,7 +382,7 @@ class ContinuousBatcher(Batcher):
         segment.output_tokens += sum(len(t) for j in ended for t in j.output.tokens)
         self._write(segment, ended)
         for j in ended:
-            j.work.events.put(("done", self._result(segment, j)))
+            j.work.end(("done", self._result(segment, j)))
 
     def _result(self, segment: _Segment, j: _Joined) -> Result:
         out = j.output
@@ -350,7 +390,8 @@ class ContinuousBatcher(Batcher):
                       out.finish_reasons, [len(p) for p in j.spec.prompts], j.joined_ns, out.first_token_ns,
                       max(out.done_ns), j.energy_j, self.simulated)
 
-    def _write(self, segment: _Segment, ended: list[_Joined]) -> None:
+    def _write(self, segment: _Segment, ended: list[_Joined], status: str | None = None,
+               error: str | None = None) -> None:
         batch = {"batch_id": segment.batch_id, "start_ns": segment.start.ts_ns,
                  "first_token_ns": segment.first_token_ns, "end_ns": segment.last.ts_ns,
                  "n_requests": len(segment.works), "n_sequences": segment.sequences,
@@ -364,14 +405,21 @@ class ContinuousBatcher(Batcher):
                              "energy_end_mj": segment.last.samples[g.uuid].energy_mj,
                              "energy_j": segment.gpu_j.get(g.uuid, 0.0),
                              "method": "interpolated" if segment.interpolated else "counter"})
-        requests = []
-        for j in ended:
-            out = j.output
-            requests.append({
-                "request_id": j.work.request_id, "run_id": j.work.run_id, "batch_id": segment.batch_id,
-                "received_ns": j.work.received_ns, "batch_start_ns": j.joined_ns,
-                "first_token_ns": out.first_token_ns, "done_ns": max(out.done_ns), "n_prompts": len(out.tokens),
-                "prompt_tokens": sum(len(p) for p in j.spec.prompts),
-                "output_tokens": sum(len(t) for t in out.tokens), "energy_j": j.energy_j, "status": "ok",
-                "error": None})
+        # Every request the segment holds has its row at every write: those still running with the energy
+        # settled so far (a kill -9 leaves them "running", the next start marks them ABORTED), so the
+        # segment's energy is always its requests' sum.
+        requests = [self._row(segment, j, status, error) for j in ended]
+        answered = {id(j) for j in ended}
+        requests += [self._row(segment, j, "running", None) for j in segment.works.values()
+                     if j.output is None and id(j) not in answered]
         self.store.record_segment(batch, gpu_rows, requests)
+
+    @staticmethod
+    def _row(segment: _Segment, j: _Joined, status: str | None, error: str | None) -> dict:
+        out, prompts = j.output, j.spec.prompts
+        return {"request_id": j.work.request_id, "run_id": j.work.run_id, "batch_id": segment.batch_id,
+                "received_ns": j.work.received_ns, "batch_start_ns": j.joined_ns,
+                "first_token_ns": out.first_token_ns if out else None, "done_ns": max(out.done_ns) if out else None,
+                "n_prompts": len(prompts), "prompt_tokens": sum(len(p) for p in prompts),
+                "output_tokens": sum(len(t) for t in out.tokens) if out else 0, "energy_j": j.energy_j,
+                "status": status or status_of(j.work), "error": error}

@@ -2,13 +2,14 @@
 
 import time
 
-from llmwatts.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from llmwatts.server import auth
 from llmwatts.server.clock_service import ClockControl
 from llmwatts.server.export import ExportServicerMixin
 from llmwatts.server.grpc_errors import mapped
 from llmwatts.server.host import Host, versions
+from llmwatts.server.limits import MAX_RUN_ID_CHARS, check_labels, check_name, check_reason, check_selector
 from llmwatts.server.power import caps_reply
+from llmwatts.server.runs import END_RUN_WAIT_S
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
@@ -32,35 +33,44 @@ class ControlServicer(ClockControl, ExportServicerMixin, pb_grpc.ControlServicer
 
     @mapped
     def BeginRun(self, request, context):
-        if not request.run_id:
-            raise InvalidArgument("run_id is empty: name the run")
-        now, energy_j = time.time_ns(), self.host.meter.total_j()
-        if not self.host.store.begin_run(request.run_id, now, energy_j, dict(request.labels), self.host.simulated):
-            raise AlreadyExists(f"run {request.run_id!r} was already begun on this server: use a new run id")
-        return pb.RunMarker(run_id=request.run_id, server_ns=now, energy_j=energy_j, simulated=self.host.simulated)
+        check_name(request.run_id, "run_id (name the run)", MAX_RUN_ID_CHARS)
+        check_labels(dict(request.labels))
+        now, energy_j, secret = self.host.runs.begin(request.run_id, dict(request.labels), client_of(context))
+        return pb.RunMarker(run_id=request.run_id, server_ns=now, energy_j=energy_j, simulated=self.host.simulated,
+                            run_secret=secret)
 
     @mapped
     def EndRun(self, request, context):
-        now, energy_j = time.time_ns(), self.host.meter.total_j()
-        outcome = self.host.store.end_run(request.run_id, now, energy_j)
-        if outcome == "unknown":
-            raise NotFound(f"run {request.run_id!r} was never begun on this server: call BeginRun first")
-        if outcome == "already-ended":
-            raise FailedPrecondition(f"run {request.run_id!r} has already ended; its end marker stays as it was")
-        return pb.RunMarker(run_id=request.run_id, server_ns=now, energy_j=energy_j, simulated=self.host.simulated)
+        check_name(request.run_id, "run_id", MAX_RUN_ID_CHARS)
+        remaining = context.time_remaining()  # wait for the run's requests until just before our deadline
+        wait_s = END_RUN_WAIT_S if remaining is None else max(0.0, remaining - 0.5)
+        now, energy_j, pending = self.host.runs.end(request.run_id, request.run_secret, wait_s)
+        return pb.RunMarker(run_id=request.run_id, server_ns=now, energy_j=energy_j, simulated=self.host.simulated,
+                            pending_requests=pending)
 
     @mapped
     def GetPowerCaps(self, request, context):
+        check_selector(list(request.selector.gpus))
         return caps_reply(self.host.caps.get(list(request.selector.gpus)), self.host.power_source)
 
     @mapped
     def SetPowerCap(self, request, context):
+        check_selector(list(request.selector.gpus))
+        check_reason(request.reason)
         statuses = self.host.caps.set(list(request.selector.gpus), request.cap_w, request.lease_s,
                                       who=auth.who(context), reason=request.reason)
         return caps_reply(statuses, self.host.power_source)
 
     @mapped
     def ResetPowerCap(self, request, context):
+        check_selector(list(request.selector.gpus))
+        check_reason(request.reason)
         statuses = self.host.caps.reset(list(request.selector.gpus), who=auth.who(context), reason=request.reason)
         return caps_reply(statuses, self.host.power_source)
 
+
+
+def client_of(context) -> str:
+    """The caller's host (its peer address without the port): open runs are bounded per client."""
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer

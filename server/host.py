@@ -4,7 +4,6 @@ from a ``ServerConfig``; the servicers (``inference_service.py``, ``control_serv
 import logging
 import platform
 import socket
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,10 +15,12 @@ from llmwatts.errors import InvalidArgument, Unavailable
 from llmwatts.server.batcher import Batcher
 from llmwatts.server.config import ServerConfig, check_engine
 from llmwatts.server.continuous import ContinuousBatcher
+from llmwatts.server.limits import max_token_bytes
 from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus, power_source
 from llmwatts.server.models import LoadedModel, load_model
 from llmwatts.server.clocks import ClockManager
 from llmwatts.server.power import PowerCapManager
+from llmwatts.server.runs import RunRegistry
 from llmwatts.server.store import ServerStore
 from llmwatts.server.telemetry import EnergyMeter, TelemetrySampler
 
@@ -82,8 +83,12 @@ class Host:
                                    queue_size=config.queue_size, merge_requests=config.merge_requests,
                                    batch_wait_ms=config.batch_wait_ms)
         self.warmup_runs = self._warm_up() if config.warmup else 0  # (after the engine checks above)
-        self.seen_request_ids: set[str] = set()  # ~100 B an id: a million requests cost ~100 MB
-        self.seen_lock = threading.Lock()
+        self.runs = RunRegistry(self.store, self.meter, self.simulated)
+        self.max_token_bytes = max_token_bytes(self.loaded.tokenizer)  # the prompts' cheap byte bound
+        aborted = self.store.abort_unfinished()  # the DB is the truth for request ids across restarts
+        if aborted:
+            log.warning("%d requests of an earlier server on this DB never finished (killed?): marked ABORTED",
+                        aborted)
         self._record_server()
 
     def _warm_up(self) -> int:

@@ -4,15 +4,15 @@ import queue
 import time
 
 from llmwatts.errors import AlreadyExists, InvalidArgument, Unavailable
-from llmwatts.server.batcher import Result, Work
+from llmwatts.server.batcher import Result, Work, unrun_row
 from llmwatts.server.engine import validate_sampling
 from llmwatts.server.grpc_errors import mapped
 from llmwatts.server.host import Host
 from llmwatts.server.streaming import ChunkStream
+from llmwatts.server.limits import MAX_REQUEST_ID_CHARS, MAX_RUN_ID_CHARS, check_name, prompt_byte_limit
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
-MAX_REQUEST_ID_CHARS = 128
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -22,21 +22,44 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.streams = ChunkStream(self.tokenizer, host.loaded.eos_token_id, host.config.stream_interval_ms,
                                    self._response, self._failed)
 
-    def _work(self, request: pb.GenerateRequest, stream: bool) -> Work:
+    def _work(self, request: pb.GenerateRequest, stream: bool, context) -> Work:
+        """The request checked (bounds first, then the cheap byte bound, then tokenized) and claimed in
+        the store; refusals are counted in the store."""
+        try:
+            work = self._checked(request, stream)
+        except InvalidArgument:
+            self.host.store.count_refusal("INVALID_ARGUMENT")
+            raise
+        counted = self.host.runs.admit(work.run_id, request.run_secret)
+        if not self.host.store.claim_request(unrun_row(work, "running", None)):
+            if counted:
+                self.host.runs.release(work.run_id)
+            raise AlreadyExists(f"request_id {request.request_id!r} was already used on this server: make a "
+                                f"fresh id per request (only a request refused before any work may be retried)")
+        if counted:
+            work.on_end = lambda w: self.host.runs.release(w.run_id)
+        if not context.add_callback(lambda: self._call_ended(work, context)):
+            self._call_ended(work, context)
+        return work
+
+    def _call_ended(self, work: Work, context) -> None:
+        """The call ended (any way); one ended before its answer takes its request out of the batcher."""
+        if not work.ended:
+            remaining = context.time_remaining()
+            self.host.batcher.cancel(work, "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
+                                     else "CANCELLED")
+
+    def _checked(self, request: pb.GenerateRequest, stream: bool) -> Work:
         received_ns = time.time_ns()
         cfg = self.host.config
-        if not request.request_id:
-            raise InvalidArgument("request_id is empty: the client must make a unique id per request")
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+        check_name(request.request_id, "request_id (the client must make a unique id per request)",
+                   MAX_REQUEST_ID_CHARS)
+        check_name(request.run_id, "run_id", MAX_RUN_ID_CHARS, required=False)
         if not request.prompts:
             raise InvalidArgument("prompts is empty: send at least one prompt per request")
         if len(request.prompts) > cfg.max_batch_size:
             raise InvalidArgument(f"batch of {len(request.prompts)} prompts exceeds the server's limit of "
                                   f"{cfg.max_batch_size} (--max-batch-size); split the batch")
-        for i, p in enumerate(request.prompts):
-            if not p.strip():
-                raise InvalidArgument(f"prompt {i} is empty: every prompt needs some text")
         if request.HasField("max_new_tokens"):
             max_new = request.max_new_tokens
             if max_new <= 0 or max_new > cfg.max_new_tokens_limit:
@@ -52,6 +75,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         prompt_limit = cfg.max_prompt_tokens or (self.host.loaded.context_length - max_new)
+        if prompt_limit < 1:
+            raise InvalidArgument(f"max_new_tokens {max_new} leaves no room for a prompt in the context of "
+                                  f"{self.host.loaded.context_length} tokens: ask for fewer new tokens")
+        byte_limit = prompt_byte_limit(prompt_limit, self.host.max_token_bytes)
+        for i, p in enumerate(request.prompts):
+            if len(p) > byte_limit or len(p.encode("utf-8", "surrogatepass")) > byte_limit:
+                raise InvalidArgument(f"prompt {i} is longer than {byte_limit} bytes, far beyond the limit of "
+                                      f"{prompt_limit} tokens (context {self.host.loaded.context_length} minus "
+                                      f"max_new_tokens {max_new}): shorten it")
+            if not p.strip():
+                raise InvalidArgument(f"prompt {i} is empty: every prompt needs some text")
         ids = self.tokenizer(list(request.prompts))["input_ids"]
         for i, p in enumerate(ids):
             if len(p) > prompt_limit:
@@ -59,26 +93,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     f"prompt {i} has {len(p)} tokens; the limit is {prompt_limit} (context "
                     f"{self.host.loaded.context_length} minus max_new_tokens {max_new}): shorten it or ask for "
                     f"fewer new tokens")
-        with self.host.seen_lock:  # check-and-add as one step: two concurrent calls with one id
-            if request.request_id in self.host.seen_request_ids:
-                raise AlreadyExists(f"request_id {request.request_id!r} was already used: make a fresh id per request")
-            self.host.seen_request_ids.add(request.request_id)
         return Work(request.request_id, request.run_id, ids, max_new, sampling, request.ignore_eos, received_ns,
                     stream=stream)
 
-    def _record_failure(self, work: Work, err: BaseException) -> None:
-        """A request that never got an answer still gets its server row, with the status it was given."""
-        self.host.store.record_requests([{
-            "request_id": work.request_id, "run_id": work.run_id, "received_ns": work.received_ns,
-            "n_prompts": len(work.prompts), "prompt_tokens": sum(map(len, work.prompts)),
-            "output_tokens": 0, "energy_j": 0.0, "status": getattr(err, "grpc_code", "INTERNAL"),
-            "error": str(err)}])
-
     def _submit(self, work: Work) -> None:
+        """Queue ``work``; refused (queue full, shutting down): its row says so and its id may be retried."""
         try:
             self.host.batcher.submit(work)
         except Exception as e:
-            self._record_failure(work, e)
+            self.host.store.record_requests([unrun_row(work, getattr(e, "grpc_code", "INTERNAL"), str(e))])
+            work.end(("error", e))
             raise
 
     def _events(self, work: Work, context):
@@ -97,7 +121,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return
 
     def _failed(self, work: Work, event) -> None:
-        self._record_failure(work, event[1])
+        """An error event: its row is written (the batcher, or ``_submit``); the call gets its status."""
         self._raise(event)
 
     def _response(self, request: pb.GenerateRequest, r: Result) -> pb.GenerateResponse:
@@ -123,7 +147,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @mapped
     def Generate(self, request, context):
-        work = self._work(request, stream=False)
+        work = self._work(request, stream=False, context=context)
         self._submit(work)
         for event in self._events(work, context):
             if event[0] == "done":
@@ -132,6 +156,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @mapped
     def GenerateStream(self, request, context):
-        work = self._work(request, stream=True)
+        work = self._work(request, stream=True, context=context)
         self._submit(work)
         yield from self.streams.chunks(request, work, context.is_active)

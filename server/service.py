@@ -19,10 +19,15 @@ from llmwatts.server.config import ServerConfig
 from llmwatts.server.control_service import ControlServicer
 from llmwatts.server.host import MAX_LEASE_S, Host, make_engine, versions  # noqa: F401 (re-exported)
 from llmwatts.server.inference_service import InferenceServicer
+from llmwatts.server.guard import GuardInterceptor, class_limits, pool_size
+from llmwatts.server.limits import MAX_RECEIVE_MESSAGE_BYTES, check_token_length
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = ("llmwatts.v1.Inference", "llmwatts.v1.Control")
+# grpc refuses calls beyond this many times the pool's threads itself (RESOURCE_EXHAUSTED, uncounted by
+# us: the client's own record has them); below it every refusal is ours, counted in ``refusals``.
+GRPC_BACKSTOP = 4
 
 
 class LlmwattsServer:
@@ -73,6 +78,8 @@ def create_server(config: ServerConfig, host: Host | None = None) -> tuple[Llmwa
     if not (math.isfinite(config.default_lease_s) and 0 < config.default_lease_s <= MAX_LEASE_S):
         raise InvalidArgument(f"--default-lease-s must be between 0 and {MAX_LEASE_S:g} seconds, "
                               f"got {config.default_lease_s:g}")
+    check_token_length(config.control_token, "control token", config.allow_short_token)
+    check_token_length(config.inference_token, "inference token", config.allow_short_token)
     host = host or Host(config)
     live = None
     try:
@@ -83,13 +90,16 @@ def create_server(config: ServerConfig, host: Host | None = None) -> tuple[Llmwa
         interceptor = auth.BearerTokenInterceptor(
             config.control_token, inference_token=config.inference_token, loopback_only=loopback,
             allow_insecure_loopback_control=config.allow_insecure_loopback_control)
-        # Every queued request, the batch in flight (up to max_batch_size merged requests) and room for
-        # Control and health calls, so a full queue never starves SetPowerCap or a health check.
-        workers = config.queue_size + config.max_batch_size + 16
+        # Control and health have slots of their own (guard.py): no data-plane call or idle stream starves
+        # SetPowerCap or a health check. grpc's own limit is only a backstop far above the slots.
+        limits = class_limits(config.queue_size, config.max_batch_size)
+        guard = GuardInterceptor(limits, on_refused=host.store.count_refusal)
+        workers = pool_size(limits)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                             interceptors=[interceptor] + ([live.interceptor] if live else []),
-                             maximum_concurrent_rpcs=workers,
-                             options=[("grpc.so_reuseport", 0)])  # a taken port is an error, never shared
+                             interceptors=[guard, interceptor] + ([live.interceptor] if live else []),
+                             maximum_concurrent_rpcs=GRPC_BACKSTOP * workers,
+                             options=[("grpc.so_reuseport", 0),  # a taken port is an error, never shared
+                                      ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)])
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(host), server)
         pb_grpc.add_ControlServicer_to_server(ControlServicer(host), server)
         health_servicer = health.HealthServicer()

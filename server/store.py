@@ -51,8 +51,16 @@ SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
     ),
     "runs": (
         {"run_id": str, "server_id": str, "begin_ns": int, "end_ns": int, "begin_energy_j": float,
-         "end_energy_j": float, "labels": str, "simulated": int},
+         "end_energy_j": float, "labels": str, "simulated": int,
+         # runs.py: the owner's secret (its sha256 only), the client (peer host) that began it, when EndRun
+         # arrived (end_ns is after the run's requests ended) and how many were still running at end_ns.
+         "secret_sha256": str, "client": str, "end_requested_ns": int, "pending_at_end": int},
         "run_id",
+    ),
+    # Refusals before a request row exists (invalid requests, calls over a concurrency limit), counted.
+    "refusals": (
+        {"server_id": str, "code": str, "count": int},
+        ("server_id", "code"),
     ),
     "cap_events": (
         {"id": int, "server_id": str, "ts_ns": int, "gpu_uuid": str, "node": str, "rank": int,
@@ -69,14 +77,42 @@ SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
     ),
 }
 
+# A request id whose row has one of these statuses was refused before any work: it may be used again.
+RETRYABLE_STATUSES = frozenset({"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "UNAVAILABLE", "UNAUTHENTICATED",
+                                "PERMISSION_DENIED", "FAILED_PRECONDITION"})
+RUNNING = "running"  # accepted, not finished; a server that dies leaves it, the next start makes it ABORTED
+
 NOT_NULL = {
     "telemetry": {"server_id", "ts_ns", "gpu_uuid"},
     "requests": {"request_id", "status"},
 }
 
 
+# Per run: is every counted token's energy inside its window? (#17 defect 1; the report flags a run where
+# ``window_ok`` is 0.) ``batch_energy_j`` is the energy of the batches holding the run's requests (whole
+# batches: with merged batches it may hold other runs' shares), ``window_energy_j`` the counters' delta.
+RUN_WINDOWS_VIEW = """
+select r.run_id, r.begin_ns, r.end_ns, r.end_requested_ns, r.pending_at_end,
+       r.end_energy_j - r.begin_energy_j as window_energy_j,
+       (select max(b.end_ns) from batches b where b.batch_id in
+           (select q.batch_id from requests q where q.run_id = r.run_id)) as last_batch_end_ns,
+       (select sum(b.energy_j) from batches b where b.batch_id in
+           (select q.batch_id from requests q where q.run_id = r.run_id)) as batch_energy_j,
+       (select count(*) from requests q where q.run_id = r.run_id and q.status = 'running') as running,
+       (select count(*) from requests q where q.run_id = r.run_id and q.received_ns > r.end_ns) as after_end,
+       case when r.end_ns is null then null
+            when coalesce(r.pending_at_end, 0) > 0 then 0
+            when (select max(b.end_ns) from batches b where b.batch_id in
+                     (select q.batch_id from requests q where q.run_id = r.run_id)) > r.end_ns then 0
+            when (select count(*) from requests q where q.run_id = r.run_id and q.received_ns > r.end_ns) > 0 then 0
+            else 1 end as window_ok
+from runs r
+"""
+
+
 def create_schema(db: sqlite_utils.Database) -> None:
-    """Create every server table (and indexes) if missing. Idempotent."""
+    """Create every server table (and indexes, views) if missing, and add columns an older DB lacks.
+    Idempotent."""
     for name, (columns, pk) in SCHEMA.items():
         if not db[name].exists():
             db.create_table(name, columns, pk=pk, not_null=NOT_NULL.get(name), strict=True)
@@ -85,6 +121,7 @@ def create_schema(db: sqlite_utils.Database) -> None:
             for column, kind in columns.items():
                 if column not in have:
                     db[name].add_column(column, kind)
+    db.create_view("run_windows", RUN_WINDOWS_VIEW, replace=True)
     db["telemetry"].create_index(["ts_ns"], if_not_exists=True)
     db["requests"].create_index(["run_id"], if_not_exists=True)
     db["requests"].create_index(["batch_id"], if_not_exists=True)
@@ -173,7 +210,32 @@ class ServerStore:
         """Requests that never reached a batch (refused, cancelled) still get their row."""
         self._insert("requests", [dict(r, server_id=self.server_id) for r in requests], replace=True)
 
-    def begin_run(self, run_id: str, ts_ns: int, energy_j: float, labels: dict, simulated: bool) -> bool:
+    def claim_request(self, row: dict) -> bool:
+        """Write ``row`` (status "running") unless its request id was used before: the DB is the truth
+        across restarts. An id whose earlier row was refused before any work (``RETRYABLE_STATUSES``) may
+        be claimed again. Check and write are one step under the lock (two concurrent calls, one id)."""
+        with self._lock:
+            old = self.db.execute("select status from requests where request_id = ?", [row["request_id"]]).fetchone()
+            if old is not None and old[0] not in RETRYABLE_STATUSES:
+                return False
+            self.db["requests"].insert(dict(row, server_id=self.server_id), replace=True)
+            return True
+
+    def abort_unfinished(self) -> int:
+        """Mark every "running" request left by an earlier server on this DB as ABORTED -> how many."""
+        with self._lock:
+            return self.db.execute(
+                "update requests set status = 'ABORTED', error = 'the server stopped before it finished' "
+                "where status = ? and server_id != ?", [RUNNING, self.server_id]).rowcount
+
+    def count_refusal(self, code: str) -> None:
+        """One more request refused with ``code`` before it had a row."""
+        with self._lock:
+            self.db.execute("insert into refusals (server_id, code, count) values (?, ?, 1) on conflict "
+                            "(server_id, code) do update set count = count + 1", [self.server_id, code])
+
+    def begin_run(self, run_id: str, ts_ns: int, energy_j: float, labels: dict, simulated: bool, *,
+                  secret_sha256: str | None = None, client: str | None = None) -> bool:
         """Open a run; False (nothing written) when ``run_id`` was already begun: moving its start marker
         would push its earlier requests out of its window."""
         with self._lock:
@@ -182,10 +244,11 @@ class ServerStore:
             self.db["runs"].insert(
                 {"run_id": run_id, "server_id": self.server_id, "begin_ns": ts_ns, "begin_energy_j": energy_j,
                  "labels": json.dumps(labels, sort_keys=True), "simulated": int(simulated),
-                 "end_ns": None, "end_energy_j": None})
+                 "end_ns": None, "end_energy_j": None, "secret_sha256": secret_sha256, "client": client})
             return True
 
-    def end_run(self, run_id: str, ts_ns: int, energy_j: float) -> str:
+    def end_run(self, run_id: str, ts_ns: int, energy_j: float, *, requested_ns: int | None = None,
+                pending: int = 0) -> str:
         """Close a run: "ended", or "unknown" (never begun) or "already-ended" (nothing written)."""
         with self._lock:
             row = self.db.execute("select end_ns from runs where run_id = ?", [run_id]).fetchone()
@@ -193,8 +256,19 @@ class ServerStore:
                 return "unknown"
             if row[0] is not None:
                 return "already-ended"
-            self.db["runs"].update(run_id, {"end_ns": ts_ns, "end_energy_j": energy_j})
+            self.db["runs"].update(run_id, {"end_ns": ts_ns, "end_energy_j": energy_j,
+                                            "end_requested_ns": requested_ns or ts_ns, "pending_at_end": pending})
             return "ended"
+
+    def run(self, run_id: str) -> dict | None:
+        with self._lock:
+            rows = list(self.db.query("select * from runs where run_id = ?", [run_id]))
+        return rows[0] if rows else None
+
+    def open_runs(self, client: str) -> int:
+        with self._lock:
+            return self.db.execute("select count(*) from runs where client = ? and end_ns is null and "
+                                   "server_id = ?", [client, self.server_id]).fetchone()[0]
 
     def record_cap_event(self, event: dict) -> None:
         self._insert("cap_events", [dict(event, server_id=self.server_id)])

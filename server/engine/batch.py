@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 import torch
 
 from llmwatts.server.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from llmwatts.server.limits import MIN_TEMPERATURE
 
 # step index, new token ids per sequence (an empty list once a sequence has finished)
 StepCallback = Callable[[int, list[list[int]]], None]
@@ -40,6 +41,9 @@ class BatchSpec:
         from llmwatts.server.engine.sampling import row_keys
 
         return list(self.keys) if self.keys is not None else row_keys(self.sampling.seed, len(self.prompts))
+    # row -> its request's call has ended (cancelled, past its deadline): the row finishes at its next
+    # step ("cancelled"), so a static batch stops once every row is done and a continuous one frees it.
+    stopped: Callable[[int], bool] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -81,7 +85,10 @@ class SequenceTracker:
             self.first_token_ns = now
         self.steps += 1
         deltas = []
+        stopped = self.batch.stopped
         for i, tok in enumerate(new_ids):
+            if self.finish[i] is None and stopped is not None and stopped(i):
+                self.finish[i], self.done_ns[i] = "cancelled", now
             if self.finish[i] is not None:
                 deltas.append([])
                 continue
@@ -118,8 +125,9 @@ def validate_sampling(temperature: float | None, top_p: float | None, greedy: bo
     t = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
     p = DEFAULT_TOP_P if top_p is None else float(top_p)
     if not greedy:
-        if not math.isfinite(t) or t <= 0 or t > 10:
-            raise ValueError(f"sampling.temperature must be in (0, 10], got {t}; set greedy for argmax decoding")
+        if not math.isfinite(t) or t < MIN_TEMPERATURE * (1 - 1e-6) or t > 10:  # (fp32 on the wire)
+            raise ValueError(f"sampling.temperature must be in [{MIN_TEMPERATURE}, 10], got {t}; set greedy for "
+                             f"argmax decoding")
         if not math.isfinite(p) or p <= 0 or p > 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {p}")
     return Sampling(greedy=greedy, temperature=t, top_p=p, seed=seed)

@@ -89,8 +89,9 @@ def test_run_markers_and_per_request_energy_reconcile_with_batches(stubs):
     inference, control, srv = stubs
     begin = control.BeginRun(pb.BeginRunRequest(run_id="r1", labels={"batch_size": "2"}))
     for i in range(3):
-        inference.Generate(req(f"r1-{i}", ["a prompt", "another longer prompt here"], run_id="r1", max_new_tokens=4))
-    end = control.EndRun(pb.EndRunRequest(run_id="r1"))
+        inference.Generate(req(f"r1-{i}", ["a prompt", "another longer prompt here"], run_id="r1", max_new_tokens=4,
+                               run_secret=begin.run_secret))
+    end = control.EndRun(pb.EndRunRequest(run_id="r1", run_secret=begin.run_secret))
     assert end.energy_j > begin.energy_j and end.server_ns > begin.server_ns and end.simulated
     srv.host.store.flush()
     db = sqlite_utils.Database(srv.host.config.db_path)
@@ -208,13 +209,13 @@ def test_a_run_id_is_begun_and_ended_once(stubs):
     # Regression: a second BeginRun moved the run's start marker, pushing its requests out of its window.
     inference, control, srv = stubs
     first = control.BeginRun(pb.BeginRunRequest(run_id="once"))
-    inference.Generate(req("once-1", ["x"], run_id="once", max_new_tokens=2))
+    inference.Generate(req("once-1", ["x"], run_id="once", max_new_tokens=2, run_secret=first.run_secret))
     with pytest.raises(grpc.RpcError) as e:
         control.BeginRun(pb.BeginRunRequest(run_id="once"))
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    control.EndRun(pb.EndRunRequest(run_id="once"))
+    control.EndRun(pb.EndRunRequest(run_id="once", run_secret=first.run_secret))
     with pytest.raises(grpc.RpcError) as e:
-        control.EndRun(pb.EndRunRequest(run_id="once"))
+        control.EndRun(pb.EndRunRequest(run_id="once", run_secret=first.run_secret))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     run = sqlite_utils.Database(srv.host.config.db_path)["runs"].get("once")
     assert run["begin_ns"] == first.server_ns

@@ -19,7 +19,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., greedy: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "run_id", "prompts", "max_new_tokens", "sampling", "ignore_eos", "return_token_ids", "client_send_ns")
+    __slots__ = ("request_id", "run_id", "prompts", "max_new_tokens", "sampling", "ignore_eos", "return_token_ids", "client_send_ns", "run_secret")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class GenerateRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SEND_NS_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     run_id: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
@@ -36,7 +37,8 @@ class GenerateRequest(_message.Message):
     ignore_eos: bool
     return_token_ids: bool
     client_send_ns: int
-    def __init__(self, request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., ignore_eos: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ..., client_send_ns: _Optional[int] = ...) -> None: ...
+    run_secret: str
+    def __init__(self, request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., ignore_eos: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ..., client_send_ns: _Optional[int] = ..., run_secret: _Optional[str] = ...) -> None: ...
 
 class ServerTimes(_message.Message):
     __slots__ = ("received_ns", "batch_start_ns", "first_token_ns", "done_ns")
@@ -197,22 +199,28 @@ class BeginRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class EndRunRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "run_secret")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    run_secret: str
+    def __init__(self, run_id: _Optional[str] = ..., run_secret: _Optional[str] = ...) -> None: ...
 
 class RunMarker(_message.Message):
-    __slots__ = ("run_id", "server_ns", "energy_j", "simulated")
+    __slots__ = ("run_id", "server_ns", "energy_j", "simulated", "run_secret", "pending_requests")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_NS_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     server_ns: int
     energy_j: float
     simulated: bool
-    def __init__(self, run_id: _Optional[str] = ..., server_ns: _Optional[int] = ..., energy_j: _Optional[float] = ..., simulated: _Optional[bool] = ...) -> None: ...
+    run_secret: str
+    pending_requests: int
+    def __init__(self, run_id: _Optional[str] = ..., server_ns: _Optional[int] = ..., energy_j: _Optional[float] = ..., simulated: _Optional[bool] = ..., run_secret: _Optional[str] = ..., pending_requests: _Optional[int] = ...) -> None: ...
 
 class GpuSelector(_message.Message):
     __slots__ = ("gpus",)
