@@ -252,8 +252,11 @@ class Batcher:
         limits = [w.max_new_tokens for w in group for _ in w.prompts]
         owners = [(i, j) for i, w in enumerate(group) for j in range(len(w.prompts))]
         keys = [k for w in group for k in row_keys(w.sampling.seed, len(w.prompts))]  # each request's own seed
-        spec = BatchSpec(prompts, limits, group[0].sampling, group[0].ignore_eos, keys,
-                         stopped=lambda row: group[owners[row][0]].cancelled is not None)
+        # A cancelled request's rows stop at the next step, except on ranks in lockstep (sharded): there every
+        # rank must run the same steps, so the batch runs to its end.
+        stopped = None if getattr(self.engine, "lockstep", False) else \
+            (lambda row: group[owners[row][0]].cancelled is not None)
+        spec = BatchSpec(prompts, limits, group[0].sampling, group[0].ignore_eos, keys, stopped=stopped)
 
         def on_step(step: int, deltas: list[list[int]]) -> None:
             per_work: list[list[list[int]]] = [[] for _ in group]

@@ -315,6 +315,8 @@ class Controller:
 class ShardedEngine:
     """The Engine interface on rank 0: every rank runs the wrapped engine on the same batch in lockstep."""
 
+    lockstep = True  # every rank runs every step: a cancelled request's rows cannot stop early (batcher.py)
+
     def __init__(self, inner, controller: Controller):
         self.inner, self.controller = inner, controller
         self.name = inner.name

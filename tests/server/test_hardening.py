@@ -331,7 +331,7 @@ def test_end_run_waits_for_the_runs_requests_so_the_window_holds_their_energy(st
                                             run_secret=begin.run_secret))
     time.sleep(0.3)
     end = control.EndRun(pb.EndRunRequest(run_id="timed", run_secret=begin.run_secret), timeout=60)
-    assert pending.done() and pending.result().completions[0].output_tokens == 80
+    assert pending.result(timeout=10).completions[0].output_tokens == 80
     assert end.pending_requests == 0
     row = next(db_of(srv).query("select * from run_windows where run_id = 'timed'"))
     assert row["window_ok"] == 1 and row["last_batch_end_ns"] <= row["end_ns"] == end.server_ns
