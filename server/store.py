@@ -147,6 +147,7 @@ class ServerStore:
         self._lock = threading.Lock()
         self._telemetry: list[dict] = []
         self._flush_rows = telemetry_flush_rows
+        self._refusals: dict[str, int] = {}  # code -> refusals not yet written (``count_refusal``)
 
     def _insert(self, table: str, rows: list[dict], **kw) -> None:
         if not rows:
@@ -176,6 +177,7 @@ class ServerStore:
         with self._lock:
             rows, self._telemetry = self._telemetry, []
         self._insert("telemetry", rows)
+        self._flush_refusals()
 
     @contextmanager
     def _transaction(self):
@@ -229,10 +231,18 @@ class ServerStore:
                 "where status = ? and server_id != ?", [RUNNING, self.server_id]).rowcount
 
     def count_refusal(self, code: str) -> None:
-        """One more request refused with ``code`` before it had a row."""
+        """One more request refused with ``code`` before it had a row: counted in memory, written with the
+        telemetry (``flush``), so a flood of refusals costs no write each."""
         with self._lock:
-            self.db.execute("insert into refusals (server_id, code, count) values (?, ?, 1) on conflict "
-                            "(server_id, code) do update set count = count + 1", [self.server_id, code])
+            self._refusals[code] = self._refusals.get(code, 0) + 1
+
+    def _flush_refusals(self) -> None:
+        with self._lock:
+            counts, self._refusals = self._refusals, {}
+            for code, n in counts.items():
+                self.db.execute("insert into refusals (server_id, code, count) values (?, ?, ?) on conflict "
+                                "(server_id, code) do update set count = count + excluded.count",
+                                [self.server_id, code, n])
 
     def begin_run(self, run_id: str, ts_ns: int, energy_j: float, labels: dict, simulated: bool, *,
                   secret_sha256: str | None = None, client: str | None = None) -> bool:

@@ -183,7 +183,7 @@ def test_predicted_clock_table_saves_energy_at_a_time_cost():
 def test_rpcs_need_the_token_refuse_unsupported_clocks_and_record_who_and_why(tmp_path, monkeypatch):
     from tests.conftest import start_server
 
-    server, port = start_server(tmp_path, control_token="clock-token", sim_gpus=2)
+    server, port = start_server(tmp_path, control_token="clock-test-token", sim_gpus=2)
     target = f"127.0.0.1:{port}"
     try:
         with grpc.insecure_channel(target) as channel:
@@ -195,7 +195,7 @@ def test_rpcs_need_the_token_refuse_unsupported_clocks_and_record_who_and_why(tm
                 with pytest.raises(grpc.RpcError) as err:
                     method(request if method is control.SetLockedClocks else pb.ResetClocksRequest(), timeout=10)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            token = [("authorization", "Bearer clock-token")]
+            token = [("authorization", "Bearer clock-test-token")]
             with pytest.raises(grpc.RpcError) as err:
                 control.SetLockedClocks(pb.SetLockedClocksRequest(sm_min_mhz=1000, sm_max_mhz=1000), timeout=10,
                                         metadata=token)

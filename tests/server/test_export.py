@@ -27,11 +27,11 @@ def _table(path, table):
 
 def _generate(channel, run_id, n):
     control, inference = pb_grpc.ControlStub(channel), pb_grpc.InferenceStub(channel)
-    control.BeginRun(pb.BeginRunRequest(run_id=run_id, labels={"cap_w": "250"}))
+    secret = control.BeginRun(pb.BeginRunRequest(run_id=run_id, labels={"cap_w": "250"})).run_secret
     for i in range(n):
         inference.Generate(pb.GenerateRequest(request_id=f"{run_id}-{i}", run_id=run_id, prompts=["Hi there", "Two"],
-                                              max_new_tokens=3, ignore_eos=True))
-    control.EndRun(pb.EndRunRequest(run_id=run_id))
+                                              max_new_tokens=3, ignore_eos=True, run_secret=secret))
+    control.EndRun(pb.EndRunRequest(run_id=run_id, run_secret=secret))
 
 
 @pytest.fixture
