@@ -236,8 +236,7 @@ def req(rid, prompt_list, n, greedy=True, **kw):
 
 
 def test_the_server_lets_requests_join_a_running_batch_and_energy_adds_up(tmp_path):
-    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4,  # joins at once: 4 / 8 < 1 row
-                             stream_interval_ms=0)  # a chunk a step: the test counts steps
+    srv, port = start_server(tmp_path, continuous=True, max_batch_size=4)  # joins at once: 4 / 8 < 1 row
     try:
         assert srv.host.batcher.join_rows == 1
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
