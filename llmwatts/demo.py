@@ -6,7 +6,6 @@ when those files are absent) at batch sizes 1, 4 and 8 with headless Locust, ing
 a study DB and prints the paper-style table; report files land in ``--out``. The server always stops.
 """
 
-import argparse
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 from llmwatts.errors import InvalidArgument, LlmwattsError, NotFound, Unavailable
+from llmwatts.paths import DATA_DIR_ENV
 
 DEMO_BATCH_SIZES = (1, 4, 8)
 SERVER_START_TIMEOUT_S = 120
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         "demo", help="run server, load and report end to end on CPU (simulated GPU)",
         description="Serve the tiny preset on CPU with a simulated GPU, replay Alpaca and GSM8K prompts at "
                     "batch sizes 1, 4 and 8, and print the energy/latency table.")
-    p.add_argument("--data-dir", help="folder with alpaca_5k.jsonl and gsm8k_test.jsonl "
+    p.add_argument("--data-dir", help="folder with alpaca_5k.jsonl and gsm8k_test.jsonl, which must exist "
                                       "(default: $LLMWATTS_DATA_DIR, then the cache; else the embedded mini set)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for DBs and the report")
     p.add_argument("--requests", type=int, default=6, help="requests per run (default 6)")
@@ -39,7 +39,9 @@ def add_parser(subparsers) -> None:
                        help="simulated (default) or nvml-readonly for a real GPU")
     study.add_argument("--batch-sizes", default=",".join(map(str, DEMO_BATCH_SIZES)),
                        help="comma-separated prompts per request (default 1,4,8)")
-    study.add_argument("--datasets", default="alpaca,gsm8k", help="comma-separated: alpaca, gsm8k (default both)")
+    study.add_argument("--datasets", default="alpaca,gsm8k",
+                       help="comma-separated: alpaca, gsm8k, mini (the embedded set; used when neither file is "
+                            "found); default alpaca,gsm8k")
     p.set_defaults(func=run)
 
 
@@ -81,15 +83,22 @@ def _stop_server(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
+DATASET_NAMES = ("alpaca", "gsm8k", "mini")
+
+
 def _datasets(data_dir: str | None, names: list[str]) -> list[tuple[str, str]]:
     """(dataset, label) pairs: the named sets whose files are found, else the embedded mini set."""
     from llmwatts.loadgen.prompts import load_prompts
 
-    unknown = set(names) - {"alpaca", "gsm8k"}
-    if unknown:
-        raise InvalidArgument(f"--datasets knows alpaca and gsm8k, not {', '.join(sorted(unknown))}")
+    unknown = set(names) - set(DATASET_NAMES)
+    if unknown or not names:
+        raise InvalidArgument(f"--datasets wants some of {', '.join(DATASET_NAMES)}, comma-separated; got "
+                              f"{', '.join(sorted(unknown)) or 'nothing'}")
     found = []
     for name in names:
+        if name == "mini":
+            found.append(("mini", "mini (embedded)"))
+            continue
         try:
             load_prompts(name, num_prompts=8, seed=0, data_dir=data_dir, fetch=False)
             found.append((name, name))
@@ -101,16 +110,58 @@ def _datasets(data_dir: str | None, names: list[str]) -> list[tuple[str, str]]:
     return found
 
 
+def _data_dir(explicit: str | None) -> str | None:
+    """``--data-dir`` must exist; a missing ``$LLMWATTS_DATA_DIR`` is said, then passed over."""
+    if explicit:
+        if not Path(explicit).is_dir():
+            raise InvalidArgument(f"--data-dir {explicit} is not a folder: point it at the folder holding "
+                                  f"alpaca_5k.jsonl and gsm8k_test.jsonl, or leave it out for the embedded mini set")
+        return explicit
+    from_env = os.environ.get(DATA_DIR_ENV)
+    if from_env and not Path(from_env).is_dir():
+        print(f"demo: ${DATA_DIR_ENV}={from_env} is not a folder; looking in the cache", file=sys.stderr)
+        return None
+    return from_env or None
+
+
+def check(args) -> tuple[str | None, list[int], list[tuple[str, str]]]:
+    """Every flag checked before the first side effect (no --out folder, no server for rejected input):
+    (data dir, batch sizes, (dataset, label) pairs)."""
+    from llmwatts.server.config import ServerConfig, check_engine
+    from llmwatts.server.gpu import BACKENDS
+    from llmwatts.server.models import check_model_spec
+
+    limits = ServerConfig()
+    for flag, value in (("--requests", args.requests), ("--users", args.users),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise InvalidArgument(f"{flag} must be at least 1, got {value}")
+    if args.max_new_tokens > limits.max_new_tokens_limit:
+        raise InvalidArgument(f"--max-new-tokens must be at most the server's limit {limits.max_new_tokens_limit}, "
+                              f"got {args.max_new_tokens}")
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    if max(batch_sizes) > limits.max_batch_size:
+        raise InvalidArgument(f"--batch-sizes must be at most the server's {limits.max_batch_size}, got "
+                              f"{max(batch_sizes)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidArgument(f"--out {args.out} is a file: name a folder")
+    check_model_spec(args.model)
+    check_engine(args.engine)
+    if args.power_backend not in BACKENDS:
+        raise InvalidArgument(f"unknown power backend {args.power_backend!r}; choose one of: {', '.join(BACKENDS)}")
+    data_dir = _data_dir(args.data_dir)
+    datasets = _datasets(data_dir, [d.strip() for d in args.datasets.split(",") if d.strip()])
+    return data_dir, batch_sizes, datasets
+
+
 def run(args) -> int:
     started = time.monotonic()
+    data_dir, batch_sizes, datasets = check(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("server.db", "client.db", "study.db"):
         for suffix in ("", "-wal", "-shm"):
             (out / (stale + suffix)).unlink(missing_ok=True)
-    data_dir = args.data_dir or os.environ.get("LLMWATTS_DATA_DIR")
-    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
-    datasets = _datasets(data_dir, [d.strip() for d in args.datasets.split(",") if d.strip()])
     # Locust monkey-patches this process for gevent; the server runs in its own process.
     from llmwatts.loadgen.config import LoadConfig
     from llmwatts.loadgen.runner import run_load

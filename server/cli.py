@@ -173,9 +173,23 @@ def run(args) -> int:
     if os.environ.get("RANK", "0") == "0":
         check_leader_resources(args)
     if args.shards > 1:
+        import fairscale  # noqa: F401  (the [shards] extra: say so before any rank is spawned)
+
         from llmwatts.server.sharded import serve_sharded
 
         return serve_sharded(config, args.shards, port_file=args.port_file)
     from llmwatts.server.lifecycle import serve
 
     return serve(config, port_file=args.port_file)
+
+
+def rank_config_from_argv(argv: list[str]) -> tuple[ServerConfig, Path | None]:
+    """One torchrun rank's config from ``llmwatts serve``'s flags (``python -m llmwatts.server.sharded``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m llmwatts.server.sharded",
+                                     description="One rank of a sharded llmwatts server (run under torchrun).")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", *argv])
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return config_from_args(args), args.port_file

@@ -19,7 +19,6 @@ in the environment. docs/sharding.md describes the design; in short:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -434,25 +433,18 @@ def serve_sharded(config: ServerConfig, shards: int, port_file: Path | None = No
                 p.kill()
 
 
-def _config_from_argv(argv: list[str]) -> tuple[ServerConfig, Path | None]:
-    from llmwatts.server import cli
-
-    parser = argparse.ArgumentParser(prog="python -m llmwatts.server.sharded",
-                                     description="One rank of a sharded llmwatts server (run under torchrun).")
-    cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", *argv])
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return cli.config_from_args(args), args.port_file
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of every rank under torchrun, and of the followers ``serve_sharded`` spawns."""
+    """Entry point of every rank (``python -m llmwatts.server.sharded``): a follower ``serve_sharded``
+    spawned (its config in the environment), or a torchrun rank (argv: ``llmwatts serve``'s flags, which
+    ``server/cli.py`` parses: the program's CLI, imported here only when run as one)."""
     spawned = os.environ.get(CONFIG_ENV)
     try:
         if spawned:
             logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             return run_rank(ServerConfig(**json.loads(spawned)))
-        config, port_file = _config_from_argv(sys.argv[1:] if argv is None else argv)
+        from llmwatts.server.cli import rank_config_from_argv  # noqa: cli-import (this is a program's entry)
+
+        config, port_file = rank_config_from_argv(sys.argv[1:] if argv is None else argv)
         return run_rank(config, port_file)
     except LlmwattsError as e:
         print(f"llmwatts: rank {os.environ.get('RANK', '?')}: {e}", file=sys.stderr)

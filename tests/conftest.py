@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import grpc
+import platformdirs
 import pytest
 
 from llmwatts.server.config import ServerConfig
@@ -14,11 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def cache_dir_for_tests() -> Path:
+    """The tests' own cache: $LLMWATTS_CACHE_DIR, else ``llmwatts-tests`` in the user cache dir, which
+    honours $XDG_CACHE_HOME (platformdirs), never a hard-coded ~/.cache."""
+    return Path(os.environ.get("LLMWATTS_CACHE_DIR") or platformdirs.user_cache_dir("llmwatts-tests"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep the tokenizer cache per test session unless the user points elsewhere (CI starts empty)."""
-    if "LLMWATTS_CACHE_DIR" not in os.environ:
-        os.environ["LLMWATTS_CACHE_DIR"] = str(Path.home() / ".cache" / "llmwatts-tests")
+    os.environ["LLMWATTS_CACHE_DIR"] = str(cache_dir_for_tests())
 
 
 def start_server(tmp_path: Path, **overrides):

@@ -1,0 +1,50 @@
+"""``llmwatts demo`` checks everything before its first side effect (issue 16 item 9): a rejected flag
+starts no server and creates no --out folder."""
+
+import pytest
+
+from llmwatts.cli import build_parser, main
+
+
+@pytest.mark.parametrize("flag,value", [("--requests", "0"), ("--users", "0"), ("--max-new-tokens", "-1"),
+                                        ("--batch-sizes", "1,0"), ("--datasets", "alpaca,squad"),
+                                        ("--model", "llama-3b"), ("--engine", "warp"),
+                                        ("--power-backend", "nvidia")])
+def test_rejected_input_starts_nothing_and_creates_no_out(tmp_path, capsys, monkeypatch, flag, value):
+    """Guards: --requests 0, --users 0 and --max-new-tokens -1 were refused only after a server had started,
+    and --out was created for rejected input."""
+    import subprocess
+
+    def no_server(*a, **k):
+        raise AssertionError("rejected input must not start a server")
+
+    monkeypatch.setattr(subprocess, "Popen", no_server)
+    out = tmp_path / "demo-out"
+    assert main(["demo", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("llmwatts demo: error: ") and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_missing_data_dir_is_said_not_passed_over(tmp_path, capsys):
+    """Guards: a --data-dir that does not exist fell back to the mini set without a word."""
+    out = tmp_path / "demo-out"
+    assert main(["demo", "--out", str(out), "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert f"--data-dir {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_mini_is_a_dataset_the_demo_accepts(tmp_path, capsys, monkeypatch):
+    """Guards: `--datasets mini` was refused although the demo falls back to it; a missing
+    $LLMWATTS_DATA_DIR is said."""
+    from llmwatts import demo
+
+    monkeypatch.setenv("LLMWATTS_DATA_DIR", str(tmp_path / "gone"))
+    monkeypatch.setenv("LLMWATTS_CACHE_DIR", str(tmp_path / "cache"))
+    args = build_parser().parse_args(["demo", "--out", str(tmp_path / "o"), "--datasets", "mini,alpaca"])
+    data_dir, batch_sizes, datasets = demo.check(args)
+    assert data_dir is None and batch_sizes == [1, 4, 8]
+    assert datasets == [("mini", "mini (embedded)")]  # alpaca's file is nowhere: said, and left out
+    err = capsys.readouterr().err
+    assert f"$LLMWATTS_DATA_DIR={tmp_path / 'gone'} is not a folder" in err and "alpaca" in err
+    assert not (tmp_path / "o").exists()
