@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cache_dir_for_tests
+from tests.conftest import cache_dir_for_tests
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, offline_env
+from tests.loadgen.conftest import REPO, offline_env
 
 
 def test_loadgen_bench_quick_produces_its_tables(tmp_path):

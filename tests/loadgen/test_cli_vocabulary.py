@@ -3,7 +3,7 @@ anything is sent; one vocabulary with ``cap``, ``clocks`` and ``serve``."""
 
 import sqlite_utils
 
-from conftest import LLMWATTS, offline_env  # noqa: F401 (LLMWATTS: the command line the helpers run)
+from tests.loadgen.conftest import LLMWATTS, offline_env  # noqa: F401 (LLMWATTS: the command line the helpers run)
 from test_load import load
 
 

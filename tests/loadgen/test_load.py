@@ -11,7 +11,7 @@ import time
 
 import sqlite_utils
 
-from conftest import LLMWATTS, REPO, free_port, offline_env
+from tests.loadgen.conftest import LLMWATTS, REPO, free_port, offline_env
 
 
 def load(tmp_path, *args, timeout=60):

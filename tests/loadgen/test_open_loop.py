@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sqlite_utils
 
-from conftest import LLMWATTS, offline_env  # noqa: F401
+from tests.loadgen.conftest import LLMWATTS, offline_env  # noqa: F401
 from test_load import load
 
 RATE_RPS = 10.0
@@ -104,7 +104,7 @@ def test_distributed_workers_split_the_rate_each_with_its_own_stream(server, tmp
     """Locust distributed mode: the master tells its K workers the rate; each sends rate/K from the seeded
     stream of its own node, so the union is a Poisson process at the full rate."""
     import subprocess
-    from conftest import LLMWATTS, free_port
+    from tests.loadgen.conftest import LLMWATTS, free_port
 
     target, _ = server
     port, db, rate = free_port(), tmp_path / "master.db", 8.0
@@ -139,7 +139,7 @@ def test_distributed_workers_split_the_rate_each_with_its_own_stream(server, tmp
 
 def test_sweep_over_rates_runs_one_labelled_open_loop_run_per_rate(server, tmp_path):
     import subprocess
-    from conftest import LLMWATTS
+    from tests.loadgen.conftest import LLMWATTS
 
     target, _ = server
     db = tmp_path / "client.db"

@@ -8,7 +8,7 @@ import sys
 
 import sqlite_utils
 
-from conftest import REPO, offline_env
+from tests.loadgen.conftest import REPO, offline_env
 from test_load import load
 
 

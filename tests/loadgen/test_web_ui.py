@@ -11,7 +11,7 @@ import urllib.request
 
 import sqlite_utils
 
-from conftest import REPO, free_port, offline_env
+from tests.loadgen.conftest import REPO, free_port, offline_env
 
 UI_OPTIONS = ("llm_dataset", "llm_batch_size", "llm_max_new_tokens", "llm_stream", "llm_rate_rps", "llm_arrival",
               "llm_requests", "llm_slo")
