@@ -1,9 +1,11 @@
 """report.html for people: one self-contained page (jinja2; plots inlined as base64 PNGs).
 
-Per workload group: the SLA choice with its saving against the default cap and the runner-up, three
+Per workload group: the SLA choice over both levers (power cap, locked SM clock) saying which one won, with
+its saving against the default cap and clock and the runner-up, three
 tables (throughput and energy; latency; utilisation) with column names in words and units, the Pareto
 front as a table and a plot, J/token and throughput against batch size, J/token against the cap for cap
-sweeps, per-request joules against latency; then a power timeline per run, and our cap change beside
+sweeps, J/token and latency p95 against the locked SM clock for clock sweeps, per-request joules against
+latency; then a power timeline per run, and our cap change beside
 the seed paper's published one. Every image is checked by a script on load (``data-images-ok``), so a
 headless browser test can tell that each plot rendered.
 """
@@ -129,6 +131,12 @@ def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cp
             ("energy per output token vs power cap",
              plots.metric_vs(g, "cap_w", "j_per_token", "energy per output token (J)",
                              "power cap (W)", sim) if g.cap_change else None),
+            ("energy per output token vs locked SM clock",
+             plots.metric_vs(g, "sm_clock_mhz", "j_per_token", "energy per output token (J)",
+                             "locked SM clock (MHz)", sim) if data.clock_sweep(g) else None),
+            ("latency p95 vs locked SM clock",
+             plots.metric_vs(g, "sm_clock_mhz", "latency_p95_ms", "latency p95 (ms)",
+                             "locked SM clock (MHz)", False) if data.clock_sweep(g) else None),
             ("latency p95 vs energy per token, Pareto front", plots.pareto(g, sim)),
             ("energy per request vs its latency",
              plots.request_energy(db, g, sim) if _exists(db, "request_join") else None),

@@ -27,6 +27,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "batch_size": "prompts per request (labels / client_runs.batch_size)",
     "shard_count": "GPUs the model is sharded over (servers.shard_count)",
     "cap_w": "power cap, W (labels.cap_w, else the most common telemetry cap_mw in the window)",
+    "sm_clock_mhz": "locked SM clock, MHz (labels.sm_clock_mhz: a study's clock dimension; empty when unlocked)",
     "users": "concurrent load users (client_runs.users)",
     "n_gpus": "GPUs with telemetry in the window",
     "power": "'simulated' if any contributing number is simulated, else the power source",
@@ -104,10 +105,10 @@ METRIC_COLUMNS: dict[str, str] = {
 }
 # Columns taken as they are from the run_metrics view (views.py), the rest come from labels here.
 VIEW_COLUMNS = [c for c in METRIC_COLUMNS if c not in (
-    "run_id", "model", "engine", "dtype", "dataset", "batch_size", "shard_count", "cap_w", "users", "labels",
-    "slo")]
-LABEL_COLUMNS = ("model", "engine", "dtype", "dataset", "batch_size", "shard_count", "cap_w", "users")
-NUMERIC_LABELS = ("batch_size", "shard_count", "cap_w", "users")
+    "run_id", "model", "engine", "dtype", "dataset", "batch_size", "shard_count", "cap_w", "sm_clock_mhz", "users",
+    "labels", "slo")]
+LABEL_COLUMNS = ("model", "engine", "dtype", "dataset", "batch_size", "shard_count", "cap_w", "sm_clock_mhz", "users")
+NUMERIC_LABELS = ("batch_size", "shard_count", "cap_w", "sm_clock_mhz", "users")
 
 
 def is_ok(status) -> bool:

@@ -16,10 +16,13 @@ REFERENCE = Path(__file__).with_name("reference") / "samsi2023.toml"
 # A workload: what a run serves (never mixed in one series or one choice).
 WORKLOAD_KEYS = ("model", "engine", "dtype", "dataset", "stream", "greedy", "max_new_tokens")
 # Settings swept within a workload (the x-axes and the series).
-SETTING_KEYS = ("batch_size", "users", "rate_rps", "cap_w")
+SETTING_KEYS = ("batch_size", "users", "rate_rps", "cap_w", "sm_clock_mhz")
+# The energy levers the SLA choice weighs: the power cap and the locked SM clock (their default: the highest
+# value swept, or none set).
+LEVERS = {"cap_w": "power cap", "sm_clock_mhz": "locked SM clock"}
 COLUMN_NAMES = {
     "run_id": "run", "dataset": "dataset", "batch_size": "batch size (prompts per request)",
-    "cap_w": "power cap (W)", "rate_rps": "arrival rate (requests/s)", "users": "closed-loop users",
+    "cap_w": "power cap (W)", "sm_clock_mhz": "locked SM clock (MHz)", "rate_rps": "arrival rate (requests/s)", "users": "closed-loop users",
     "power": "power source", "duration_s": "duration (s)", "responses": "responses",
     "tokens_per_s": "throughput (output tokens/s)", "words_per_s": "throughput (words/s)",
     "responses_per_s": "responses per second", "avg_power_w": "mean power, all GPUs (W)",
@@ -32,7 +35,7 @@ COLUMN_NAMES = {
     "mem_used_pct_max": "GPU memory used, max (%)", "gpu_energy_spread": "energy spread across GPUs (max/min)",
     "n_gpus": "GPUs", "idle_power_w": "idle power, all GPUs (W)",
 }
-SETTINGS = ["run_id", "dataset", "batch_size", "rate_rps", "users", "cap_w"]
+SETTINGS = ["run_id", "dataset", "batch_size", "rate_rps", "users", "cap_w", "sm_clock_mhz"]
 TABLES = {
     "Throughput and energy": SETTINGS + ["duration_s", "responses", "tokens_per_s", "avg_power_w",
                                          "energy_total_j", "j_per_token", "j_per_token_dynamic", "j_per_response"],
@@ -51,9 +54,10 @@ class GroupChoice:
 
     best: dict | None
     runner_up: dict | None
-    default: dict | None        # the same settings at the default (highest or unset) cap
+    default: dict | None        # the same settings at the default (highest or unset) cap and clock
     saving_pct: float | None    # energy per token saved by ``best`` against ``default``
     message: str
+    lever: str | None = None    # which lever won: "power cap", "locked SM clock", "both" or "neither"
 
 
 @dataclass
@@ -103,7 +107,8 @@ def groups_of(runs: list[dict]) -> list[Group]:
 
 def settings_text(row: dict) -> str:
     parts = []
-    for k, unit in (("batch_size", "batch"), ("rate_rps", "req/s"), ("users", "users"), ("cap_w", "W cap")):
+    for k, unit in (("batch_size", "batch"), ("rate_rps", "req/s"), ("users", "users"), ("cap_w", "W cap"),
+                    ("sm_clock_mhz", "MHz SM clock")):
         if row.get(k) is not None:
             parts.append(f"{unit} {row[k]}" if k == "batch_size" else f"{row[k]} {unit}")
     return ", ".join(parts) or row["run_id"]
@@ -116,18 +121,27 @@ def pareto_rows(rows: list[dict]) -> list[dict]:
     return [r for r, on in zip(usable, flags) if on]
 
 
-def _default_cap(rows: list[dict]) -> float | None:
-    caps = [c for c in (_num(r.get("cap_w")) for r in rows) if c is not None]
-    return max(caps) if caps else None
+def _default_of(rows: list[dict], lever: str) -> float | None:
+    """A lever's default in a sweep: its highest value run (None when no run sets it)."""
+    values = [c for c in (_num(r.get(lever)) for r in rows) if c is not None]
+    return max(values) if values else None
 
 
-def _same_settings(a: dict, b: dict) -> bool:
-    return all(str(a.get(k)) == str(b.get(k)) for k in SETTING_KEYS if k != "cap_w")
+def _same_settings(a: dict, b: dict, *, but: tuple[str, ...] = ("cap_w",)) -> bool:
+    return all(str(a.get(k)) == str(b.get(k)) for k in SETTING_KEYS if k not in but)
+
+
+def lever_of(best: dict, defaults: dict[str, float | None]) -> str:
+    """Which lever the choice moved off its default: one of ``LEVERS``' words, "both" or "neither"."""
+    moved = [word for lever, word in LEVERS.items()
+             if defaults[lever] is not None and _num(best.get(lever)) != defaults[lever]]
+    return moved[0] if len(moved) == 1 else ("both" if moved else "neither")
 
 
 def choose(group: Group, sla_p95_ms: float) -> GroupChoice:
-    """Lowest J/token with latency p95 within the SLA, the runner-up, and the saving against the same
-    settings at the default cap (the highest cap of the sweep, or no cap)."""
+    """Lowest J/token with latency p95 within the SLA over every setting (both levers: cap and locked
+    clock), the runner-up, which lever won, and the saving against the same settings at the default cap and
+    clock (the highest of each sweep, or none set)."""
     usable = [r for r in group.runs if r.get("latency_p95_ms") is not None and r.get("j_per_token") is not None]
     meeting = sorted((r for r in usable if r["latency_p95_ms"] <= sla_p95_ms),
                      key=lambda r: (r["j_per_token"], r["latency_p95_ms"]))
@@ -135,17 +149,28 @@ def choose(group: Group, sla_p95_ms: float) -> GroupChoice:
         return GroupChoice(None, None, None, None, f"no run meets latency p95 ≤ {sla_p95_ms:g} ms")
     best = meeting[0]
     runner_up = meeting[1] if len(meeting) > 1 else None
-    top = _default_cap(group.runs)
-    defaults = [r for r in usable if _num(r.get("cap_w")) == top and _same_settings(r, best)]
+    tops = {lever: _default_of(group.runs, lever) for lever in LEVERS}
+    defaults = [r for r in usable if all(_num(r.get(k)) == v for k, v in tops.items())
+                and _same_settings(r, best, but=tuple(LEVERS))]
     default = min(defaults, key=lambda r: r["j_per_token"]) if defaults else None
     saving = (1 - best["j_per_token"] / default["j_per_token"]) * 100 if default and default["j_per_token"] else None
+    swept = [word for lever, word in LEVERS.items() if tops[lever] is not None]
+    lever = lever_of(best, tops) if swept else None
     text = (f"{settings_text(best)}: {best['j_per_token']:.4g} J/token at latency p95 "
             f"{best['latency_p95_ms']:.0f} ms")
+    if lever is not None:
+        text += f"; lever that won: {lever}"
+    default_words = " and ".join(f"default {w}" for w in swept) or "default settings"
     if saving is not None and default is not best:
-        text += f"; {saving:.1f}% less energy per token than the default cap ({settings_text(default)})"
+        text += f"; {saving:.1f}% less energy per token than the {default_words} ({settings_text(default)})"
     elif default is best:
-        text += "; the default cap is itself the best choice"
-    return GroupChoice(best, runner_up, default, saving, text)
+        text += f"; the {default_words} is itself the best choice"
+    return GroupChoice(best, runner_up, default, saving, text, lever)
+
+
+def clock_sweep(group: Group) -> bool:
+    """Whether the group's runs locked at least two SM clocks."""
+    return len({c for c in (_num(r.get("sm_clock_mhz")) for r in group.runs) if c is not None}) > 1
 
 
 def cap_change(group: Group) -> dict | None:

@@ -25,7 +25,7 @@ class ControlServicer(ClockControl, ExportServicerMixin, pb_grpc.ControlServicer
         gpus = [pb.GpuInfo(index=g.index, uuid=g.uuid, name=g.name, node=g.node, rank=g.rank,
                            memory_total_bytes=g.memory_total_bytes, simulated=g.simulated) for g in h.gpus]
         return pb.ServerInfo(
-            model=h.loaded.name, dtype=str(h.loaded.dtype).removeprefix("torch."), devices=h.devices,
+            model=h.loaded.name, dtype=h.dtype_text, devices=h.devices,
             gpus=gpus, shard_count=h.shard_count, engine=h.engine.name, power_source=h.power_source, versions=versions(),
             max_batch_size=c.max_batch_size, max_new_tokens_limit=c.max_new_tokens_limit,
             context_length=h.loaded.context_length, default_max_new_tokens=c.default_max_new_tokens,

@@ -112,11 +112,15 @@ class Host:
                      "decode graphs are captured at first use")
         return runs
 
+    @property
+    def dtype_text(self) -> str:
+        """``float16``, or ``float16+fp8-weights`` under ``--weights fp8`` (servers.dtype, ServerInfo.dtype)."""
+        return str(self.loaded.dtype).removeprefix("torch.") + ("+fp8-weights" if self.loaded.weights != "fp16" else "")
+
     def _record_server(self) -> None:
         self.store.record_server({
             "started_ns": time.time_ns(), "node": self.node, "model": self.loaded.name,
-            "dtype": str(self.loaded.dtype).removeprefix("torch.")
-            + ("+fp8-weights" if self.loaded.weights != "fp16" else ""),
+            "dtype": self.dtype_text,
             "engine": self.engine.name,
             "power_source": self.power_source, "shard_count": self.shard_count, "layout": self.layout,
             "simulated": int(self.simulated), "versions": versions(),

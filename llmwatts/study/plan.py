@@ -22,11 +22,14 @@ dataset = ["alpaca", "gsm8k"]
 batch_size = [1, 8, 64]
 rate_rps = [1.0, 4.0]      # or users = [...] (closed loop)
 cap_w = [250, 175]
+sm_clock_mhz = [1980, 1395] # locked SM clock per cell (leased, reset after the cell)
+weights = ["fp16"]          # only servers started with --weights fp16 run these cells
 ```
 
 Dimensions are generic: a grid key is either a ``LoadConfig`` field (dataset, batch_size, users, rate_rps,
 max_new_tokens, stream, ...) or a server-side setting with a handler in ``runner.SERVER_DIMENSIONS``
-(``cap_w``; ``engine`` picks the servers that run that engine). ``--preset paper`` fills the paper's grid
+(``cap_w``; ``sm_clock_mhz``, a locked SM clock leased through ``ClockClient``; ``engine`` and ``weights``
+pick the servers that run that engine or weight precision; a cell no server matches is refused). ``--preset paper`` fills the paper's grid
 (4,096 prompts of Alpaca and GSM8K, batch 64, 256 new tokens) under whatever the plan sets.
 """
 
@@ -43,10 +46,12 @@ from pathlib import Path
 from llmwatts.errors import InvalidArgument, NotFound
 from llmwatts.loadgen.config import LoadConfig
 
-SERVER_DIMENSIONS = ("cap_w", "engine")  # handled by the runner, not by LoadConfig
+SERVER_DIMENSIONS = ("cap_w", "sm_clock_mhz", "engine", "weights")  # handled by the runner, not by LoadConfig
 LOAD_FIELDS = {f.name for f in fields(LoadConfig)} - {
     "target", "run_id", "labels", "client_db", "master", "worker", "expect_workers", "master_bind_host",
     "master_port", "master_host", "token", "ca", "cert", "key", "quiet"}
+WEIGHTS = ("fp16", "fp8")  # serve --weights
+MAX_CLOCK_MHZ = 10000
 MAX_CELLS = 10000
 MAX_NAME_CHARS = 40
 PRESETS = {
@@ -89,7 +94,7 @@ class Plan:
     warmup_requests: int = 0
     idle_s: float = 3.0
     sla_p95_ms: float | None = None
-    cap_lease_s: float = 900.0
+    cap_lease_s: float = 900.0  # also the lease of each cell's locked clock
     est_request_s: float = 1.0   # dry-run's guess of one request's latency (closed loop)
     data_dir: str | None = None
     source: str = ""
@@ -188,6 +193,12 @@ def check_plan(raw: dict, *, source: str = "plan", servers: list[str] | None = N
             raise InvalidArgument(f"{source}: [grid] {dim} is empty; give at least one value")
         if dim == "cap_w" and not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
             raise InvalidArgument(f"{source}: [grid] cap_w wants watts (positive numbers), got {values}")
+        if dim == "sm_clock_mhz" and not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_CLOCK_MHZ
+                                             for v in values):
+            raise InvalidArgument(f"{source}: [grid] sm_clock_mhz wants whole MHz (1-{MAX_CLOCK_MHZ}), got {values}; "
+                                  "`llmwatts clocks get` lists the GPU's supported clocks")
+        if dim == "weights" and not all(v in WEIGHTS for v in values):
+            raise InvalidArgument(f"{source}: [grid] weights must be among {', '.join(WEIGHTS)}, got {values}")
         grid[dim] = values
     if "users" in grid and "rate_rps" in grid:
         raise InvalidArgument(f"{source}: [grid] has both users (closed loop) and rate_rps (open loop); pick one")

@@ -1,6 +1,7 @@
 """``run_study``: every cell of a plan, resumably, into one study DB (records pulled over gRPC only).
 
-A cell: set its power cap with a lease (renewed while it runs), a warm-up load, the cell's load (its run
+A cell: set its power cap and/or lock its SM clock (``sm_clock_mhz``, through ``ClockClient``), each with a
+lease renewed while it runs and reset after the cell, a warm-up load, the cell's load (its run
 is marked by the load's own BeginRun/EndRun, labelled with the cell's values), then the server's records
 are pulled (``Control.ExportRecords``) and ingested. Each load runs in its own process (Locust patches
 its process for gevent). The study's state is the study DB table ``study_cells``: a cell is skipped once
@@ -26,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from llmwatts.analysis.pull import mirror_path, pull_records
+from llmwatts.clock_client import ClockClient
 from llmwatts.client import client_channel, control_token, rpc_error
 from llmwatts.errors import FailedPrecondition, InvalidArgument, LlmwattsError, Unavailable
 from llmwatts.study.plan import Cell, Plan
@@ -67,6 +69,12 @@ class Server:
     control: pb_grpc.ControlStub
     info: pb.ServerInfo
     capped: bool = False
+    clocks: ClockClient | None = None  # opened at the first cell that locks a clock
+
+
+def weights_of(info: pb.ServerInfo) -> str:
+    """A server's weight precision (serve --weights): its dtype names fp8 weights (``float16+fp8-weights``)."""
+    return "fp8" if "fp8-weights" in info.dtype else "fp16"
 
 
 @dataclass
@@ -80,14 +88,20 @@ class StudyResult:
 
 
 def tasks_of(plan: Plan, servers: dict[str, pb.ServerInfo]) -> list[Task]:
-    """Each cell on each server whose engine matches the cell's ``engine`` (when the grid has one)."""
+    """Each cell on each server whose engine and weight precision match the cell's ``engine`` and
+    ``weights`` (when the grid has them)."""
     tasks = []
     for cell in plan.cells():
-        engine = cell.get("engine")
+        engine, weights = cell.get("engine"), cell.get("weights")
         matching = [t for t, info in servers.items() if engine is None or info.engine == engine]
         if not matching:
             raise InvalidArgument(f"no server runs engine {engine!r}: the servers run "
                                   f"{sorted({i.engine for i in servers.values()})}")
+        matching = [t for t in matching if weights is None or weights_of(servers[t]) == weights]
+        if not matching:
+            raise InvalidArgument(f"no server{'' if engine is None else f' of engine {engine}'} runs --weights "
+                                  f"{weights}: the servers run {sorted({weights_of(i) for i in servers.values()})}; "
+                                  f"start one with `llmwatts serve --weights {weights}`")
         tasks.extend(Task(cell, t) for t in matching)
     return tasks
 
@@ -142,13 +156,15 @@ def run_study(plan: Plan, study_db: str | Path, *, out: str | Path | None = None
                 if todo and plan.idle_s > 0:
                     _measure_idle(state, plan, server, study_db, progress)
             for task in todo:
-                run_id = _run_cell(state, plan, servers[task.target], task, study_db, client_db, progress)
+                run_id = _run_cell(state, plan, servers[task.target], task, study_db, client_db, progress, token, tls)
                 result.done.append(run_id)
                 progress.cell_done()
         _sync(state, plan, servers, study_db, client_db)
     finally:
         for server in servers.values():
             _reset_caps(server, plan)
+            if server.clocks is not None:
+                server.clocks.close()
             server.channel.close()
         state.close()
     if plan.sla_p95_ms is not None and (study_db.exists()):
@@ -201,8 +217,14 @@ def _reset_caps(server: Server, plan: Plan) -> None:
         pass  # the lease restores it
 
 
+def _clocks(server: Server, token: str | None, tls: dict) -> ClockClient:
+    if server.clocks is None:
+        server.clocks = ClockClient(server.target, token=token, **tls)
+    return server.clocks
+
+
 def _run_cell(state, plan: Plan, server: Server, task: Task, study_db: Path, client_db: str,
-              progress: StudyProgress) -> str:
+              progress: StudyProgress, token: str | None = None, tls: dict | None = None) -> str:
     attempt = 1 + (state.execute("select coalesce(max(attempt), 0) from study_cells where study = ? and "
                                  "cell_key = ?", [plan.name, task.key]).fetchone()[0])
     run_id = f"{plan.name}-{_instance(state, plan)}-{task.cell.cell_id}-a{attempt}"
@@ -214,6 +236,7 @@ def _run_cell(state, plan: Plan, server: Server, task: Task, study_db: Path, cli
     cap_w = task.cell.get("cap_w")
     progress.start_cell(task.key)
     _set_cap(server, plan, cap_w, f"study {plan.name} cell {task.cell.cell_id}")
+    sm_clock_mhz = task.cell.get("sm_clock_mhz")
     configs = []
     if plan.warmup_requests:
         warm = plan.load_config(task.cell, target=server.target, run_id=f"{run_id}-warmup", client_db=client_db,
@@ -222,7 +245,14 @@ def _run_cell(state, plan: Plan, server: Server, task: Task, study_db: Path, cli
         configs.append(warm)
     configs.append(plan.load_config(task.cell, target=server.target, run_id=run_id, client_db=client_db,
                                     labels=labels, quiet=True))
-    ok = _load(configs, server, plan, cap_w, progress, study_db)
+    if sm_clock_mhz is None:
+        ok = _load(configs, server, plan, cap_w, progress, study_db)
+    else:
+        clocks = _clocks(server, token, tls or {})
+        reason = f"study {plan.name} cell {task.cell.cell_id}"
+        with clocks.locked(sm_clock_mhz, lease_s=plan.cap_lease_s, reason=reason):  # reset after the cell
+            ok = _load(configs, server, plan, cap_w, progress, study_db,
+                       renew=lambda: clocks.lock(sm_clock_mhz, lease_s=plan.cap_lease_s, reason=f"{reason}: lease renewed"))
     pull_records(server.target, mirror_path(study_db, server.target), channel=server.channel)
     _ingest(state, plan, study_db, [mirror_path(study_db, server.target)], [client_db])
     state.execute("update study_cells set status = 'done', ended_ns = ?, requests_ok = ? where study = ? and "
@@ -247,8 +277,10 @@ def _load_child(configs, results) -> None:
         results.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def _load(configs: list, server: Server, plan: Plan, cap_w, progress: StudyProgress, study_db: Path) -> int:
-    """Run the loads in a child process; meanwhile show live tok/s and W, and renew the cap's lease."""
+def _load(configs: list, server: Server, plan: Plan, cap_w, progress: StudyProgress, study_db: Path,
+          renew=None) -> int:
+    """Run the loads in a child process; meanwhile show live tok/s and W, and renew the cap's (and the
+    clock lock's, through ``renew``) lease."""
     config = configs[-1]
     ctx = multiprocessing.get_context("spawn")
     results, child_end = ctx.Pipe(duplex=False)
@@ -270,8 +302,10 @@ def _load(configs: list, server: Server, plan: Plan, cap_w, progress: StudyProgr
             if not child.is_alive() and not results.poll(0):
                 raise LlmwattsError(f"the load of run {config.run_id} died (exit code {child.exitcode})")
             now = time.monotonic()
-            if cap_w is not None and now - renewed > plan.cap_lease_s / 3:
+            if (cap_w is not None or renew is not None) and now - renewed > plan.cap_lease_s / 3:
                 _set_cap(server, plan, cap_w, f"study {plan.name}: lease renewed")
+                if renew is not None:
+                    renew()
                 renewed = now
             if now - pulled > LIVE_PULL_S:
                 pull_records(server.target, mirror, channel=server.channel)

@@ -7,6 +7,7 @@ path). The study is killed mid-cell (SIGKILL to its process group: the runner an
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -184,3 +185,90 @@ def test_paper_preset_fills_the_papers_grid(tmp_path):
     assert plan.grid == {"dataset": ["alpaca", "gsm8k"], "batch_size": [64], "cap_w": [250, 175]}
     config = plan.load_config(plan.cells()[0], target="h:1")
     assert (config.requests * config.batch_size, config.num_prompts, config.max_new_tokens) == (4096, 4096, 256)
+
+
+CLOCK_PLAN = """
+[study]
+name = "clocks"
+idle_s = 0
+sla_p95_ms = {sla}
+
+[[servers]]
+target = "{target}"
+
+[load]
+dataset = "mini"
+requests = 2
+max_new_tokens = 2
+ignore_eos = true
+
+[grid]
+sm_clock_mhz = [1410, 1005, 600]
+batch_size = [1, 2]
+"""
+
+
+def test_a_clock_sweep_locks_each_cell_resets_after_and_the_report_picks_a_clock(served, tmp_path):
+    """Guards issue 22's study acceptance (3 clocks x 2 batch sizes on the simulated A100): each cell runs
+    under its locked SM clock (label sm_clock_mhz, clock events on the server), the lock is reset after the
+    study, report.html plots J/token and latency p95 against the clock, and its SLA choice names the clock
+    of the run an independent computation from the raw study DB picks. On main before this, sm_clock_mhz
+    was not a grid dimension (the plan was refused)."""
+    from llmwatts.clock_client import ClockClient
+    from llmwatts.study.runner import run_study
+
+    target, env = served
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(CLOCK_PLAN.format(target=target, sla=1e9))
+    db = tmp_path / "study.db"
+    result = run_study(load_plan(plan_path), db, out=tmp_path / "report", token=TOKEN, show_progress=False)
+    assert len(result.done) == 6
+
+    conn = sqlite3.connect(str(db))
+    runs = {r[0]: json.loads(r[1]) for r in conn.execute("select run_id, labels from runs")}
+    conn.close()
+    from llmwatts.analysis.pull import mirror_path
+
+    mirror = sqlite3.connect(str(mirror_path(db, target)))  # the server's records, pulled over RPC
+    locks = mirror.execute("select count(*) from clock_events").fetchone()[0]
+    mirror.close()
+    assert {(lab["sm_clock_mhz"], lab["batch_size"]) for lab in runs.values()} == {
+        (c, b) for c in ("1410", "1005", "600") for b in ("1", "2")}
+    assert locks >= 12  # a lock and a reset per cell
+    with ClockClient(target, token=TOKEN) as clocks:
+        assert all(g.locked_sm_min_mhz == 0 for g in clocks.get().gpus)  # reset after the cell
+
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert 'alt="energy per output token vs locked SM clock"' in html
+    assert 'alt="latency p95 vs locked SM clock"' in html
+    best = _independent_sla(db, list(runs), 1e9)
+    label = runs[best]
+    (choice,) = re.findall(r'class="choice"><b>SLA choice[^<]*</b> ([^<]*)', html)
+    assert choice.startswith(f"batch {label['batch_size']}, ") and f", {label['sm_clock_mhz']} MHz SM clock:" in choice
+    assert "lever that won: " + ("neither" if label["sm_clock_mhz"] == "1410" else "locked SM clock") in choice
+
+
+def test_weights_and_clocks_are_checked_dimensions(tmp_path):
+    """Guards the plan's checks of the server-side dimensions weights (fp16/fp8) and sm_clock_mhz."""
+    base = {"servers": [{"target": "h:1"}], "load": {"requests": 2, "dataset": "mini"}}
+    for bad, words in [({"grid": {"weights": ["fp4"]}}, "weights must be among fp16, fp8"),
+                       ({"grid": {"sm_clock_mhz": [1400.5]}}, "whole MHz"),
+                       ({"grid": {"sm_clock_mhz": [-1]}}, "whole MHz")]:
+        with pytest.raises(InvalidArgument, match=words):
+            check_plan({**base, **bad})
+    plan = check_plan({**base, "grid": {"weights": ["fp16", "fp8"], "sm_clock_mhz": [1410]}})
+    assert [c.labels()["weights"] for c in plan.cells()] == ["fp16", "fp8"]
+
+
+def test_a_cell_whose_weights_no_server_runs_is_refused_in_one_line():
+    """Guards the weights dimension: a server started with other weights than the cell's never runs it."""
+    from llmwatts.study.runner import tasks_of
+    from llmwatts.v1 import llmwatts_pb2 as pb
+
+    base = {"servers": [{"target": "h:1"}], "load": {"requests": 2, "dataset": "mini"}}
+    servers = {"h:1": pb.ServerInfo(engine="fast", dtype="float16"), "h:2": pb.ServerInfo(engine="fast",
+                                                                                        dtype="float16+fp8-weights")}
+    plan = check_plan({**base, "grid": {"weights": ["fp16", "fp8"]}})
+    assert [(t.cell.get("weights"), t.target) for t in tasks_of(plan, servers)] == [("fp16", "h:1"), ("fp8", "h:2")]
+    with pytest.raises(InvalidArgument, match=r"runs --weights fp8: the servers run \['fp16'\]"):
+        tasks_of(plan, {"h:1": servers["h:1"]})
