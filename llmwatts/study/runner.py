@@ -356,7 +356,8 @@ def _measure_idle(state, plan: Plan, server: Server, study_db: Path, progress: S
         begin = server.control.BeginRun(pb.BeginRunRequest(run_id=run_id, labels={"study": plan.name, "idle": "1"}),
                                         timeout=CONTROL_TIMEOUT_S)
         time.sleep(plan.idle_s)
-        end = server.control.EndRun(pb.EndRunRequest(run_id=run_id), timeout=CONTROL_TIMEOUT_S)
+        end = server.control.EndRun(pb.EndRunRequest(run_id=run_id, run_secret=begin.run_secret),
+                                    timeout=CONTROL_TIMEOUT_S)
     except grpc.RpcError as e:
         raise rpc_error(e, server.target) from None
     mirror = mirror_path(study_db, server.target)
