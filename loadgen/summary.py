@@ -6,58 +6,14 @@ Free of Locust imports: the study runner and analysis may import it. Percentiles
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 
-from llmwatts.errors import InvalidArgument
 from llmwatts.loadgen import records
+from llmwatts.slo import SLO_KEYS, Slo, parse_slo  # noqa: F401  (the SLO's home is llmwatts/slo.py)
 from llmwatts.stats import percentiles
 
-SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 PCTS = (50, 90, 95, 99)
-
-
-@dataclass(frozen=True)
-class Slo:
-    """Latency objectives, each optional (ms). A request is *good* when it succeeded and meets every one set."""
-
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
-    e2e_ms: float | None = None
-
-    def __bool__(self) -> bool:
-        return any(getattr(self, k) is not None for k in SLO_KEYS)
-
-    def met(self, status: str, ttft_ms: float | None, tpot_ms: float | None, latency_ms: float | None) -> bool:
-        """The one goodput rule: status ok and every objective set is met (a missing measure fails it)."""
-        if status != "ok":
-            return False
-        for bound, value in ((self.ttft_ms, ttft_ms), (self.tpot_ms, tpot_ms), (self.e2e_ms, latency_ms)):
-            if bound is not None and (value is None or value > bound):
-                return False
-        return True
-
-    def to_text(self) -> str:
-        return ",".join(f"{k}={getattr(self, k):g}" for k in SLO_KEYS if getattr(self, k) is not None)
-
-
-def parse_slo(text: str | None) -> Slo:
-    """``"ttft_ms=200,tpot_ms=50,e2e_ms=5000"`` (any subset) → ``Slo``."""
-    if not text:
-        return Slo()
-    values = {}
-    for item in text.split(","):
-        key, sep, value = item.strip().partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not sep or key not in SLO_KEYS or not (math.isfinite(number) and number > 0) or key in values:
-            raise InvalidArgument(f"--slo wants KEY=MS pairs of {', '.join(SLO_KEYS)} separated by commas, "
-                                  f"each a positive number once, e.g. ttft_ms=500,tpot_ms=50; got {text!r}")
-        values[key] = number
-    return Slo(**values)
 
 
 @dataclass
