@@ -3,10 +3,14 @@
 Starts ``llmwatts serve`` (``tiny`` preset, CPU, simulated GPU) in a subprocess, replays Alpaca and
 GSM8K prompts (from ``--data-dir`` / ``LLMWATTS_DATA_DIR``; the embedded mini set, labelled as such,
 when those files are absent) at batch sizes 1, 4 and 8 with headless Locust, ingests both databases into
-a study DB and prints the paper-style table; report files land in ``--out``. The server always stops.
+a study DB and prints the paper-style table; report files land in ``--out``. Then, on the simulated GPU, a
+small ``llmwatts study`` on a server of its own (2 power caps × the first 2 batch sizes, each cap leased by
+the study; docs/study.md) with its own study DB and report in ``--out``/study. Servers always stop.
 """
 
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +21,27 @@ from llmwatts.errors import InvalidArgument, LlmwattsError, NotFound, Unavailabl
 from llmwatts.paths import DATA_DIR_ENV
 
 DEMO_BATCH_SIZES = (1, 4, 8)
+STUDY_CAPS_W = (250, 175)  # the simulated A100's default cap and 70% of it
+STUDY_PLAN = """[study]
+name = "demo"
+warmup_requests = 0
+idle_s = 1
+sla_p95_ms = 600000
+
+[[servers]]
+target = "{target}"
+
+[load]
+dataset = "{dataset}"
+requests = {requests}
+max_new_tokens = {max_new_tokens}
+ignore_eos = true
+users = {users}
+
+[grid]
+cap_w = [{caps}]
+batch_size = [{batch_sizes}]
+"""
 SERVER_START_TIMEOUT_S = 120
 
 
@@ -24,7 +49,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="run server, load and report end to end on CPU (simulated GPU)",
         description="Serve the tiny preset on CPU with a simulated GPU, replay Alpaca and GSM8K prompts at "
-                    "batch sizes 1, 4 and 8, and print the energy/latency table.")
+                    "batch sizes 1, 4 and 8, and print the energy/latency table; then a small study (2 power caps x "
+                    "the first 2 batch sizes) and its report in OUT/study.")
     p.add_argument("--data-dir", help="folder with alpaca_5k.jsonl and gsm8k_test.jsonl, which must exist "
                                       "(default: $LLMWATTS_DATA_DIR, then the cache; else the embedded mini set)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for DBs and the report")
@@ -55,7 +81,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def _start_server(out: Path, args) -> tuple[subprocess.Popen, str]:
+def _start_server(out: Path, args, control_token: str | None = None) -> tuple[subprocess.Popen, str]:
     port_file = out / "server.port"
     port_file.unlink(missing_ok=True)
     log = open(out / "server.log", "w")
@@ -64,6 +90,7 @@ def _start_server(out: Path, args) -> tuple[subprocess.Popen, str]:
          "--engine", args.engine, "--power-backend", args.power_backend, "--port", "0", "--port-file",
          str(port_file), "--db", str(out / "server.db"), "--log-level", "WARNING"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=dict(os.environ, **({"LLMWATTS_CONTROL_TOKEN": control_token} if control_token else {})),
     )
     deadline = time.monotonic() + (SERVER_START_TIMEOUT_S if args.model == "tiny" else 900)
     while not port_file.exists():
@@ -154,6 +181,47 @@ def check(args) -> tuple[str | None, list[int], list[tuple[str, str]]]:
     return data_dir, batch_sizes, datasets
 
 
+def _study(folder: Path, args, dataset: str, batch_sizes: list[int], data_dir: str | None) -> None:
+    """A small ``llmwatts study`` (its own process: the study's CLI and one-line errors) on a server of its
+    own (a control token, for the caps; no runs of the demo's sweep in its records): 2 caps × up to 2 batch
+    sizes, its server DB, study DB and report.html in ``folder``."""
+    shutil.rmtree(folder, ignore_errors=True)  # a study DB is resumable: a stale one would skip every cell
+    folder.mkdir(parents=True)
+    control_token = secrets.token_urlsafe(16)
+    proc, target = _start_server(folder, args, control_token)
+    try:
+        _run_study(folder, target, control_token, args, dataset, batch_sizes, data_dir)
+    finally:
+        _stop_server(proc)
+
+
+def _run_study(folder: Path, target: str, control_token: str, args, dataset: str, batch_sizes: list[int],
+               data_dir: str | None) -> None:
+    plan = folder / "plan.toml"
+    plan.write_text(STUDY_PLAN.format(target=target, dataset=dataset, requests=args.requests,
+                                      max_new_tokens=args.max_new_tokens, users=args.users,
+                                      caps=", ".join(map(str, STUDY_CAPS_W)),
+                                      batch_sizes=", ".join(map(str, batch_sizes))))
+    print(f"demo: study {plan} ({len(STUDY_CAPS_W)} caps x {len(batch_sizes)} batch sizes)", flush=True)
+    argv = [sys.executable, "-m", "llmwatts.cli", "study", str(plan), "--study-db", str(folder / "study.db"),
+            "--out", str(folder), "--no-progress"] + (["--data-dir", data_dir] if data_dir else [])
+    done = subprocess.run(argv, env=dict(os.environ, LLMWATTS_CONTROL_TOKEN=control_token))
+    if done.returncode != 0 or not (folder / "report.html").exists():
+        raise LlmwattsError(f"the demo's study failed (exit {done.returncode}); see above and {folder}")
+
+
+def _report(out: Path):
+    from llmwatts.analysis.ingest import ingest
+    from llmwatts.analysis.report import build_report
+
+    ingest(out / "study.db", server_dbs=[out / "server.db"], client_dbs=[out / "client.db"])
+    report = build_report(out / "study.db", out)
+    bad = [r for r in report.reconciliations if not r.consistent]
+    if bad:
+        raise LlmwattsError(f"reconciliation failed for {[r.run_id for r in bad]}: see {report.report_html}")
+    return report
+
+
 def run(args) -> int:
     started = time.monotonic()
     data_dir, batch_sizes, datasets = check(args)
@@ -181,13 +249,12 @@ def run(args) -> int:
                     raise LlmwattsError(f"{result.requests_failed} requests failed in the demo; see {out / 'server.log'}")
     finally:
         _stop_server(proc)
-    from llmwatts.analysis.ingest import ingest
-    from llmwatts.analysis.report import build_report
-
-    ingest(out / "study.db", server_dbs=[out / "server.db"], client_dbs=[out / "client.db"])
-    report = build_report(out / "study.db", out)
-    bad = [r for r in report.reconciliations if not r.consistent]
-    if bad:
-        raise LlmwattsError(f"reconciliation failed for {[r.run_id for r in bad]}: see {report.report_html}")
-    print(f"demo: done in {time.monotonic() - started:.0f} s; report: {report.report_html}")
+    report = _report(out)
+    if args.power_backend == "simulated":
+        _study(out / "study", args, datasets[0][0], batch_sizes[:2], data_dir)
+    else:
+        print("demo: the cap study runs on the simulated GPU only (it sets power caps); skipped")
+    study = out / "study" / "report.html"
+    print(f"demo: done in {time.monotonic() - started:.0f} s; report: {report.report_html}"
+          + (f"; study report: {study}" if args.power_backend == "simulated" else ""))
     return 0

@@ -48,3 +48,28 @@ def test_mini_is_a_dataset_the_demo_accepts(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"$LLMWATTS_DATA_DIR={tmp_path / 'gone'} is not a folder" in err and "alpaca" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_the_demo_runs_a_small_study_and_its_report(tmp_path):
+    """Guards issue 19's last acceptance bullet: `make demo` shows a small study and its report (before,
+    the demo ran only its batch sweep). A shortened demo: the study's 2 caps x 2 batch sizes are all done,
+    each run labelled with its cap, and its report.html is written beside its study DB."""
+    import json
+    import sqlite3
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "llmwatts.cli", "demo", "--out", str(out), "--datasets", "mini",
+                           "--batch-sizes", "1,2", "--requests", "2", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "study report:" in done.stdout and "SLA:" in done.stdout
+    conn = sqlite3.connect(str(out / "study" / "study.db"))
+    cells = conn.execute("select count(*) from study_cells where status = 'done'").fetchone()[0]
+    labels = [json.loads(r[0]) for r in conn.execute("select labels from runs")]
+    conn.close()
+    assert cells == 4 and sorted((lab["cap_w"], lab["batch_size"]) for lab in labels) == [
+        ("175", "1"), ("175", "2"), ("250", "1"), ("250", "2")]
+    assert (out / "study" / "report.html").exists() and (out / "report.html").exists()
