@@ -131,6 +131,10 @@ def _same_settings(a: dict, b: dict, *, but: tuple[str, ...] = ("cap_w",)) -> bo
     return all(str(a.get(k)) == str(b.get(k)) for k in SETTING_KEYS if k not in but)
 
 
+def _swept(rows: list[dict], lever: str) -> bool:
+    return len({c for c in (_num(r.get(lever)) for r in rows) if c is not None}) > 1
+
+
 def lever_of(best: dict, defaults: dict[str, float | None]) -> str:
     """Which lever the choice moved off its default: one of ``LEVERS``' words, "both" or "neither"."""
     moved = [word for lever, word in LEVERS.items()
@@ -154,8 +158,8 @@ def choose(group: Group, sla_p95_ms: float) -> GroupChoice:
                 and _same_settings(r, best, but=tuple(LEVERS))]
     default = min(defaults, key=lambda r: r["j_per_token"]) if defaults else None
     saving = (1 - best["j_per_token"] / default["j_per_token"]) * 100 if default and default["j_per_token"] else None
-    swept = [word for lever, word in LEVERS.items() if tops[lever] is not None]
-    lever = lever_of(best, tops) if swept else None
+    swept = [word for lever, word in LEVERS.items() if _swept(group.runs, lever)]
+    lever = lever_of(best, {k: v if _swept(group.runs, k) else None for k, v in tops.items()}) if swept else None
     text = (f"{settings_text(best)}: {best['j_per_token']:.4g} J/token at latency p95 "
             f"{best['latency_p95_ms']:.0f} ms")
     if lever is not None:
@@ -170,7 +174,7 @@ def choose(group: Group, sla_p95_ms: float) -> GroupChoice:
 
 def clock_sweep(group: Group) -> bool:
     """Whether the group's runs locked at least two SM clocks."""
-    return len({c for c in (_num(r.get("sm_clock_mhz")) for r in group.runs) if c is not None}) > 1
+    return _swept(group.runs, "sm_clock_mhz")
 
 
 def cap_change(group: Group) -> dict | None:

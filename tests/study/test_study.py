@@ -272,3 +272,24 @@ def test_a_cell_whose_weights_no_server_runs_is_refused_in_one_line():
     assert [(t.cell.get("weights"), t.target) for t in tasks_of(plan, servers)] == [("fp16", "h:1"), ("fp8", "h:2")]
     with pytest.raises(InvalidArgument, match=r"runs --weights fp8: the servers run \['fp16'\]"):
         tasks_of(plan, {"h:1": servers["h:1"]})
+
+
+def test_the_sla_choice_weighs_both_levers_and_names_the_winner():
+    """Guards issue 22's 'which lever won': over a cap x clock grid the choice is the lowest J/token
+    within the SLA whichever lever got it there, and the message names that lever."""
+    from llmwatts.analysis import report_data as data
+
+    def runs(best_cap_w, best_clock_mhz):
+        rows = []
+        for cap_w in (250, 175):
+            for clock in (1410, 1005):
+                j = 1.0 - 0.3 * (cap_w == best_cap_w and clock == best_clock_mhz)
+                rows.append({"run_id": f"c{cap_w}-f{clock}", "batch_size": 4, "cap_w": cap_w, "sm_clock_mhz": clock,
+                             "j_per_token": j, "latency_p95_ms": 100.0})
+        return data.groups_of(rows)[0]
+
+    for cap_w, clock, lever in [(175, 1410, "power cap"), (250, 1005, "locked SM clock"), (175, 1005, "both"),
+                                (250, 1410, "neither")]:
+        choice = data.choose(runs(cap_w, clock), 500)
+        assert (choice.best["cap_w"], choice.best["sm_clock_mhz"], choice.lever) == (cap_w, clock, lever)
+        assert f"lever that won: {lever}" in choice.message
