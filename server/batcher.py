@@ -123,6 +123,9 @@ class Batcher:
         self._thread.start()
 
     def submit(self, work: Work) -> None:
+        engine_failure = getattr(self.engine, "failure", None)  # (a sharded engine that lost a rank)
+        if isinstance(engine_failure, Unavailable):
+            raise engine_failure
         if self._stop.is_set() or self.failure is not None:
             raise Unavailable("the server is shutting down or its engine failed; retry against a healthy server")
         try:
@@ -273,9 +276,14 @@ class Batcher:
             out: BatchOutput = self.engine.generate(spec, on_step=on_step, pace=self._pace)
         except Exception as e:  # this batch's requests fail; its energy is still theirs
             log.exception("batch %s failed", batch_id)
-            failed = EngineError(f"the engine failed on this request's batch ({type(e).__name__}: {e}); the "
-                                 f"server still serves: retry, or change the request")
-            failed.__cause__ = e
+            # An engine that says it is out of service (a sharded server that lost a rank) is, for good:
+            # its own status reaches the client. Anything else fails this batch only.
+            if isinstance(e, Unavailable):
+                failed = e
+            else:
+                failed = EngineError(f"the engine failed on this request's batch ({type(e).__name__}: {e}); "
+                                     f"the server still serves: retry, or change the request")
+                failed.__cause__ = e
             out = BatchOutput([[] for _ in prompts], ["error"] * len(prompts), time.time_ns(),
                               [time.time_ns()] * len(prompts))
         finally:
@@ -321,6 +329,8 @@ class Batcher:
         for w, result in zip(group, results):
             w.end(("error", failed) if failed else ("done", result))
         if failed:
+            if isinstance(failed, Unavailable):  # the engine said it is out of service: no retry count
+                raise failed
             raise BatchFailed(str(failed)) from failed.__cause__
 
     def stop(self, timeout: float = 30.0) -> None:

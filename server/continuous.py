@@ -190,7 +190,7 @@ class ContinuousBatcher(Batcher):
     def _fail_session(self, e: BaseException) -> None:
         """Fail every request the session holds (rows with the energy settled so far) and drop the session:
         the next request opens a fresh one."""
-        if isinstance(e, MeterFailed):
+        if isinstance(e, (MeterFailed, Unavailable)):
             err = e
         elif isinstance(e, sqlite3.Error):
             err = Unavailable(f"recording this request's batch failed ({e}); the server is no longer serving")

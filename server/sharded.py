@@ -320,6 +320,11 @@ class ShardedEngine:
         self.inner, self.controller = inner, controller
         self.name = inner.name
 
+    @property
+    def failure(self) -> Unavailable | None:
+        """Set once a rank is lost: the batcher refuses new requests with it instead of running a batch."""
+        return self.controller.failure
+
     def generate(self, batch: BatchSpec, on_step=None, pace=None) -> BatchOutput:
         sampling = batch.sampling
         if sampling.seed is None:  # one seed for every rank: identical sampling, identical tokens

@@ -181,13 +181,27 @@ def test_a_request_refused_for_a_full_queue_may_be_retried(tmp_path):
     srv, port = start_server(tmp_path, queue_size=1)
     try:
         stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        long = [stub.Generate.future(req(f"busy{i}", ["x"], max_new_tokens=1500, ignore_eos=True)) for i in range(2)]
-        time.sleep(0.5)
-        assert code_of(stub.Generate, req("retry", ["x"], max_new_tokens=1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Fill the engine, then the one-place queue, each step seen: with fixed sleeps a loaded box let the
+        # batcher take both long requests into one batch, or take the first late, and the probe got in.
+        queue = srv.host.batcher._queue
+
+        def until(cond, what):
+            t0 = time.monotonic()
+            while not cond():
+                assert time.monotonic() - t0 < 30, what
+                time.sleep(0.02)
+
+        # A stream's first message proves its batch is running (the batcher can no longer take busy1 into it).
+        long = [stub.GenerateStream(req("busy0", ["x"], max_new_tokens=1500, ignore_eos=True))]
+        next(long[0])
+        long.append(stub.Generate.future(req("busy1", ["x"], max_new_tokens=1500, ignore_eos=True)))
+        until(lambda: queue.qsize() == 1, "the second request never queued")
+        refused = "retry"
+        assert code_of(stub.Generate, req(refused, ["x"], max_new_tokens=1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         for f in long:
             f.cancel()
         time.sleep(1.0)
-        assert stub.Generate(req("retry", ["x"], max_new_tokens=1)).completions
+        assert stub.Generate(req(refused, ["x"], max_new_tokens=1), timeout=60).completions
     finally:
         srv.stop(1)
 
