@@ -12,6 +12,12 @@ the store's ``refusals``):
 The thread pool has a thread for every slot and some to spare for refusals (``pool_size``). A message
 that does not decode is INVALID_ARGUMENT (grpc answers INTERNAL with a traceback per message), logged
 once per ``LOG_EVERY_S`` with the count since.
+
+grpc's own ``maximum_concurrent_rpcs`` stays as a backstop far above the slots (a flood of calls is
+refused on grpc's polling thread, never queued for the pool). Its refusals never reach a handler, but
+grpc runs the interceptors first, under the lock that guards its count of calls in flight: ``watch``
+gives the guard that count, and a call grpc is about to refuse is counted there (same code,
+RESOURCE_EXHAUSTED), so every refused call is in ``refusals``.
 """
 
 from __future__ import annotations
@@ -82,19 +88,47 @@ class GuardInterceptor(grpc.ServerInterceptor):
         self._on_refused = on_refused or (lambda code: None)
         self._log_undecodable = _RateLimitedLog(LOG_EVERY_S)
         self._log_busy = _RateLimitedLog(LOG_EVERY_S)
+        self._grpc_state = None  # grpc's server state (``watch``): its calls in flight and its limit
+
+    def watch(self, server: grpc.Server) -> None:
+        """Count the calls ``server``'s own concurrency limit refuses (see the module docstring). grpc keeps
+        that count in its server state (``active_rpc_count``, ``maximum_concurrent_rpcs``, grpc 1.5x-1.8x);
+        without them this says so once and those refusals stay uncounted (tests/server/test_hardening.py
+        fails then)."""
+        state = getattr(server, "_state", None)
+        if state is None or not hasattr(state, "active_rpc_count") or not hasattr(state, "maximum_concurrent_rpcs"):
+            log.warning("this grpc release hides its count of calls in flight: calls refused by grpc's own "
+                        "limit are not counted in refusals")
+            return
+        self._grpc_state = state
+
+    def _grpc_refuses(self) -> bool:
+        """grpc will refuse this call itself (its limit reached). Read under grpc's own lock: interceptors
+        run inside it, so the count cannot move between this read and grpc's check."""
+        state = self._grpc_state
+        return (state is not None and state.maximum_concurrent_rpcs is not None
+                and state.active_rpc_count >= state.maximum_concurrent_rpcs)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        if self._grpc_refuses():  # grpc answers RESOURCE_EXHAUSTED without running any handler: count it here
+            self._log_busy("grpc refused %s: its limit of %d calls in flight is reached", method,
+                           self._grpc_state.maximum_concurrent_rpcs)
+            self._count("RESOURCE_EXHAUSTED")
+            return handler
         return self._guarded(handler, method, method_class(method))
 
-    def _refuse(self, context, code: grpc.StatusCode, details: str) -> None:
+    def _count(self, code: str) -> None:
         try:
-            self._on_refused(code.name)
+            self._on_refused(code)
         except Exception:  # counting must never turn a refusal into INTERNAL
             log.exception("counting a refusal failed")
+
+    def _refuse(self, context, code: grpc.StatusCode, details: str) -> None:
+        self._count(code.name)
         context.abort(code, details)
 
     def _check(self, request, method: str, context) -> None:

@@ -25,9 +25,15 @@ from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = ("llmwatts.v1.Inference", "llmwatts.v1.Control")
-# grpc refuses calls beyond this many times the pool's threads itself (RESOURCE_EXHAUSTED, uncounted by
-# us: the client's own record has them); below it every refusal is ours, counted in ``refusals``.
+# grpc refuses calls beyond this many times the pool's threads itself (RESOURCE_EXHAUSTED on its polling
+# thread, the pool never sees them); below it every refusal is the guard's. Both are counted in
+# ``refusals`` (guard.GuardInterceptor.watch).
 GRPC_BACKSTOP = 4
+
+
+def grpc_limit(workers: int) -> int:
+    """grpc's own limit of calls in flight for a pool of ``workers`` threads."""
+    return GRPC_BACKSTOP * workers
 
 
 class LlmwattsServer:
@@ -97,9 +103,10 @@ def create_server(config: ServerConfig, host: Host | None = None) -> tuple[Llmwa
         workers = pool_size(limits)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                              interceptors=[guard, interceptor] + ([live.interceptor] if live else []),
-                             maximum_concurrent_rpcs=GRPC_BACKSTOP * workers,
+                             maximum_concurrent_rpcs=grpc_limit(workers),
                              options=[("grpc.so_reuseport", 0),  # a taken port is an error, never shared
                                       ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)])
+        guard.watch(server)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(host), server)
         pb_grpc.add_ControlServicer_to_server(ControlServicer(host), server)
         health_servicer = health.HealthServicer()

@@ -148,6 +148,7 @@ class ServerStore:
         self._telemetry: list[dict] = []
         self._flush_rows = telemetry_flush_rows
         self._refusals: dict[str, int] = {}  # code -> refusals not yet written (``count_refusal``)
+        self._refusals_lock = threading.Lock()  # (not ``_lock``: grpc's polling thread counts, never waits on disk)
 
     def _insert(self, table: str, rows: list[dict], **kw) -> None:
         if not rows:
@@ -232,13 +233,15 @@ class ServerStore:
 
     def count_refusal(self, code: str) -> None:
         """One more request refused with ``code`` before it had a row: counted in memory, written with the
-        telemetry (``flush``), so a flood of refusals costs no write each."""
-        with self._lock:
+        telemetry (``flush``), so a flood of refusals costs no write each. Never waits on a DB write: grpc's
+        polling thread calls it (``guard.GuardInterceptor``)."""
+        with self._refusals_lock:
             self._refusals[code] = self._refusals.get(code, 0) + 1
 
     def _flush_refusals(self) -> None:
-        with self._lock:
+        with self._refusals_lock:
             counts, self._refusals = self._refusals, {}
+        with self._lock:
             for code, n in counts.items():
                 self.db.execute("insert into refusals (server_id, code, count) values (?, ?, ?) on conflict "
                                 "(server_id, code) do update set count = count + excluded.count",

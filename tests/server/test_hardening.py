@@ -300,6 +300,35 @@ def test_idle_streams_never_starve_health_and_the_control_plane(tmp_path):
         srv.stop(1)
 
 
+def test_calls_refused_by_grpcs_own_limit_are_counted(tmp_path, monkeypatch):
+    """#16.7: calls refused by grpc's own limit of calls in flight (``maximum_concurrent_rpcs``, the backstop
+    above the guard's slots) never reached a handler and were counted nowhere on the server."""
+    import threading
+
+    from llmwatts.server import service
+
+    monkeypatch.setattr(service, "grpc_limit", lambda workers: 3)  # (4 x the pool's threads in production)
+    srv, port = start_server(tmp_path)
+    stop = threading.Event()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        streams = idle_streams(channel, 3, stop)  # admitted (the "other" slots): they fill grpc's 3 places
+        time.sleep(1.0)
+        refused = []
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError) as e:
+                serving(channel)
+            refused.append(e.value)
+        assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in r.details()
+                   for r in refused)  # grpc's own refusal, not the guard's
+        assert db_of(srv)["refusals"].get((srv.host.server_id, "RESOURCE_EXHAUSTED"))["count"] == 5
+    finally:
+        stop.set()
+        for s in streams:
+            s.cancel()
+        srv.stop(1)
+
+
 @pytest.mark.parametrize("method", ["/llmwatts.v1.Inference/Generate", "/llmwatts.v1.Control/BeginRun",
                                     "/llmwatts.v1.Control/SetPowerCap", "/grpc.health.v1.Health/Check"])
 def test_an_undecodable_message_is_invalid_argument(server, method, caplog):
