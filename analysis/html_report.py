@@ -54,7 +54,10 @@ latency p95 {{ "%.0f"|format(g.choice.runner_up.latency_p95_ms) }} ms.{% endif %
 {% endfor %}
 {% if timeline %}<h2>Power over each run</h2>
 <p>Each run's GPU power over its own window (the black lines: BeginRun and EndRun); shaded green: the steady
-state (all users or the arrival rate running); dashed red: cap changes.</p>
+state (requests in flight at 90% or more of the target: the closed loop's users, else the most ever in flight;
+docs/analysis.md); dashed red: cap changes. Steady state shaded in {{ steady.shaded }} of {{ steady.shown }} runs{%
+if steady.without %}; none in {{ steady.without|join(", ") }} (in-flight requests never reached 90% of the
+target){% endif %}.</p>
 <img alt="power timelines" src="{{ timeline }}">{% endif %}
 <h2>Against the seed paper</h2>
 <table><thead><tr><th>source</th><th>model</th><th>GPUs</th><th>cap change (W)</th><th>time per token change (%)</th>
@@ -144,6 +147,9 @@ def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cp
         group_plots.append([(caption, _uri(png)) for caption, png in figures if png is not None])
     timeline = plots.timelines(db, runs, {r["run_id"]: r["_title"] for r in runs}) \
         if _exists(db, "telemetry") else None
+    shown = runs[:plots.MAX_TIMELINES]
+    without = [r["_title"] for r in shown if plots.steady_span_of(db, r["run_id"]) is None]
+    steady = {"shown": len(shown), "shaded": len(shown) - len(without), "without": without}
     title = "llmwatts report" + (" — SIMULATED power" if all_sim else "")
     sim_cols = data.SIMULATED_COLUMNS if all_sim else set()
 
@@ -156,7 +162,7 @@ def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cp
 
     html = TEMPLATE.render(
         title=title, sim_note=data.simulated_note(runs, cpu_only), runs_n=len(runs), groups=groups,
-        tables=data.TABLES, g_plots=group_plots, timeline=_uri(timeline), paper=data.reference(),
+        tables=data.TABLES, g_plots=group_plots, timeline=_uri(timeline), steady=steady, paper=data.reference(),
         sla=sla_p95_ms or 0, fmt=fmt, header=header, present=present, setting=data.settings_text)
     path.write_text(html, encoding="utf-8")
     return path

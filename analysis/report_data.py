@@ -13,16 +13,18 @@ from pathlib import Path
 from llmwatts.analysis import metrics
 
 REFERENCE = Path(__file__).with_name("reference") / "samsi2023.toml"
-# A workload: what a run serves (never mixed in one series or one choice).
-WORKLOAD_KEYS = ("model", "engine", "dtype", "dataset", "stream", "greedy", "max_new_tokens")
+# A workload: what a run serves (never mixed in one series or one choice). ``sampling`` is the load's label
+# ("greedy" or "temperature=T,top_p=P"), ``max_new_tokens`` and ``ignore_eos`` set the output length.
+WORKLOAD_KEYS = ("model", "engine", "dtype", "dataset", "stream", "sampling", "max_new_tokens", "ignore_eos")
 # Settings swept within a workload (the x-axes and the series).
-SETTING_KEYS = ("batch_size", "users", "rate_rps", "cap_w", "sm_clock_mhz")
+SETTING_KEYS = ("batch_size", "users", "rate_rps", "arrival", "cap_w", "sm_clock_mhz")
 # The energy levers the SLA choice weighs: the power cap and the locked SM clock (their default: the highest
 # value swept, or none set).
 LEVERS = {"cap_w": "power cap", "sm_clock_mhz": "locked SM clock"}
 COLUMN_NAMES = {
     "run_id": "run", "dataset": "dataset", "batch_size": "batch size (prompts per request)",
-    "cap_w": "power cap (W)", "sm_clock_mhz": "locked SM clock (MHz)", "rate_rps": "arrival rate (requests/s)", "users": "closed-loop users",
+    "cap_w": "power cap (W)", "sm_clock_mhz": "locked SM clock (MHz)", "rate_rps": "arrival rate (requests/s)",
+    "arrival": "arrival process", "users": "closed-loop users",
     "power": "power source", "duration_s": "duration (s)", "responses": "responses",
     "tokens_per_s": "throughput (output tokens/s)", "words_per_s": "throughput (words/s)",
     "responses_per_s": "responses per second", "avg_power_w": "mean power, all GPUs (W)",
@@ -35,7 +37,7 @@ COLUMN_NAMES = {
     "mem_used_pct_max": "GPU memory used, max (%)", "gpu_energy_spread": "energy spread across GPUs (max/min)",
     "n_gpus": "GPUs", "idle_power_w": "idle power, all GPUs (W)",
 }
-SETTINGS = ["run_id", "dataset", "batch_size", "rate_rps", "users", "cap_w", "sm_clock_mhz"]
+SETTINGS = ["run_id", "dataset", "batch_size", "rate_rps", "arrival", "users", "cap_w", "sm_clock_mhz"]
 TABLES = {
     "Throughput and energy": SETTINGS + ["duration_s", "responses", "tokens_per_s", "avg_power_w",
                                          "energy_total_j", "j_per_token", "j_per_token_dynamic", "j_per_response"],
@@ -82,8 +84,20 @@ def with_labels(db, runs: list[dict]) -> list[dict]:
     out = []
     for row in runs:
         extra = {k: v for k, v in labels.get(row["run_id"], {}).items() if row.get(k) is None}
-        out.append({**extra, **row})
+        out.append(open_loop_settings({**extra, **row}))
     return out
+
+
+def open_loop_settings(row: dict) -> dict:
+    """An open-loop run (``rate_rps``) is set by its arrival rate and process, not by users: its Locust
+    user count (the max concurrency, 64 by default) is no closed-loop ``users`` setting."""
+    if row.get("rate_rps") is not None:
+        row = {**row, "users": None}
+        if row.get("arrival") == "gamma" and row.get("burstiness") is not None:
+            row["arrival"] = f"gamma (burstiness {row['burstiness']})"
+    else:
+        row = {**row, "arrival": None}
+    return row
 
 
 def _num(value):
@@ -106,11 +120,15 @@ def groups_of(runs: list[dict]) -> list[Group]:
 
 
 def settings_text(row: dict) -> str:
+    """A run's settings in words: ``batch 4, 8 req/s poisson, 250 W cap`` (open loop: rate and arrival
+    process) or ``batch 4, 2 users, 250 W cap`` (closed loop)."""
     parts = []
     for k, unit in (("batch_size", "batch"), ("rate_rps", "req/s"), ("users", "users"), ("cap_w", "W cap"),
                     ("sm_clock_mhz", "MHz SM clock")):
         if row.get(k) is not None:
             parts.append(f"{unit} {row[k]}" if k == "batch_size" else f"{row[k]} {unit}")
+            if k == "rate_rps" and row.get("arrival"):
+                parts[-1] += f" {row['arrival']}"
     return ", ".join(parts) or row["run_id"]
 
 

@@ -99,6 +99,14 @@ def pareto(group: Group, simulated: bool) -> bytes | None:
     return _png(fig)
 
 
+def steady_span_of(db, run_id: str) -> tuple[int, int] | None:
+    """The run's steady-state span (``run_steady``, server clock ns), or None when it has none."""
+    if not db["run_steady"].exists():
+        return None
+    row = db.execute("SELECT begin_ns, end_ns FROM run_steady WHERE run_id = ?", [run_id]).fetchone()
+    return (row[0], row[1]) if row and row[0] is not None and row[1] is not None and row[1] > row[0] else None
+
+
 def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
     """Small multiples: each run's GPU power over its own window (±1 s), its steady-state span shaded and
     its cap changes dashed; titled by its settings, not a server hash."""
@@ -130,9 +138,13 @@ def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
                     label=f"GPU {gpu_uuid[-6:]}" if len(gpus) > 1 else None)
         ax.axvline(0, color="black", lw=0.8)
         ax.axvline((end_ns - begin_ns) / 1e9, color="black", lw=0.8)
-        if run.get("steady_begin_ns") and run.get("steady_end_ns"):
-            ax.axvspan((run["steady_begin_ns"] - begin_ns) / 1e9, (run["steady_end_ns"] - begin_ns) / 1e9,
+        steady = steady_span_of(db, run["run_id"])
+        if steady is not None:
+            ax.axvspan((steady[0] - begin_ns) / 1e9, (steady[1] - begin_ns) / 1e9,
                        color="tab:green", alpha=0.15, label="steady state")
+        else:
+            ax.text(0.5, 0.5, "no steady state:\nin-flight requests never reached\n90% of the target",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=6, color="tab:gray")
         if db["cap_events"].exists():
             for ts_ns, new_cap_w in db.execute("SELECT ts_ns, new_cap_w FROM cap_events WHERE server_id = ? AND "
                                                "ts_ns BETWEEN ? AND ?", [server_id, lo, hi]):

@@ -129,12 +129,17 @@ class LoadConfig:
             return self.users
         return self.max_concurrency or DEFAULT_OPEN_LOOP_CONCURRENCY
 
+    def closed_loop_users(self) -> int | None:
+        """The closed loop's users (its setting); None for an open loop, which is set by its rate and
+        arrival process (its Locust users are only its ``max_concurrency``)."""
+        return self.users if self.rate_rps is None else None
+
     def run_labels(self, dataset: str) -> dict[str, str]:
-        """The run's labels (client_runs.labels, BeginRun): its settings, then every ``--label``."""
+        """The run's labels (client_runs.labels, BeginRun): its settings, then every ``--label``. A closed
+        loop is labelled ``users``, an open loop ``rate_rps``, ``arrival`` and ``max_concurrency``."""
         labels = {
             "dataset": dataset,
             "batch_size": str(self.batch_size),
-            "users": str(self.concurrency()),
             "stream": str(int(self.stream)),
             "num_prompts": str(self.num_prompts),
             "seed": str(self.seed),
@@ -143,7 +148,9 @@ class LoadConfig:
         }
         if self.max_new_tokens is not None:
             labels["max_new_tokens"] = str(self.max_new_tokens)
-        if self.rate_rps is not None:
+        if self.rate_rps is None:
+            labels["users"] = str(self.users)
+        else:
             labels.update(rate_rps=f"{self.rate_rps:g}", arrival=self.arrival, max_concurrency=str(self.concurrency()))
             if self.arrival == "gamma":
                 labels["burstiness"] = f"{self.burstiness:g}"

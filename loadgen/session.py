@@ -372,7 +372,7 @@ class LoadSession:
         records.write_run_start(self.db, {
             "run_id": self.run_id, "target": normalise_target(self.environment.host or c.target or ""),
             "started_ns": started_ns, "labels": labels, "clock_offset_ns": self.clock_offset_ns,
-            "users": c.concurrency(), "batch_size": c.batch_size, "dataset": self.dataset, "stream": int(c.stream),
+            "users": c.closed_loop_users(), "batch_size": c.batch_size, "dataset": self.dataset, "stream": int(c.stream),
         })
 
     def _mark_end(self):
