@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-import typing
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import sqlite_utils
+
+from llmwatts.schema import columns_of
 
 CLIENT_REQUESTS = "client_requests"
 CLIENT_RUNS = "client_runs"
@@ -87,16 +88,6 @@ class ClientRun:
     batch_size: int | None = None
     dataset: str | None = None
     stream: int | None = None
-
-
-def columns_of(record_class) -> dict[str, type]:
-    """A record dataclass's fields as sqlite-utils column types, in field order (the schema's one source)."""
-    hints = typing.get_type_hints(record_class)
-    columns = {}
-    for f in fields(record_class):
-        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
-        columns[f.name] = kinds[0]
-    return columns
 
 
 CLIENT_REQUESTS_COLUMNS: dict[str, type] = columns_of(ClientRequest)

@@ -8,92 +8,22 @@ energy-counter reads of every GPU; its joules are split over its requests by tok
 (docs/energy.md) and written to the server store with the batch and request rows.
 """
 
-import dataclasses
 import logging
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Callable
 
 from llmwatts.errors import CallEnded, EngineError, ResourceExhausted, Unavailable
-from llmwatts.server.engine import BatchOutput, BatchSpec, Engine, Sampling
+from llmwatts.server.engine import BatchOutput, BatchSpec, Engine
 from llmwatts.server.engine.sampling import row_keys
 from llmwatts.server.gpu import GPU, pace_slowest
+from llmwatts.server.records import BatchRow, attribute, method_of
 from llmwatts.server.store import ServerStore
 from llmwatts.server.telemetry import EnergyMeter
+from llmwatts.server.work import Done, Failed, Result, Work
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Work:
-    """One request travelling through the batcher. ``events`` carries what the servicer streams out."""
-
-    request_id: str
-    run_id: str
-    prompts: list[list[int]]
-    max_new_tokens: int
-    sampling: Sampling
-    ignore_eos: bool
-    received_ns: int
-    # ("step", step, deltas, server_ns) | ("done", Result) | ("error", exception)
-    events: queue.Queue = field(default_factory=queue.Queue)
-    stream: bool = True  # False (unary Generate): no "step" events, so its thread does not wake every step
-    # "CANCELLED" or "DEADLINE_EXCEEDED" once its call ended before its answer (``Batcher.cancel``): it
-    # leaves the queue, and a running batch at its next decode step.
-    cancelled: str | None = None
-    ended: bool = False
-    on_end: Callable[["Work"], None] | None = None  # the host's run bookkeeping (``runs.py``)
-
-    def put_step(self, step: int, deltas: list[list[int]]) -> None:
-        """A step's new tokens, stamped with the server clock now, for a streaming request (a unary one
-        waits for "done" alone). The stamp is each token's time on the wire (``token_server_ns``)."""
-        if self.stream:
-            self.events.put(("step", step, deltas, time.time_ns()))
-
-    def end(self, event: tuple) -> None:
-        """Its last event ("done" or "error"), once its row is written."""
-        self.ended = True
-        self.events.put(event)
-        if self.on_end is not None:
-            self.on_end(self)
-
-    def compatible(self, other: "Work", per_row_seeds: bool = False) -> bool:
-        """Same sampling (any seeds with ``per_row_seeds``) and fixed-length mode: one batch can hold both."""
-        mine, theirs = self.sampling, other.sampling
-        if per_row_seeds:
-            mine, theirs = dataclasses.replace(mine, seed=None), dataclasses.replace(theirs, seed=None)
-        return mine == theirs and self.ignore_eos == other.ignore_eos
-
-
-def status_of(work: Work) -> str:
-    """The request row's status of a request that ran: ok, or how its call ended early."""
-    return work.cancelled or "ok"
-
-
-def unrun_row(work: Work, status: str, error: str | None) -> dict:
-    """The row of a request that never reached a batch (refused, cancelled while queued, shut down)."""
-    return {"request_id": work.request_id, "run_id": work.run_id, "batch_id": None,
-            "received_ns": work.received_ns, "n_prompts": len(work.prompts),
-            "prompt_tokens": sum(map(len, work.prompts)), "output_tokens": 0, "energy_j": 0.0,
-            "status": status, "error": error}
-
-
-@dataclass
-class Result:
-    batch_id: str
-    received_ns: int
-    steps: int                      # decode steps the batch ran
-    tokens: list[list[int]]
-    finish_reasons: list[str]
-    prompt_tokens: list[int]
-    batch_start_ns: int
-    first_token_ns: int
-    done_ns: int
-    energy_j: float
-    simulated: bool
 
 
 # A batch that fails fails its own requests (INTERNAL) and the next batch runs; only this many failures in
@@ -155,10 +85,11 @@ class Batcher:
         if not works:
             return
         try:
-            self.store.record_requests([unrun_row(w, status, str(err) if err else None) for w in works])
+            self.store.record_requests([w.row(status, simulated=self.simulated, error=str(err) if err else None)
+                                        for w in works])
         finally:
             for w in works:
-                w.end(("error", err or CallEnded(status)))
+                w.end(Failed(err or CallEnded(status)))
 
     def _next_work(self, block: bool = True) -> Work | None:
         """The request held back for the next batch, else the queue's next (waiting up to 0.1 s if
@@ -217,7 +148,7 @@ class Batcher:
                 self._mark_failed(e)  # (NOT_SERVING before any of them hears of it)
                 for w in group:
                     if not w.ended:
-                        w.end(("error", e))
+                        w.end(Failed(e))
                 self._fail_engine(e)
                 return
 
@@ -290,44 +221,30 @@ class Batcher:
             for g in self.gpus:
                 g.set_load(0)
         end = self.meter.read()
-        gpu_energy = self.meter.between(start, end)
-        for row in gpu_energy:
-            row["batch_id"] = batch_id
-        energy_j = sum(r["energy_j"] for r in gpu_energy)
-        method = "counter" if all(r["method"] == "counter" for r in gpu_energy) else "interpolated"
+        gpu_energy = self.meter.between(start, end, batch_id=batch_id)
+        energy_j = sum(r.energy_j for r in gpu_energy)
 
-        # Attribution: the batch's joules split by tokens processed (prompt + output) per request.
-        per_work = []
-        for i, w in enumerate(group):
-            idx = [k for k, (o, _) in enumerate(owners) if o == i]
-            p_tok = [len(prompts[k]) for k in idx]
-            o_tok = [len(out.tokens[k]) for k in idx]
-            per_work.append((w, idx, p_tok, o_tok, sum(p_tok) + sum(o_tok)))
-        total_weight = sum(x[-1] for x in per_work) or 1
+        rows_of = [[k for k, (o, _) in enumerate(owners) if o == i] for i in range(len(group))]
+        output_tokens = [sum(len(out.tokens[k]) for k in rows) for rows in rows_of]
+        shares_j = attribute(energy_j, {i: sum(map(len, w.prompts)) + output_tokens[i] for i, w in enumerate(group)})
         steps = max((len(t) for t in out.tokens), default=0)
         requests, results = [], []
-        for w, idx, p_tok, o_tok, weight in per_work:
-            share_j = energy_j * weight / total_weight
-            done_ns = max(out.done_ns[k] for k in idx)
-            requests.append({
-                "request_id": w.request_id, "run_id": w.run_id, "batch_id": batch_id,
-                "received_ns": w.received_ns, "batch_start_ns": start.ts_ns, "first_token_ns": out.first_token_ns,
-                "done_ns": done_ns, "n_prompts": len(idx), "prompt_tokens": sum(p_tok),
-                "output_tokens": sum(o_tok), "energy_j": share_j,
-                "status": failed.grpc_code if failed else status_of(w), "error": str(failed) if failed else None,
-            })
-            results.append(Result(batch_id, w.received_ns, steps, [out.tokens[k] for k in idx],
-                                  [out.finish_reasons[k] for k in idx], p_tok, start.ts_ns, out.first_token_ns,
-                                  done_ns, share_j, self.simulated))
-        self.store.record_batch(
-            {"batch_id": batch_id, "start_ns": start.ts_ns, "first_token_ns": out.first_token_ns,
-             "end_ns": end.ts_ns, "n_requests": len(group), "n_sequences": len(prompts),
-             "prompt_tokens": sum(len(p) for p in prompts), "output_tokens": sum(len(t) for t in out.tokens),
-             "energy_j": energy_j, "energy_method": method, "simulated": int(self.simulated)},
-            gpu_energy, requests,
-        )
+        for i, (w, rows) in enumerate(zip(group, rows_of)):
+            done_ns = max(out.done_ns[k] for k in rows)
+            requests.append(w.row(failed.grpc_code if failed else w.status, simulated=self.simulated,
+                                  error=str(failed) if failed else None, batch_id=batch_id,
+                                  batch_start_ns=start.ts_ns, first_token_ns=out.first_token_ns, done_ns=done_ns,
+                                  output_tokens=output_tokens[i], energy_j=shares_j[i]))
+            results.append(Result(batch_id, w.received_ns, steps, [out.tokens[k] for k in rows],
+                                  [out.finish_reasons[k] for k in rows], [len(p) for p in w.prompts], start.ts_ns,
+                                  out.first_token_ns, done_ns, shares_j[i], self.simulated))
+        batch = BatchRow(batch_id=batch_id, start_ns=start.ts_ns, first_token_ns=out.first_token_ns,
+                         end_ns=end.ts_ns, n_requests=len(group), n_sequences=len(prompts),
+                         prompt_tokens=sum(len(p) for p in prompts), output_tokens=sum(len(t) for t in out.tokens),
+                         energy_j=energy_j, energy_method=method_of(gpu_energy), simulated=int(self.simulated))
+        self.store.record_batch(batch, gpu_energy, requests)
         for w, result in zip(group, results):
-            w.end(("error", failed) if failed else ("done", result))
+            w.end(Failed(failed) if failed else Done(result))
         if failed:
             if isinstance(failed, Unavailable):  # the engine said it is out of service: no retry count
                 raise failed

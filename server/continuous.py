@@ -35,9 +35,11 @@ import uuid
 from dataclasses import dataclass, field
 
 from llmwatts.errors import EngineError, Unavailable
-from llmwatts.server.batcher import MAX_CONSECUTIVE_FAILURES, Batcher, Result, Work, status_of
+from llmwatts.server.batcher import MAX_CONSECUTIVE_FAILURES, Batcher
 from llmwatts.server.engine import BatchSpec
+from llmwatts.server.records import BatchRow, GpuEnergyRow, RequestRow, attribute
 from llmwatts.server.telemetry import EnergyReading
+from llmwatts.server.work import Done, Failed, Result, Work
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +212,7 @@ class ContinuousBatcher(Batcher):
                     self._write(segment, failed, status=err.grpc_code, error=str(err))
         finally:
             for j in failed:
-                j.work.end(("error", err))
+                j.work.end(Failed(err))
 
     def _admit(self) -> None:
         """Join queued requests first come, first served, all that fit in one prefill. While the session
@@ -370,19 +372,18 @@ class ContinuousBatcher(Batcher):
         if tokens:  # (every end comes with its last tokens: an end alone needs no read)
             reading = self.meter.read()
             rows = self.meter.between(segment.last, reading, counter_only=True)
-            joules = sum(r["energy_j"] for r in rows)
+            joules = sum(r.energy_j for r in rows)
             for r in rows:
-                segment.gpu_j[r["gpu_uuid"]] = segment.gpu_j.get(r["gpu_uuid"], 0.0) + r["energy_j"]
-            segment.interpolated |= any(r["method"] != "counter" for r in rows)
+                segment.gpu_j[r.gpu_uuid] = segment.gpu_j.get(r.gpu_uuid, 0.0) + r.energy_j
+            segment.interpolated |= any(r.method != "counter" for r in rows)
             segment.energy_j += joules
             segment.last = reading
-            total = sum(tokens.values())
-            for request_id, n in tokens.items():
-                segment.works[request_id].energy_j += joules * n / total
+            for request_id, share_j in attribute(joules, tokens).items():
+                segment.works[request_id].energy_j += share_j
         segment.output_tokens += sum(len(t) for j in ended for t in j.output.tokens)
         self._write(segment, ended)
         for j in ended:
-            j.work.end(("done", self._result(segment, j)))
+            j.work.end(Done(self._result(segment, j)))
 
     def _result(self, segment: _Segment, j: _Joined) -> Result:
         out = j.output
@@ -392,34 +393,29 @@ class ContinuousBatcher(Batcher):
 
     def _write(self, segment: _Segment, ended: list[_Joined], status: str | None = None,
                error: str | None = None) -> None:
-        batch = {"batch_id": segment.batch_id, "start_ns": segment.start.ts_ns,
-                 "first_token_ns": segment.first_token_ns, "end_ns": segment.last.ts_ns,
-                 "n_requests": len(segment.works), "n_sequences": segment.sequences,
-                 "prompt_tokens": segment.prompt_tokens, "output_tokens": segment.output_tokens,
-                 "energy_j": segment.energy_j, "energy_method": "interpolated" if segment.interpolated else "counter",
-                 "simulated": int(self.simulated)}
-        gpu_rows = []
-        for g in self.gpus:
-            gpu_rows.append({"batch_id": segment.batch_id, "gpu_uuid": g.uuid, "node": g.node, "rank": g.rank,
-                             "energy_start_mj": segment.start.samples[g.uuid].energy_mj,
-                             "energy_end_mj": segment.last.samples[g.uuid].energy_mj,
-                             "energy_j": segment.gpu_j.get(g.uuid, 0.0),
-                             "method": "interpolated" if segment.interpolated else "counter"})
+        method = "interpolated" if segment.interpolated else "counter"
+        batch = BatchRow(batch_id=segment.batch_id, start_ns=segment.start.ts_ns,
+                         first_token_ns=segment.first_token_ns, end_ns=segment.last.ts_ns,
+                         n_requests=len(segment.works), n_sequences=segment.sequences,
+                         prompt_tokens=segment.prompt_tokens, output_tokens=segment.output_tokens,
+                         energy_j=segment.energy_j, energy_method=method, simulated=int(self.simulated))
+        gpu_rows = [GpuEnergyRow(batch_id=segment.batch_id, gpu_uuid=g.uuid, node=g.node, rank=g.rank,
+                                 energy_start_mj=segment.start.samples[g.uuid].energy_mj,
+                                 energy_end_mj=segment.last.samples[g.uuid].energy_mj,
+                                 energy_j=segment.gpu_j.get(g.uuid, 0.0), method=method, simulated=int(g.simulated))
+                    for g in self.gpus]
         # Every request the segment holds has its row at every write: those still running with the energy
         # settled so far (a kill -9 leaves them "running", the next start marks them ABORTED), so the
         # segment's energy is always its requests' sum.
-        requests = [self._row(segment, j, status, error) for j in ended]
+        requests = [self._row(segment, j, status or j.work.status, error) for j in ended]
         answered = {id(j) for j in ended}
         requests += [self._row(segment, j, "running", None) for j in segment.works.values()
                      if j.output is None and id(j) not in answered]
         self.store.record_segment(batch, gpu_rows, requests)
 
-    @staticmethod
-    def _row(segment: _Segment, j: _Joined, status: str | None, error: str | None) -> dict:
-        out, prompts = j.output, j.spec.prompts
-        return {"request_id": j.work.request_id, "run_id": j.work.run_id, "batch_id": segment.batch_id,
-                "received_ns": j.work.received_ns, "batch_start_ns": j.joined_ns,
-                "first_token_ns": out.first_token_ns if out else None, "done_ns": max(out.done_ns) if out else None,
-                "n_prompts": len(prompts), "prompt_tokens": sum(len(p) for p in prompts),
-                "output_tokens": sum(len(t) for t in out.tokens) if out else 0, "energy_j": j.energy_j,
-                "status": status or status_of(j.work), "error": error}
+    def _row(self, segment: _Segment, j: _Joined, status: str, error: str | None) -> RequestRow:
+        out = j.output
+        return j.work.row(status, simulated=self.simulated, error=error, batch_id=segment.batch_id,
+                          batch_start_ns=j.joined_ns, first_token_ns=out.first_token_ns if out else None,
+                          done_ns=max(out.done_ns) if out else None,
+                          output_tokens=sum(len(t) for t in out.tokens) if out else 0, energy_j=j.energy_j)

@@ -327,7 +327,7 @@ class SettingManager(Generic[V]):
 
     def _event(self, g: GPU, kind: str, old: V, new: V, who: str, reason: str) -> None:
         event = {"ts_ns": self._clock.time_ns(), "gpu_uuid": g.uuid, "node": g.node, "rank": g.rank, "kind": kind,
-                 **self.setting.event(g, old, new), "who": who, "reason": reason}
+                 **self.setting.event(g, old, new), "who": who, "reason": reason, "simulated": int(g.simulated)}
         log.info("%s %s on %s: %s → %s (%s, %s)", self.setting.noun, kind, g.uuid, self.setting.describe(old),
                  self.setting.describe(new), who, reason)
         try:

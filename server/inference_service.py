@@ -4,11 +4,11 @@ import queue
 import time
 
 from llmwatts.errors import AlreadyExists, InvalidArgument, Unavailable
-from llmwatts.server.batcher import Result, Work, unrun_row
 from llmwatts.server.engine import validate_sampling
 from llmwatts.server.grpc_errors import mapped
 from llmwatts.server.host import Host
 from llmwatts.server.streaming import ChunkStream
+from llmwatts.server.work import Done, Failed, Result, Work
 from llmwatts.server.limits import MAX_REQUEST_ID_CHARS, MAX_RUN_ID_CHARS, check_name, prompt_byte_limit
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
@@ -31,7 +31,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.host.store.count_refusal("INVALID_ARGUMENT")
             raise
         counted = self.host.runs.admit(work.run_id, request.run_secret)
-        if not self.host.store.claim_request(unrun_row(work, "running", None)):
+        if not self.host.store.claim_request(work.row("running", simulated=self.host.simulated)):
             if counted:
                 self.host.runs.release(work.run_id)
             raise AlreadyExists(f"request_id {request.request_id!r} was already used on this server: make a "
@@ -101,8 +101,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             self.host.batcher.submit(work)
         except Exception as e:
-            self.host.store.record_requests([unrun_row(work, getattr(e, "grpc_code", "INTERNAL"), str(e))])
-            work.end(("error", e))
+            self.host.store.record_requests([work.row(getattr(e, "grpc_code", "INTERNAL"), simulated=self.host.simulated,
+                                                      error=str(e))])
+            work.end(Failed(e))
             raise
 
     def _events(self, work: Work, context):
@@ -114,14 +115,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if not context.is_active():  # cancelled or past its deadline: free this thread
                     return
                 continue
-            if event[0] == "error":
+            if isinstance(event, Failed):
                 self._failed(work, event)
             yield event
-            if event[0] == "done":
+            if isinstance(event, Done):
                 return
 
-    def _failed(self, work: Work, event) -> None:
-        """An error event: its row is written (the batcher, or ``_submit``); the call gets its status."""
+    def _failed(self, work: Work, event: Failed) -> None:
+        """A ``Failed`` event: its row is written (the batcher, or ``_submit``); the call gets its status."""
         self._raise(event)
 
     def _response(self, request: pb.GenerateRequest, r: Result) -> pb.GenerateResponse:
@@ -138,8 +139,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             energy_j=r.energy_j, energy_simulated=r.simulated)
 
     @staticmethod
-    def _raise(event) -> None:
-        err = event[1]
+    def _raise(event: Failed) -> None:
+        err = event.error
         if isinstance(err, Exception) and hasattr(err, "grpc_code"):
             raise err
         raise Unavailable(f"the engine failed while running this batch ({type(err).__name__}: {err}); "
@@ -150,8 +151,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         work = self._work(request, stream=False, context=context)
         self._submit(work)
         for event in self._events(work, context):
-            if event[0] == "done":
-                return self._response(request, event[1])
+            if isinstance(event, Done):
+                return self._response(request, event.result)
         return pb.GenerateResponse()  # the client left; nobody reads this
 
     @mapped

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import sqlite_utils
 
-# name -> (columns, primary key). STRICT tables: SQLite refuses a value of the wrong type.
+from llmwatts.schema import as_row, columns_of
+from llmwatts.server.records import BatchRow, GpuEnergyRow, RequestRow
+
+# name -> (columns, primary key). STRICT tables: SQLite refuses a value of the wrong type. The batchers'
+# tables come from their records (server/records.py).
 SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
     "servers": (
         {"server_id": str, "started_ns": int, "node": str, "model": str, "dtype": str, "engine": str,
@@ -32,23 +36,9 @@ SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
          "mem_clock_mhz": int, "clock_event_reasons": int},  # reasons: NVML's bits (gpu.CLOCK_EVENT_REASONS)
         None,
     ),
-    "batches": (
-        {"batch_id": str, "server_id": str, "start_ns": int, "first_token_ns": int, "end_ns": int,
-         "n_requests": int, "n_sequences": int, "prompt_tokens": int, "output_tokens": int,
-         "energy_j": float, "energy_method": str, "simulated": int},
-        "batch_id",
-    ),
-    "batch_gpu_energy": (
-        {"batch_id": str, "gpu_uuid": str, "node": str, "rank": int, "energy_start_mj": int,
-         "energy_end_mj": int, "energy_j": float, "method": str},
-        ("batch_id", "gpu_uuid"),
-    ),
-    "requests": (
-        {"request_id": str, "run_id": str, "batch_id": str, "server_id": str, "received_ns": int,
-         "batch_start_ns": int, "first_token_ns": int, "done_ns": int, "n_prompts": int,
-         "prompt_tokens": int, "output_tokens": int, "energy_j": float, "status": str, "error": str},
-        "request_id",
-    ),
+    "batches": (columns_of(BatchRow), "batch_id"),
+    "batch_gpu_energy": (columns_of(GpuEnergyRow), ("batch_id", "gpu_uuid")),
+    "requests": (columns_of(RequestRow), "request_id"),
     "runs": (
         {"run_id": str, "server_id": str, "begin_ns": int, "end_ns": int, "begin_energy_j": float,
          "end_energy_j": float, "labels": str, "simulated": int,
@@ -64,7 +54,7 @@ SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
     ),
     "cap_events": (
         {"id": int, "server_id": str, "ts_ns": int, "gpu_uuid": str, "node": str, "rank": int,
-         "kind": str, "old_cap_w": float, "new_cap_w": float, "who": str, "reason": str},
+         "kind": str, "old_cap_w": float, "new_cap_w": float, "who": str, "reason": str, "simulated": int},
         "id",
     ),
     # Locked-clock changes (server/clocks.py); NULL clocks: unlocked (memory: left alone).
@@ -72,7 +62,7 @@ SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
         {"id": int, "server_id": str, "ts_ns": int, "gpu_uuid": str, "node": str, "rank": int, "kind": str,
          "old_sm_min_mhz": int, "old_sm_max_mhz": int, "old_mem_min_mhz": int, "old_mem_max_mhz": int,
          "new_sm_min_mhz": int, "new_sm_max_mhz": int, "new_mem_min_mhz": int, "new_mem_max_mhz": int,
-         "who": str, "reason": str},
+         "who": str, "reason": str, "simulated": int},
         "id",
     ),
 }
@@ -80,6 +70,7 @@ SCHEMA: dict[str, tuple[dict, str | tuple | None]] = {
 # A request id whose row has one of these statuses was refused before any work: it may be used again.
 RETRYABLE_STATUSES = frozenset({"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "UNAVAILABLE", "UNAUTHENTICATED",
                                 "PERMISSION_DENIED", "FAILED_PRECONDITION"})
+Record = RequestRow | BatchRow | GpuEnergyRow | dict  # (tests may write partial rows as dicts)
 RUNNING = "running"  # accepted, not finished; a server that dies leaves it, the next start makes it ABORTED
 
 NOT_NULL = {
@@ -194,34 +185,39 @@ class ServerStore:
                 raise
             self.db.conn.execute("COMMIT")
 
-    def record_batch(self, batch: dict, gpu_energy: list[dict], requests: list[dict]) -> None:
+    def _own(self, record: Record) -> dict:
+        """A record as a row of this server (``server_id`` filled in)."""
+        return dict(as_row(record), server_id=self.server_id)
+
+    def record_batch(self, batch: BatchRow, gpu_energy: list[GpuEnergyRow], requests: list[RequestRow]) -> None:
         """Write one finished batch, its per-GPU energy and its requests in one transaction."""
         with self._transaction() as db:
-            db["batches"].insert(dict(batch, server_id=self.server_id))
-            db["batch_gpu_energy"].insert_all(gpu_energy)
-            db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests], replace=True)
+            db["batches"].insert(self._own(batch))
+            db["batch_gpu_energy"].insert_all([as_row(r) for r in gpu_energy])
+            db["requests"].insert_all([self._own(r) for r in requests], replace=True)
 
-    def record_segment(self, batch: dict, gpu_energy: list[dict], requests: list[dict]) -> None:
+    def record_segment(self, batch: BatchRow, gpu_energy: list[GpuEnergyRow], requests: list[RequestRow]) -> None:
         """Write a continuous batch's segment so far (upserted: it grows until it ends), its per-GPU energy
         and the requests it answered since the last write, in one transaction."""
         with self._transaction() as db:
-            db["batches"].upsert(dict(batch, server_id=self.server_id), pk="batch_id")
-            db["batch_gpu_energy"].upsert_all(gpu_energy, pk=("batch_id", "gpu_uuid"))
-            db["requests"].insert_all([dict(r, server_id=self.server_id) for r in requests], replace=True)
+            db["batches"].upsert(self._own(batch), pk="batch_id")
+            db["batch_gpu_energy"].upsert_all([as_row(r) for r in gpu_energy], pk=("batch_id", "gpu_uuid"))
+            db["requests"].insert_all([self._own(r) for r in requests], replace=True)
 
-    def record_requests(self, requests: list[dict]) -> None:
+    def record_requests(self, requests: list[RequestRow]) -> None:
         """Requests that never reached a batch (refused, cancelled) still get their row."""
-        self._insert("requests", [dict(r, server_id=self.server_id) for r in requests], replace=True)
+        self._insert("requests", [self._own(r) for r in requests], replace=True)
 
-    def claim_request(self, row: dict) -> bool:
+    def claim_request(self, row: RequestRow) -> bool:
         """Write ``row`` (status "running") unless its request id was used before: the DB is the truth
         across restarts. An id whose earlier row was refused before any work (``RETRYABLE_STATUSES``) may
         be claimed again. Check and write are one step under the lock (two concurrent calls, one id)."""
         with self._lock:
+            row = self._own(row)
             old = self.db.execute("select status from requests where request_id = ?", [row["request_id"]]).fetchone()
             if old is not None and old[0] not in RETRYABLE_STATUSES:
                 return False
-            self.db["requests"].insert(dict(row, server_id=self.server_id), replace=True)
+            self.db["requests"].insert(row, replace=True)
             return True
 
     def abort_unfinished(self) -> int:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from llmwatts.server.batcher import Result, Work
+from llmwatts.server.work import Done, Failed, Result, Step, Work
 from llmwatts.v1 import llmwatts_pb2 as pb
 
 DEFAULT_INTERVAL_MS = 50.0  # --stream-interval-ms: ~20 chunks a second a request at most (0: one a step)
@@ -101,8 +101,8 @@ class ChunkStream:
 
     def __init__(self, tokenizer, eos_token_id: int | None, interval_ms: float,
                  response: Callable[[pb.GenerateRequest, Result], pb.GenerateResponse],
-                 failed: Callable[[Work, tuple], None]):
-        """``response`` builds the final ``GenerateResponse``; ``failed`` handles an ``("error", e)`` event
+                 failed: Callable[[Work, Failed], None]):
+        """``response`` builds the final ``GenerateResponse``; ``failed`` handles a ``Failed`` event
         (records it and raises)."""
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
         self.interval_s = interval_ms / 1000.0
@@ -130,9 +130,8 @@ class ChunkStream:
                 if events is None:
                     return  # the client left
             for event in events:
-                kind = event[0]
-                if kind == "step":
-                    _, step, deltas, server_ns = event
+                if isinstance(event, Step):
+                    step, deltas, server_ns = event.step, event.deltas, event.server_ns
                     if pending.first_step < 0:
                         pending.first_step = step
                     pending.last_step = step
@@ -144,8 +143,8 @@ class ChunkStream:
                             last[i] = d[-1]
                         elif counts[i]:  # a step without it: the sequence has ended
                             ended[i] = True
-                elif kind == "done":
-                    result: Result = event[1]
+                elif isinstance(event, Done):
+                    result: Result = event.result
                     if pending.last_step >= 0 or any(t.sent < len(t.tokens) for t in texts):
                         yield self._chunk(request, pending, texts, final=True, steps_sent=steps_sent)
                     final = self.response(request, result)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from llmwatts.server.gpu import EnergySample, GPU, GpuSample
+from llmwatts.server.records import GpuEnergyRow
 from llmwatts.server.store import ServerStore
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ class EnergyMeter:
         """Sum of every GPU's counter, in joules (for run markers)."""
         return sum(g.energy_mj() for g in self.gpus) / 1000.0
 
-    def between(self, start: EnergyReading, end: EnergyReading, counter_only: bool = False) -> list[dict]:
+    def between(self, start: EnergyReading, end: EnergyReading, counter_only: bool = False,
+                batch_id: str = "") -> list[GpuEnergyRow]:
         """Per-GPU joules between two readings, with the method used (``counter`` or ``interpolated``).
         ``counter_only``: the counter's delta however short the interval (contiguous intervals, whose
         deltas add up to the exact total; a continuous batch's)."""
@@ -119,6 +121,7 @@ class EnergyMeter:
                 power = [s.power_instant_mw if s.power_instant_mw is not None else s.power_mw for s in (a, b)]
                 delta_j = sum(power) / 2 / 1000.0 * dt_s
                 method = "interpolated"
-            rows.append({"gpu_uuid": g.uuid, "node": g.node, "rank": g.rank, "energy_start_mj": a.energy_mj,
-                         "energy_end_mj": b.energy_mj, "energy_j": delta_j, "method": method})
+            rows.append(GpuEnergyRow(batch_id=batch_id, gpu_uuid=g.uuid, node=g.node, rank=g.rank,
+                                     energy_start_mj=a.energy_mj, energy_end_mj=b.energy_mj, energy_j=delta_j,
+                                     method=method, simulated=int(g.simulated)))
         return rows

@@ -48,8 +48,8 @@ def test_batch_energy_of_a_follower_costs_no_round_trip_and_excludes_idle_time(f
         controller.energy.update(ends)      # what Controller does with the step reply
         end = meter.read()                  # rank 0, after the gather
         (row,) = meter.between(start, end)
-        assert tokens == "tokens" and row["method"] == "counter" and row["rank"] == 1
-        joules.append(row["energy_j"])
+        assert tokens == "tokens" and row.method == "counter" and row.rank == 1
+        joules.append(row.energy_j)
     follower_gpu.set_load(64)
     p_busy_w = follower_gpu.power_mw() / 1000
     assert p_busy_w > p_idle_w == 50.0
@@ -72,4 +72,4 @@ def test_no_batch_between_two_reads_is_zero_joules(fake_clock):
     controller.energy.update(ends)
     a = meter.read()
     b = meter.read()
-    assert [r["energy_j"] for r in meter.between(a, b)] == [0.0]
+    assert [r.energy_j for r in meter.between(a, b)] == [0.0]

@@ -256,8 +256,8 @@ def test_shutdown_answers_a_request_held_for_the_next_merged_batch(tmp_path):
 def test_only_streaming_requests_get_an_event_per_step(tmp_path, mode):
     """A unary Generate's thread waits for the answer alone: the batchers put no per-step events for it
     (one wake-up per step per waiting request, all competing for the interpreter lock, for nothing)."""
-    from llmwatts.server.batcher import Work
     from llmwatts.server.engine import Sampling
+    from llmwatts.server.work import Done, Work
 
     srv, _ = start_server(tmp_path, **mode)
     try:
@@ -268,10 +268,10 @@ def test_only_streaming_requests_get_an_event_per_step(tmp_path, mode):
             srv.host.batcher.submit(w)
         kinds = {}
         for stream, w in works.items():
-            kinds[stream] = [w.events.get(timeout=60)[0]]
-            while kinds[stream][-1] != "done":
-                kinds[stream].append(w.events.get(timeout=60)[0])
-        assert kinds == {False: ["done"], True: ["step"] * 4 + ["done"]}
+            kinds[stream] = [type(w.events.get(timeout=60)).__name__]
+            while kinds[stream][-1] != Done.__name__:
+                kinds[stream].append(type(w.events.get(timeout=60)).__name__)
+        assert kinds == {False: ["Done"], True: ["Step"] * 4 + ["Done"]}
     finally:
         srv.stop(1)
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmwatts.server.batcher import Result, Work
+from llmwatts.server.work import Done, Failed, Result, Step, Work
 from llmwatts.server.engine import Sampling
 from llmwatts.server.streaming import ChunkStream, IncrementalText, held_token_ids
 from llmwatts.server.tokenizer import llama_like_tokenizer
@@ -93,7 +93,7 @@ def stream(interval_ms: float) -> ChunkStream:
         return pb.GenerateResponse(request_id=request.request_id, batch_id=r.batch_id)
 
     def failed(work, event):
-        raise event[1]
+        raise event.error
 
     return ChunkStream(tokenizer(), 2, interval_ms, response, failed)
 
@@ -103,19 +103,19 @@ def test_steps_pending_together_go_out_as_one_chunk_with_each_tokens_step_and_ti
     tokens/s): steps already waiting are sent together, each token with its own server time."""
     w = work(2, max_new=5)
     ids = tokenizer()("one two three four five")["input_ids"][1:6]
-    w.events.put(("step", 0, [[ids[0]], [ids[0]]], 1000))
+    w.events.put(Step(0, [[ids[0]], [ids[0]]], 1000))
     chunks = stream(10_000).chunks(pb.GenerateRequest(request_id="r1", prompts=["a", "b"]), w, lambda: True)
     first = next(chunks)
     assert (first.first_step, first.step) == (0, 0) and first.deltas[0].token_server_ns == [1000]
     for k in range(1, 5):  # four more steps arrive while the stream is busy elsewhere
-        w.events.put(("step", k, [[ids[k]], [ids[k]] if k < 3 else []], 1000 + k))
+        w.events.put(Step(k, [[ids[k]], [ids[k]] if k < 3 else []], 1000 + k))
     t0 = time.perf_counter()
     second = next(chunks)  # every row complete: sent at once, not after the 10 s interval
     assert time.perf_counter() - t0 < 5
     assert (second.first_step, second.step) == (1, 4)
     assert list(second.deltas[0].token_ids) == ids[1:] and list(second.deltas[0].token_server_ns) == [1001, 1002, 1003, 1004]
     assert list(second.deltas[1].token_server_ns) == [1001, 1002]
-    w.events.put(("done", result([ids, ids[:3]])))
+    w.events.put(Done(result([ids, ids[:3]])))
     final = next(chunks)
     assert final.done and final.final.batch_id == "b"
     assert first.deltas[0].text + second.deltas[0].text == tokenizer().decode(ids, skip_special_tokens=True)
@@ -126,8 +126,8 @@ def test_steps_pending_together_go_out_as_one_chunk_with_each_tokens_step_and_ti
 def test_interval_zero_sends_a_chunk_a_step():
     w = work(1, max_new=3)
     for k in range(3):
-        w.events.put(("step", k, [[300 + k]], 10 + k))
-    w.events.put(("done", result([[300, 301, 302]])))
+        w.events.put(Step(k, [[300 + k]], 10 + k))
+    w.events.put(Done(result([[300, 301, 302]])))
     # (the first wait takes all four events at once; with no interval the steps still coalesce, as pending)
     chunks = list(stream(0).chunks(pb.GenerateRequest(request_id="r1", prompts=["a"]), w, lambda: True))
     assert chunks[-1].done
@@ -142,6 +142,6 @@ def test_a_stream_whose_client_left_ends_without_a_chunk(monkeypatch):
 
 def test_an_engine_error_reaches_the_failure_handler():
     w = work(1, max_new=3)
-    w.events.put(("error", RuntimeError("boom")))
+    w.events.put(Failed(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         list(stream(50).chunks(pb.GenerateRequest(request_id="r1", prompts=["a"]), w, lambda: True))
