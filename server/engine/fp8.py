@@ -3,11 +3,17 @@
 A weight ``w`` [N, K] is stored as ``w_q = w / s`` in float8_e4m3fn with ``s = amax(|w|, row) / 448`` [N]
 (per output channel). A matmul quantizes its input the same way per row (per token, dynamically) and
 multiplies the two fp8 operands with fp32 accumulation: ``y = (x_q @ w_q^T) * s_x * s_w``. On an FP8 GPU
-(compute capability 8.9+: Ada, Hopper) that is ``torch._scaled_mm`` with row-wise scales (cuBLASLt);
+(compute capability 8.9+: Ada, Hopper) that is ``torch._scaled_mm``: by default its tensor-wise kernel
+with unit scales, the bf16 product then scaled per row and channel in fp32 (an epilogue the compiled
+layers fuse); ``LLMWATTS_FP8_GEMM=rowwise`` passes the scales to its row-wise kernel instead. On an H100
+at decode's few rows the tensor-wise kernel took 0.72x the row-wise one's time over a llama-7b layer's
+four projections (docs/performance.md, "FP8 weights"); both round the product to bf16 once;
 the reference path (``dequantized``) computes the same product from the dequantized operands in the
 input's dtype, which tests run on CPU. Anything else refuses: FP8 weights on a GPU without FP8 would
 only be slower than fp16.
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,17 @@ MIN_SCALE = 1e-12        # an all-zero row or token still divides by something
 SCALED_MM_ALIGN = 16     # cuBLASLt fp8: every dimension a multiple of 16 (rows are padded up to it)
 WEIGHTS = ("fp16", "fp8")  # what ``--weights`` takes; "fp16" is the model's own dtype (``--dtype``)
 REFERENCE = "fp8-reference"  # the library's explicit CPU reference (tests): same maths, dequantized operands
+GEMMS = ("tensorwise", "rowwise")  # which _scaled_mm kernel the GPU path calls (bench A/B: LLMWATTS_FP8_GEMM)
+
+
+def gemm_from_env() -> str:
+    gemm = os.environ.get("LLMWATTS_FP8_GEMM", "tensorwise")
+    if gemm not in GEMMS:
+        raise InvalidArgument(f"LLMWATTS_FP8_GEMM={gemm[:40]!r}: use one of {', '.join(GEMMS)}")
+    return gemm
+
+
+GEMM = gemm_from_env()
 
 
 def check_fp8_device(device: torch.device, weights: str) -> None:
@@ -71,8 +88,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_scale: to
     if x.is_cuda and k % SCALED_MM_ALIGN == 0 and n % SCALED_MM_ALIGN == 0:
         # Rows padded to 16 with zeros (a decode step's few rows: nothing next to the weight read).
         x_q, x_scale = quantize_rows(F.pad(x2, (0, 0, 0, -m % SCALED_MM_ALIGN)))
-        y = torch._scaled_mm(x_q, w.t(), scale_a=x_scale, scale_b=w_scale[None, :].float(),
-                             out_dtype=torch.bfloat16)[:m].to(x.dtype)        # row-wise scales: bf16 out
+        if GEMM == "rowwise":
+            y = torch._scaled_mm(x_q, w.t(), scale_a=x_scale, scale_b=w_scale[None, :].float(),
+                                 out_dtype=torch.bfloat16)[:m].to(x.dtype)    # row-wise scales: bf16 out
+        else:  # unit scales (|sum| <= 448^2 K: bf16's range), then the scales in fp32
+            one = torch.ones((), device=x.device, dtype=torch.float32)
+            y = torch._scaled_mm(x_q, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)[:m]
+            y = (y.float() * x_scale[:m] * w_scale[None, :].float()).to(x.dtype)
     else:  # the reference: the same product from the dequantized operands
         x_q, x_scale = quantize_rows(x2)
         y = F.linear((x_q.to(torch.float32) * x_scale).to(x.dtype), dequantize(w, w_scale, x.dtype))

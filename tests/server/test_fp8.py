@@ -140,3 +140,19 @@ def test_fp8_on_the_tensor_parallel_path_gives_the_unsharded_tokens():
         assert fast.generate(spec).tokens == EagerEngine(whole.model, 0, None, whole.device).generate(spec).tokens
         with pytest.raises(InvalidArgument, match="needs --engine fast"):
             make_engine("eager", loaded)
+
+
+def test_the_gpu_gemm_choice_is_checked(monkeypatch):
+    """LLMWATTS_FP8_GEMM picks _scaled_mm's kernel for the bench's A/B (docs/performance.md): a mistyped
+    value is refused in one line, not silently run with the default."""
+    from llmwatts.errors import InvalidArgument
+    from llmwatts.server.engine import fp8
+
+    for gemm in ("tensorwise", "rowwise"):
+        monkeypatch.setenv("LLMWATTS_FP8_GEMM", gemm)
+        assert fp8.gemm_from_env() == gemm
+    monkeypatch.delenv("LLMWATTS_FP8_GEMM")
+    assert fp8.gemm_from_env() == "tensorwise"
+    monkeypatch.setenv("LLMWATTS_FP8_GEMM", "row-wise")
+    with pytest.raises(InvalidArgument, match="tensorwise, rowwise"):
+        fp8.gemm_from_env()
