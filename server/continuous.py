@@ -24,7 +24,7 @@ live sequence per step): the same rule as a static batch (docs/energy.md), appli
 request pays for the steps it shared and not for the ones before it joined or after it left. A request's
 response waits for the first read after its last token (docs/performance.md measures what that adds).
 The segment's ``batches`` row, its ``batch_gpu_energy`` rows and its requests' rows are upserted at every
-read, so the sums agree whenever the DB is read.
+read, so the sums agree whenever the DB is read. The segment's ledger and rows: segment.py.
 """
 
 import logging
@@ -32,14 +32,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmwatts.errors import EngineError, Unavailable
 from llmwatts.server.batcher import MAX_CONSECUTIVE_FAILURES, Batcher
 from llmwatts.server.engine import BatchSpec
-from llmwatts.server.records import BatchRow, GpuEnergyRow, RequestRow, attribute
-from llmwatts.server.telemetry import EnergyReading
-from llmwatts.server.work import Done, Failed, Result, Work
+from llmwatts.server.segment import Joined, Segment
+from llmwatts.server.work import Done, Failed, Work
 
 log = logging.getLogger(__name__)
 
@@ -84,35 +83,6 @@ class LoopStats:
                 f"{self.joined_rows / max(self.joins, 1):.1f} rows, {1000 * self.join_s / max(self.joins, 1):.1f} ms")
 
 
-@dataclass
-class _Segment:
-    """A busy period: the ``batches`` row its requests point at, and what was settled into it so far."""
-
-    batch_id: str
-    start: EnergyReading
-    last: EnergyReading
-    first_token_ns: int = 0
-    energy_j: float = 0.0
-    gpu_j: dict = field(default_factory=dict)        # gpu uuid -> joules settled
-    interpolated: bool = False
-    works: dict = field(default_factory=dict)        # request id -> _Joined, every request that joined
-    sequences: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0                           # of the requests answered so far
-
-
-@dataclass
-class _Joined:
-    """A request inside the session: what the energy split and the response need."""
-
-    work: Work
-    spec: BatchSpec
-    joined_ns: int
-    energy_j: float = 0.0
-    steps: int = 0
-    output: object = None  # the engine's BatchOutput once it ended
-
-
 class ContinuousBatcher(Batcher):
     """``Batcher``'s interface (submit, start, stop, failure) over a ``ContinuousSession``."""
 
@@ -129,11 +99,11 @@ class ContinuousBatcher(Batcher):
         self.min_gap_s = 0.0 if self.simulated else MIN_READ_GAP_S
         self.session = None
         self.run_id: str | None = None                # a session (and its segments) serves one run
-        self.segment: _Segment | None = None
-        self.joined: dict[str, _Joined] = {}          # request id -> its state, while in the session
+        self.segment: Segment | None = None
+        self.joined: dict[str, Joined] = {}          # request id -> its state, while in the session
         self._lock = threading.Lock()                 # guards the three below (batcher and meter threads)
         self._tokens: dict[str, int] = {}             # request id -> tokens processed since the last read
-        self._ended: list[_Joined] = []               # ended, waiting for the read that settles them
+        self._ended: list[Joined] = []               # ended, waiting for the read that settles them
         self._settle_lock = threading.Lock()          # one read-and-split at a time
         self._wake = threading.Event()
         self._meter_stop = threading.Event()
@@ -260,10 +230,10 @@ class ContinuousBatcher(Batcher):
     def _join(self, joins: dict[str, tuple[Work, BatchSpec]]) -> None:
         if self.segment is None:
             start = self.meter.read()
-            self.segment = _Segment(uuid.uuid4().hex, start, start)
+            self.segment = Segment(uuid.uuid4().hex, start, start)
         now = time.time_ns()
         for request_id, (work, spec) in joins.items():
-            self.joined[request_id] = self.segment.works[request_id] = _Joined(work, spec, now)
+            self.joined[request_id] = self.segment.works[request_id] = Joined(work, spec, now)
             self.segment.sequences += len(spec.prompts)
             self.segment.prompt_tokens += sum(map(len, spec.prompts))
         t0 = time.perf_counter()
@@ -368,54 +338,15 @@ class ContinuousBatcher(Batcher):
                     self._ended[:0] = ended
                 raise
 
-    def _settle_taken(self, segment: _Segment, tokens: dict[str, int], ended: list[_Joined]) -> None:
+    def _settle_taken(self, segment: Segment, tokens: dict[str, int], ended: list[Joined]) -> None:
         if tokens:  # (every end comes with its last tokens: an end alone needs no read)
             reading = self.meter.read()
-            rows = self.meter.between(segment.last, reading, counter_only=True)
-            joules = sum(r.energy_j for r in rows)
-            for r in rows:
-                segment.gpu_j[r.gpu_uuid] = segment.gpu_j.get(r.gpu_uuid, 0.0) + r.energy_j
-            segment.interpolated |= any(r.method != "counter" for r in rows)
-            segment.energy_j += joules
-            segment.last = reading
-            for request_id, share_j in attribute(joules, tokens).items():
-                segment.works[request_id].energy_j += share_j
+            segment.settle(reading, self.meter.between(segment.last, reading, counter_only=True), tokens)
         segment.output_tokens += sum(len(t) for j in ended for t in j.output.tokens)
         self._write(segment, ended)
         for j in ended:
-            j.work.end(Done(self._result(segment, j)))
+            j.work.end(Done(segment.result(j, self.simulated)))
 
-    def _result(self, segment: _Segment, j: _Joined) -> Result:
-        out = j.output
-        return Result(segment.batch_id, j.work.received_ns, j.steps, out.tokens,
-                      out.finish_reasons, [len(p) for p in j.spec.prompts], j.joined_ns, out.first_token_ns,
-                      max(out.done_ns), j.energy_j, self.simulated)
-
-    def _write(self, segment: _Segment, ended: list[_Joined], status: str | None = None,
+    def _write(self, segment: Segment, ended: list[Joined], status: str | None = None,
                error: str | None = None) -> None:
-        method = "interpolated" if segment.interpolated else "counter"
-        batch = BatchRow(batch_id=segment.batch_id, start_ns=segment.start.ts_ns,
-                         first_token_ns=segment.first_token_ns, end_ns=segment.last.ts_ns,
-                         n_requests=len(segment.works), n_sequences=segment.sequences,
-                         prompt_tokens=segment.prompt_tokens, output_tokens=segment.output_tokens,
-                         energy_j=segment.energy_j, energy_method=method, simulated=int(self.simulated))
-        gpu_rows = [GpuEnergyRow(batch_id=segment.batch_id, gpu_uuid=g.uuid, node=g.node, rank=g.rank,
-                                 energy_start_mj=segment.start.samples[g.uuid].energy_mj,
-                                 energy_end_mj=segment.last.samples[g.uuid].energy_mj,
-                                 energy_j=segment.gpu_j.get(g.uuid, 0.0), method=method, simulated=int(g.simulated))
-                    for g in self.gpus]
-        # Every request the segment holds has its row at every write: those still running with the energy
-        # settled so far (a kill -9 leaves them "running", the next start marks them ABORTED), so the
-        # segment's energy is always its requests' sum.
-        requests = [self._row(segment, j, status or j.work.status, error) for j in ended]
-        answered = {id(j) for j in ended}
-        requests += [self._row(segment, j, "running", None) for j in segment.works.values()
-                     if j.output is None and id(j) not in answered]
-        self.store.record_segment(batch, gpu_rows, requests)
-
-    def _row(self, segment: _Segment, j: _Joined, status: str, error: str | None) -> RequestRow:
-        out = j.output
-        return j.work.row(status, simulated=self.simulated, error=error, batch_id=segment.batch_id,
-                          batch_start_ns=j.joined_ns, first_token_ns=out.first_token_ns if out else None,
-                          done_ns=max(out.done_ns) if out else None,
-                          output_tokens=sum(len(t) for t in out.tokens) if out else 0, energy_j=j.energy_j)
+        self.store.record_segment(*segment.rows(ended, self.gpus, self.simulated, status, error))
