@@ -80,6 +80,9 @@ class LoadConfig:
     worker: bool = False
     master_host: str = "127.0.0.1"
     quiet: bool = False                 # no Locust log lines
+    # Library only: BeginRun's run_secret is written here until EndRun succeeds (loadgen/run_secret.py), so
+    # whoever started a load that died can still end its run.
+    run_secret_file: str | None = None
 
     def validate(self) -> None:
         """Raise ``InvalidArgument`` with a message naming the flag to fix."""

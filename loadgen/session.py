@@ -26,6 +26,7 @@ from llmwatts.loadgen.clock import CONTROL_DEADLINE_S, server_clock_offset_ns
 from llmwatts.loadgen.config import LoadConfig
 from llmwatts.loadgen.grpc_user import ChannelOptions, call_metadata, make_channel, normalise_target
 from llmwatts.loadgen.prompts import PromptSet, dataset_label, load_prompts
+from llmwatts.loadgen.run_secret import OpenRun, remove_run_secret, write_run_secret
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
 
@@ -55,6 +56,7 @@ class LoadSession:
             self.role = "local"
         # A worker's own --data-dir (its files may live elsewhere than the master's).
         self.local_data_dir = local_config.data_dir if local_config else None
+        self.secret_file = local_config.run_secret_file if local_config else None  # run_secret.py
         self.token = token
         self.config: LoadConfig | None = None
         self.prompts: PromptSet | None = None
@@ -357,6 +359,9 @@ class LoadSession:
                 marker = control.BeginRun(pb.BeginRunRequest(run_id=self.run_id, labels=labels),
                                           timeout=CONTROL_DEADLINE_S, metadata=metadata)
                 self.run_secret = marker.run_secret
+                if self.secret_file:
+                    write_run_secret(self.secret_file, OpenRun(self.run_id, self.environment.host or c.target or "",
+                                                               marker.run_secret))
                 if self.environment.parsed_options is not None:  # workers get it with the spawn message
                     self.environment.parsed_options.llm_run_secret = marker.run_secret
             except grpc.RpcError as e:
@@ -383,6 +388,7 @@ class LoadSession:
             # The server answers once the run's requests have ended (its window holds their energy).
             control.EndRun(pb.EndRunRequest(run_id=self.run_id, run_secret=self.run_secret),
                            timeout=END_RUN_DEADLINE_S, metadata=call_metadata(self.token))
+            remove_run_secret(self.secret_file)
         except grpc.RpcError as e:
             log.error("EndRun(%s) failed: %s", self.run_id, _rpc_text(e))
         finally:

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
                        tls={"ca": args.ca, "cert": args.cert, "key": args.key}, show_progress=not args.no_progress)
     out.print(f"study {plan.name}: {len(result.done)} cells run, {len(result.skipped)} already done"
               + (f", {len(result.abandoned)} interrupted attempts closed" if result.abandoned else "")
+              + (f", {len(result.ended_open_runs)} runs they left open ended" if result.ended_open_runs else "")
               + f"; study DB {result.study_db}; report {result.report_dir}")
     if result.sla is not None:
         out.print(f"SLA: {result.sla.message}")

@@ -49,7 +49,7 @@ from llmwatts.loadgen.config import LoadConfig
 SERVER_DIMENSIONS = ("cap_w", "sm_clock_mhz", "engine", "weights")  # handled by the runner, not by LoadConfig
 LOAD_FIELDS = {f.name for f in fields(LoadConfig)} - {
     "target", "run_id", "labels", "client_db", "master", "worker", "expect_workers", "master_bind_host",
-    "master_port", "master_host", "token", "ca", "cert", "key", "quiet"}
+    "master_port", "master_host", "token", "ca", "cert", "key", "quiet", "run_secret_file"}
 WEIGHTS = ("fp16", "fp8")  # serve --weights
 MAX_CLOCK_MHZ = 10000
 MAX_CELLS = 10000

@@ -79,6 +79,15 @@ def _cells(db: Path, status: str | None = None) -> list[tuple]:
         conn.close()
 
 
+def _open_runs(server_db: Path) -> list[str]:
+    """Runs begun and not ended on the server (read from its own DB, which the study never sees)."""
+    conn = sqlite3.connect(f"file:{server_db}?mode=ro", uri=True, timeout=10)
+    try:
+        return [r[0] for r in conn.execute("select run_id from runs where end_ns is null")]
+    finally:
+        conn.close()
+
+
 def _independent_sla(db: Path, run_ids: list[str], bound_ms: float) -> str | None:
     """The lowest-J/token run with client latency p95 <= bound: J from the run's energy markers over its
     ok output tokens, p95 with numpy from the raw client rows."""
@@ -99,8 +108,12 @@ def _independent_sla(db: Path, run_ids: list[str], bound_ms: float) -> str | Non
 
 def test_study_killed_mid_cell_resumes_without_repeating_cells(served, tmp_path):
     """Guards resumability: after a SIGKILL mid-cell the rerun redoes only the interrupted cell (a new
-    attempt), keeps every finished cell's first run, and ends with exactly the plan's cells, each once."""
+    attempt), keeps every finished cell's first run, and ends with exactly the plan's cells, each once.
+    Also guards the killed attempt's run left open on the server for good (the study could not end it
+    without the load's run secret): after the rerun no run is open, so repeated resumes never use up the
+    server's 16 open runs per client."""
     target, env = served
+    server_db = tmp_path / "gpu-node" / "server.db"
     plan_path = tmp_path / "plan.toml"
     plan_path.write_text(PLAN.format(target=target))
     db = tmp_path / "study.db"
@@ -108,18 +121,21 @@ def test_study_killed_mid_cell_resumes_without_repeating_cells(served, tmp_path)
 
     first = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while not (len(_cells(db, "done")) >= 2 and _cells(db, "running")):
+    while not (len(_cells(db, "done")) >= 2 and _cells(db, "running") and _open_runs(server_db)):
         assert first.poll() is None, first.stdout.read().decode()
-        assert time.monotonic() < deadline, "the study never reached its third cell"
+        assert time.monotonic() < deadline, "the study never reached its third cell's run"
         time.sleep(0.1)
+    time.sleep(0.05)  # past BeginRun's answer: the load holds the run (and its secret) when it dies
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     before = {key: run_id for key, _, run_id, status in _cells(db) if status == "done"}
     interrupted = {key for key, _, _, status in _cells(db) if status == "running"}
     assert len(interrupted) == 1
 
+    assert _open_runs(server_db)  # the killed load's run (or its warm-up's)
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout + second.stderr
+    assert _open_runs(server_db) == []
     assert f"{len(before)} already done" in second.stdout and "1 interrupted attempts closed" in second.stdout
 
     done = {key: run_id for key, _, run_id, status in _cells(db, "done")}
