@@ -4,8 +4,8 @@
 
 1. overload: 10x the queue in concurrent Generate calls plus 500 idle reflection streams; the slowest
    health Check, GetServerInfo, GetPowerCaps, SetPowerCap and ResetPowerCap answer under it;
-2. cancel: a long request cancelled mid-batch; the server's busy time after the cancel, against one
-   decode step;
+2. cancel: a long request cancelled mid-batch (static and continuous): the steps its row ran after the
+   server saw the cancel, and the server's busy time after it, against one decode step;
 3. refused prompts: the server's RSS before and after 100 refused 4 MB prompts, and the DB's growth;
 4. kill -9 soak: the server and a load worker killed at random points and restarted, then every request
    the worker sent is in exactly one state on each side and every batch's energy is its requests' sum.
@@ -109,28 +109,43 @@ def overload(folder: Path) -> dict:
 
 
 def cancel(folder: Path) -> dict:
-    proc, port = start_server(folder)
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        inference = pb_grpc.InferenceStub(channel)
-        inference.Generate(pb.GenerateRequest(request_id="warm", prompts=["hello"], max_new_tokens=8))
-        call = inference.Generate.future(pb.GenerateRequest(request_id="cut", prompts=["tell me everything"],
-                                                            max_new_tokens=2000, ignore_eos=True))
-        time.sleep(2.0)
-        cancelled_ns = time.time_ns()
-        call.cancel()
-        time.sleep(2.0)
-        db = sqlite3.connect(folder / "server.db")
-        row = db.execute("select r.status, r.output_tokens, r.energy_j, r.done_ns, b.first_token_ns, b.end_ns "
-                         "from requests r join batches b using (batch_id) where request_id = 'cut'").fetchone()
-        status, tokens, energy_j, done_ns, first_ns, end_ns = row
-        step_ms = (done_ns - first_ns) / 1e6 / max(tokens - 1, 1)
-        # done_ns: the step at which the row was stopped; end_ns: the batch's last energy read, after it.
-        return {"status": status, "output_tokens": tokens, "energy_j": energy_j, "decode_step_ms": step_ms,
-                "steps_after_cancel": (done_ns - cancelled_ns) / 1e6 / step_ms,
-                "busy_after_cancel_ms": (end_ns - cancelled_ns) / 1e6}
-    finally:
-        stop(proc)
+    """A 2000-token request cancelled 2 s in, on the static batcher (eager engine) and on ``--continuous``
+    (fast engine): when the server saw the cancel (``requests.cancelled_ns``) after the client's, the steps
+    its row ran after that (``steps - cancelled_step``) and the server's busy time after it (the batch's or
+    segment's last energy read), against the decode step time."""
+    out = {}
+    for name, flags in [("static", ()), ("continuous", ("--continuous",))]:
+        sub = folder / name
+        sub.mkdir()
+        proc, port = start_server(sub, *flags)
+        try:
+            inference = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            inference.Generate(pb.GenerateRequest(request_id="warm", prompts=["hello"], max_new_tokens=8))
+            call = inference.Generate.future(pb.GenerateRequest(
+                request_id="cut", prompts=["tell me everything"], max_new_tokens=2000, ignore_eos=True))
+            time.sleep(2.0)
+            client_cancel_ns = time.time_ns()
+            call.cancel()
+            time.sleep(2.0)
+        finally:
+            stop(proc)
+        db = sqlite3.connect(sub / "server.db")
+        row = db.execute("select r.status, r.output_tokens, r.energy_j, r.steps, r.cancelled_step, r.cancelled_ns, "
+                         "r.done_ns, r.batch_start_ns, r.first_token_ns, b.end_ns from requests r join batches b "
+                         "using (batch_id) where request_id = 'cut'").fetchone()
+        status, tokens, energy_j, steps, seen_step, seen_ns, done_ns, joined_ns, first_ns, end_ns = row
+        step_ms = (done_ns - first_ns) / 1e6 / max(steps - 1, 1)
+        out[name] = {
+            "status": status, "output_tokens": tokens, "energy_j": energy_j, "decode_step_ms": step_ms,
+            "server_saw_cancel_after_ms": (seen_ns - client_cancel_ns) / 1e6,
+            "steps_after_seen": steps - seen_step,
+            "row_done_after_seen_ms": (done_ns - seen_ns) / 1e6,
+            # end_ns: the batch's (segment's) last energy read, after the row left
+            "busy_after_seen_ms": (end_ns - seen_ns) / 1e6,
+            "busy_after_seen_steps": (end_ns - seen_ns) / 1e6 / step_ms,
+            "busy_after_client_cancel_ms": (end_ns - client_cancel_ns) / 1e6,
+        }
+    return out
 
 
 def refused_prompts(folder: Path) -> dict:
@@ -236,8 +251,12 @@ def soak(folder: Path, seconds: float, seed: int = 0) -> dict:
         "select count(*) from (select b.batch_id, b.energy_j, coalesce(sum(r.energy_j), 0) as req_j from batches b "
         "left join requests r using (batch_id) group by b.batch_id having abs(b.energy_j - req_j) > "
         "1e-6 * max(1, b.energy_j))").fetchone()[0]
+    # client state x server state of every request the worker sent (None: the server never saw it)
+    both = {f"{c} / {r}": n for c, r, n in db.execute(
+        "select c.state, r.status, count(*) from client.sent c left join requests r using (request_id) "
+        "group by c.state, r.status order by count(*) desc").fetchall()}
     return {"seconds": seconds, "kills": kills, "sent": sent, "client_states": client_states,
-            "server_states": server_states, "running_left": server_states.get("running", 0),
+            "server_states": server_states, "client_vs_server": both, "running_left": server_states.get("running", 0),
             "client_ok_but_server_not_ok": ok_mismatch + ok_missing, "batches_unaccounted": unaccounted,
             "batches": db.execute("select count(*) from batches").fetchone()[0]}
 

@@ -71,7 +71,7 @@ class Batcher:
         (``BatchSpec.stopped``) and its row keeps the energy it used."""
         if work.ended or work.cancelled:
             return
-        work.cancelled = status
+        work.cancel(status)
         with self._queue.mutex:  # (queue.Queue has no remove: its deque, under its own lock)
             try:
                 self._queue.queue.remove(work)
@@ -186,10 +186,10 @@ class Batcher:
         limits = [w.max_new_tokens for w in group for _ in w.prompts]
         owners = [(i, j) for i, w in enumerate(group) for j in range(len(w.prompts))]
         keys = [k for w in group for k in row_keys(w.sampling.seed, len(w.prompts))]  # each request's own seed
-        # A cancelled request's rows stop at the next step, except on ranks in lockstep (sharded): there every
-        # rank must run the same steps, so the batch runs to its end.
-        stopped = None if getattr(self.engine, "lockstep", False) else \
-            (lambda row: group[owners[row][0]].cancelled is not None)
+        def stopped(step: int, live: list[int]) -> set[int]:  # a cancelled request's rows stop at this step
+            ended = {i for i, w in enumerate(group) if w.stops_at(step)}
+            return {row for row in live if owners[row][0] in ended}
+
         spec = BatchSpec(prompts, limits, group[0].sampling, group[0].ignore_eos, keys, stopped=stopped)
 
         def on_step(step: int, deltas: list[list[int]]) -> None:
@@ -216,7 +216,7 @@ class Batcher:
                                      f"the server still serves: retry, or change the request")
                 failed.__cause__ = e
             out = BatchOutput([[] for _ in prompts], ["error"] * len(prompts), time.time_ns(),
-                              [time.time_ns()] * len(prompts))
+                              [time.time_ns()] * len(prompts), [0] * len(prompts))
         finally:
             for g in self.gpus:
                 g.set_load(0)
@@ -234,7 +234,8 @@ class Batcher:
             requests.append(w.row(failed.grpc_code if failed else w.status, simulated=self.simulated,
                                   error=str(failed) if failed else None, batch_id=batch_id,
                                   batch_start_ns=start.ts_ns, first_token_ns=out.first_token_ns, done_ns=done_ns,
-                                  output_tokens=output_tokens[i], energy_j=shares_j[i]))
+                                  output_tokens=output_tokens[i], energy_j=shares_j[i],
+                                  steps=max(out.steps[k] for k in rows)))
             results.append(Result(batch_id, w.received_ns, steps, [out.tokens[k] for k in rows],
                                   [out.finish_reasons[k] for k in rows], [len(p) for p in w.prompts], start.ts_ns,
                                   out.first_token_ns, done_ns, shares_j[i], self.simulated))

@@ -197,7 +197,7 @@ class ContinuousBatcher(Batcher):
             if work is None:
                 break
             spec = BatchSpec(work.prompts, [work.max_new_tokens] * len(work.prompts), work.sampling,
-                             work.ignore_eos, stopped=lambda _row, w=work: w.cancelled is not None)
+                             work.ignore_eos, stopped=lambda step, live, w=work: live if w.stops_at(step) else ())
             if self.session is None or (idle and not joins and (not self.session.fits(spec)
                                                                   or work.run_id != self.run_id)):
                 if self.segment is not None:

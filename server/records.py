@@ -34,6 +34,10 @@ class RequestRow:
     status: str                          # "ok", "running", or how it ended (a gRPC code name)
     error: str | None = None
     simulated: int                       # 0/1
+    steps: int = 0                       # decode steps its rows ran: the last, the step it left its batch at (1:
+                                         # the prefill's token)
+    cancelled_ns: int | None = None      # its call ended early: when the server saw it (``Batcher.cancel``)
+    cancelled_step: int | None = None    # ... and the step its rows were at then (``steps`` - this <= 1)
 
 
 @dataclass(kw_only=True)

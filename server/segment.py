@@ -86,7 +86,8 @@ class Segment:
         return j.work.row(status, simulated=simulated, error=error, batch_id=self.batch_id,
                           batch_start_ns=j.joined_ns, first_token_ns=out.first_token_ns if out else None,
                           done_ns=max(out.done_ns) if out else None,
-                          output_tokens=sum(len(t) for t in out.tokens) if out else 0, energy_j=j.energy_j)
+                          output_tokens=sum(len(t) for t in out.tokens) if out else 0, energy_j=j.energy_j,
+                          steps=max(out.steps) if out else j.work.checked_step)
 
     def result(self, j: Joined, simulated: bool) -> Result:
         """An ended request's answer."""

@@ -13,6 +13,9 @@ in the environment. docs/sharding.md describes the design; in short:
 - Followers' GPUs appear on rank 0 as ``RemoteGPU`` proxies (server/gpu/remote.py: the ``GPU`` interface
   over commands), so the batcher's energy meter, the power-cap manager and GetServerInfo see every rank's
   GPUs. Each follower brackets its own batch's energy and returns it with its step reply.
+- A cancelled request's rows stop on every rank at the same step: at each step every rank's tracker asks
+  the batch's ``stopped``; rank 0 answers from its batcher and broadcasts the answer on the gloo group,
+  the followers take it (``agreed_stops``): one small broadcast per step.
 - A dead rank makes the next command fail (gloo reports the closed connection; the process-group timeout
   bounds a hung one): the server goes NOT_SERVING with a message naming what happened.
 """
@@ -39,6 +42,7 @@ from llmwatts.errors import InvalidArgument, LlmwattsError, Unavailable
 from llmwatts.server.lifecycle import run_until_stopped
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.engine import BatchOutput, BatchSpec
+from llmwatts.server.engine.batch import StopCheck
 from llmwatts.server.gpu import GPU, EnergySample, pace_slowest
 from llmwatts.server.gpu.remote import RemoteGPU, bracket_batch
 from llmwatts.server.ranks import Rank, hello, init_rank, load_rank, open_rank_gpus, rank_device
@@ -79,6 +83,22 @@ class _RowBuffer:
 # ---------------------------------------------------------------------------------------------------
 
 
+def agreed_stops(check: StopCheck | None, rows: int, group) -> StopCheck:
+    """A ``BatchSpec.stopped`` every rank calls at every step: rank 0 asks ``check`` (its batcher's) and
+    broadcasts the rows to stop; followers (``check`` None) take rank 0's answer. So a cancelled request's
+    rows stop at the same step everywhere and the ranks stay in lockstep."""
+
+    def stopped(step: int, live: list[int]) -> list[int]:
+        mask = torch.zeros(rows, dtype=torch.uint8)
+        if check is not None:
+            for row in check(step, live):
+                mask[row] = 1
+        dist.broadcast(mask, src=0, group=group)
+        return [row for row in live if mask[row]]
+
+    return stopped
+
+
 def run_follower(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU], shard) -> int:
     """Follow rank 0's commands until ``shutdown`` (0) or until rank 0 goes away (1)."""
     dist.gather_object(hello(r, loaded, gpus, shard), None, dst=0, group=r.ctrl)
@@ -98,8 +118,9 @@ def run_follower(config: ServerConfig, r: Rank, loaded, engine, gpus: list[GPU],
             reply = {"result": None, "error": None}
             try:
                 if cmd["op"] == "generate":  # this rank brackets its own batch's energy: no extra round trip
-                    out, reply["energy"] = bracket_batch(gpus, len(cmd["batch"].prompts),
-                                                         lambda: engine.generate(cmd["batch"], pace=pace))
+                    n = len(cmd["batch"].prompts)
+                    batch = dataclasses.replace(cmd["batch"], stopped=agreed_stops(None, n, r.ctrl))
+                    out, reply["energy"] = bracket_batch(gpus, n, lambda: engine.generate(batch, pace=pace))
                     reply["result"] = out.tokens
                 elif cmd["op"] == "gpu" and cmd["target"] == r.rank:
                     reply["result"] = getattr(by_uuid[cmd["uuid"]], cmd["method"])(*cmd["args"])
@@ -234,7 +255,7 @@ class Controller:
 class ShardedEngine:
     """The Engine interface on rank 0: every rank runs the wrapped engine on the same batch in lockstep."""
 
-    lockstep = True  # every rank runs every step: a cancelled request's rows cannot stop early (batcher.py)
+    lockstep = True  # every rank runs every step; cancelled rows stop at the same step on all (``agreed_stops``)
 
     def __init__(self, inner, controller: Controller):
         self.inner, self.controller = inner, controller
@@ -249,9 +270,10 @@ class ShardedEngine:
         sampling = batch.sampling
         if sampling.seed is None:  # one seed for every rank: identical sampling, identical tokens
             sampling = dataclasses.replace(sampling, seed=random.getrandbits(63))
-        spec = dataclasses.replace(batch, sampling=sampling)
+        spec = dataclasses.replace(batch, sampling=sampling, stopped=None)  # (what crosses to the followers)
+        mine = dataclasses.replace(spec, stopped=agreed_stops(batch.stopped, len(spec.prompts), self.controller.r.ctrl))
         out, replies = self.controller.call(
-            "generate", batch=spec, local=lambda: self.inner.generate(spec, on_step=on_step, pace=pace))
+            "generate", batch=spec, local=lambda: self.inner.generate(mine, on_step=on_step, pace=pace))
         for rank, rep in enumerate(replies[1:], start=1):
             if rep["result"] != out.tokens:
                 raise Unavailable(f"rank {rank} generated other tokens than rank 0: the shards diverged; restart")

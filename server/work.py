@@ -72,8 +72,25 @@ class Work:
     # "CANCELLED" or "DEADLINE_EXCEEDED" once its call ended before its answer (``Batcher.cancel``): it
     # leaves the queue, and a running batch at its next decode step.
     cancelled: str | None = None
+    # When the server saw that (wall clock), and the step its rows had been checked at then (``stops_at``):
+    # the row's ``steps`` minus this is how many steps it ran after (<= 1: the step in flight).
+    cancelled_ns: int | None = None
+    cancelled_step: int | None = None
+    checked_step: int = 0
     ended: bool = False
     on_end: Callable[["Work"], None] | None = None  # the host's run bookkeeping (``runs.py``)
+
+    def stops_at(self, step: int) -> bool:
+        """Its rows' check at ``step`` (``BatchSpec.stopped``): has its call ended? The step is noted first and
+        ``cancel`` notes it second, so ``cancelled_step`` is never behind the step that sees the cancel."""
+        self.checked_step = step
+        return self.cancelled is not None
+
+    def cancel(self, status: str) -> None:
+        """Its call ended before its answer (CANCELLED or DEADLINE_EXCEEDED): noted with when and at which step."""
+        self.cancelled_ns = time.time_ns()
+        self.cancelled = status
+        self.cancelled_step = self.checked_step  # (after ``cancelled``: see ``stops_at``)
 
     def put_step(self, step: int, deltas: list[list[int]]) -> None:
         """A step's new tokens, stamped with the server clock now, for a streaming request (a unary one
@@ -102,11 +119,12 @@ class Work:
 
     def row(self, status: str, *, simulated: bool, error: str | None = None, batch_id: str | None = None,
             batch_start_ns: int | None = None, first_token_ns: int | None = None, done_ns: int | None = None,
-            output_tokens: int = 0, energy_j: float = 0.0) -> RequestRow:
+            output_tokens: int = 0, energy_j: float = 0.0, steps: int = 0) -> RequestRow:
         """Its ``requests`` row. Without ``batch_id``: a request that never reached a batch (running, refused,
         cancelled while queued, shut down)."""
         return RequestRow(request_id=self.request_id, run_id=self.run_id, batch_id=batch_id,
                           received_ns=self.received_ns, batch_start_ns=batch_start_ns, first_token_ns=first_token_ns,
                           done_ns=done_ns, n_prompts=len(self.prompts), prompt_tokens=sum(map(len, self.prompts)),
                           output_tokens=output_tokens, energy_j=energy_j, status=status, error=error,
-                          simulated=int(simulated))
+                          simulated=int(simulated), steps=steps, cancelled_ns=self.cancelled_ns,
+                          cancelled_step=self.cancelled_step)

@@ -16,6 +16,10 @@ from llmwatts.server.limits import MIN_TEMPERATURE
 StepCallback = Callable[[int, list[list[int]]], None]
 # called after each step with the wall seconds it took (the simulated GPU stretches it under a cap)
 PaceCallback = Callable[[float], None]
+# (step, rows still running) -> the rows among them whose request's call has ended (cancelled, past its
+# deadline): they finish at this step ("cancelled"). Called once per step (``SequenceTracker.step``; step 1
+# is the prefill's token), on every rank of a sharded engine (which agrees on rank 0's answer).
+StopCheck = Callable[[int, list[int]], "set[int] | list[int]"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,9 @@ class BatchSpec:
         from llmwatts.server.engine.sampling import row_keys
 
         return list(self.keys) if self.keys is not None else row_keys(self.sampling.seed, len(self.prompts))
-    # row -> its request's call has ended (cancelled, past its deadline): the row finishes at its next
-    # step ("cancelled"), so a static batch stops once every row is done and a continuous one frees it.
-    stopped: Callable[[int], bool] | None = field(default=None, compare=False)
+    # Rows whose request's call has ended finish at the step that sees it ("cancelled"), so a static
+    # batch stops once every row is done and a continuous one frees them (``StopCheck``).
+    stopped: StopCheck | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -52,6 +56,7 @@ class BatchOutput:
     finish_reasons: list[str]       # "length" or "eos"
     first_token_ns: int             # wall clock when the first step's tokens existed
     done_ns: list[int]              # wall clock when each sequence finished
+    steps: list[int] = field(default_factory=list)  # per sequence: the step it finished at (1: the prefill's)
 
 
 class Engine(Protocol):
@@ -71,6 +76,7 @@ class SequenceTracker:
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.done_ns = [0] * n
+        self.done_step = [0] * n
         self.steps = 0
         self.first_token_ns = 0
 
@@ -85,28 +91,32 @@ class SequenceTracker:
             self.first_token_ns = now
         self.steps += 1
         deltas = []
-        stopped = self.batch.stopped
+        if self.batch.stopped is not None:
+            for i in self.batch.stopped(self.steps, [i for i, f in enumerate(self.finish) if f is None]):
+                self._finish(i, "cancelled", now)
         for i, tok in enumerate(new_ids):
-            if self.finish[i] is None and stopped is not None and stopped(i):
-                self.finish[i], self.done_ns[i] = "cancelled", now
             if self.finish[i] is not None:
                 deltas.append([])
                 continue
             if self.eos is not None and tok == self.eos:
-                self.finish[i], self.done_ns[i] = "eos", now
+                self._finish(i, "eos", now)
                 deltas.append([])
                 continue
             self.tokens[i].append(tok)
             deltas.append([tok])
             if len(self.tokens[i]) >= self.batch.max_new_tokens[i]:
-                self.finish[i], self.done_ns[i] = "length", now
+                self._finish(i, "length", now)
         return deltas
+
+    def _finish(self, i: int, reason: str, now_ns: int) -> None:
+        self.finish[i], self.done_ns[i], self.done_step[i] = reason, now_ns, self.steps
 
     def output(self) -> BatchOutput:
         now = time.time_ns()
         reasons = [f or "length" for f in self.finish]
         done = [d or now for d in self.done_ns]
-        return BatchOutput(self.tokens, reasons, self.first_token_ns or now, done)
+        return BatchOutput(self.tokens, reasons, self.first_token_ns or now, done,
+                           [s or self.steps for s in self.done_step])
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -240,6 +240,32 @@ def test_an_expired_call_leaves_the_running_batch_at_its_next_step(tmp_path, mod
     assert_energy_accounted(db)
 
 
+@pytest.mark.parametrize("mode", [{}, {"continuous": True}])
+def test_a_cancelled_request_runs_at_most_the_step_in_flight_after_the_server_sees_it(tmp_path, mode):
+    """#16 acceptance "a cancelled request stops within one decode step": the server kept no record of when
+    it saw a cancel nor of the step a row left its batch at (the bench inferred ~7 steps from the client's
+    clock). Now the row says when the server saw it (``cancelled_ns``), the step its rows were at then
+    (``cancelled_step``) and the step it left at (``steps``): at most one more step, the one in flight."""
+    srv, port = start_server(tmp_path, **mode)
+    try:
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        call = stub.GenerateStream(req("cut", ["tell me everything"], max_new_tokens=2000, ignore_eos=True))
+        for chunk, _ in zip(call, range(3)):  # running: several steps delivered
+            pass
+        client_cancel_ns = time.time_ns()
+        call.cancel()
+        deadline = time.monotonic() + 30
+        while (row := db_of(srv)["requests"].get("cut"))["status"] == "running":
+            assert time.monotonic() < deadline, "the cancelled request never ended"
+            time.sleep(0.1)
+    finally:
+        srv.stop(1)
+    assert row["status"] == "CANCELLED" and row["cancelled_ns"] >= client_cancel_ns
+    assert row["cancelled_step"] >= 3 and 0 <= row["steps"] - row["cancelled_step"] <= 1, row
+    assert row["output_tokens"] in (row["steps"] - 1, row["steps"])  # (the step that saw it adds no token)
+    assert row["done_ns"] >= row["cancelled_ns"]
+
+
 def test_a_call_cancelled_while_queued_leaves_the_queue_at_once(tmp_path):
     """#16.4: a cancelled queued request stayed queued and then ran in full, recorded ok."""
     srv, port = start_server(tmp_path, queue_size=4)

@@ -45,9 +45,10 @@ def serve_cmd(d: Path, model: str = "tiny", engine: str = "eager") -> list[str]:
             "--engine", engine, "--allow-insecure-loopback-control"]
 
 
-def start_sharded(d: Path, shards: int, model: str = "tiny", engine: str = "eager") -> subprocess.Popen:
+def start_sharded(d: Path, shards: int, model: str = "tiny", engine: str = "eager", *flags: str) -> subprocess.Popen:
     d.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "llmwatts.cli", "serve", "--shards", str(shards), *serve_cmd(d, model, engine)]
+    cmd = [sys.executable, "-m", "llmwatts.cli", "serve", "--shards", str(shards), *serve_cmd(d, model, engine),
+           *flags]
     return subprocess.Popen(cmd, env=_env(), stdout=open(d / "log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -210,6 +211,49 @@ def test_two_shards_same_tokens_as_one_every_rank_reported_and_a_dead_follower_s
         j0, j1 = map(float, joules.split(","))
         assert ranks == "0,1" and j0 > 0 and 0.5 < j1 / j0 < 2, (ranks, joules)
     assert gpu_uuids == {u for r in lay["ranks"] for u in r["gpus"]}
+
+
+def test_cancelled_rows_stop_at_the_same_step_on_every_rank(tmp_path, reference):
+    """#16.4 on a sharded server: every rank must run the same steps, so a cancelled request's batch ran to
+    its end (2000 tokens for a gone client). Now rank 0 broadcasts each step's stop mask: a cancelled row
+    stops at the step in flight on every rank (the follower's tokens still equal rank 0's, or the batch
+    would fail as diverged), the others run on, and a batch of cancelled rows ends at once."""
+    d = tmp_path / "tp2-cancel"
+    proc = start_sharded(d, 2, "tiny", "eager", "--merge-requests", "--batch-wait-ms", "500")
+    try:
+        target = wait_port(d, [proc])
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+
+            def call(rid, max_new, timeout):
+                return stub.Generate.future(pb.GenerateRequest(
+                    request_id=rid, run_id="cancel", prompts=["tell me everything"], max_new_tokens=max_new,
+                    ignore_eos=True), timeout=timeout)
+
+            keep, cut = call("keep", 120, 300), call("cut", 2000, 3)  # one merged batch
+            assert len(keep.result().completions[0].text) > 0  # ran on after cut's rows stopped
+            with pytest.raises(grpc.RpcError) as e:
+                cut.result()
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            with pytest.raises(grpc.RpcError):  # a batch of nothing but cancelled rows ends at once
+                call("alone", 2000, 3).result()
+        t0 = time.monotonic()
+        assert generate(target) == reference["greedy"]  # the ranks are still in step
+        assert time.monotonic() - t0 < 60
+        assert health(target) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop([proc])
+    with sqlite3.connect(d / "server.db") as conn:
+        conn.row_factory = sqlite3.Row
+        rows = {r["request_id"]: dict(r) for r in conn.execute("select * from requests")}
+    assert rows["keep"]["status"] == "ok" and rows["keep"]["output_tokens"] == 120
+    assert rows["keep"]["batch_id"] == rows["cut"]["batch_id"]
+    for rid in ("cut", "alone"):
+        row = rows[rid]
+        # (the client's deadline passes first: its cancel may reach the server before the server's own timer)
+        assert row["status"] in ("DEADLINE_EXCEEDED", "CANCELLED") and row["output_tokens"] < 2000, row
+        assert 0 <= row["steps"] - row["cancelled_step"] <= 1, row
+        print(rid, {k: row[k] for k in ("status", "output_tokens", "steps", "cancelled_step")})
 
 
 @pytest.mark.parametrize("shards", [4, 8])
