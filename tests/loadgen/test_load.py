@@ -87,7 +87,10 @@ def test_unary_and_streaming_runs_record_every_request_exactly_once(server, tmp_
 
 
 def test_distributed_master_and_worker_write_each_row_once(server, tmp_path):
-    target, _ = server
+    """Also #16.3 in distributed mode (untested before): the run's secret from the master's BeginRun reaches
+    the worker with the spawn message, so the server accepts the worker's requests under the run, and the
+    master's EndRun (with the secret) closes the run's window after its last request."""
+    target, server_db = server
     port, db = free_port(), tmp_path / "master.db"
     master = subprocess.Popen(
         [*LLMWATTS, "load", "--master", "--expect-workers", "1", "--master-bind-host", "127.0.0.1",
@@ -113,6 +116,15 @@ def test_distributed_master_and_worker_write_each_row_once(server, tmp_path):
     assert all(r["clock_offset_ns"] is not None for r in rows)
     (worker_name,) = {r["worker"] for r in rows}  # written by the master, made by the worker
     assert worker_name != "" and sqlite_utils.Database(db)["client_runs"].get("dist-run")["users"] == 3
+    # The server's side: the worker's requests were accepted under the owned run (a request naming a begun
+    # run without its secret is PERMISSION_DENIED), and EndRun carried the secret and closed the window.
+    assert server_request_ids(server_db, "dist-run", 9) == {r["request_id"] for r in rows}
+    sdb = sqlite_utils.Database(server_db)
+    assert {r["status"] for r in sdb.query("select status from requests where run_id = 'dist-run'")} == {"ok"}
+    (window,) = sdb.query("select w.end_ns, w.pending_at_end, w.window_ok, r.secret_sha256 from run_windows w "
+                          "join runs r using (run_id) where run_id = 'dist-run'")
+    assert window["secret_sha256"] and window["end_ns"] is not None and window["window_ok"] == 1, window
+    assert "EndRun" not in err and "PERMISSION_DENIED" not in err + worker_err
 
 
 def test_locustfile_runs_headless_with_llm_options(server, tmp_path):
