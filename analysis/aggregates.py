@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import sqlite_utils
 
+from llmwatts.analysis import samples
 from llmwatts.stats import percentiles
 
 PCTS = (50, 90, 95, 99)
@@ -138,18 +139,13 @@ def refresh_idle_power(db: sqlite_utils.Database) -> None:
           AND i.power_mw IS NOT NULL
     """).fetchall()
     measured = {(r[0], r[1]) for r in rows}
-    first_begin = db.execute("SELECT server_id, min(begin_ns) FROM runs GROUP BY server_id").fetchall()
-    for server_id, begin_ns in first_begin:
-        for gpu_key, gpu_uuid in db.execute("SELECT gpu_key, gpu_uuid FROM telemetry_gpus WHERE server_id = ?",
-                                            [server_id]).fetchall():
-            if (server_id, gpu_uuid) in measured:
-                continue
-            mean_mw, n = db.execute(
-                "SELECT avg(power_mw), count(power_mw) FROM telemetry_samples WHERE gpu_key = ? "
-                "AND ts_ns >= ? AND ts_ns < ?", [gpu_key, begin_ns - IDLE_LOOKBACK_NS, begin_ns]
-            ).fetchone()
-            if n:
-                rows.append((server_id, gpu_uuid, mean_mw, n, "telemetry before first run"))
+    ranges = {}
+    for server_id, begin_ns in db.execute("SELECT server_id, min(begin_ns) FROM runs GROUP BY server_id").fetchall():
+        for (gpu_uuid,) in db.execute("SELECT gpu_uuid FROM telemetry_gpus WHERE server_id = ?", [server_id]):
+            if (server_id, gpu_uuid) not in measured and begin_ns is not None:
+                ranges[(server_id, gpu_uuid)] = (begin_ns - IDLE_LOOKBACK_NS, begin_ns)
+    for (server_id, gpu_uuid), (mean_mw, n) in samples.mean_powers(db, ranges).items():
+        rows.append((server_id, gpu_uuid, mean_mw, n, "telemetry before first run"))
     with db.conn:
         db.execute("DELETE FROM study_idle_power")
         db.conn.executemany("INSERT INTO study_idle_power VALUES (?, ?, ?, ?, ?)", rows)
@@ -183,7 +179,7 @@ def refresh_steady(db: sqlite_utils.Database, fetched=None) -> None:
     targets = dict(db.execute("SELECT run_id, sum(users) FROM client_runs GROUP BY run_id").fetchall())
     runs, arrays, base_ns = fetched or fetch_requests(db)
     arrays = _subset(arrays, arrays["has_server"] == 1)
-    rows = []
+    spans = {}
     for code, idx in _groups(arrays["_code"]):
         run_id = runs[code]
         received, done = arrays["received_ns"][idx], arrays["done_ns"][idx]
@@ -191,10 +187,12 @@ def refresh_steady(db: sqlite_utils.Database, fetched=None) -> None:
         span = steady_span(received, done, target)
         if span is None:
             continue
-        begin_ns, end_ns = span[0] + base_ns, span[1] + base_ns
         inside = (done >= span[0]) & (done <= span[1]) & (arrays["ok"][idx] == 1)
-        tokens = int(np.nansum(arrays["output_tokens"][idx][inside]))
-        rows.append((run_id, float(target), begin_ns, end_ns, _span_energy_j(db, run_id, begin_ns, end_ns), tokens))
+        spans[run_id] = (float(target), span[0] + base_ns, span[1] + base_ns,
+                         int(np.nansum(arrays["output_tokens"][idx][inside])))
+    energies = _span_energies(db, spans)
+    rows = [(run_id, target, begin_ns, end_ns, energies.get(run_id), tokens)
+            for run_id, (target, begin_ns, end_ns, tokens) in spans.items()]
     with db.conn:
         db.execute("DELETE FROM run_steady")
         db.conn.executemany("INSERT INTO run_steady VALUES (?, ?, ?, ?, ?, ?)", rows)
@@ -208,24 +206,22 @@ def _max_in_flight(received: np.ndarray, done: np.ndarray) -> float:
     return float(np.cumsum(steps[order]).max()) if times.size else 0.0
 
 
-def _span_energy_j(db: sqlite_utils.Database, run_id: str, begin_ns: int, end_ns: int) -> float | None:
-    """Σ over the run's servers' GPUs of the energy counter's rise between the first and the last sample
-    inside [begin_ns, end_ns] (server clock), J."""
-    total, seen = 0.0, False
-    for (gpu_key,) in db.execute(
-            "SELECT g.gpu_key FROM runs w JOIN telemetry_gpus g ON g.server_id = w.server_id "
-            "WHERE w.run_id = ?", [run_id]).fetchall():
-        bounds = []
-        for direction in ("ASC", "DESC"):
-            row = db.execute(
-                "SELECT energy_mj FROM telemetry_samples WHERE gpu_key = ? AND ts_ns BETWEEN ? AND ? "
-                f"AND energy_mj IS NOT NULL ORDER BY ts_ns {direction} LIMIT 1",
-                [gpu_key, begin_ns, end_ns]).fetchone()
-            bounds.append(row[0] if row else None)
-        if None not in bounds:
-            total += (bounds[1] - bounds[0]) / 1000
-            seen = True
-    return total if seen else None
+def _span_energies(db: sqlite_utils.Database, spans: dict) -> dict[str, float | None]:
+    """Per run, Σ over its servers' GPUs of the energy counter's rise between the first and the last sample
+    inside the steady span (server clock), J (samples.span_energies). A span unchanged since the last refresh
+    keeps its energy (the server DB may be gone by then)."""
+    known = {(r[0], r[1], r[2]): r[3] for r in db.execute("SELECT run_id, begin_ns, end_ns, energy_j FROM run_steady")}
+    out, todo = {}, {}
+    for run_id, (_, begin_ns, end_ns, _) in spans.items():
+        if (run_id, begin_ns, end_ns) in known:
+            out[run_id] = known[(run_id, begin_ns, end_ns)]
+            continue
+        for (server_id,) in db.execute("SELECT DISTINCT server_id FROM runs WHERE run_id = ?", [run_id]):
+            todo[(run_id, server_id)] = (server_id, begin_ns, end_ns)
+    for (run_id, _), energy_j in samples.span_energies(db, todo).items():
+        if energy_j is not None:
+            out[run_id] = (out.get(run_id) or 0.0) + energy_j
+    return out
 
 
 def refresh(db: sqlite_utils.Database) -> None:

@@ -20,9 +20,8 @@ server-side tables are keyed with ``server_id``. Added columns:
   ``clock_offset_ns`` (server − client, measured by the worker that sent it) or, in client DBs that lack it,
   the same file's ``client_runs`` offset for that run; and that run's ``started_ns``.
 
-Telemetry goes into a compact layout (samples.py; the ``telemetry`` view shows the server DB's shape) and
-is incremental by a per-GPU watermark: a re-ingest reads only samples newer than the study's newest for
-the source's GPUs, through the server DB's ``ts_ns`` index.
+Telemetry is not copied sample by sample: it is aggregated at ingest into one-second buckets and exact
+per-run-window aggregates (samples.py), incrementally from the study's newest sample of the source's GPUs.
 """
 
 from __future__ import annotations
@@ -282,8 +281,9 @@ def _select_expressions(table: str, names: list[str]) -> dict[str, str]:
 
 def _copy_table(db: sqlite_utils.Database, path: Path, table: str, pk: tuple[str, ...]) -> int:
     """``INSERT … SELECT`` the attached source's ``table`` into the study DB, upserting on ``pk``."""
-    if table == "telemetry":
-        return samples.copy(db)
+    if table == "telemetry":  # the buckets are in (ingest_file); the run windows need the runs just copied
+        samples.windows(db, "src", db._telemetry_since_ns)
+        return db._telemetry_new_samples
     columns = _columns(db.conn, table, "src")
     _ensure_table(db, table, columns, pk)
     exprs = _select_expressions(table, [c for c, _ in columns])
@@ -347,10 +347,12 @@ def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -
         return result
     views.drop_triggers(db)
     db.conn.commit()
+    db.execute(f"PRAGMA cache_size = -{CACHE_MIB * 1024}")
+    db.execute("PRAGMA synchronous = NORMAL")  # WAL: safe from corruption; the sources stay the truth
+    if "telemetry" in tables:  # before the attach: DuckDB may read the file meanwhile (samples.py)
+        db._telemetry_new_samples, db._telemetry_since_ns = samples.copy(db, path)
     _attach(db, path)
     try:
-        db.execute(f"PRAGMA cache_size = -{CACHE_MIB * 1024}")
-        db.execute("PRAGMA synchronous = NORMAL")  # WAL: safe from corruption; the sources stay the truth
         with db.conn:
             for table, pk in spec.items():
                 if table in tables:

@@ -139,14 +139,3 @@ def _merge(client: dict, server: dict) -> dict:
     received_ns = server.get("received_ns")
     merged["uplink_ms"] = None if send_ns is None or received_ns is None else (received_ns - send_ns) / 1e6
     return merged
-
-
-def telemetry_in_window(db: sqlite_utils.Database, window: RunWindow) -> list[dict]:
-    """Telemetry rows of the window's server with ``begin_ns <= ts_ns <= end_ns`` (server clock)."""
-    if not has_table(db, "telemetry") or window.end_ns is None:
-        return []
-    return _rows(
-        db,
-        "SELECT * FROM telemetry WHERE server_id = ? AND ts_ns BETWEEN ? AND ? ORDER BY gpu_uuid, ts_ns",
-        [window.server_id, window.begin_ns, window.end_ns],
-    )

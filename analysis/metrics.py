@@ -291,10 +291,8 @@ def _one_dict(db, sql, params) -> dict | None:
 def _cap_mode_w(db, run_id: str) -> float | None:
     """The most common telemetry cap over the run's window samples (all GPUs), W."""
     row = _one(db, """
-        SELECT t.cap_mw FROM runs w JOIN telemetry_gpus g ON g.server_id = w.server_id
-        JOIN telemetry_samples t ON t.gpu_key = g.gpu_key AND t.ts_ns BETWEEN w.begin_ns AND w.end_ns
-        WHERE w.run_id = ? AND t.cap_mw IS NOT NULL GROUP BY t.cap_mw ORDER BY count(*) DESC, min(t.ts_ns)
-        LIMIT 1""", [run_id])
+        SELECT c.cap_mw FROM runs w JOIN run_cap_counts c ON c.server_id = w.server_id AND c.run_id = w.run_id
+        WHERE w.run_id = ? GROUP BY c.cap_mw ORDER BY sum(c.samples) DESC, min(c.first_ts_ns) LIMIT 1""", [run_id])
     return row[0] / 1000 if row else None
 
 

@@ -22,7 +22,7 @@ import rich.box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from llmwatts.analysis import metrics, views  # noqa: E402
+from llmwatts.analysis import metrics, samples, views  # noqa: E402
 from llmwatts.analysis.ingest import open_study_db  # noqa: E402
 from llmwatts.console import console as llmwatts_console  # noqa: E402
 from llmwatts.errors import FailedPrecondition, InvalidArgument  # noqa: E402
@@ -161,22 +161,10 @@ def _plot_tradeoff(points: list[metrics.TradeoffPoint], path: Path, simulated: b
     return _save(fig, ax, path)
 
 
-def power_series(db, gpu_key: int, t0_ns: int, t1_ns: int, points: int = MAX_POINTS_PER_GPU):
-    """One GPU's power timeline downsampled in SQL to at most ``points`` equal time buckets over
-    [t0_ns, t1_ns]: per bucket its midpoint (s since t0_ns) and the mean, min and max of ``power_mw`` (W).
-    One scan of the GPU's key range; the metrics read every sample, only the plot is downsampled."""
-    bucket_ns = max(1, -(-(t1_ns - t0_ns + 1) // points))
-    rows = db.execute(
-        "SELECT (ts_ns - ?) / ? AS b, avg(power_mw), min(power_mw), max(power_mw) FROM telemetry_samples "
-        "WHERE gpu_key = ? AND power_mw IS NOT NULL GROUP BY b ORDER BY b", [t0_ns, bucket_ns, gpu_key]).fetchall()
-    return ([(r[0] + 0.5) * bucket_ns / 1e9 for r in rows], [r[1] / 1000 for r in rows],
-            [r[2] / 1000 for r in rows], [r[3] / 1000 for r in rows])
-
-
 def _plot_power_timeline(db, path: Path):
     servers = [r[0] for r in db.execute(
         "SELECT DISTINCT g.server_id FROM telemetry_gpus g "
-        "WHERE EXISTS (SELECT 1 FROM telemetry_samples s WHERE s.gpu_key = g.gpu_key) ORDER BY g.server_id")]
+        "WHERE EXISTS (SELECT 1 FROM telemetry_buckets s WHERE s.gpu_key = g.gpu_key) ORDER BY g.server_id")]
     if not servers:
         return None
     fig, axes = plt.subplots(len(servers), 1, figsize=(9, 3.2 * len(servers)), squeeze=False)
@@ -186,10 +174,10 @@ def _plot_power_timeline(db, path: Path):
         keys = [k for k, _ in gpus]
         marks = ",".join("?" * len(keys))
         t0_ns, t1_ns, server_simulated = db.execute(
-            f"SELECT min(ts_ns), max(ts_ns), max(simulated) FROM telemetry_samples WHERE gpu_key IN ({marks})",
+            f"SELECT min(ts_min), max(ts_max), max(simulated) FROM telemetry_buckets WHERE gpu_key IN ({marks})",
             keys).fetchone()
         for gpu_key, gpu_uuid in gpus:
-            x, mean_w, min_w, max_w = power_series(db, gpu_key, t0_ns, t1_ns)
+            x, mean_w, min_w, max_w = samples.power_series(db, gpu_key, t0_ns, t1_ns, MAX_POINTS_PER_GPU)
             line, = ax.plot(x, mean_w, lw=1, label=gpu_uuid)
             ax.fill_between(x, min_w, max_w, color=line.get_color(), alpha=0.15, lw=0)
         for run_id, begin_ns, end_ns in db.execute(

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
+from llmwatts.analysis import samples  # noqa: E402
 from llmwatts.analysis.report_data import SETTING_KEYS, Group, _num  # noqa: E402
 
 MAX_TIMELINES = 24
@@ -126,15 +127,11 @@ def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
             continue
         server_id, begin_ns, end_ns = window
         lo, hi = begin_ns - 1_000_000_000, end_ns + 1_000_000_000
-        gpus = db.execute("SELECT DISTINCT gpu_uuid FROM telemetry_gpus WHERE server_id = ? ORDER BY gpu_uuid",
+        gpus = db.execute("SELECT gpu_key, gpu_uuid FROM telemetry_gpus WHERE server_id = ? ORDER BY gpu_uuid",
                           [server_id]).fetchall() if db["telemetry_gpus"].exists() else []
-        for (gpu_uuid,) in gpus:
-            pts = db.execute("SELECT ts_ns, power_mw FROM telemetry WHERE server_id = ? AND gpu_uuid = ? AND ts_ns "
-                             "BETWEEN ? AND ? AND power_mw IS NOT NULL ORDER BY ts_ns",
-                             [server_id, gpu_uuid, lo, hi]).fetchall()
-            step = max(1, len(pts) // MAX_POINTS_PER_GPU)
-            pts = pts[::step]
-            ax.plot([(t - begin_ns) / 1e9 for t, _ in pts], [p / 1000 for _, p in pts], lw=1,
+        for gpu_key, gpu_uuid in gpus:  # one-second buckets' mean power (samples.py), merged to <= the cap
+            x, mean_w, _, _ = samples.power_series(db, gpu_key, lo, hi, MAX_POINTS_PER_GPU)
+            ax.plot([v + (lo - begin_ns) / 1e9 for v in x], mean_w, lw=1,
                     label=f"GPU {gpu_uuid[-6:]}" if len(gpus) > 1 else None)
         ax.axvline(0, color="black", lw=0.8)
         ax.axvline((end_ns - begin_ns) / 1e9, color="black", lw=0.8)

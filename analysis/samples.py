@@ -1,111 +1,365 @@
-"""Telemetry in the study DB, stored compactly: a study's millions of samples are most of its bytes.
+"""Telemetry in the study DB: aggregated at ingest, never copied sample by sample (issue 21).
+
+A study's millions of samples were most of an ingest's time and of the study DB's bytes. The study DB keeps:
 
 - ``telemetry_gpus``: one row per (server_id, gpu_uuid) with a small integer ``gpu_key`` (and node, rank);
-- ``telemetry_samples``: the samples, keyed (gpu_key, ts_ns) in a ``WITHOUT ROWID`` table, so the key is
-  the table (no second B-tree) and a run window of one GPU is one range of it;
-- ``telemetry`` (a view): the server DB's shape again (server_id, ts_ns, gpu_uuid, node, rank, …) for
-  ``sqlite-utils query`` and Datasette.
+- ``telemetry_buckets``: per GPU and 5 s (``bucket = ts_ns // BUCKET_NS``), the count, sum, min and max
+  of every sample column (power, energy counter, SM %, memory %, memory used, cap). This is the power
+  timeline the report plots (downsampling method: every sample of the 5 s, mean with min–max band) and
+  the interior of every run window's aggregates;
+- ``run_gpu_windows``: per (server, run, GPU) the window aggregates the ``run_gpu_telemetry`` view shows,
+  computed at ingest **exactly** by a range join: the window's whole buckets from ``telemetry_buckets``,
+  its two partial buckets from the server DB's own samples (``ts_ns`` index), the first and last energy
+  counter reading by index lookups. ``run_cap_counts`` holds per-cap sample counts for windows whose cap
+  changed (the report's most common cap);
+- ``telemetry_timeline`` (a view): the buckets with server id, GPU uuid and mean power in W.
 
-A sample row then carries no repeated text (server id, GPU uuid, node), about half the bytes of the
-server DB's row; copying 10M of them is the largest single cost of an ingest (docs/performance.md).
+Numbers that need single samples at times known only later (the steady-state span's energy, idle power
+before a server's first run) are read from the server DB files themselves (``raw_sources``: the ingested
+files still on disk, attached read-only); without them, from the buckets wholly inside the span.
+
+Incremental: a re-ingest re-aggregates only the buckets from ``MARGIN_NS`` before the study's newest sample
+of the source's GPUs (samples reach a server DB in buffered batches) and the windows ending after that.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
 
 import sqlite_utils
 
 from llmwatts.errors import InvalidArgument
 
-KEY_COLUMNS = ("server_id", "gpu_uuid", "node", "rank")
-BASE_SAMPLE_COLUMNS = {"power_mw": "INTEGER", "energy_mj": "INTEGER", "sm_pct": "REAL", "mem_pct": "REAL",
-                       "mem_used_bytes": "INTEGER", "cap_mw": "INTEGER", "simulated": "INTEGER"}
-TELEMETRY_VIEW = """
-CREATE VIEW telemetry AS
-SELECT g.server_id AS server_id, g.gpu_uuid AS gpu_uuid, g.node AS node, g.rank AS rank, s.*
-FROM telemetry_samples s JOIN telemetry_gpus g ON g.gpu_key = s.gpu_key
+BUCKET_NS = 5_000_000_000
+MARGIN_NS = 60_000_000_000
+SAMPLE_COLUMNS = ("power_mw", "energy_mj", "sm_pct", "mem_pct", "mem_used_bytes", "cap_mw", "simulated")
+# bucket column -> aggregate over source samples; and how buckets (or partial sets) combine again.
+AGGREGATES = {
+    "samples": ("count(*)", "sum"), "ts_min": ("min(ts_ns)", "min"), "ts_max": ("max(ts_ns)", "max"),
+    "power_n": ("count(power_mw)", "sum"), "power_sum": ("sum(power_mw)", "sum"),
+    "power_min": ("min(power_mw)", "min"), "power_max": ("max(power_mw)", "max"),
+    "energy_min_mj": ("min(energy_mj)", "min"), "energy_max_mj": ("max(energy_mj)", "max"),
+    "sm_n": ("count(sm_pct)", "sum"), "sm_sum": ("sum(sm_pct)", "sum"),
+    "mem_n": ("count(mem_pct)", "sum"), "mem_sum": ("sum(mem_pct)", "sum"),
+    "mem_used_max": ("max(mem_used_bytes)", "max"), "cap_min": ("min(cap_mw)", "min"),
+    "cap_max": ("max(cap_mw)", "max"), "simulated": ("max(simulated)", "max"),
+}
+TIMELINE_VIEW = """
+CREATE VIEW telemetry_timeline AS
+SELECT g.server_id AS server_id, g.gpu_uuid AS gpu_uuid, b.bucket * 5000000000 AS bucket_ns, b.samples AS samples,
+  b.power_sum / 1000.0 / nullif(b.power_n, 0) AS power_mean_w, b.power_min / 1000.0 AS power_min_w,
+  b.power_max / 1000.0 AS power_max_w, b.sm_sum / nullif(b.sm_n, 0) AS sm_pct_mean,
+  b.mem_sum / nullif(b.mem_n, 0) AS mem_pct_mean, b.cap_min / 1000.0 AS cap_min_w, b.simulated AS simulated
+FROM telemetry_buckets b JOIN telemetry_gpus g ON g.gpu_key = b.gpu_key
 """
+WINDOW_COLUMNS = ("samples", "first_energy_mj", "last_energy_mj", "sm_pct_sum", "sm_pct_n", "mem_pct_sum",
+                  "mem_pct_n", "mem_used_max", "cap_mw_min", "cap_mw_max", "simulated")
 
 
 def ensure_tables(db: sqlite_utils.Database) -> None:
-    """Create the two tables and the view; move an older study DB's ``telemetry`` table into them."""
+    """Create the tables and the view; drop an older study DB's raw-sample tables (re-ingest its sources)."""
     db.execute("CREATE TABLE IF NOT EXISTS telemetry_gpus (gpu_key INTEGER PRIMARY KEY, server_id TEXT NOT NULL, "
                "gpu_uuid TEXT NOT NULL, node TEXT, rank INTEGER, UNIQUE (server_id, gpu_uuid))")
-    columns = ", ".join(f"[{c}] {d}" for c, d in BASE_SAMPLE_COLUMNS.items())
-    db.execute(f"CREATE TABLE IF NOT EXISTS telemetry_samples (gpu_key INTEGER NOT NULL, ts_ns INTEGER NOT NULL, "
-               f"{columns}, PRIMARY KEY (gpu_key, ts_ns)) WITHOUT ROWID")
-    kind = db.execute("SELECT type FROM sqlite_master WHERE name = 'telemetry'").fetchone()
-    if kind and kind[0] == "table":  # a study DB from before the compact layout
-        db.execute("ALTER TABLE telemetry RENAME TO telemetry_rows_v1")
-        copy(db, "main", "telemetry_rows_v1")
-        db.execute("DROP TABLE telemetry_rows_v1")
-    if not kind or kind[0] == "table":
-        db.execute(TELEMETRY_VIEW.strip())
+    columns = ", ".join(f"[{c}] {'REAL' if c in ('sm_sum', 'mem_sum') else 'INTEGER'}" for c in AGGREGATES)
+    db.execute(f"CREATE TABLE IF NOT EXISTS telemetry_buckets (gpu_key INTEGER NOT NULL, bucket INTEGER NOT NULL, "
+               f"{columns}, PRIMARY KEY (gpu_key, bucket)) WITHOUT ROWID")
+    window = ", ".join(f"[{c}] {'REAL' if c.endswith('_sum') else 'INTEGER'}" for c in WINDOW_COLUMNS)
+    db.execute(f"CREATE TABLE IF NOT EXISTS run_gpu_windows (server_id TEXT NOT NULL, run_id TEXT NOT NULL, "
+               f"gpu_uuid TEXT NOT NULL, begin_ns INTEGER, end_ns INTEGER, {window}, "
+               "PRIMARY KEY (server_id, run_id, gpu_uuid))")
+    db.execute("CREATE TABLE IF NOT EXISTS run_cap_counts (server_id TEXT NOT NULL, run_id TEXT NOT NULL, "
+               "cap_mw INTEGER NOT NULL, samples INTEGER, first_ts_ns INTEGER, PRIMARY KEY (server_id, run_id, cap_mw))")
+    kind = dict(db.execute("SELECT name, type FROM sqlite_master WHERE name IN ('telemetry', 'telemetry_samples')"))
+    if kind.get("telemetry") == "view":
+        db.execute("DROP VIEW telemetry")
+    if kind.get("telemetry_samples") == "table" or kind.get("telemetry") == "table":
+        raise InvalidArgument("this study DB holds raw telemetry from an older llmwatts; build a new study DB "
+                              "from the same server and client DBs")
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'telemetry_timeline'").fetchone():
+        db.execute(TIMELINE_VIEW.strip())
 
 
-def _columns(db: sqlite_utils.Database, schema: str, table: str) -> list[tuple[str, str]]:
-    return [(r[1], (r[2] or "").upper()) for r in db.execute(f"PRAGMA [{schema}].table_info([{table}])")]
-
-
-def _newest_bound_ns(db: sqlite_utils.Database, schema: str) -> int | None:
-    """The oldest of the study's newest samples over the source's GPUs: only later samples can be new.
-    None (no bound) when a source GPU has no sample in the study yet."""
-    newest = []
-    for (key,) in db.execute(
-            f"SELECT g.gpu_key FROM [{schema}].gpus s LEFT JOIN telemetry_gpus g "
-            "ON g.server_id = s.server_id AND g.gpu_uuid = s.gpu_uuid").fetchall():
-        if key is None:
-            return None
-        newest.append(db.execute("SELECT max(ts_ns) FROM telemetry_samples WHERE gpu_key = ?", [key]).fetchone()[0])
-    if not newest or any(ts is None for ts in newest):
-        return None
-    return int(min(newest))
-
-
-def copy(db: sqlite_utils.Database, schema: str = "src", table: str = "telemetry") -> int:
-    """Copy ``schema.table`` (the server DB's telemetry layout) into the compact tables; returns rows added.
-
-    Incremental: samples at or before the study's newest sample of every source GPU are not read (the
-    source's ``ts_ns`` index bounds the scan); any older one met anyway is skipped by the key (samples
-    never change once written)."""
-    source = _columns(db, schema, table)
-    names = [c for c, _ in source]
-    have = {c for c, _ in _columns(db, "main", "telemetry_samples")}
-    for name, decl in source:
-        if name not in have and name not in KEY_COLUMNS:
-            db.execute(f"ALTER TABLE telemetry_samples ADD COLUMN [{name}] {decl}".rstrip())
-    gpu_source = f"[{schema}].gpus" if schema != "main" and _has(db, schema, "gpus") else None
-    node = "node" if "node" in names else "NULL"
-    rank = "rank" if "rank" in names else "NULL"
-    if gpu_source:
-        gpu_names = {c for c, _ in _columns(db, schema, "gpus")}
-        db.execute(f"INSERT OR IGNORE INTO telemetry_gpus (server_id, gpu_uuid, node, rank) "
-                   f"SELECT server_id, gpu_uuid, {'node' if 'node' in gpu_names else 'NULL'}, "
-                   f"{'rank' if 'rank' in gpu_names else 'NULL'} FROM {gpu_source}")
-    else:  # an old study DB's table, or a server DB without gpus: the distinct GPUs of the samples
-        db.execute(f"INSERT OR IGNORE INTO telemetry_gpus (server_id, gpu_uuid, node, rank) "
-                   f"SELECT server_id, gpu_uuid, min({node}), min({rank}) FROM [{schema}].[{table}] "
-                   "GROUP BY server_id, gpu_uuid")
-    bound = _newest_bound_ns(db, schema) if gpu_source else None
-    values = [c for c in names if c not in KEY_COLUMNS]
-    before = db.conn.total_changes
-    try:
-        db.execute(
-            f"INSERT INTO telemetry_samples (gpu_key, {', '.join(f'[{c}]' for c in values)}) "
-            f"SELECT g.gpu_key, {', '.join(f's.[{c}]' for c in values)} FROM [{schema}].[{table}] s "
-            "LEFT JOIN telemetry_gpus g ON g.server_id = s.server_id AND g.gpu_uuid = s.gpu_uuid "
-            f"WHERE {'s.ts_ns > ' + str(bound) if bound is not None else 'true'} ON CONFLICT DO NOTHING"
-        )
-    except sqlite3.IntegrityError as e:  # a sample of a GPU its server never registered in gpus
-        missing = db.execute(
-            f"SELECT DISTINCT s.server_id, s.gpu_uuid FROM [{schema}].[{table}] s LEFT JOIN telemetry_gpus g "
-            "ON g.server_id = s.server_id AND g.gpu_uuid = s.gpu_uuid WHERE g.gpu_key IS NULL LIMIT 3").fetchall()
-        raise InvalidArgument(f"telemetry of GPU(s) {missing} that the server DB's gpus table lacks; "
-                              "is the server DB from a different llmwatts version?") from e
-    return db.conn.total_changes - before
+def _columns(db: sqlite_utils.Database, schema: str, table: str) -> list[str]:
+    return [r[1] for r in db.execute(f"PRAGMA [{schema}].table_info([{table}])")]
 
 
 def _has(db: sqlite_utils.Database, schema: str, table: str) -> bool:
     return db.execute(f"SELECT 1 FROM [{schema}].sqlite_master WHERE type = 'table' AND name = ?",
                       [table]).fetchone() is not None
+
+
+def _aggregates(names: set[str]) -> str:
+    """The bucket aggregates over source rows, NULL for a column the source lacks."""
+    def expr(sql: str) -> str:
+        column = sql[sql.index("(") + 1:-1]
+        return sql if column in names | {"*", "ts_ns"} else "NULL"
+    return ", ".join(f"{expr(sql)} AS {c}" for c, (sql, _) in AGGREGATES.items())
+
+
+def _register_gpus(db: sqlite_utils.Database, schema: str, names: set[str]) -> None:
+    if _has(db, schema, "gpus"):
+        gpu_names = set(_columns(db, schema, "gpus"))
+        db.execute(f"INSERT OR IGNORE INTO telemetry_gpus (server_id, gpu_uuid, node, rank) "
+                   f"SELECT server_id, gpu_uuid, {'node' if 'node' in gpu_names else 'NULL'}, "
+                   f"{'rank' if 'rank' in gpu_names else 'NULL'} FROM [{schema}].gpus")
+        return
+    db.execute(f"INSERT OR IGNORE INTO telemetry_gpus (server_id, gpu_uuid, node, rank) "
+               f"SELECT server_id, gpu_uuid, {'min(node)' if 'node' in names else 'NULL'}, "
+               f"{'min(rank)' if 'rank' in names else 'NULL'} FROM [{schema}].telemetry GROUP BY server_id, gpu_uuid")
+
+
+def _low_bucket(db: sqlite_utils.Database, schema: str) -> int | None:
+    """First bucket to (re)aggregate: ``MARGIN_NS`` before the oldest of the study's newest samples over the
+    source's GPUs; None (everything) when a source GPU has no bucket yet."""
+    table = "gpus" if _has(db, schema, "gpus") else "telemetry"
+    newest = []
+    for (key,) in db.execute(f"SELECT DISTINCT g.gpu_key FROM [{schema}].[{table}] s LEFT JOIN telemetry_gpus g "
+                             "ON g.server_id = s.server_id AND g.gpu_uuid = s.gpu_uuid").fetchall():
+        ts = None if key is None else db.execute(
+            "SELECT ts_max FROM telemetry_buckets WHERE gpu_key = ? ORDER BY bucket DESC LIMIT 1", [key]).fetchone()
+        if ts is None:
+            return None
+        newest.append(ts[0])
+    return (min(newest) - MARGIN_NS) // BUCKET_NS if newest else None
+
+
+def copy(db: sqlite_utils.Database, path: Path) -> tuple[int, int | None]:
+    """Aggregate the server DB's telemetry into buckets (no transaction open, the file not attached: DuckDB,
+    which links its own SQLite, must never share an open file with this process's SQLite). Returns the
+    samples new to the study (after its newest, margin aside) and the time from which ``windows`` must
+    recompute run windows, None for all."""
+    db.execute("ATTACH DATABASE ? AS tsrc", [f"file:{Path(path).resolve()}?mode=ro"])
+    try:
+        names = set(_columns(db, "tsrc", "telemetry"))
+        _register_gpus(db, "tsrc", names)
+        low = _low_bucket(db, "tsrc")
+        table = "gpus" if _has(db, "tsrc", "gpus") else "telemetry"
+        keys = [r[0] for r in db.execute(
+            f"SELECT DISTINCT g.gpu_key FROM telemetry_gpus g JOIN [tsrc].[{table}] s "
+            "ON g.server_id = s.server_id AND g.gpu_uuid = s.gpu_uuid")]
+        db.conn.commit()
+    finally:
+        db.execute("DETACH DATABASE tsrc")
+    marks = f"gpu_key IN ({', '.join(map(str, keys)) or 'NULL'}) {'' if low is None else f'AND bucket >= {int(low)}'}"
+    old = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
+    since_ns = None if low is None else int(low) * BUCKET_NS
+    rows = _buckets_duckdb(path, names, since_ns)
+    with db.conn:
+        db.execute(f"DELETE FROM telemetry_buckets WHERE {marks}")
+        if rows is None:
+            _attach_ro(db, path, "tsrc")
+            try:
+                _buckets_sqlite(db, "tsrc", names, since_ns)
+            finally:
+                db.conn.commit()
+                db.execute("DETACH DATABASE tsrc")
+        else:
+            _insert_buckets(db, rows)
+    new = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
+    return new - old, since_ns
+
+
+def _attach_ro(db: sqlite_utils.Database, path: Path, schema: str) -> None:
+    db.conn.commit()
+    db.execute(f"ATTACH DATABASE ? AS {schema}", [f"file:{Path(path).resolve()}?mode=ro"])
+
+
+def _insert_buckets(db: sqlite_utils.Database, rows: list[tuple]) -> None:
+    """Rows (server_id, gpu_uuid, bucket, *AGGREGATES) from DuckDB into ``telemetry_buckets``."""
+    keys = {(r[1], r[2]): r[0] for r in db.execute("SELECT gpu_key, server_id, gpu_uuid FROM telemetry_gpus")}
+    missing = {(r[0], r[1]) for r in rows if (r[0], r[1]) not in keys}
+    if missing:
+        raise InvalidArgument(f"telemetry of GPU(s) {sorted(missing)[:3]} that the server DB's gpus table lacks; "
+                              "is the server DB from a different llmwatts version?")
+    db.conn.executemany(
+        f"INSERT INTO telemetry_buckets (gpu_key, bucket, {', '.join(AGGREGATES)}) "
+        f"VALUES ({', '.join('?' * (len(AGGREGATES) + 2))})",
+        ((keys[(r[0], r[1])], *r[2:]) for r in rows))
+
+
+def _bucket_select(names: set[str], table: str, since_ns: int | None, div: str) -> str:
+    where = "" if since_ns is None else f"WHERE ts_ns >= {since_ns}"
+    return (f"SELECT server_id, gpu_uuid, ts_ns {div} {BUCKET_NS} AS bucket, {_aggregates(names)} FROM {table} "
+            f"{where} GROUP BY server_id, gpu_uuid, bucket")
+
+
+def _buckets_sqlite(db: sqlite_utils.Database, schema: str, names: set[str], since_ns: int | None) -> None:
+    try:
+        db.execute(
+            f"INSERT INTO telemetry_buckets (gpu_key, bucket, {', '.join(AGGREGATES)}) "
+            f"SELECT (SELECT g.gpu_key FROM telemetry_gpus g WHERE g.server_id = a.server_id "
+            f"AND g.gpu_uuid = a.gpu_uuid), a.bucket, {', '.join(f'a.[{c}]' for c in AGGREGATES)} "
+            f"FROM ({_bucket_select(names, f'[{schema}].telemetry', since_ns, '/')}) a")
+    except sqlite3.IntegrityError as e:  # a sample of a GPU its server never registered in gpus
+        raise InvalidArgument("telemetry of a GPU that the server DB's gpus table lacks; "
+                              "is the server DB from a different llmwatts version?") from e
+
+
+def _buckets_duckdb(path: Path, names: set[str], since_ns: int | None) -> list[tuple] | None:
+    """The same buckets computed by DuckDB (duck.py) reading the server DB; None without DuckDB."""
+    from llmwatts.analysis import duck
+
+    conn = duck.connect()
+    if conn is None:
+        return None
+    quote = "'" + str(Path(path).resolve()).replace("'", "''") + "'"
+    cast = {c: ("DOUBLE" if c in ("sm_sum", "mem_sum") else "BIGINT") for c in AGGREGATES}
+    try:
+        conn.execute(f"ATTACH {quote} AS s (TYPE sqlite, READ_ONLY)")
+        return conn.execute(
+            f"SELECT a.server_id, a.gpu_uuid, a.bucket, {', '.join(f'CAST(a.{c} AS {cast[c]})' for c in AGGREGATES)} "
+            f"FROM ({_bucket_select(names, 's.telemetry', since_ns, '//')}) a").fetchall()
+    finally:
+        conn.close()
+
+
+def windows(db: sqlite_utils.Database, schema: str, since_ns: int | None) -> None:
+    _windows(db, schema, set(_columns(db, schema, "telemetry")), since_ns)
+
+
+def _windows(db: sqlite_utils.Database, schema: str, names: set[str], since_ns: int | None) -> None:
+    """``run_gpu_windows`` (and ``run_cap_counts``) for the finished runs of the source's servers that are new
+    or end after ``since_ns``: whole buckets from ``telemetry_buckets``, the partial first and last from the
+    source's samples, first and last energy counter reading by index lookups."""
+    db.execute("DROP TABLE IF EXISTS temp.todo")
+    db.execute(
+        f"CREATE TEMP TABLE todo AS SELECT w.server_id, w.run_id, w.begin_ns, w.end_ns, "
+        f"w.begin_ns / {BUCKET_NS} AS b0, w.end_ns / {BUCKET_NS} AS b1 FROM main.runs w "
+        f"WHERE w.end_ns IS NOT NULL AND w.server_id IN (SELECT server_id FROM [{schema}].runs) AND "
+        "(NOT EXISTS (SELECT 1 FROM run_gpu_windows x WHERE x.server_id = w.server_id AND x.run_id = w.run_id "
+        " AND x.begin_ns = w.begin_ns AND x.end_ns = w.end_ns)"
+        f"{'' if since_ns is None else f' OR w.end_ns >= {int(since_ns)}'})")
+    combine = ", ".join(f"{how}([{c}]) AS [{c}]" for c, (_, how) in AGGREGATES.items())
+    raw = _aggregates(names)
+    edge_first = f"s.ts_ns BETWEEN w.begin_ns AND min(w.end_ns, (w.b0 + 1) * {BUCKET_NS} - 1)"
+    edge_last = f"w.b1 > w.b0 AND s.ts_ns BETWEEN w.b1 * {BUCKET_NS} AND w.end_ns"
+    parts = " UNION ALL ".join([
+        f"SELECT w.server_id, w.run_id, g.gpu_uuid, {', '.join(f'b.[{c}]' for c in AGGREGATES)} FROM todo w "
+        "CROSS JOIN telemetry_gpus g ON g.server_id = w.server_id CROSS JOIN telemetry_buckets b ON b.gpu_key = g.gpu_key "
+        "AND b.bucket > w.b0 AND b.bucket < w.b1",
+        *(f"SELECT w.server_id, w.run_id, s.gpu_uuid, {raw} FROM todo w CROSS JOIN [{schema}].telemetry s "
+          f"ON {edge} AND +s.server_id = w.server_id GROUP BY w.server_id, w.run_id, s.gpu_uuid"
+          for edge in (edge_first, edge_last)),
+    ])
+    db.execute("DELETE FROM run_gpu_windows WHERE (server_id, run_id) IN (SELECT server_id, run_id FROM todo)")
+    db.execute("DELETE FROM run_cap_counts WHERE (server_id, run_id) IN (SELECT server_id, run_id FROM todo)")
+    db.execute(
+        f"INSERT INTO run_gpu_windows (server_id, run_id, gpu_uuid, begin_ns, end_ns, {', '.join(WINDOW_COLUMNS)}) "
+        "SELECT a.server_id, a.run_id, a.gpu_uuid, w.begin_ns, w.end_ns, a.samples, NULL, NULL, a.sm_sum, a.sm_n, "
+        "a.mem_sum, a.mem_n, a.mem_used_max, a.cap_min, a.cap_max, a.simulated "
+        f"FROM (SELECT server_id, run_id, gpu_uuid, {combine} FROM ({parts}) GROUP BY server_id, run_id, gpu_uuid) a "
+        "JOIN todo w ON w.server_id = a.server_id AND w.run_id = a.run_id WHERE a.samples > 0")
+    if "energy_mj" in names:
+        for column, order in (("first_energy_mj", "ASC"), ("last_energy_mj", "DESC")):
+            db.execute(
+                f"UPDATE run_gpu_windows AS x SET [{column}] = (SELECT s.energy_mj FROM [{schema}].telemetry s "
+                "WHERE s.ts_ns BETWEEN x.begin_ns AND x.end_ns AND +s.server_id = x.server_id "
+                f"AND +s.gpu_uuid = x.gpu_uuid AND s.energy_mj IS NOT NULL ORDER BY s.ts_ns {order} LIMIT 1) "
+                "WHERE (x.server_id, x.run_id) IN (SELECT server_id, run_id FROM todo)")
+    if "cap_mw" in names:  # the most common cap, where a window saw more than one
+        db.execute(
+            f"INSERT INTO run_cap_counts SELECT w.server_id, w.run_id, s.cap_mw, count(*), min(s.ts_ns) "
+            f"FROM todo w CROSS JOIN [{schema}].telemetry s ON s.ts_ns BETWEEN w.begin_ns AND w.end_ns "
+            "AND +s.server_id = w.server_id WHERE s.cap_mw IS NOT NULL AND EXISTS (SELECT 1 FROM run_gpu_windows x "
+            "WHERE x.server_id = w.server_id AND x.run_id = w.run_id AND x.cap_mw_min <> x.cap_mw_max) "
+            "GROUP BY w.server_id, w.run_id, s.cap_mw")
+    db.execute("DROP TABLE temp.todo")
+
+
+@contextmanager
+def raw_sources(db: sqlite_utils.Database):
+    """The ingested server DB files still on disk, attached read-only one at a time: yields a function
+    ``each()`` that iterates (schema, server ids) with that file attached as ``raw``."""
+    paths = [r[0] for r in db.execute("SELECT DISTINCT path FROM sources WHERE kind = 'server' ORDER BY path")] \
+        if db["sources"].exists() else []
+
+    def each():
+        for path in paths:
+            if not Path(path).is_file():
+                continue
+            db.conn.commit()
+            try:
+                db.execute("ATTACH DATABASE ? AS raw", [f"file:{path}?mode=ro"])
+            except sqlite3.OperationalError:
+                continue
+            try:
+                if _has(db, "raw", "telemetry"):
+                    yield "raw", {r[0] for r in db.execute("SELECT DISTINCT server_id FROM raw.runs")}
+            finally:
+                db.conn.commit()
+                db.execute("DETACH DATABASE raw")
+    yield each
+
+
+def span_energies(db: sqlite_utils.Database, spans: dict[str, tuple[str, int, int]]) -> dict:
+    """{key: J} for ``spans`` {key: (server_id, begin_ns, end_ns)}: Σ over the server's GPUs of the energy
+    counter's rise between the first and last sample inside the span. From the server DB's samples where its
+    file is on disk, else from the buckets wholly inside the span (their least and greatest reading)."""
+    out: dict = {}
+    with raw_sources(db) as each:
+        for schema, servers in each():
+            for key, (server_id, begin_ns, end_ns) in spans.items():
+                if key in out or server_id not in servers:
+                    continue
+                total, seen = 0.0, False
+                for (gpu_uuid,) in db.execute("SELECT gpu_uuid FROM telemetry_gpus WHERE server_id = ?",
+                                              [server_id]).fetchall():
+                    ends = [db.execute(
+                        f"SELECT energy_mj FROM [{schema}].telemetry WHERE ts_ns BETWEEN ? AND ? AND +server_id = ? "
+                        f"AND +gpu_uuid = ? AND energy_mj IS NOT NULL ORDER BY ts_ns {order} LIMIT 1",
+                        [begin_ns, end_ns, server_id, gpu_uuid]).fetchone() for order in ("ASC", "DESC")]
+                    if None not in ends:
+                        total, seen = total + (ends[1][0] - ends[0][0]) / 1000, True
+                if seen:
+                    out[key] = total
+    for key, (server_id, begin_ns, end_ns) in spans.items():
+        if key not in out:
+            row = db.execute(
+                "SELECT sum(e) FROM (SELECT (max(b.energy_max_mj) - min(b.energy_min_mj)) / 1000.0 AS e "
+                "FROM telemetry_gpus g JOIN telemetry_buckets b ON b.gpu_key = g.gpu_key "
+                "AND b.bucket >= ? AND b.bucket < ? WHERE g.server_id = ? GROUP BY g.gpu_key)",
+                [-(-begin_ns // BUCKET_NS), end_ns // BUCKET_NS, server_id]).fetchone()
+            out[key] = row[0] if row else None
+    return out
+
+
+def mean_powers(db: sqlite_utils.Database, ranges: dict[tuple[str, str], tuple[int, int]]) -> dict:
+    """{(server_id, gpu_uuid): (mean power_mw, samples)} over [begin_ns, end_ns) per GPU; from the server
+    DB's samples where on disk, else from the buckets wholly inside the range."""
+    out: dict = {}
+    with raw_sources(db) as each:
+        for schema, servers in each():
+            for key, (begin_ns, end_ns) in ranges.items():
+                if key in out or key[0] not in servers:
+                    continue
+                mean, n = db.execute(
+                    f"SELECT avg(power_mw), count(power_mw) FROM [{schema}].telemetry WHERE ts_ns >= ? AND ts_ns < ? "
+                    "AND +server_id = ? AND +gpu_uuid = ?", [begin_ns, end_ns, *key]).fetchone()
+                if n:
+                    out[key] = (mean, n)
+    for key, (begin_ns, end_ns) in ranges.items():
+        if key not in out:
+            total, n = db.execute(
+                "SELECT sum(b.power_sum), sum(b.power_n) FROM telemetry_gpus g JOIN telemetry_buckets b "
+                "ON b.gpu_key = g.gpu_key AND b.bucket >= ? AND b.bucket < ? WHERE g.server_id = ? AND g.gpu_uuid = ?",
+                [-(-begin_ns // BUCKET_NS), end_ns // BUCKET_NS, *key]).fetchone()
+            if n:
+                out[key] = (total / n, n)
+    return out
+
+
+def power_series(db, gpu_key: int, t0_ns: int, t1_ns: int, points: int):
+    """One GPU's power timeline over [t0_ns, t1_ns] from its buckets (every sample
+    counted), merged into at most ``points`` equal time buckets: per bucket its midpoint (s since t0_ns)
+    and the mean (weighted by samples), min and max of ``power_mw`` (W)."""
+    width = max(1, -(-(t1_ns - t0_ns + 1) // points // BUCKET_NS))  # buckets per plotted point
+    rows = db.execute(
+        "SELECT (bucket - ?) / ? AS b, sum(power_sum) * 1.0 / sum(power_n), min(power_min), max(power_max) "
+        "FROM telemetry_buckets WHERE gpu_key = ? AND power_n > 0 AND bucket BETWEEN ? AND ? GROUP BY b ORDER BY b",
+        [t0_ns // BUCKET_NS, width, gpu_key, t0_ns // BUCKET_NS, t1_ns // BUCKET_NS]
+    ).fetchall()
+    start_s = (t0_ns // BUCKET_NS * BUCKET_NS - t0_ns) / 1e9
+    return ([start_s + (r[0] + 0.5) * width * BUCKET_NS / 1e9 for r in rows], [r[1] / 1000 for r in rows],
+            [r[2] / 1000 for r in rows], [r[3] / 1000 for r in rows])

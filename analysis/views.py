@@ -8,8 +8,8 @@ Views (definitions and formulas: docs/analysis.md):
   ``request_id``, plus the run's server rows no client row of the run claims. Flags ``ok`` (counted:
   ok on the server and, where the run has client rows, ok on the client too) and ``good`` (ok and every
   SLO of ``run_slo`` met).
-- ``run_gpu_telemetry``: per (run, server, GPU) window aggregates by a range join on the telemetry key
-  (server_id, gpu_uuid, ts_ns).
+- ``run_gpu_telemetry``: per (run, server, GPU) window aggregates, computed at ingest by a range join on
+  the server DB's telemetry (samples.py: ``run_gpu_windows``) for the run's current window.
 - ``run_metrics``: the report's per-run numbers; ``run_reconciliation``: its reconciliation table.
 
 Tables refreshed at ingest (``refresh``), because SQLite has no percentile aggregate and the one
@@ -76,24 +76,16 @@ FROM request_join_rows j LEFT JOIN run_slo s ON s.run_id = j.run_id
 
 RUN_GPU_TELEMETRY = """
 CREATE VIEW run_gpu_telemetry AS
-SELECT w.run_id AS run_id, w.server_id AS server_id, g.gpu_uuid AS gpu_uuid, count(*) AS samples,
-  (SELECT t1.energy_mj FROM telemetry_samples t1 WHERE t1.gpu_key = g.gpu_key
-     AND t1.ts_ns BETWEEN w.begin_ns AND w.end_ns AND t1.energy_mj IS NOT NULL ORDER BY t1.ts_ns LIMIT 1)
-    AS first_energy_mj,
-  (SELECT t1.energy_mj FROM telemetry_samples t1 WHERE t1.gpu_key = g.gpu_key
-     AND t1.ts_ns BETWEEN w.begin_ns AND w.end_ns AND t1.energy_mj IS NOT NULL ORDER BY t1.ts_ns DESC LIMIT 1)
-    AS last_energy_mj,
-  sum(t.sm_pct) AS sm_pct_sum, count(t.sm_pct) AS sm_pct_n,
-  sum(t.mem_pct) AS mem_pct_sum, count(t.mem_pct) AS mem_pct_n,
-  100.0 * max(t.mem_used_bytes) / nullif((SELECT x.memory_total_bytes FROM gpus x
-                                          WHERE x.server_id = g.server_id AND x.gpu_uuid = g.gpu_uuid), 0)
+SELECT w.run_id AS run_id, w.server_id AS server_id, a.gpu_uuid AS gpu_uuid, a.samples AS samples,
+  a.first_energy_mj AS first_energy_mj, a.last_energy_mj AS last_energy_mj,
+  a.sm_pct_sum AS sm_pct_sum, a.sm_pct_n AS sm_pct_n, a.mem_pct_sum AS mem_pct_sum, a.mem_pct_n AS mem_pct_n,
+  100.0 * a.mem_used_max / nullif((SELECT x.memory_total_bytes FROM gpus x
+                                   WHERE x.server_id = a.server_id AND x.gpu_uuid = a.gpu_uuid), 0)
     AS mem_used_pct_max,
-  min(t.cap_mw) AS cap_mw_min, max(t.cap_mw) AS cap_mw_max, max(t.simulated) AS simulated
+  a.cap_mw_min AS cap_mw_min, a.cap_mw_max AS cap_mw_max, a.simulated AS simulated
 FROM runs w
-JOIN telemetry_gpus g ON g.server_id = w.server_id
-JOIN telemetry_samples t ON t.gpu_key = g.gpu_key AND t.ts_ns BETWEEN w.begin_ns AND w.end_ns
-WHERE w.end_ns IS NOT NULL
-GROUP BY w.run_id, w.server_id, g.gpu_key
+JOIN run_gpu_windows a ON a.server_id = w.server_id AND a.run_id = w.run_id
+  AND a.begin_ns = w.begin_ns AND a.end_ns = w.end_ns
 """
 
 # Per-run numbers. Every quotient is NULL when its denominator is missing or zero.
@@ -233,7 +225,7 @@ VIEWS = {
     "run_reconciliation": RUN_RECONCILIATION,
 }
 # The views' version: a study DB whose views differ is given these (views hold no data).
-VIEWS_VERSION = "2"
+VIEWS_VERSION = "3"
 
 STUDY_TABLES = {
     "run_slo": "CREATE TABLE IF NOT EXISTS run_slo (run_id TEXT PRIMARY KEY, ttft_ms REAL, tpot_ms REAL, "
@@ -247,7 +239,7 @@ STUDY_TABLES = {
 
 # Tables whose rows the derived tables (request_join_rows, run_percentiles, run_steady, study_idle_power)
 # are computed from: any change to them by hand marks the study stale, and the next read refreshes.
-SOURCE_TABLES = ("servers", "gpus", "runs", "batches", "requests", "idle_power", "telemetry_samples",
+SOURCE_TABLES = ("servers", "gpus", "runs", "batches", "requests", "idle_power", "telemetry_buckets",
                  "client_runs", "client_requests", "client_chunks")
 
 

@@ -173,8 +173,11 @@ def test_views_give_the_reports_numbers(tmp_path, small):
     assert [(r["request_id"], r["ok"]) for r in joined] == [
         ("r1", 1), ("r2", 1), ("r3", 1), ("r4", 1), ("r5", 0), ("r6", 0)]
     telemetry = sqlite_utils.Database(study).execute(
-        "SELECT count(*), count(DISTINCT gpu_uuid) FROM telemetry WHERE server_id = 'srv-a'").fetchone()
+        "SELECT sum(samples), count(DISTINCT gpu_uuid) FROM telemetry_timeline WHERE server_id = 'srv-a'").fetchone()
     assert telemetry == (26, 2)
+    windows = sqlite_utils.Database(study).execute(
+        "SELECT gpu_uuid, samples, sm_pct_sum / sm_pct_n FROM run_gpu_telemetry ORDER BY gpu_uuid").fetchall()
+    assert windows == [("GPU-0000", 11, 50.0), ("GPU-1111", 11, 30.0)]
 
 
 def test_reingest_of_a_grown_server_db_adds_only_new_rows(tmp_path):
@@ -186,4 +189,4 @@ def test_reingest_of_a_grown_server_db_adds_only_new_rows(tmp_path):
     db.conn.close()
     again = ingest.ingest(study, [built.server_db], [])
     assert again.sources[0].rows["telemetry"] == 1
-    assert sqlite_utils.Database(study).execute("SELECT count(*) FROM telemetry").fetchone()[0] == 27
+    assert sqlite_utils.Database(study).execute("SELECT sum(samples) FROM telemetry_buckets").fetchone()[0] == 27

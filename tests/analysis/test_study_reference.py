@@ -44,3 +44,15 @@ def test_10k_study_report_matches_the_row_by_row_implementation(tmp_path):
     again = ingest.ingest(study, [server_db], [client_db])
     assert all(s.skipped for s in again.sources)
     assert metrics.all_run_metrics(study) == runs
+
+
+def test_sqlite_and_duckdb_bucket_passes_give_the_same_numbers(tmp_path, monkeypatch):
+    """Guards the SQLite fallback (no DuckDB installed) against drifting from the DuckDB telemetry pass."""
+    from llmwatts.analysis import duck
+
+    server_db, client_db = generate(StudySpec(2_000, 20_000), tmp_path / "inputs")
+    ingest.ingest(tmp_path / "duck.db", [server_db], [client_db])
+    monkeypatch.setattr(duck, "connect", lambda threads=None: None)
+    ingest.ingest(tmp_path / "sqlite.db", [server_db], [client_db])
+    a, b = metrics.all_run_metrics(tmp_path / "duck.db"), metrics.all_run_metrics(tmp_path / "sqlite.db")
+    assert [(r["run_id"], k) for r, s in zip(a, b) for k in r if not _same(r[k], s[k])] == []
