@@ -146,7 +146,7 @@ def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cp
         ]
         group_plots.append([(caption, _uri(png)) for caption, png in figures if png is not None])
     timeline = plots.timelines(db, runs, {r["run_id"]: r["_title"] for r in runs}) \
-        if _exists(db, "telemetry") else None
+        if _exists(db, "telemetry_buckets") else None
     shown = runs[:plots.MAX_TIMELINES]
     without = [r["_title"] for r in shown if plots.steady_span_of(db, r["run_id"]) is None]
     steady = {"shown": len(shown), "shaded": len(shown) - len(without), "without": without}
