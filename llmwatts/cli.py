@@ -17,7 +17,7 @@ SUBCOMMANDS = [
     "llmwatts.loadgen.cli",
     "llmwatts.analysis.cli",
     "llmwatts.cap_cli",
-    "llmwatts.server.clock_cli",
+    "llmwatts.clock_cli",
     "llmwatts.demo",
     "llmwatts.study.cli",
 ]

@@ -25,7 +25,7 @@ EXTRA_OF_COMMAND = {"serve": "server", "load": "loadgen", "sweep": "loadgen", "r
 # Subcommand module → the commands it registers (so a command whose extra is missing still says so).
 COMMANDS_OF_MODULE = {
     "llmwatts.server.cli": ("serve",), "llmwatts.loadgen.cli": ("load", "sweep"),
-    "llmwatts.analysis.cli": ("report",), "llmwatts.cap_cli": ("cap",), "llmwatts.server.clock_cli": ("clocks",),
+    "llmwatts.analysis.cli": ("report",), "llmwatts.cap_cli": ("cap",), "llmwatts.clock_cli": ("clocks",),
     "llmwatts.demo": ("demo",), "llmwatts.study.cli": ("study",),
 }
 
