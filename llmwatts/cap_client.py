@@ -11,33 +11,12 @@ Every call is one Control RPC with a deadline; a failed call raises ``ClientErro
 
 from __future__ import annotations
 
-import math
-
-import grpc
-
-from llmwatts.client import client_channel, control_token, gpu_selector, parse_target, rpc_error
+from llmwatts.client import ControlClient
 from llmwatts.errors import InvalidArgument
 
 
-class CapClient:
-    """One control channel to ``target``; ``token`` defaults to the control token of the environment."""
-
-    def __init__(self, target: str, *, token: str | None = None, ca=None, cert=None, key=None,
-                 timeout_s: float = 10.0, gpus: str | list[str] | None = None):
-        from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
-
-        if not (math.isfinite(timeout_s) and timeout_s > 0):
-            raise InvalidArgument(f"--timeout-s must be a positive number of seconds, got {timeout_s:g}")
-        self.target, self.timeout_s = parse_target(target), timeout_s
-        self.selector = gpu_selector(gpus)
-        self._channel = client_channel(self.target, ca=ca, cert=cert, key=key, token=token or control_token())
-        self._stub = pb_grpc.ControlStub(self._channel)
-
-    def _call(self, method: str, request):
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise rpc_error(e, self.target) from None
+class CapClient(ControlClient):
+    """Power caps over one control channel to ``target`` (``ControlClient``)."""
 
     def get(self):
         """The selected GPUs' caps, enforced caps, defaults, ranges and leases (``PowerCapsReply``)."""
@@ -67,12 +46,3 @@ class CapClient:
                 raise InvalidArgument(
                     f"{', '.join(f'{c:g} W' for c in outside)} outside GPU {g.rank}:{g.index}'s range "
                     f"{g.min_w:g}–{g.max_w:g} W: pick caps in that range")
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> "CapClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

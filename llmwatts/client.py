@@ -7,6 +7,7 @@ Library code: it imports no CLI module, and no Locust (loadgen's users make thei
 from __future__ import annotations
 
 import collections
+import math
 import os
 import warnings
 
@@ -150,3 +151,37 @@ def client_channel(
                           "use --ca (and a TLS server)", stacklevel=2)
         return grpc.intercept_channel(plain, _MetadataInterceptor([("authorization", f"Bearer {token}")]))
     return plain
+
+
+class ControlClient:
+    """One control channel to ``target`` (``CapClient``, ``ClockClient``): the GPU selector, the deadline,
+    and one error type for a failed call (``error_class``, a ``ClientError``: "CODE: details"). ``token``
+    defaults to the control token of the environment."""
+
+    error_class: type[ClientError] = ClientError
+
+    def __init__(self, target: str, *, token: str | None = None, ca=None, cert=None, key=None,
+                 timeout_s: float = 10.0, gpus: str | list[str] | None = None):
+        from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
+
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise InvalidArgument(f"--timeout-s must be a positive number of seconds, got {timeout_s:g}")
+        self.target, self.timeout_s = parse_target(target), timeout_s
+        self.selector = gpu_selector(gpus)
+        self._channel = client_channel(self.target, ca=ca, cert=cert, key=key, token=token or control_token())
+        self._stub = pb_grpc.ControlStub(self._channel)
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise self.error_class(str(rpc_error(e, self.target))) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -11,39 +11,20 @@ Every call is one Control RPC with a deadline; a failed call raises ``ClockComma
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Iterator
 
-import grpc
-
-from llmwatts.errors import InvalidArgument
-from llmwatts.client import ClientError, client_channel, control_token, gpu_selector, rpc_error
+from llmwatts.client import ClientError, ControlClient
 
 
 class ClockCommandError(ClientError):
     """A clock Control RPC failed; the message is ``CODE: details``."""
 
 
-class ClockClient:
-    """One control channel to ``target``; ``token`` defaults to the control token of the environment."""
+class ClockClient(ControlClient):
+    """Locked clocks over one control channel to ``target`` (``ControlClient``)."""
 
-    def __init__(self, target: str, *, token: str | None = None, ca=None, cert=None, key=None,
-                 timeout_s: float = 10.0, gpus: str | list[str] | None = None):
-        from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
-
-        if not (math.isfinite(timeout_s) and timeout_s > 0):
-            raise InvalidArgument(f"timeout_s must be a positive number of seconds, got {timeout_s:g}")
-        self.target, self.timeout_s = target, timeout_s
-        self.selector = gpu_selector(gpus)
-        self._channel = client_channel(target, ca=ca, cert=cert, key=key, token=token or control_token())
-        self._stub = pb_grpc.ControlStub(self._channel)
-
-    def _call(self, method: str, request):
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
-        except grpc.RpcError as e:
-            raise ClockCommandError(str(rpc_error(e, self.target))) from None
+    error_class = ClockCommandError
 
     def get(self):
         """The selected GPUs' clocks: current, maximum, supported, the lock held and its lease
@@ -80,12 +61,3 @@ class ClockClient:
             yield reply
         finally:
             self.reset(reason=f"{reason} done" if reason else "done")
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> "ClockClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
