@@ -22,10 +22,10 @@ Re-ingesting the same files adds nothing twice. Metric definitions: docs/analysi
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "report",
-        help="ingest server/client DBs into a study DB and write tables, plots and an HTML report",
+        help="ingest server/client DBs into a study DB and write tables and an HTML report with its plots",
         description="Ingest server and client DBs into one study DB, compute the paper's metrics per run "
         "(words/s, tokens/s, responses/s, W, J/token, J/response, SM and memory utilisation, latency "
-        "percentiles), and write runs.csv, runs.md, PNG plots and report.html.",
+        "percentiles), and write runs.csv, runs.md and report.html (plots inside).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

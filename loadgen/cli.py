@@ -177,4 +177,8 @@ def run_sweep(args) -> int:
     steps = sweep(config, caps_w=caps, rates_rps=rates, gpus=args.gpus, lease_s=args.lease_s, control_token=token)
     for step in steps:
         print(f"{step.title()}: {step.result.summary().splitlines()[0]}")
+    if any(s.result.power_source == "simulated" for s in steps):
+        from llmwatts.console import simulated_power_notice
+
+        print(simulated_power_notice([config.target]))
     return 1 if any(s.result.requests_failed for s in steps) else 0

@@ -49,7 +49,7 @@ def run_load(config: LoadConfig) -> LoadResult:
         return _run_worker(config, token)
 
     config.resolved_run_id()
-    preflight(config, token)
+    info = preflight(config, token)
     if not config.master:  # a master's prompt files may live only on its workers
         load_prompts(config.dataset, num_prompts=config.num_prompts, seed=config.seed, data_dir=config.data_dir,
                      split=config.split, jsonl_path=config.jsonl_path, field=config.field)
@@ -84,12 +84,15 @@ def run_load(config: LoadConfig) -> LoadResult:
             session.db.close()
     if session.errors:
         raise LlmwattsError("; ".join(session.errors))
-    return summarise(config.resolved_client_db(), session.run_id, role=session.role, slo=parse_slo(config.slo),
-                     rate_rps=config.rate_rps)
+    result = summarise(config.resolved_client_db(), session.run_id, role=session.role, slo=parse_slo(config.slo),
+                       rate_rps=config.rate_rps)
+    result.power_source = info.power_source or None
+    return result
 
 
-def preflight(config: LoadConfig, token: str | None) -> None:
-    """Fail fast, in one line, when the server is unreachable or would refuse the run's settings."""
+def preflight(config: LoadConfig, token: str | None):
+    """Fail fast, in one line, when the server is unreachable or would refuse the run's settings -> its
+    ``ServerInfo``."""
     channel = make_channel(ChannelOptions(target=config.target, ca=config.ca, cert=config.cert, key=config.key))
     try:
         info, _ = server_clock_offset_ns(pb_grpc.ControlStub(channel), call_metadata(token), PREFLIGHT_DEADLINE_S)
@@ -108,6 +111,7 @@ def preflight(config: LoadConfig, token: str | None) -> None:
     limit = info.max_new_tokens_limit
     if limit and config.max_new_tokens and config.max_new_tokens > limit:
         raise InvalidArgument(f"--max-new-tokens {config.max_new_tokens} exceeds the server's limit {limit}")
+    return info
 
 
 def _options(config: LoadConfig):

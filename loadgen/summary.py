@@ -62,6 +62,7 @@ class LoadResult:
     lag_max_ms: float | None = None
     clock_offset_ns: int | None = None
     failures: dict[str, int] = dataclass_field(default_factory=dict)  # status → count
+    power_source: str | None = None  # the server's (GetServerInfo): "simulated" = modelled joules, not measured
 
     @property
     def requests(self) -> int:

@@ -47,6 +47,16 @@ def write_port_file(port_file: Path | None, port: int) -> None:
         tmp.replace(port_file)
 
 
+def simulated_notice(host) -> str | None:
+    """One line saying the server's joules are modelled, when any of its GPUs is simulated (else None)."""
+    sims = [g for g in getattr(host, "gpus", []) if getattr(g, "simulated", False)]
+    if not sims:
+        return None
+    return (f"llmwatts: power is SIMULATED on {len(sims)} GPU(s) ({sims[0].name}): every watt and joule this server "
+            "records is modelled (docs/power-caps.md), not measured; on a shared CPU box it follows the model "
+            "times this host's wall time, so it is noisy (docs/energy.md)")
+
+
 def run_until_stopped(server, banner: str, port: int, port_file: Path | None) -> int:
     """Start ``server``, announce it, and serve until SIGTERM/SIGINT, which stop it in order (caps restored,
     followers stopped) on a thread of its own; that stop finishes before this returns."""
@@ -63,7 +73,8 @@ def run_until_stopped(server, banner: str, port: int, port_file: Path | None) ->
     signal.signal(signal.SIGINT, on_signal)
     try:
         server.start()
-        print(banner, flush=True)
+        notice = simulated_notice(getattr(server, "host", None))
+        print(banner if notice is None else f"{banner}\n{notice}", flush=True)
         write_port_file(port_file, port)
         server.wait_for_termination()
     finally:

@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmwatts.console import console
+    from llmwatts.console import console, simulated_power_notice
     from llmwatts.study.plan import load_plan
 
     plan = load_plan(args.plan, preset=args.preset, servers=args.server)
@@ -54,8 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from llmwatts.study.runner import run_study
 
     study_db = Path(args.study_db or f"{plan.name}.study.db")
+
+    def on_simulated(targets: list[str]) -> None:
+        out.print(simulated_power_notice(targets), highlight=False, soft_wrap=True)
+
     result = run_study(plan, study_db, out=Path(args.out or f"{plan.name}-report"),
-                       tls={"ca": args.ca, "cert": args.cert, "key": args.key}, show_progress=not args.no_progress)
+                       tls={"ca": args.ca, "cert": args.cert, "key": args.key}, show_progress=not args.no_progress,
+                       on_simulated=on_simulated)
     out.print(f"study {plan.name}: {len(result.done)} cells run, {len(result.skipped)} already done"
               + (f", {len(result.abandoned)} interrupted attempts closed" if result.abandoned else "")
               + (f", {len(result.ended_open_runs)} runs they left open ended" if result.ended_open_runs else "")

@@ -76,8 +76,9 @@ def tasks_of(plan: Plan, servers: dict[str, pb.ServerInfo]) -> list[Task]:
 
 
 def run_study(plan: Plan, study_db: str | Path, *, out: str | Path | None = None, token: str | None = None,
-              tls: dict | None = None, show_progress: bool = True) -> StudyResult:
-    """Run every cell of ``plan`` not yet done in ``study_db``; then the report (when ``out``)."""
+              tls: dict | None = None, show_progress: bool = True, on_simulated=None) -> StudyResult:
+    """Run every cell of ``plan`` not yet done in ``study_db``; then the report (when ``out``).
+    ``on_simulated(targets)``: called before the first cell with the servers whose GPUs are simulated."""
     study_db = Path(study_db)
     token = token or control_token()
     tls = tls or {}
@@ -87,6 +88,9 @@ def run_study(plan: Plan, study_db: str | Path, *, out: str | Path | None = None
     client_db = f"{study_db}.client.db"
     try:
         tasks = tasks_of(plan, {t: s.info for t, s in servers.items()})
+        simulated = [t for t, s in servers.items() if s.info.power_source == "simulated"]
+        if simulated and on_simulated is not None:
+            on_simulated(simulated)
         done = {r[0] for r in state.execute("select cell_key from study_cells where study = ? and status = 'done'",
                                             [plan.name])}
         result.abandoned = st.mark_abandoned(state, plan)

@@ -43,6 +43,8 @@ def sweep(target, tmp, caps, token, *extra):
 
 
 def test_cap_sweep_holds_power_under_each_cap_and_slows_at_low_caps(capped_server):
+    """Also guards #17's silent simulation: `serve --power-backend simulated` and `sweep` on it printed
+    nothing saying that every watt and joule is modelled; each now says so in one line."""
     target, tmp = capped_server
     # One batch of the same shape first, outside every run: the first batch's warm-up would otherwise land
     # in the 250 W run and, on a loaded machine, hide the slow-down the caps cause.
@@ -51,7 +53,10 @@ def test_cap_sweep_holds_power_under_each_cap_and_slows_at_low_caps(capped_serve
         timeout=120)
     out = sweep(target, tmp, "250,175,125", TOKEN)
     assert out.returncode == 0, out.stderr
-    assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["cap 250 W", "cap 175 W", "cap 125 W"]
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["cap 250 W", "cap 175 W", "cap 125 W"]
+    assert len(lines) == 4 and lines[3].startswith(f"note: {target} runs a SIMULATED GPU: its watts, joules and ")
+    assert "llmwatts: power is SIMULATED on 1 GPU(s) (Simulated A100" in (tmp / "server.log").read_text()
     # The caps were reset at the end: the GPU is back at its default.
     control = pb_grpc.ControlStub(grpc.insecure_channel(target))
     assert [g.cap_w for g in control.GetPowerCaps(pb.GetPowerCapsRequest()).gpus] == [250.0]

@@ -137,6 +137,7 @@ def test_study_killed_mid_cell_resumes_without_repeating_cells(served, tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert _open_runs(server_db) == []
     assert f"{len(before)} already done" in second.stdout and "1 interrupted attempts closed" in second.stdout
+    assert f"note: {target} runs a SIMULATED GPU" in second.stdout  # #17: joules on a simulated GPU are said so
 
     done = {key: run_id for key, _, run_id, status in _cells(db, "done")}
     plan = load_plan(plan_path)
