@@ -148,7 +148,7 @@ def test_sweep_over_rates_runs_one_labelled_open_loop_run_per_rate(server, tmp_p
                            "--quiet"], capture_output=True, text=True, timeout=120, env=offline_env(tmp_path),
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["rate 20/s", "rate 40/s"]
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["rate 20/s", "rate 40/s", "note"]  # (the last: the server is simulated)
     runs = {r["run_id"]: json.loads(r["labels"]) for r in sqlite_utils.Database(db)["client_runs"].rows}
     assert sorted(runs) == ["rs-rate20", "rs-rate40"]
     assert runs["rs-rate40"]["rate_rps"] == "40" and runs["rs-rate40"]["sweep"] == "rs"
