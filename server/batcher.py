@@ -224,7 +224,10 @@ class Batcher:
         gpu_energy = self.meter.between(start, end, batch_id=batch_id)
         energy_j = sum(r.energy_j for r in gpu_energy)
 
-        rows_of = [[k for k, (o, _) in enumerate(owners) if o == i] for i in range(len(group))]
+        rows_of, first_row = [], 0  # each request's rows: contiguous in the batch, in group order (``owners``)
+        for w in group:
+            rows_of.append(range(first_row, first_row + len(w.prompts)))
+            first_row += len(w.prompts)
         output_tokens = [sum(len(out.tokens[k]) for k in rows) for rows in rows_of]
         shares_j = attribute(energy_j, {i: sum(map(len, w.prompts)) + output_tokens[i] for i, w in enumerate(group)})
         steps = max((len(t) for t in out.tokens), default=0)
