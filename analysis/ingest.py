@@ -21,7 +21,7 @@ server-side tables are keyed with ``server_id``. Added columns:
   the same file's ``client_runs`` offset for that run; and that run's ``started_ns``.
 
 Telemetry is not copied sample by sample: it is aggregated at ingest into one-second buckets and exact
-per-run-window aggregates (samples.py), incrementally from the study's newest sample of the source's GPUs.
+per-run-window aggregates (samples.py), incrementally by the source's telemetry rowid.
 """
 
 from __future__ import annotations

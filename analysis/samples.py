@@ -18,8 +18,9 @@ Numbers that need single samples at times known only later (the steady-state spa
 before a server's first run) are read from the server DB files themselves (``raw_sources``: the ingested
 files still on disk, attached read-only); without them, from the buckets wholly inside the span.
 
-Incremental: a re-ingest re-aggregates only the buckets from ``MARGIN_NS`` before the study's newest sample
-of the source's GPUs (samples reach a server DB in buffered batches) and the windows ending after that.
+Incremental by the source's rowid (``telemetry_cursor``, per file path): a re-ingest recomputes, from all
+of their samples, only the buckets that hold a sample written since the last ingest of that file, however
+late in time it arrived, and the run windows ending after the earliest of them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import sqlite_utils
 from llmwatts.errors import InvalidArgument
 
 BUCKET_NS = 5_000_000_000
-MARGIN_NS = 60_000_000_000
 SAMPLE_COLUMNS = ("power_mw", "energy_mj", "sm_pct", "mem_pct", "mem_used_bytes", "cap_mw", "simulated")
 # bucket column -> aggregate over source samples; and how buckets (or partial sets) combine again.
 AGGREGATES = {
@@ -77,6 +77,8 @@ def ensure_tables(db: sqlite_utils.Database) -> None:
     if kind.get("telemetry_samples") == "table" or kind.get("telemetry") == "table":
         raise InvalidArgument("this study DB holds raw telemetry from an older llmwatts; build a new study DB "
                               "from the same server and client DBs")
+    db.execute("CREATE TABLE IF NOT EXISTS telemetry_cursor (path TEXT PRIMARY KEY, max_rowid INTEGER, server_id TEXT, "
+               "gpu_uuid TEXT, ts_ns INTEGER)")
     if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'telemetry_timeline'").fetchone():
         db.execute(TIMELINE_VIEW.strip())
 
@@ -110,31 +112,47 @@ def _register_gpus(db: sqlite_utils.Database, schema: str, names: set[str]) -> N
                f"{'min(rank)' if 'rank' in names else 'NULL'} FROM [{schema}].telemetry GROUP BY server_id, gpu_uuid")
 
 
-def _low_bucket(db: sqlite_utils.Database, schema: str) -> int | None:
-    """First bucket to (re)aggregate: ``MARGIN_NS`` before the oldest of the study's newest samples over the
-    source's GPUs; None (everything) when a source GPU has no bucket yet."""
-    table = "gpus" if _has(db, schema, "gpus") else "telemetry"
-    newest = []
-    for (key,) in db.execute(f"SELECT DISTINCT g.gpu_key FROM [{schema}].[{table}] s LEFT JOIN telemetry_gpus g "
-                             "ON g.server_id = s.server_id AND g.gpu_uuid = s.gpu_uuid").fetchall():
-        ts = None if key is None else db.execute(
-            "SELECT ts_max FROM telemetry_buckets WHERE gpu_key = ? ORDER BY bucket DESC LIMIT 1", [key]).fetchone()
-        if ts is None:
-            return None
-        newest.append(ts[0])
-    return (min(newest) - MARGIN_NS) // BUCKET_NS if newest else None
+def _cursor(db: sqlite_utils.Database, schema: str, path: Path) -> int:
+    """The source's telemetry rowid up to which the study holds its samples; 0 (none) for a file not seen
+    at this path before, or whose row at the cursor is no longer the one recorded (another file now)."""
+    row = db.execute("SELECT max_rowid, server_id, gpu_uuid, ts_ns FROM telemetry_cursor WHERE path = ?",
+                     [str(path)]).fetchone()
+    if row is None:
+        return 0
+    same = db.execute(f"SELECT 1 FROM [{schema}].telemetry WHERE rowid = ? AND server_id = ? AND gpu_uuid = ? "
+                      "AND ts_ns = ?", list(row)).fetchone()
+    return row[0] if same else 0
+
+
+def _touch(db: sqlite_utils.Database, schema: str, cursor: int) -> None:
+    """``temp.touched``: every (GPU, bucket) with a sample after ``cursor`` (rowid) in the source: the buckets
+    to recompute, wherever in time those samples fall (a late batch of samples included)."""
+    db.execute("DROP TABLE IF EXISTS temp.touched")
+    db.execute(
+        f"CREATE TEMP TABLE touched AS SELECT g.gpu_key AS gpu_key, g.server_id AS server_id, g.gpu_uuid AS gpu_uuid, "
+        f"t.bucket AS bucket FROM (SELECT DISTINCT server_id, gpu_uuid, ts_ns / {BUCKET_NS} AS bucket "
+        f"FROM [{schema}].telemetry WHERE rowid > {int(cursor)}) t "
+        "JOIN telemetry_gpus g ON g.server_id = t.server_id AND g.gpu_uuid = t.gpu_uuid")
 
 
 def copy(db: sqlite_utils.Database, path: Path) -> tuple[int, int | None]:
-    """Aggregate the server DB's telemetry into buckets (no transaction open, the file not attached: DuckDB,
-    which links its own SQLite, must never share an open file with this process's SQLite). Returns the
-    samples new to the study (after its newest, margin aside) and the time from which ``windows`` must
-    recompute run windows, None for all."""
-    db.execute("ATTACH DATABASE ? AS tsrc", [f"file:{Path(path).resolve()}?mode=ro"])
+    """Aggregate the server DB's telemetry into buckets (no transaction open, the file not attached while
+    DuckDB reads it: DuckDB links its own SQLite, and must never share an open file with this process's).
+    Incremental by the source's rowid (``telemetry_cursor``): only buckets holding a sample written after the
+    last ingest of this file are recomputed, from all of their samples. A file new at this path is
+    aggregated whole. Returns the samples new to the study and the earliest recomputed time (run windows
+    ending after it are recomputed), None when nothing changed."""
+    path = Path(path).resolve()
+    db.execute("ATTACH DATABASE ? AS tsrc", [f"file:{path}?mode=ro"])
     try:
         names = set(_columns(db, "tsrc", "telemetry"))
         _register_gpus(db, "tsrc", names)
-        low = _low_bucket(db, "tsrc")
+        cursor = _cursor(db, "tsrc", path)
+        last = db.execute("SELECT rowid, server_id, gpu_uuid, ts_ns FROM tsrc.telemetry "
+                          "ORDER BY rowid DESC LIMIT 1").fetchone()
+        whole = cursor == 0
+        if not whole:
+            _touch(db, "tsrc", cursor)
         table = "gpus" if _has(db, "tsrc", "gpus") else "telemetry"
         keys = [r[0] for r in db.execute(
             f"SELECT DISTINCT g.gpu_key FROM telemetry_gpus g JOIN [tsrc].[{table}] s "
@@ -142,23 +160,30 @@ def copy(db: sqlite_utils.Database, path: Path) -> tuple[int, int | None]:
         db.conn.commit()
     finally:
         db.execute("DETACH DATABASE tsrc")
-    marks = f"gpu_key IN ({', '.join(map(str, keys)) or 'NULL'}) {'' if low is None else f'AND bucket >= {int(low)}'}"
+    if last is None or (not whole and last[0] <= cursor):
+        return 0, None
+    marks = (f"gpu_key IN ({', '.join(map(str, keys)) or 'NULL'})" if whole
+             else "(gpu_key, bucket) IN (SELECT gpu_key, bucket FROM temp.touched)")
     old = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
-    since_ns = None if low is None else int(low) * BUCKET_NS
-    rows = _buckets_duckdb(path, names, since_ns)
+    rows = _buckets_duckdb(path, names) if whole else None
     with db.conn:
         db.execute(f"DELETE FROM telemetry_buckets WHERE {marks}")
         if rows is None:
             _attach_ro(db, path, "tsrc")
             try:
-                _buckets_sqlite(db, "tsrc", names, since_ns)
+                _buckets_sqlite(db, "tsrc", names, whole)
             finally:
                 db.conn.commit()
                 db.execute("DETACH DATABASE tsrc")
         else:
             _insert_buckets(db, rows)
+        db.execute("INSERT OR REPLACE INTO telemetry_cursor VALUES (?, ?, ?, ?, ?)", [str(path), *last])
     new = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
-    return new - old, since_ns
+    if whole:
+        return new - old, -(1 << 62)
+    low = db.execute("SELECT min(bucket) FROM temp.touched").fetchone()[0]
+    db.execute("DROP TABLE temp.touched")
+    return new - old, None if low is None else int(low) * BUCKET_NS
 
 
 def _attach_ro(db: sqlite_utils.Database, path: Path, schema: str) -> None:
@@ -179,25 +204,34 @@ def _insert_buckets(db: sqlite_utils.Database, rows: list[tuple]) -> None:
         ((keys[(r[0], r[1])], *r[2:]) for r in rows))
 
 
-def _bucket_select(names: set[str], table: str, since_ns: int | None, div: str) -> str:
-    where = "" if since_ns is None else f"WHERE ts_ns >= {since_ns}"
+def _bucket_select(names: set[str], table: str, div: str) -> str:
     return (f"SELECT server_id, gpu_uuid, ts_ns {div} {BUCKET_NS} AS bucket, {_aggregates(names)} FROM {table} "
-            f"{where} GROUP BY server_id, gpu_uuid, bucket")
+            "GROUP BY server_id, gpu_uuid, bucket")
 
 
-def _buckets_sqlite(db: sqlite_utils.Database, schema: str, names: set[str], since_ns: int | None) -> None:
+def _buckets_sqlite(db: sqlite_utils.Database, schema: str, names: set[str], whole: bool) -> None:
+    """The buckets in SQLite: all of the source's (``whole``), else those in ``temp.touched``, each from all of
+    its samples (found through the source's ``ts_ns`` index)."""
+    columns = ", ".join(AGGREGATES)
+    if not whole:
+        db.execute(
+            f"INSERT INTO telemetry_buckets (gpu_key, bucket, {columns}) SELECT t.gpu_key, t.bucket, "
+            f"{_aggregates(names)} FROM temp.touched t JOIN [{schema}].telemetry s ON s.ts_ns BETWEEN "
+            f"t.bucket * {BUCKET_NS} AND t.bucket * {BUCKET_NS} + {BUCKET_NS - 1} AND +s.server_id = t.server_id "
+            "AND +s.gpu_uuid = t.gpu_uuid GROUP BY t.gpu_key, t.bucket")
+        return
     try:
         db.execute(
-            f"INSERT INTO telemetry_buckets (gpu_key, bucket, {', '.join(AGGREGATES)}) "
+            f"INSERT INTO telemetry_buckets (gpu_key, bucket, {columns}) "
             f"SELECT (SELECT g.gpu_key FROM telemetry_gpus g WHERE g.server_id = a.server_id "
             f"AND g.gpu_uuid = a.gpu_uuid), a.bucket, {', '.join(f'a.[{c}]' for c in AGGREGATES)} "
-            f"FROM ({_bucket_select(names, f'[{schema}].telemetry', since_ns, '/')}) a")
+            f"FROM ({_bucket_select(names, f'[{schema}].telemetry', '/')}) a")
     except sqlite3.IntegrityError as e:  # a sample of a GPU its server never registered in gpus
         raise InvalidArgument("telemetry of a GPU that the server DB's gpus table lacks; "
                               "is the server DB from a different llmwatts version?") from e
 
 
-def _buckets_duckdb(path: Path, names: set[str], since_ns: int | None) -> list[tuple] | None:
+def _buckets_duckdb(path: Path, names: set[str]) -> list[tuple] | None:
     """The same buckets computed by DuckDB (duck.py) reading the server DB; None without DuckDB."""
     from llmwatts.analysis import duck
 
@@ -210,7 +244,7 @@ def _buckets_duckdb(path: Path, names: set[str], since_ns: int | None) -> list[t
         conn.execute(f"ATTACH {quote} AS s (TYPE sqlite, READ_ONLY)")
         return conn.execute(
             f"SELECT a.server_id, a.gpu_uuid, a.bucket, {', '.join(f'CAST(a.{c} AS {cast[c]})' for c in AGGREGATES)} "
-            f"FROM ({_bucket_select(names, 's.telemetry', since_ns, '//')}) a").fetchall()
+            f"FROM ({_bucket_select(names, 's.telemetry', '//')}) a").fetchall()
     finally:
         conn.close()
 

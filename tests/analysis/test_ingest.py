@@ -104,3 +104,38 @@ def test_missing_key_column_is_reported(tmp_path):
     with pytest.raises(InvalidArgument, match="table batches lacks column\\(s\\) server_id"):
         ingest.ingest(tmp_path / "study.db", [bad])
     assert not sqlite_utils.Database(tmp_path / "study.db")["servers"].exists()  # nothing half-copied
+
+
+def _late_sample(server_db, ts_ns: int, sm_pct: float, gpus=("GPU-0000",)) -> None:
+    server = sqlite_utils.Database(server_db)
+    for gpu in gpus:
+        row = next(server.query("SELECT * FROM telemetry WHERE gpu_uuid = ? ORDER BY ts_ns LIMIT 1", [gpu]))
+        server["telemetry"].insert({**row, "ts_ns": ts_ns, "sm_pct": sm_pct})
+    server.conn.commit()
+    server.conn.close()
+
+
+def test_reingest_takes_telemetry_samples_that_arrive_late(tmp_path, small):
+    """Guards against the incremental telemetry cursor skipping samples written long after their time: the
+    cursor was 'the study's newest sample minus 60 s', so a sample 195 s late (a remote rank's buffered
+    batch, a mirror filled out of order) was never counted in its bucket or its run's window."""
+    from analysis_builders import S, T0
+
+    study = tmp_path / "study.db"
+    ingest.ingest(study, [small.server_db])
+    _late_sample(small.server_db, T0 + 200 * S, 10.0, ("GPU-0000", "GPU-1111"))  # sampling goes on after the run
+    ingest.ingest(study, [small.server_db])
+    db = sqlite_utils.Database(study)
+    before = db.execute("SELECT samples, sm_pct_sum FROM run_gpu_windows WHERE gpu_uuid = 'GPU-0000'").fetchone()
+    _late_sample(small.server_db, T0 + 5 * S + S // 2, 1000.0)  # inside run-1's window, written 195 s late
+    result = ingest.ingest(study, [small.server_db])
+    assert result.sources[0].rows["telemetry"] == 1
+    assert db.execute("SELECT sum(samples) FROM telemetry_buckets").fetchone()[0] == 26 + 3
+    after = db.execute("SELECT samples, sm_pct_sum FROM run_gpu_windows WHERE gpu_uuid = 'GPU-0000'").fetchone()
+    assert after == (before[0] + 1, before[1] + 1000.0)
+    # Ingesting the same file again, or a copy of it at another path, counts no sample twice.
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(small.server_db.read_bytes())
+    ingest.ingest(study, [small.server_db, copy])
+    assert db.execute("SELECT sum(samples) FROM telemetry_buckets").fetchone()[0] == 26 + 3
+    assert db.execute("SELECT samples, sm_pct_sum FROM run_gpu_windows WHERE gpu_uuid = 'GPU-0000'").fetchone() == after
