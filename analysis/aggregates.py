@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import sqlite_utils
 
-from llmwatts.analysis import samples
+from llmwatts.analysis import sample_reads
 from llmwatts.stats import percentiles
 
 PCTS = (50, 90, 95, 99)
@@ -144,7 +144,7 @@ def refresh_idle_power(db: sqlite_utils.Database) -> None:
         for (gpu_uuid,) in db.execute("SELECT gpu_uuid FROM telemetry_gpus WHERE server_id = ?", [server_id]):
             if (server_id, gpu_uuid) not in measured and begin_ns is not None:
                 ranges[(server_id, gpu_uuid)] = (begin_ns - IDLE_LOOKBACK_NS, begin_ns)
-    for (server_id, gpu_uuid), (mean_mw, n) in samples.mean_powers(db, ranges).items():
+    for (server_id, gpu_uuid), (mean_mw, n) in sample_reads.mean_powers(db, ranges).items():
         rows.append((server_id, gpu_uuid, mean_mw, n, "telemetry before first run"))
     with db.conn:
         db.execute("DELETE FROM study_idle_power")
@@ -208,7 +208,7 @@ def _max_in_flight(received: np.ndarray, done: np.ndarray) -> float:
 
 def _span_energies(db: sqlite_utils.Database, spans: dict) -> dict[str, float | None]:
     """Per run, Σ over its servers' GPUs of the energy counter's rise between the first and the last sample
-    inside the steady span (server clock), J (samples.span_energies). A span unchanged since the last refresh
+    inside the steady span (server clock), J (sample_reads.span_energies). A span unchanged since the last refresh
     keeps its energy (the server DB may be gone by then)."""
     known = {(r[0], r[1], r[2]): r[3] for r in db.execute("SELECT run_id, begin_ns, end_ns, energy_j FROM run_steady")}
     out, todo = {}, {}
@@ -218,7 +218,7 @@ def _span_energies(db: sqlite_utils.Database, spans: dict) -> dict[str, float | 
             continue
         for (server_id,) in db.execute("SELECT DISTINCT server_id FROM runs WHERE run_id = ?", [run_id]):
             todo[(run_id, server_id)] = (server_id, begin_ns, end_ns)
-    for (run_id, _), energy_j in samples.span_energies(db, todo).items():
+    for (run_id, _), energy_j in sample_reads.span_energies(db, todo).items():
         if energy_j is not None:
             out[run_id] = (out.get(run_id) or 0.0) + energy_j
     return out

@@ -11,16 +11,14 @@ or a later snapshot of a growing file) adds nothing twice: rows are upserted on 
 column the source lacks is never written (no NULL over a value). A source file already ingested with the
 same SHA-256 is skipped whole.
 
-Study-DB keys differ from the per-file keys where one file's key is not unique across files: two server
-processes on one machine (a power-cap sweep) share GPU uuids and may both number batches from 1, so
-server-side tables are keyed with ``server_id``. Added columns:
+The keys and the base columns are study_db.py's. Added columns:
 
 - ``batch_gpu_energy.server_id`` (looked up from the same file's ``batches``) when the source lacks it;
 - ``client_requests.client_clock_offset_ns`` and ``client_requests.client_started_ns``: the row's own
   ``clock_offset_ns`` (server − client, measured by the worker that sent it) or, in client DBs that lack it,
   the same file's ``client_runs`` offset for that run; and that run's ``started_ns``.
 
-Telemetry is not copied sample by sample: it is aggregated at ingest into one-second buckets and exact
+Telemetry is not copied sample by sample: it is aggregated at ingest into 5 s buckets and exact
 per-run-window aggregates (samples.py), incrementally by the source's telemetry rowid.
 """
 
@@ -37,68 +35,8 @@ from pathlib import Path
 import sqlite_utils
 
 from llmwatts.analysis import samples
+from llmwatts.analysis import study_db as schema
 from llmwatts.errors import InvalidArgument, NotFound
-
-# table -> primary key in the study DB, in the order the tables are copied.
-SERVER_TABLES: dict[str, tuple[str, ...]] = {
-    "servers": ("server_id",),
-    "gpus": ("server_id", "gpu_uuid"),
-    "runs": ("server_id", "run_id"),
-    "batches": ("server_id", "batch_id"),
-    "batch_gpu_energy": ("server_id", "batch_id", "gpu_uuid"),
-    "requests": ("server_id", "request_id"),
-    "telemetry": ("server_id", "gpu_uuid", "ts_ns"),
-    "cap_events": ("server_id", "id"),
-    "idle_power": ("server_id", "gpu_uuid"),  # as llmwatts study writes it into the study DB
-}
-CLIENT_TABLES: dict[str, tuple[str, ...]] = {
-    "client_runs": ("run_id", "started_ns"),
-    "client_requests": ("request_id",),
-    "client_chunks": ("request_id", "chunk_index"),
-}
-# Tables a file must have to be taken as that kind of DB; the others may be absent (older writers).
-REQUIRED = {
-    "server": ("servers", "runs", "requests", "batches"),
-    "client": ("client_requests", "client_runs"),
-}
-# Columns the study DB's views read: every study DB has them (NULL where no source wrote them), so the
-# views in views.py are valid before, between and after ingests of older and newer writers.
-BASE_COLUMNS: dict[str, dict[str, str]] = {
-    "servers": {"server_id": "TEXT", "model": "TEXT", "engine": "TEXT", "dtype": "TEXT", "shard_count": "INTEGER",
-                "power_source": "TEXT", "simulated": "INTEGER"},
-    "gpus": {"server_id": "TEXT", "gpu_uuid": "TEXT", "rank": "INTEGER", "memory_total_bytes": "INTEGER",
-             "simulated": "INTEGER"},
-    "runs": {"run_id": "TEXT", "server_id": "TEXT", "begin_ns": "INTEGER", "end_ns": "INTEGER",
-             "begin_energy_j": "REAL", "end_energy_j": "REAL", "labels": "TEXT", "simulated": "INTEGER"},
-    "batches": {"batch_id": "TEXT", "server_id": "TEXT", "start_ns": "INTEGER", "end_ns": "INTEGER",
-                "energy_j": "REAL", "simulated": "INTEGER"},
-    "batch_gpu_energy": {"batch_id": "TEXT", "gpu_uuid": "TEXT", "energy_j": "REAL", "server_id": "TEXT"},
-    "requests": {"request_id": "TEXT", "run_id": "TEXT", "batch_id": "TEXT", "server_id": "TEXT",
-                 "received_ns": "INTEGER", "done_ns": "INTEGER", "n_prompts": "INTEGER",
-                 "output_tokens": "INTEGER", "energy_j": "REAL", "status": "TEXT"},
-    "cap_events": {"id": "INTEGER", "server_id": "TEXT", "ts_ns": "INTEGER", "gpu_uuid": "TEXT"},
-    "idle_power": {"server_id": "TEXT", "gpu_uuid": "TEXT", "begin_ns": "INTEGER", "end_ns": "INTEGER",
-                   "power_mw": "INTEGER", "energy_j": "REAL", "simulated": "INTEGER"},
-    "client_runs": {"run_id": "TEXT", "started_ns": "INTEGER", "clock_offset_ns": "INTEGER", "labels": "TEXT",
-                    "users": "INTEGER"},
-    "client_requests": {"request_id": "TEXT", "run_id": "TEXT", "client_send_ns": "INTEGER",
-                        "latency_ms": "REAL", "ttft_ms": "REAL", "tpot_ms": "REAL", "itl_count": "INTEGER",
-                        "itl_mean_ms": "REAL", "scheduled_send_ns": "INTEGER", "output_words": "INTEGER",
-                        "status": "TEXT", "clock_offset_ns": "INTEGER",
-                        "client_clock_offset_ns": "INTEGER", "client_started_ns": "INTEGER"},
-    "client_chunks": {"request_id": "TEXT", "chunk_index": "INTEGER", "arrival_ns": "INTEGER",
-                      "elapsed_ms": "REAL", "tokens": "INTEGER"},
-}
-ADDED_COLUMNS = {
-    "batch_gpu_energy": {"server_id": "TEXT"},
-    "client_requests": {"client_clock_offset_ns": "INTEGER", "client_started_ns": "INTEGER"},
-}
-# Indexes for the views' joins (telemetry's key already serves its range joins).
-INDEXES = {
-    "requests": [("run_id",), ("request_id",)],
-    "client_requests": [("run_id",)],
-}
-CACHE_MIB = 256  # SQLite page cache while ingesting: the key B-trees of 1M requests stay in memory
 
 
 @dataclass
@@ -118,38 +56,6 @@ class SourceResult:
 class IngestResult:
     study_db: str
     sources: list[SourceResult]
-
-
-def open_study_db(study_db: str | os.PathLike | sqlite_utils.Database, create: bool = True) -> sqlite_utils.Database:
-    """Open a study DB in WAL mode, creating it when ``create``. Passes a ``Database`` through unchanged.
-    Every table the views read exists afterwards, and the views are in place (views.py)."""
-    from llmwatts.analysis import views
-
-    if isinstance(study_db, sqlite_utils.Database):
-        return study_db
-    path = Path(study_db)
-    if not create and not path.exists():
-        raise NotFound(f"no study DB at {path}; build one with --server-db/--client-db first")
-    if not path.parent.exists():
-        raise NotFound(f"folder for study DB {path} does not exist; create it or choose another path")
-    try:
-        db = sqlite_utils.Database(path)
-        db.enable_wal()
-        db.execute(f"PRAGMA cache_size = -{CACHE_MIB * 1024}")
-        _ensure_base(db)
-        views.create_views(db)
-    except sqlite3.DatabaseError as e:
-        raise InvalidArgument(f"{path} is not a SQLite database; choose a new study DB path") from e
-    return db
-
-
-def _ensure_base(db: sqlite_utils.Database) -> None:
-    """Create every table the views read (empty) and add base columns an older study DB lacks."""
-    keys = {**SERVER_TABLES, **CLIENT_TABLES}
-    with db.conn:
-        for table, columns in BASE_COLUMNS.items():
-            _ensure_table(db, table, list(columns.items()), keys[table])
-        samples.ensure_tables(db)
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -194,41 +100,18 @@ def detect_kind(path: str | os.PathLike) -> str:
 
 
 def _kind_of(path: Path, tables: set[str]) -> str:
-    for kind, required in REQUIRED.items():
+    for kind, required in schema.REQUIRED.items():
         if all(t in tables for t in required):
             return kind
     found = ", ".join(sorted(t for t in tables if not t.startswith("sqlite_"))) or "no tables"
     raise InvalidArgument(
-        f"{path} is neither an llmwatts server DB (needs {', '.join(REQUIRED['server'])}) "
-        f"nor a client DB (needs {', '.join(REQUIRED['client'])}); it has {found}"
+        f"{path} is neither an llmwatts server DB (needs {', '.join(schema.REQUIRED['server'])}) "
+        f"nor a client DB (needs {', '.join(schema.REQUIRED['client'])}); it has {found}"
     )
 
 
-def _columns(conn, table: str, schema: str = "main") -> list[tuple[str, str]]:
-    return [(r[1], (r[2] or "").upper()) for r in conn.execute(f"PRAGMA [{schema}].table_info([{table}])")]
-
-
-def _ensure_table(db: sqlite_utils.Database, table: str, columns: list[tuple[str, str]], pk) -> None:
-    """Create ``table`` like the source (declared types kept) with the study key; add new columns."""
-    wanted = list(columns) + [
-        (name, decl) for name, decl in ADDED_COLUMNS.get(table, {}).items()
-        if name not in {c for c, _ in columns}
-    ]
-    if not db[table].exists():
-        cols_sql = ", ".join(f"[{name}] {decl}".rstrip() for name, decl in wanted)
-        pk_sql = ", ".join(f"[{c}]" for c in pk)
-        db.execute(f"CREATE TABLE [{table}] ({cols_sql}, PRIMARY KEY ({pk_sql}))")
-        for columns_ in INDEXES.get(table, []):
-            db[table].create_index(list(columns_), if_not_exists=True)
-        return
-    have = set(db[table].columns_dict)
-    for name, decl in wanted:
-        if name not in have:  # a newer writer added a column: keep it, older rows read NULL
-            db.execute(f"ALTER TABLE [{table}] ADD COLUMN [{name}] {decl}".rstrip())
-
-
 def _check_keys(conn, path: Path, table: str, pk: tuple[str, ...]) -> None:
-    names = [c for c, _ in _columns(conn, table)]
+    names = [c for c, _ in schema.columns(conn, table)]
     derive_server_id = table == "batch_gpu_energy" and "server_id" not in names
     missing = [c for c in pk if c not in names and not (derive_server_id and c == "server_id")]
     if missing:
@@ -240,7 +123,7 @@ def _check_keys(conn, path: Path, table: str, pk: tuple[str, ...]) -> None:
 
 def _check_sources(conn, path: Path, tables: set[str]) -> None:
     """What the old row-by-row ingest refused, refused here before anything is written."""
-    if "batch_gpu_energy" in tables and "server_id" not in {c for c, _ in _columns(conn, "batch_gpu_energy")}:
+    if "batch_gpu_energy" in tables and "server_id" not in {c for c, _ in schema.columns(conn, "batch_gpu_energy")}:
         n_servers = conn.execute("SELECT count(*) FROM servers").fetchone()[0]
         orphan = conn.execute(
             "SELECT e.batch_id FROM batch_gpu_energy e LEFT JOIN batches b ON b.batch_id = e.batch_id "
@@ -284,8 +167,8 @@ def _copy_table(db: sqlite_utils.Database, path: Path, table: str, pk: tuple[str
     if table == "telemetry":  # the buckets are in (ingest_file); the run windows need the runs just copied
         samples.windows(db, "src", db._telemetry_since_ns)
         return db._telemetry_new_samples
-    columns = _columns(db.conn, table, "src")
-    _ensure_table(db, table, columns, pk)
+    columns = schema.columns(db.conn, table, "src")
+    schema.ensure_table(db, table, columns, pk)
     exprs = _select_expressions(table, [c for c, _ in columns])
     where = "WHERE true"  # SQLite needs a WHERE before ON CONFLICT in INSERT … SELECT
     updates = [c for c in exprs if c not in pk]
@@ -320,7 +203,7 @@ def validate_file(path: str | os.PathLike, kind: str) -> set[str]:
         if actual != kind:
             flag = "--server-db" if actual == "server" else "--client-db"
             raise InvalidArgument(f"{path} is a {actual} DB, not a {kind} DB; pass it with {flag}")
-        spec = SERVER_TABLES if kind == "server" else CLIENT_TABLES
+        spec = schema.SERVER_TABLES if kind == "server" else schema.CLIENT_TABLES
         for table, pk in spec.items():
             if table in tables:
                 _check_keys(conn, path, table, pk)
@@ -339,7 +222,7 @@ def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -
 
     path = Path(path)
     tables = validate_file(path, kind)
-    spec = SERVER_TABLES if kind == "server" else CLIENT_TABLES
+    spec = schema.SERVER_TABLES if kind == "server" else schema.CLIENT_TABLES
     sha256, size_bytes = file_sha256(path)
     result = SourceResult(str(path), kind, sha256, size_bytes)
     if _already_ingested(db, path, sha256):
@@ -347,7 +230,7 @@ def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -
         return result
     views.drop_triggers(db)
     db.conn.commit()
-    db.execute(f"PRAGMA cache_size = -{CACHE_MIB * 1024}")
+    db.execute(f"PRAGMA cache_size = -{schema.CACHE_MIB * 1024}")
     db.execute("PRAGMA synchronous = NORMAL")  # WAL: safe from corruption; the sources stay the truth
     if "telemetry" in tables:  # before the attach: DuckDB may read the file meanwhile (samples.py)
         db._telemetry_new_samples, db._telemetry_since_ns = samples.copy(db, path)
@@ -404,7 +287,7 @@ def ingest(
         validate_file(path, "server")
     for path in client_dbs:
         validate_file(path, "client")
-    db = open_study_db(study_db)
+    db = schema.open_study_db(study_db)
     sources = [ingest_file(db, p, "server") for p in server_dbs]
     sources += [ingest_file(db, p, "client") for p in client_dbs]
     views.ensure_fresh(db)

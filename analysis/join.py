@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import sqlite_utils
 
+from llmwatts.errors import NotFound
+
 
 @dataclass
 class RunWindow:
@@ -74,6 +76,14 @@ def run_ids(db: sqlite_utils.Database) -> list[str]:
         "SELECT run_id, MIN(begin_ns) AS b FROM runs GROUP BY run_id ORDER BY b, run_id"
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def require_run(db: sqlite_utils.Database, run_id: str) -> None:
+    """``NotFound`` naming the known runs unless a server or a client saw ``run_id``."""
+    in_runs = db.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    in_client = db.execute("SELECT 1 FROM client_runs WHERE run_id = ?", [run_id]).fetchone()
+    if not (in_runs or in_client):
+        raise NotFound(f"no run {run_id!r} in the study DB (runs: {', '.join(run_ids(db)) or 'none'})")
 
 
 def run_windows(db: sqlite_utils.Database, run_id: str) -> list[RunWindow]:

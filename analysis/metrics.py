@@ -1,4 +1,5 @@
-"""Per-run paper metrics ("From Words to Watts", Samsi et al. 2023), reconciliation, trade-offs, SLA.
+"""Per-run paper metrics ("From Words to Watts", Samsi et al. 2023): the ``run_metrics`` view's row of each
+run plus its labels (reconciliation: reconcile.py; trade-offs and the SLA choice: tradeoffs.py).
 
 Definitions, units and clocks are in docs/analysis.md; the short form is on each column in
 ``METRIC_COLUMNS``. Every row carries ``power`` ("simulated" or the server's power source, e.g. "nvml")
@@ -8,13 +9,10 @@ and ``simulated`` so no simulated number is ever shown unlabelled.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
 
 from llmwatts.analysis import join as joins
 from llmwatts.analysis import views
-from llmwatts.analysis.ingest import open_study_db
-from llmwatts.errors import InvalidArgument, NotFound
+from llmwatts.analysis.study_db import open_study_db
 from llmwatts.stats import percentile
 
 # Column -> short definition (units). Order is the order of runs.csv / runs.md.
@@ -128,12 +126,6 @@ def _number(value):
     return value
 
 
-def _div(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
 def _json(value) -> dict:
     if not value:
         return {}
@@ -154,102 +146,6 @@ def _dicts(db, sql, params=()) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-@dataclass
-class Reconciliation:
-    """Client rows vs server rows and attributed vs batch joules for one run (the ``run_reconciliation`` and
-    ``run_metrics`` views)."""
-
-    run_id: str
-    client_sent: int
-    server_ok: int
-    server_error: int
-    missing: int
-    duplicated: int
-    server_only: int
-    attributed_j: float
-    batch_j: float
-    attribution_rel_diff: float | None
-    missing_ids: list[str] = field(default_factory=list)
-    duplicated_ids: list[str] = field(default_factory=list)
-    server_only_ids: list[str] = field(default_factory=list)
-    # Client rows sent before BeginRun or after EndRun of their server, compared on the server clock
-    # (client_send_ns + clock_offset_ns): their energy is outside the run window.
-    outside_window: int = 0
-    outside_window_ids: list[str] = field(default_factory=list)
-    # Issue 16/17: server rows ok whose client row is not (left out of every numerator), server requests
-    # done after their window ended, and batch joules above the window's joules.
-    status_mismatch: int = 0
-    done_after_window: int = 0
-    batch_energy_exceeds_window: bool = False
-
-    @property
-    def consistent(self) -> bool:
-        """Every client row found exactly once, no server row unclaimed, and every counted joule inside
-        the run's window."""
-        return (self.missing == 0 and self.duplicated == 0 and self.server_only == 0
-                and self.done_after_window == 0 and not self.batch_energy_exceeds_window)
-
-
-def _require_run(db, run_id: str) -> None:
-    in_runs = _one(db, "SELECT 1 FROM runs WHERE run_id = ?", [run_id])
-    in_client = _one(db, "SELECT 1 FROM client_runs WHERE run_id = ?", [run_id])
-    if not (in_runs or in_client):
-        known = ", ".join(joins.run_ids(db)) or "none"
-        raise NotFound(f"no run {run_id!r} in the study DB (runs: {known})")
-
-
-def all_reconciliations(study_db, run_ids: list[str] | None = None, runs: list[dict] | None = None
-                        ) -> list[Reconciliation]:
-    """``Reconciliation`` of every run a server saw (or of ``run_ids``), from the views in one pass.
-    ``runs``: the runs' ``run_metrics`` rows when the caller has them (saves reading the view again)."""
-    db = open_study_db(study_db, create=False)
-    views.ensure_fresh(db)
-    run_ids = joins.run_ids(db) if run_ids is None else run_ids
-    counts = {r["run_id"]: r for r in _dicts(db, "SELECT * FROM run_reconciliation")}
-    if runs is None:
-        runs = _dicts(db, "SELECT run_id, energy_busy_j, batch_energy_exceeds_window FROM run_metrics")
-    energy = {r["run_id"]: r for r in runs}
-    ids: dict[tuple[str, str], list[str]] = {}
-    for run_id, request_id, kind in db.execute("""
-        SELECT run_id, request_id, CASE WHEN NOT has_client THEN 'server_only'
-          WHEN server_rows = 0 THEN 'missing' WHEN server_rows > 1 THEN 'duplicated' ELSE 'outside' END
-        FROM request_join_rows
-        WHERE NOT has_client OR server_rows <> 1 OR (server_rows = 1 AND outside_window)
-        ORDER BY coalesce(send_server_ns, received_ns), request_id"""):
-        bucket = ids.setdefault((run_id, kind), [])
-        if kind != "duplicated" or request_id not in bucket:
-            bucket.append(request_id)
-    out = []
-    for run_id in run_ids:
-        c, e = counts.get(run_id, {}), energy.get(run_id, {})
-        batch_j = e.get("energy_busy_j") or 0.0
-        attributed_j = c.get("attributed_j") or 0.0
-        out.append(Reconciliation(
-            run_id=run_id,
-            client_sent=c.get("client_sent") or 0, server_ok=c.get("server_ok") or 0,
-            server_error=c.get("server_error") or 0, missing=c.get("missing") or 0,
-            duplicated=c.get("duplicated") or 0, server_only=c.get("server_only") or 0,
-            attributed_j=attributed_j, batch_j=batch_j,
-            attribution_rel_diff=_div(attributed_j - batch_j, batch_j),
-            missing_ids=ids.get((run_id, "missing"), []),
-            duplicated_ids=sorted(ids.get((run_id, "duplicated"), [])),
-            server_only_ids=ids.get((run_id, "server_only"), []),
-            outside_window=c.get("outside_window") or 0,
-            outside_window_ids=ids.get((run_id, "outside"), []),
-            status_mismatch=c.get("status_mismatch") or 0,
-            done_after_window=c.get("done_after_window") or 0,
-            batch_energy_exceeds_window=bool(e.get("batch_energy_exceeds_window")),
-        ))
-    return out
-
-
-def reconcile(study_db, run_id: str) -> Reconciliation:
-    """Counts of the run's client requests found on a server exactly once (ok / error), missing or
-    duplicated, server rows no client claims, Σ per-request attributed J vs Σ batch J, and the window
-    checks (requests done after EndRun, batch J above window J)."""
-    db = open_study_db(study_db, create=False)
-    _require_run(db, run_id)
-    return all_reconciliations(db, [run_id])[0]
 
 
 def _labels(db, run_id: str, windows: list[joins.RunWindow]) -> tuple[dict, dict]:
@@ -335,7 +231,7 @@ def run_metrics(study_db, run_id: str) -> dict:
     """All ``METRIC_COLUMNS`` for one run: the ``run_metrics`` view's row plus the run's labels (see
     docs/analysis.md for each definition)."""
     db = open_study_db(study_db, create=False)
-    _require_run(db, run_id)
+    joins.require_run(db, run_id)
     views.ensure_fresh(db)
     rows = _dicts(db, "SELECT * FROM run_metrics WHERE run_id = ?", [run_id])
     return _row(db, run_id, rows[0] if rows else None, _slos(db).get(run_id))
@@ -350,104 +246,4 @@ def all_run_metrics(study_db) -> list[dict]:
     return [_row(db, run_id, by_run.get(run_id), slos.get(run_id)) for run_id in joins.run_ids(db)]
 
 
-@dataclass
-class TradeoffPoint:
-    run_id: str
-    latency_p95_ms: float
-    j_per_token: float
-    pareto: bool
-    row: dict
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
-    """For (x, y) points, both to be minimised: True where no other point is ≤ in both and < in one."""
-    flags = []
-    for i, (x, y) in enumerate(points):
-        dominated = any(
-            (ox <= x and oy <= y) and (ox < x or oy < y) for j, (ox, oy) in enumerate(points) if j != i
-        )
-        flags.append(not dominated)
-    return flags
-
-
-def tradeoffs(study_db=None, *, runs: list[dict] | None = None, where: dict | None = None) -> list[TradeoffPoint]:
-    """Latency p95 (ms) vs J/token across runs (e.g. differing by cap or batch size), with the Pareto
-    front (both minimised). ``runs`` defaults to ``all_run_metrics(study_db)``; ``where`` keeps runs whose
-    columns equal the given values (e.g. ``{"model": "llama-7b", "shard_count": 1}``). Runs lacking
-    either value are left out. Sorted by latency p95."""
-    if runs is None:
-        if study_db is None:
-            raise InvalidArgument("tradeoffs needs a study DB or a list of run rows")
-        runs = all_run_metrics(study_db)
-    where = where or {}
-    unknown = [k for k in where if k not in METRIC_COLUMNS]
-    if unknown:
-        raise InvalidArgument(f"unknown run column(s) {', '.join(unknown)}; use one of {', '.join(METRIC_COLUMNS)}")
-    chosen = [
-        r for r in runs
-        if r.get("latency_p95_ms") is not None and r.get("j_per_token") is not None
-        and all(r.get(k) == v for k, v in where.items())
-    ]
-    flags = pareto_front([(r["latency_p95_ms"], r["j_per_token"]) for r in chosen])
-    points = [
-        TradeoffPoint(r["run_id"], r["latency_p95_ms"], r["j_per_token"], flag, r)
-        for r, flag in zip(chosen, flags)
-    ]
-    return sorted(points, key=lambda p: (p.latency_p95_ms, p.j_per_token))
-
-
-@dataclass
-class SlaChoice:
-    """The run with the lowest J/token whose latency p95 meets the bound; ``row`` None when none does."""
-
-    latency_p95_ms_max: float
-    row: dict | None
-    message: str
-
-    @property
-    def met(self) -> bool:
-        return self.row is not None
-
-
-def choose_sla(study_db=None, *, latency_p95_ms_max: float, runs: list[dict] | None = None) -> SlaChoice:
-    """Lowest-J/token run with ``latency_p95_ms <= latency_p95_ms_max``; the message says why if none."""
-    if latency_p95_ms_max is None or not latency_p95_ms_max > 0 or math.isinf(latency_p95_ms_max):
-        raise InvalidArgument(f"latency p95 bound must be a positive number of ms, got {latency_p95_ms_max}")
-    points = tradeoffs(study_db, runs=runs)
-    if not points:
-        return SlaChoice(latency_p95_ms_max, None, "no run has both a latency p95 and a J/token to compare")
-    meeting = [p for p in points if p.latency_p95_ms <= latency_p95_ms_max]
-    if not meeting:
-        fastest = min(points, key=lambda p: p.latency_p95_ms)
-        return SlaChoice(
-            latency_p95_ms_max,
-            None,
-            f"no run meets latency p95 <= {latency_p95_ms_max:g} ms; the fastest is {fastest.run_id} "
-            f"at {fastest.latency_p95_ms:.1f} ms ({fastest.j_per_token:.4g} J/token)",
-        )
-    best = min(meeting, key=lambda p: (p.j_per_token, p.latency_p95_ms))
-    row = best.row
-    config = ", ".join(f"{k}={row[k]}" for k in LABEL_COLUMNS if row.get(k) is not None)
-    label = " [SIMULATED power]" if row.get("simulated") else ""
-    return SlaChoice(
-        latency_p95_ms_max,
-        row,
-        f"run {best.run_id} ({config}) meets latency p95 <= {latency_p95_ms_max:g} ms at "
-        f"{best.latency_p95_ms:.1f} ms with the lowest energy, {best.j_per_token:.4g} J/token{label}",
-    )
-
-
-__all__ = [
-    "METRIC_COLUMNS",
-    "Reconciliation",
-    "all_reconciliations",
-    "SlaChoice",
-    "TradeoffPoint",
-    "all_run_metrics",
-    "choose_sla",
-    "pareto_front",
-    "percentile",
-    "reconcile",
-    "run_metrics",
-    "tradeoffs",
-]
+__all__ = ["METRIC_COLUMNS", "all_run_metrics", "is_ok", "percentile", "run_metrics"]

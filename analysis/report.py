@@ -16,8 +16,8 @@ import rich.box
 from rich.console import Console
 from rich.table import Table
 
-from llmwatts.analysis import metrics, views
-from llmwatts.analysis.ingest import open_study_db
+from llmwatts.analysis import metrics, reconcile, tradeoffs, views
+from llmwatts.analysis.study_db import open_study_db
 from llmwatts.console import console as llmwatts_console
 from llmwatts.errors import FailedPrecondition, InvalidArgument
 
@@ -56,8 +56,8 @@ class ReportResult:
     runs_md: Path
     report_html: Path
     runs: list[dict] = field(default_factory=list)
-    reconciliations: list[metrics.Reconciliation] = field(default_factory=list)
-    sla: metrics.SlaChoice | None = None
+    reconciliations: list[reconcile.Reconciliation] = field(default_factory=list)
+    sla: tradeoffs.SlaChoice | None = None
     simulated: bool = False
 
 
@@ -102,7 +102,7 @@ def _print_table(console: Console, runs: list[dict], simulated: bool) -> None:
     console.print(table)
 
 
-def _reconcile_row(rec: metrics.Reconciliation) -> dict:
+def _reconcile_row(rec: reconcile.Reconciliation) -> dict:
     return {c: getattr(rec, c) for c in RECONCILE_COLUMNS}
 
 
@@ -155,9 +155,9 @@ def build_report(
     simulated = any(r["simulated"] for r in runs)
     result = ReportResult(out, out / "runs.csv", out / "runs.md", out / "report.html", runs=runs,
                           simulated=simulated)
-    result.reconciliations = metrics.all_reconciliations(db, [r["run_id"] for r in runs], runs=runs)
+    result.reconciliations = reconcile.all_reconciliations(db, [r["run_id"] for r in runs], runs=runs)
     if sla_p95_ms is not None:
-        result.sla = metrics.choose_sla(latency_p95_ms_max=sla_p95_ms, runs=runs)
+        result.sla = tradeoffs.choose_sla(latency_p95_ms_max=sla_p95_ms, runs=runs)
 
     with open(result.runs_csv, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(metrics.METRIC_COLUMNS))

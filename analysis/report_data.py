@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmwatts.analysis import metrics
+from llmwatts.analysis import tradeoffs
 
 REFERENCE = Path(__file__).with_name("reference") / "samsi2023.toml"
 # A workload: what a run serves (never mixed in one series or one choice). ``sampling`` is the load's label
@@ -135,7 +135,7 @@ def settings_text(row: dict) -> str:
 def pareto_rows(rows: list[dict]) -> list[dict]:
     usable = sorted((r for r in rows if r.get("latency_p95_ms") is not None and r.get("j_per_token") is not None),
                     key=lambda r: (r["latency_p95_ms"], r["j_per_token"]))
-    flags = metrics.pareto_front([(r["latency_p95_ms"], r["j_per_token"]) for r in usable])
+    flags = tradeoffs.pareto_front([(r["latency_p95_ms"], r["j_per_token"]) for r in usable])
     return [r for r, on in zip(usable, flags) if on]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from llmwatts.analysis import metrics
+from llmwatts.analysis import reconcile
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "llmwatts.cli"]
@@ -71,7 +71,7 @@ def test_locust_runs_reconcile_in_the_study_db(served):
 
     db = sqlite_utils.Database(tmp / "study.db")
     for run_id in runs:
-        rec = metrics.reconcile(db, run_id)
+        rec = reconcile.reconcile(db, run_id)
         assert rec.client_sent == 9 and rec.server_ok == 9
         assert rec.missing == 0 and rec.duplicated == 0 and rec.server_only == 0
         # Attributed joules (joined through the client rows) vs what the counters measured per GPU.

@@ -52,7 +52,7 @@ class StudyResult:
     skipped: list[str] = field(default_factory=list)   # cell keys already done before it
     abandoned: list[str] = field(default_factory=list)  # run ids of attempts a crash left running
     ended_open_runs: list[str] = field(default_factory=list)  # runs a killed study left open, ended now
-    sla: object | None = None                           # analysis.metrics.SlaChoice, when the plan has one
+    sla: object | None = None                           # analysis.tradeoffs.SlaChoice, when the plan has one
     report_dir: str | None = None
 
 
@@ -111,7 +111,7 @@ def run_study(plan: Plan, study_db: str | Path, *, out: str | Path | None = None
             srv.close(server, plan)
         state.close()
     if plan.sla_p95_ms is not None and (study_db.exists()):
-        from llmwatts.analysis.metrics import choose_sla
+        from llmwatts.analysis.tradeoffs import choose_sla
 
         result.sla = choose_sla(study_db, latency_p95_ms_max=plan.sla_p95_ms)
     if out is not None:

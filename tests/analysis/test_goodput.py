@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sqlite_utils
 
-from llmwatts.analysis import aggregates, ingest, metrics, report
+from llmwatts.analysis import aggregates, ingest, metrics, reconcile, report
 from llmwatts.analysis.slo import parse_slo
 from llmwatts.errors import InvalidArgument
 
@@ -80,7 +80,7 @@ def test_numerators_come_from_the_same_requests(tmp_path, small):
     assert row["requests_ok"] == 3
     assert row["output_tokens"] == 1000 - 300 and row["output_words"] == 750 - 225
     assert row["responses"] == 12 - 4
-    rec = metrics.reconcile(study, "run-1")
+    rec = reconcile.reconcile(study, "run-1")
     assert rec.status_mismatch == 1
 
 
@@ -96,7 +96,7 @@ def test_window_that_ends_before_its_requests_is_flagged(tmp_path, small):
     row = metrics.run_metrics(study, "run-1")
     assert row["window_ends_before_last_request"] == 1
     assert row["batch_energy_exceeds_window"] == 1  # 400 + 500 + 2500 J of batches, 2000 J of window
-    rec = metrics.reconcile(study, "run-1")
+    rec = reconcile.reconcile(study, "run-1")
     assert rec.done_after_window == 1 and rec.batch_energy_exceeds_window and not rec.consistent
 
 

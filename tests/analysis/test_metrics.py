@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmwatts.analysis import ingest, join, metrics
+from llmwatts.analysis import ingest, join, metrics, reconcile, tradeoffs
 from llmwatts.errors import InvalidArgument, NotFound
 
 from analysis_builders import CLOCK_OFFSET_NS, build_small, build_sweep
@@ -109,7 +109,7 @@ def test_reconcile_detects_missing_and_duplicated_requests(tmp_path, small):
     db["requests"].insert(dict(next(src.query("SELECT * FROM requests WHERE request_id = 'r2'"))))
     db["requests"].insert({"request_id": "stray", "run_id": "run-1", "server_id": "srv-a", "status": "ok",
                            "n_prompts": 1, "output_tokens": 1, "energy_j": 0.0})
-    rec = metrics.reconcile(study, "run-1")
+    rec = reconcile.reconcile(study, "run-1")
     assert rec.client_sent == 6
     assert (rec.server_ok, rec.server_error) == (3, 1)  # r1 r3 r4 ok, r5 refused by the server
     assert (rec.missing, rec.missing_ids) == (1, ["r6"])
@@ -119,7 +119,7 @@ def test_reconcile_detects_missing_and_duplicated_requests(tmp_path, small):
 
 
 def test_reconcile_attribution_matches_batches(study):
-    rec = metrics.reconcile(study, "run-1")
+    rec = reconcile.reconcile(study, "run-1")
     assert rec.attributed_j == pytest.approx(1200.0) and rec.batch_j == pytest.approx(1200.0)
     assert rec.attribution_rel_diff == pytest.approx(0.0)
     assert (rec.missing, rec.duplicated, rec.server_only, rec.outside_window) == (1, 0, 0, 0)
@@ -135,7 +135,7 @@ def test_reconcile_flags_requests_sent_before_begin_run_on_the_server_clock(stud
     db.execute("UPDATE client_requests SET client_send_ns = client_send_ns - 600000000 WHERE request_id = 'r1'")
     db.execute("UPDATE client_requests SET client_send_ns = client_send_ns - 496000000 WHERE request_id = 'r2'")
     db.conn.commit()
-    rec = metrics.reconcile(study, "run-1")
+    rec = reconcile.reconcile(study, "run-1")
     assert (rec.outside_window, rec.outside_window_ids) == (1, ["r1"])
 
 
@@ -159,7 +159,7 @@ def sweep_study(tmp_path):
 
 
 def test_tradeoffs_pareto_front(sweep_study):
-    points = metrics.tradeoffs(sweep_study)
+    points = tradeoffs.tradeoffs(sweep_study)
     by_run = {p.run_id: p for p in points}
     assert by_run["sweep-700w-b8"].j_per_token == pytest.approx(1.0)
     assert by_run["sweep-300w-b8"].row["cap_w"] == 300
@@ -167,23 +167,23 @@ def test_tradeoffs_pareto_front(sweep_study):
     front = {p.run_id for p in points if p.pareto}
     assert front == {"sweep-700w-b1", "sweep-700w-b8", "sweep-300w-b8", "sweep-200w-b32"}
     assert [p.latency_p95_ms for p in points] == sorted(p.latency_p95_ms for p in points)
-    only_b8 = metrics.tradeoffs(sweep_study, where={"batch_size": 8})
+    only_b8 = tradeoffs.tradeoffs(sweep_study, where={"batch_size": 8})
     assert {p.run_id for p in only_b8} == {"sweep-700w-b8", "sweep-300w-b8"}
     with pytest.raises(InvalidArgument, match="unknown run column"):
-        metrics.tradeoffs(sweep_study, where={"colour": 1})
+        tradeoffs.tradeoffs(sweep_study, where={"colour": 1})
 
 
 def test_choose_sla(sweep_study):
     # p95 of latencies ms×(0.90, 0.95, 1.00, 1.05) is ms × 1.0425.
-    choice = metrics.choose_sla(sweep_study, latency_p95_ms_max=250)
+    choice = tradeoffs.choose_sla(sweep_study, latency_p95_ms_max=250)
     assert choice.met and choice.row["run_id"] == "sweep-300w-b8"
     assert "SIMULATED" in choice.message and "0.8 J/token" in choice.message
-    assert metrics.choose_sla(sweep_study, latency_p95_ms_max=10_000).row["run_id"] == "sweep-200w-b32"
-    none = metrics.choose_sla(sweep_study, latency_p95_ms_max=10)
+    assert tradeoffs.choose_sla(sweep_study, latency_p95_ms_max=10_000).row["run_id"] == "sweep-200w-b32"
+    none = tradeoffs.choose_sla(sweep_study, latency_p95_ms_max=10)
     assert not none.met and "no run meets latency p95 <= 10 ms" in none.message
     assert "sweep-700w-b1" in none.message
     with pytest.raises(InvalidArgument):
-        metrics.choose_sla(sweep_study, latency_p95_ms_max=-1)
+        tradeoffs.choose_sla(sweep_study, latency_p95_ms_max=-1)
 
 
 def test_run_without_end_marker_leaves_rates_blank(tmp_path, small):

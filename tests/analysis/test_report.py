@@ -9,7 +9,7 @@ import pytest
 from analysis_builders import build_small, build_sweep
 from rich.console import Console
 
-from llmwatts.analysis import ingest, metrics, report
+from llmwatts.analysis import ingest, metrics, report, study_db
 from llmwatts.cli import main
 from llmwatts.errors import FailedPrecondition
 
@@ -61,7 +61,7 @@ def test_real_power_is_not_labelled_simulated(tmp_path, small):
 
 def test_report_without_runs_is_a_clear_error(tmp_path):
     study = tmp_path / "empty.db"
-    ingest.open_study_db(study)
+    study_db.open_study_db(study)
     with pytest.raises(FailedPrecondition, match="holds no runs"):
         report.build_report(study, tmp_path / "out")
 

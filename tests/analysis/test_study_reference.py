@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from llmwatts.analysis import ingest, metrics
+from llmwatts.analysis import ingest, metrics, reconcile
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
@@ -32,7 +32,7 @@ def test_10k_study_report_matches_the_row_by_row_implementation(tmp_path):
     study = tmp_path / "study.db"
     ingest.ingest(study, [server_db], [client_db])
     runs = metrics.all_run_metrics(study)
-    recs = [dataclasses.asdict(r) for r in metrics.all_reconciliations(study)]
+    recs = [dataclasses.asdict(r) for r in reconcile.all_reconciliations(study)]
     expected = json.loads(EXPECTED.read_text())
     assert [r["run_id"] for r in runs] == [r["run_id"] for r in expected["runs"]]
     diffs = [(old["run_id"], k, v, new.get(k)) for old, new in zip(expected["runs"], runs)

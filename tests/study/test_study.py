@@ -159,7 +159,7 @@ def test_study_killed_mid_cell_resumes_without_repeating_cells(served, tmp_path)
         (c, b, r) for c in ("250", "200") for b in ("1", "2") for r in ("8", "16")}
     assert idle[0] >= 1 and idle[1] > 0
 
-    from llmwatts.analysis.metrics import choose_sla
+    from llmwatts.analysis.tradeoffs import choose_sla
 
     assert second.stdout.count("SLA:") == 1
     conn = sqlite3.connect(str(db))
