@@ -34,7 +34,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from llmwatts.analysis import samples
+from llmwatts.analysis import samples, timeline
 from llmwatts.analysis import study_db as schema
 from llmwatts.errors import InvalidArgument, NotFound
 
@@ -166,6 +166,7 @@ def _copy_table(db: sqlite_utils.Database, path: Path, table: str, pk: tuple[str
     """``INSERT … SELECT`` the attached source's ``table`` into the study DB, upserting on ``pk``."""
     if table == "telemetry":  # the buckets are in (ingest_file); the run windows need the runs just copied
         samples.windows(db, "src", db._telemetry_since_ns)
+        timeline.fill(db, "src", db._telemetry_since_ns)  # short runs' own finer timelines
         return db._telemetry_new_samples
     columns = schema.columns(db.conn, table, "src")
     schema.ensure_table(db, table, columns, pk)

@@ -16,11 +16,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-from llmwatts.analysis import samples  # noqa: E402
+from llmwatts.analysis import timeline  # noqa: E402
 from llmwatts.analysis.report_data import SETTING_KEYS, Group, _num  # noqa: E402
 
 MAX_TIMELINES = 24
-MAX_POINTS_PER_GPU = 2000
 MAX_REQUEST_POINTS = 20000
 
 
@@ -108,9 +107,11 @@ def steady_span_of(db, run_id: str) -> tuple[int, int] | None:
     return (row[0], row[1]) if row and row[0] is not None and row[1] is not None and row[1] > row[0] else None
 
 
-def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
-    """Small multiples: each run's GPU power over its own window (±1 s), its steady-state span shaded and
-    its cap changes dashed; titled by its settings, not a server hash."""
+def timeline_figure(db, runs: list[dict], titles: dict[str, str]):
+    """Small multiples: each run's GPU power over its own window (±1 s) at a bin width chosen from its
+    duration (timeline.py: at most ``timeline.POINTS`` bins, the width in the x label), the bins' min–max
+    band shaded, its steady-state span shaded and its cap changes dashed; titled by its settings, not a
+    server hash. Power lines carry gid "power" (the tests read their data)."""
     shown = runs[:MAX_TIMELINES]
     if not shown or not db["runs"].exists():
         return None
@@ -126,13 +127,18 @@ def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
             ax.axis("off")
             continue
         server_id, begin_ns, end_ns = window
-        lo, hi = begin_ns - 1_000_000_000, end_ns + 1_000_000_000
+        lo, hi = timeline.span(begin_ns, end_ns)
         gpus = db.execute("SELECT gpu_key, gpu_uuid FROM telemetry_gpus WHERE server_id = ? ORDER BY gpu_uuid",
                           [server_id]).fetchall() if db["telemetry_gpus"].exists() else []
-        for gpu_key, gpu_uuid in gpus:  # one-second buckets' mean power (samples.py), merged to <= the cap
-            x, mean_w, _, _ = samples.power_series(db, gpu_key, lo, hi, MAX_POINTS_PER_GPU)
-            ax.plot([v + (lo - begin_ns) / 1e9 for v in x], mean_w, lw=1,
-                    label=f"GPU {gpu_uuid[-6:]}" if len(gpus) > 1 else None)
+        widths = set()
+        for gpu_key, gpu_uuid in gpus:
+            s = timeline.series(db, server_id, run["run_id"], gpu_uuid, gpu_key, begin_ns, end_ns)
+            if not s.t_s:
+                continue
+            widths.add(s.width_s)
+            (line,) = ax.plot(s.t_s, s.mean_w, lw=1, marker="." if len(s.t_s) < 40 else None, ms=3, gid="power",
+                              label=f"GPU {gpu_uuid[-6:]}" if len(gpus) > 1 else None)
+            ax.fill_between(s.t_s, s.min_w, s.max_w, color=line.get_color(), alpha=0.2, lw=0)
         ax.axvline(0, color="black", lw=0.8)
         ax.axvline((end_ns - begin_ns) / 1e9, color="black", lw=0.8)
         steady = steady_span_of(db, run["run_id"])
@@ -148,16 +154,28 @@ def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
                 ax.axvline((ts_ns - begin_ns) / 1e9, color="tab:red", ls="--", lw=0.8)
                 ax.text((ts_ns - begin_ns) / 1e9, 0.02, f" cap {new_cap_w:g} W", color="tab:red", fontsize=6,
                         rotation=90, transform=ax.get_xaxis_transform(), va="bottom")
+        ax.set_xlim((lo - begin_ns) / 1e9, (hi - begin_ns) / 1e9)
         ax.set_ylim(bottom=0)
         ax.set_title(titles.get(run["run_id"], run["run_id"]), fontsize=8)
-        ax.set_xlabel("s since the run began", fontsize=7)
+        bins = " or ".join(_seconds(w) for w in sorted(widths))
+        ax.set_xlabel("s since the run began" + (f" (mean of each {bins} bin; band: min–max)" if bins else
+                                                 " (no telemetry)"), fontsize=7)
         ax.set_ylabel(_sim("power (W)", bool(run.get("simulated"))), fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def _seconds(width_s: float) -> str:
+    return f"{width_s * 1000:g} ms" if width_s < 1 else f"{width_s:g} s"
+
+
+def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
+    fig = timeline_figure(db, runs, titles)
+    return None if fig is None else _png(fig)
 
 
 def request_energy(db, group: Group, simulated: bool) -> bytes | None:
