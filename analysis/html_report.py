@@ -43,7 +43,7 @@ series or one choice. Definitions of every number: docs/analysis.md; every colum
 latency p95 {{ "%.0f"|format(g.choice.runner_up.latency_p95_ms) }} ms.{% endif %}</div>{% endif %}
 {% for name, cols in tables.items() %}<h3>{{ name }}</h3>
 <table><thead><tr>{% for c in cols if present(g.runs, c) %}<th>{{ header(c) }}</th>{% endfor %}</tr></thead><tbody>
-{% for r in g.runs %}<tr>{% for c in cols if present(g.runs, c) %}<td class="{{ 't' if c in ('run_id','dataset') }}">{{ fmt(r.get(c)) }}</td>{% endfor %}</tr>{% endfor %}
+{% for r in g.runs %}<tr>{% for c in cols if present(g.runs, c) %}<td class="{{ 't' if c in ('run_id','dataset','power') }}">{{ fmt(r.get(c)) }}</td>{% endfor %}</tr>{% endfor %}
 </tbody></table>{% endfor %}
 {% if g.pareto %}<h3>Pareto front (lowest energy for its latency)</h3>
 <table><thead><tr><th>#</th><th>settings</th><th>latency p95 (ms)</th><th>{{ header('j_per_token') }}</th><th>run</th></tr></thead><tbody>
@@ -113,8 +113,9 @@ def cpu_only(db) -> bool:
 def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cpu_only: bool) -> Path:
     """Write report.html for ``runs`` (run_metrics rows) of study DB ``db`` (sqlite_utils)."""
     runs = data.with_labels(db, runs)
+    apart = [k for k in data.WORKLOAD_KEYS if len({str(r.get(k)) for r in runs}) > 1]  # what tells groups apart
     for r in runs:
-        r["_title"] = data.settings_text(r)
+        r["_title"] = ", ".join([f"{k.replace('_', ' ')} {r.get(k)}" for k in apart] + [data.settings_text(r)])
     all_sim = bool(runs) and all(r.get("simulated") for r in runs)
     groups = data.groups_of(runs)
     group_plots = []
@@ -152,6 +153,9 @@ def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cp
     steady = {"shown": len(shown), "shaded": len(shown) - len(without), "without": without}
     title = "llmwatts report" + (" — SIMULATED power" if all_sim else "")
     sim_cols = data.SIMULATED_COLUMNS if all_sim else set()
+    # Some runs simulated, some measured: each table says which is which (the note points there).
+    tables = {name: ["run_id", "power", *cols[1:]] for name, cols in data.TABLES.items()} \
+        if len({r.get("power") for r in runs}) > 1 else data.TABLES
 
     def header(column: str) -> str:
         name = data.COLUMN_NAMES.get(column, column.replace("_", " "))
@@ -162,7 +166,7 @@ def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cp
 
     html = TEMPLATE.render(
         title=title, sim_note=data.simulated_note(runs, cpu_only), runs_n=len(runs), groups=groups,
-        tables=data.TABLES, g_plots=group_plots, timeline=_uri(timeline), steady=steady, paper=data.reference(),
+        tables=tables, g_plots=group_plots, timeline=_uri(timeline), steady=steady, paper=data.reference(),
         sla=sla_p95_ms or 0, fmt=fmt, header=header, present=present, setting=data.settings_text)
     path.write_text(html, encoding="utf-8")
     return path

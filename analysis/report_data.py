@@ -121,15 +121,18 @@ def groups_of(runs: list[dict]) -> list[Group]:
 
 def settings_text(row: dict) -> str:
     """A run's settings in words: ``batch 4, 8 req/s poisson, 250 W cap`` (open loop: rate and arrival
-    process) or ``batch 4, 2 users, 250 W cap`` (closed loop)."""
+    process) or ``batch 4, 2 users, 250 W cap`` (closed loop); numbers as run (``250``, never ``250.0``)."""
     parts = []
     for k, unit in (("batch_size", "batch"), ("rate_rps", "req/s"), ("users", "users"), ("cap_w", "W cap"),
                     ("sm_clock_mhz", "MHz SM clock")):
         if row.get(k) is not None:
-            parts.append(f"{unit} {row[k]}" if k == "batch_size" else f"{row[k]} {unit}")
+            value = f"{_num(row[k]):g}" if _num(row[k]) is not None else str(row[k])
+            if k == "users" and value == "1":
+                unit = "user"
+            parts.append(f"{unit} {value}" if k == "batch_size" else f"{value} {unit}")
             if k == "rate_rps" and row.get("arrival"):
                 parts[-1] += f" {row['arrival']}"
-    return ", ".join(parts) or row["run_id"]
+    return ", ".join(parts) or row.get("run_id", "")
 
 
 def pareto_rows(rows: list[dict]) -> list[dict]:
@@ -227,7 +230,7 @@ def simulated_note(runs: list[dict], cpu_only: bool) -> str | None:
             "not from NVML")
     text = (f"All runs use SIMULATED power: {what}." if len(sim) == len(runs)
             else f"{len(sim)} of {len(runs)} runs use SIMULATED power ({', '.join(sim[:8])}"
-                 f"{'…' if len(sim) > 8 else ''}): {what}; their columns say so.")
+                 f"{'…' if len(sim) > 8 else ''}): {what}; the tables' power source column says which.")
     if cpu_only:
         text += (" The model ran on a CPU: a simulated J/token here is the modelled GPU's watts times this "
                  "CPU's wall time, so it shows the pipeline at work, not what a GPU would spend.")

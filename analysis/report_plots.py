@@ -10,6 +10,7 @@ quantity.
 from __future__ import annotations
 
 import io
+import textwrap
 
 import matplotlib
 
@@ -17,7 +18,7 @@ matplotlib.use("Agg")  # files only, never a display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 from llmwatts.analysis import timeline  # noqa: E402
-from llmwatts.analysis.report_data import SETTING_KEYS, Group, _num  # noqa: E402
+from llmwatts.analysis.report_data import SETTING_KEYS, Group, _num, settings_text  # noqa: E402
 
 MAX_TIMELINES = 24
 MAX_REQUEST_POINTS = 20000
@@ -28,6 +29,11 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _title(ax, text: str) -> None:
+    """A group's name as the title, wrapped to the axes' width (a long one ran over the y label)."""
+    ax.set_title("\n".join(textwrap.wrap(text, 80)), fontsize=8)
 
 
 def _sim(label: str, simulated: bool) -> str:
@@ -43,7 +49,7 @@ def _series(rows: list[dict], x_key: str):
         x = _num(r.get(x_key))
         if x is None:
             continue
-        label = ", ".join(f"{k.replace('_', ' ')} {r.get(k)}" for k in varying) or "all runs"
+        label = settings_text({k: r.get(k) for k in varying}) or "all runs"
         out.setdefault(label, {}).setdefault(x, []).append(r)
     return out
 
@@ -54,7 +60,7 @@ def metric_vs(group: Group, x_key: str, y_key: str, y_label: str, x_label: str, 
     rows = [r for r in group.runs if r.get(y_key) is not None]
     series = _series(rows, x_key)
     xs = sorted({x for s in series.values() for x in s})
-    if len(xs) < 2 and len(series) < 2:
+    if len(xs) < 2:  # one value run: nothing to read against it (it was ticked 0.50, 1.00)
         return None
     position = {x: i for i, x in enumerate(xs)}
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -72,7 +78,7 @@ def metric_vs(group: Group, x_key: str, y_key: str, y_label: str, x_label: str, 
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title(group.name, fontsize=9)
+    _title(ax, group.name)
     return _png(fig)
 
 
@@ -81,9 +87,12 @@ def pareto(group: Group, simulated: bool) -> bytes | None:
     if not rows:
         return None
     front = group.pareto
+    on_front = {id(r) for r in front}
+    others = [r for r in rows if id(r) not in on_front]
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.scatter([r["latency_p95_ms"] for r in rows], [r["j_per_token"] for r in rows], color="tab:gray", s=18,
-               label="runs")
+    if others:  # never a legend entry whose points all hide under the front's
+        ax.scatter([r["latency_p95_ms"] for r in others], [r["j_per_token"] for r in others], color="tab:gray",
+                   s=18, label="other runs")
     ax.plot([r["latency_p95_ms"] for r in front], [r["j_per_token"] for r in front], color="tab:red", marker="o",
             drawstyle="steps-post", label="Pareto front (numbered as in its table)")
     for i, r in enumerate(front, 1):
@@ -91,11 +100,11 @@ def pareto(group: Group, simulated: bool) -> bytes | None:
                     textcoords="offset points", color="tab:red")
     ax.set_xlabel("latency p95 (ms, client)")
     ax.set_ylabel(_sim("energy per output token (J)", simulated))
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    ax.set_xlim(0, max(r["latency_p95_ms"] for r in rows) * 1.1 or 1)
+    ax.set_ylim(0, max(r["j_per_token"] for r in rows) * 1.15 or 1)  # room above the top point for its number
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title(group.name, fontsize=9)
+    _title(ax, group.name)
     return _png(fig)
 
 
@@ -199,5 +208,5 @@ def request_energy(db, group: Group, simulated: bool) -> bytes | None:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title(group.name, fontsize=9)
+    _title(ax, group.name)
     return _png(fig)

@@ -162,10 +162,12 @@ def build_small(tmp_path: Path, simulated: bool = False, server_id: str = "srv-a
     return Built(server_db, client_db, server_id, ["run-1"])
 
 
-def build_sweep(tmp_path: Path, points: list[tuple[int, int, float, float]], simulated: bool = True) -> Built:
+def build_sweep(tmp_path: Path, points: list[tuple[int, int, float, float]], simulated: bool = True,
+                datasets: list[str] | None = None) -> Built:
     """A sweep over (cap_w, batch_size): each point gets a 2 s run with 4 one-batch requests of
     ``batch_size`` prompts, 100 output tokens per prompt, window energy = j_per_token × tokens and client
-    latencies spread around ``latency_ms``."""
+    latencies spread around ``latency_ms``; ``datasets`` (one per point, default gsm8k) the run's dataset.
+    A repeated (cap_w, batch_size, dataset) gets run id suffix ``-r2``, ``-r3``…"""
     server_db = tmp_path / "sweep-server.db"
     store = ServerStore(server_db, "srv-sweep")
     store.record_server({"started_ns": T0, "node": "n", "model": "llama-7b", "dtype": "float16",
@@ -176,13 +178,16 @@ def build_sweep(tmp_path: Path, points: list[tuple[int, int, float, float]], sim
     client_runs, client_requests, run_ids = [], [], []
     energy_j = 0.0
     for i, (cap_w, batch_size, j_per_token, latency_ms) in enumerate(points):
-        run_id = f"sweep-{cap_w}w-b{batch_size}"
+        dataset = datasets[i] if datasets else "gsm8k"
+        run_id = f"sweep-{cap_w}w-b{batch_size}" + (f"-{dataset}" if datasets else "")
+        if run_id in run_ids:
+            run_id += f"-r{sum(r.startswith(run_id) for r in run_ids) + 1}"
         run_ids.append(run_id)
         begin = T0 + i * 10 * S
         tokens = 4 * batch_size * 100
         run_energy = j_per_token * tokens
-        store.begin_run(run_id, begin, energy_j, {"cap_w": str(cap_w), "batch_size": str(batch_size)},
-                        simulated)
+        store.begin_run(run_id, begin, energy_j, {"cap_w": str(cap_w), "batch_size": str(batch_size),
+                                                 "dataset": dataset}, simulated)
         store.add_telemetry([
             _telemetry("GPU-S", 0, begin + k * S // 2, int((energy_j + run_energy * k / 4) * 1000), 50.0,
                        25.0, 10 * GIB, int(run_energy / 2 * 1000), cap_w * 1000, simulated)
@@ -205,7 +210,7 @@ def build_sweep(tmp_path: Path, points: list[tuple[int, int, float, float]], sim
                   "output_tokens": batch_size * 100, "energy_j": run_energy / 5, "status": "OK", "error": None}],
             )
             client_requests.append({
-                "request_id": rid, "run_id": run_id, "worker": "w0", "dataset": "gsm8k",
+                "request_id": rid, "run_id": run_id, "worker": "w0", "dataset": dataset,
                 "batch_size": batch_size, "stream": 0, "client_send_ns": begin + j * S // 4 - CLOCK_OFFSET_NS,
                 "first_token_ns": None, "done_ns": None, "latency_ms": latency_ms * (0.9 + 0.05 * j),
                 "ttft_ms": None, "prompt_tokens": 10, "output_tokens": batch_size * 100,
@@ -214,7 +219,7 @@ def build_sweep(tmp_path: Path, points: list[tuple[int, int, float, float]], sim
         store.end_run(run_id, begin + 2 * S, energy_j)
         client_runs.append({"run_id": run_id, "target": "t", "started_ns": begin - S, "ended_ns": begin + 3 * S,
                             "labels": {}, "clock_offset_ns": CLOCK_OFFSET_NS, "users": 1,
-                            "batch_size": batch_size, "dataset": "gsm8k", "stream": 0})
+                            "batch_size": batch_size, "dataset": dataset, "stream": 0})
     store.close()
     client_db = write_client_db(tmp_path / "sweep-client.db", client_runs, client_requests)
     return Built(server_db, client_db, "srv-sweep", run_ids)
