@@ -53,7 +53,9 @@ latency p95 {{ "%.0f"|format(g.choice.runner_up.latency_p95_ms) }} ms.{% endif %
 <figcaption>{{ caption }}</figcaption></figure>{% endfor %}</div>
 {% endfor %}
 {% if timeline %}<h2>Power over each run</h2>
-<p>Each run's GPU power over its own window (the black lines: BeginRun and EndRun); shaded green: the steady
+<p>Each run's GPU power over its own window ± 1 s (the black lines: BeginRun and EndRun), the mean of the
+samples in bins of one width per run chosen from its length (at most 120 bins; the width is under each plot;
+docs/analysis.md), their min–max shaded; shaded green: the steady
 state (requests in flight at 90% or more of the target: the closed loop's users, else the most ever in flight;
 docs/analysis.md); dashed red: cap changes. Steady state shaded in {{ steady.shaded }} of {{ steady.shown }} runs{%
 if steady.without %}; none in {{ steady.without|join(", ") }} (in-flight requests never reached 90% of the

@@ -155,8 +155,8 @@ def timeline_figure(db, runs: list[dict], titles: dict[str, str]):
             ax.axvspan((steady[0] - begin_ns) / 1e9, (steady[1] - begin_ns) / 1e9,
                        color="tab:green", alpha=0.15, label="steady state")
         else:
-            ax.text(0.5, 0.5, "no steady state:\nin-flight requests never reached\n90% of the target",
-                    transform=ax.transAxes, ha="center", va="center", fontsize=6, color="tab:gray")
+            ax.text(0.02, 0.97, "no steady state:\nin-flight requests never\nreached 90% of the target",
+                    transform=ax.transAxes, ha="left", va="top", fontsize=6, color="tab:gray")  # over the idle lead-in
         if db["cap_events"].exists():
             for ts_ns, new_cap_w in db.execute("SELECT ts_ns, new_cap_w FROM cap_events WHERE server_id = ? AND "
                                                "ts_ns BETWEEN ? AND ?", [server_id, lo, hi]):
@@ -172,9 +172,12 @@ def timeline_figure(db, runs: list[dict], titles: dict[str, str]):
         ax.set_ylabel(_sim("power (W)", bool(run.get("simulated"))), fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="lower right")
+        if len(gpus) > 1:  # the key to the shading and lines is below the figure, never over the data
+            ax.legend(handles=[line for line in ax.lines if line.get_gid() == "power"], fontsize=6, loc="lower right")
     fig.tight_layout()
+    key = ("black lines: BeginRun and EndRun; green: steady state; dashed red: cap change; "
+           "blue: mean power of each bin, its min–max band shaded")
+    fig.text(0.5, 0, "\n".join(textwrap.wrap(key, 75 * cols)), ha="center", va="top", fontsize=7)
     return fig
 
 
