@@ -51,10 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from engine_timing import sync
+from inprocess_server import alpaca_file, load_once, server_config
 from nvml_energy import EnergyCounter
 
-from llmwatts import paths
-from llmwatts.loadgen.prompts import ALPACA_FILES, _find, _read_records, alpaca_prompt
+from llmwatts.loadgen.prompts import _read_records, alpaca_prompt
 from llmwatts.server.continuous import LoopStats
 from llmwatts.server.engine import JOIN_GRAPH_TOKENS, BatchSpec, Sampling
 
@@ -81,11 +82,6 @@ def workload(path: Path, tokenizer, count: int, max_new: int) -> list[Request]:
     ids = tokenizer(texts)["input_ids"]
     outs = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
     return [Request(t, i, min(len(o) + 1, max_new)) for t, i, o in zip(texts, ids, outs)]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -225,10 +221,8 @@ def main(argv=None) -> int:
         ap.error(f"--extra-users must be 0 or more, got {args.extra_users}")
     if set(parts) - set(PARTS):
         ap.error(f"unknown parts {sorted(set(parts) - set(PARTS))}: use {','.join(PARTS)}")
-    dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
-    path = _find(dirs, ALPACA_FILES)
+    path = alpaca_file(args.data_dir)
     if path is None:
-        print(f"error: {' or '.join(ALPACA_FILES)} not found in {', '.join(map(str, dirs))}", file=sys.stderr)
         return 2
 
     from llmwatts.server.config import ServerConfig
@@ -240,15 +234,10 @@ def main(argv=None) -> int:
     db_dir = Path(tempfile.mkdtemp())
 
     def config(name: str, b: int, **kw) -> ServerConfig:
-        return ServerConfig(model=args.model, device=args.device, engine="fast", port=0,
-                            power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
-                            db_path=db_dir / f"{name}.db", cap_state_path=db_dir / f"{name}.caps.json",
-                            max_batch_size=b, queue_size=b + 8 + args.extra_users, **kw)
+        return server_config(args, device, db_dir, name, max_batch_size=b, queue_size=b + 8 + args.extra_users, **kw)
 
     t_load = time.perf_counter()
-    base = Host(config("load", 1))
-    loaded, engine = base.loaded, base.engine
-    base.close()
+    loaded, engine = load_once(config("load", 1))
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": getattr(counter, "name", "cpu"),
                "model": args.model, "torch": torch.__version__, "data": str(path), "rows": []}
 

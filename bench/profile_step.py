@@ -25,7 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from engine import copy_bandwidth_bytes_s, parse_variant, sync
+from engine import parse_variant
+from engine_timing import copy_bandwidth_bytes_s, sync
 from fixed_prompts import fixed_length_prompts
 
 from llmwatts.errors import InvalidArgument

@@ -39,11 +39,11 @@ import uuid
 from pathlib import Path
 
 import torch
-from continuous import GREEDY, Request, pct, sync, workload
+from continuous import GREEDY, Request, pct, workload
+from engine_timing import sync
+from inprocess_server import alpaca_file, load_once, server_config
 from nvml_energy import EnergyCounter
 
-from llmwatts import paths
-from llmwatts.loadgen.prompts import ALPACA_FILES, _find
 from llmwatts.server.continuous import LoopStats
 
 MODES = {"unary": None, "stream-per-step": 0.0, "stream": None}  # mode -> --stream-interval-ms (None: default)
@@ -175,10 +175,8 @@ def main(argv=None) -> int:
             interval_of(mode)
         except ValueError:
             ap.error(f"unknown mode {mode!r}: use {', '.join(MODES)} or stream-<ms> (e.g. stream-20)")
-    dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
-    path = _find(dirs, ALPACA_FILES)
+    path = alpaca_file(args.data_dir)
     if path is None:
-        print(f"error: {' or '.join(ALPACA_FILES)} not found in {', '.join(map(str, dirs))}", file=sys.stderr)
         return 2
 
     from llmwatts.server.config import ServerConfig
@@ -191,15 +189,11 @@ def main(argv=None) -> int:
     default_interval_ms = ServerConfig().stream_interval_ms
 
     def config(name: str, **kw) -> ServerConfig:
-        return ServerConfig(model=args.model, device=args.device, engine="fast", port=0,
-                            power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
-                            db_path=db_dir / f"{name}.db", cap_state_path=db_dir / f"{name}.caps.json",
-                            max_batch_size=args.users, queue_size=args.users + 8, continuous=True, **kw)
+        return server_config(args, device, db_dir, name, max_batch_size=args.users, queue_size=args.users + 8,
+                             continuous=True, **kw)
 
     t_load = time.perf_counter()
-    base = Host(config("load"))
-    loaded, engine = base.loaded, base.engine
-    base.close()
+    loaded, engine = load_once(config("load"))
     n_warm = args.warmup_requests or 2 * args.users
     reqs = workload(path, loaded.tokenizer, args.requests + n_warm, args.max_new_tokens)
     if args.lengths == "fixed":

@@ -4,6 +4,7 @@ Roles (from the runner): ``local`` does everything in one process; a ``master`` 
 server, hands out request numbers and writes the client DB; a ``worker`` runs users and ships its rows
 to the master. Request numbers ("permits") come from one counter — the local session or the master — so
 ``--requests N`` is exact over any number of workers and request ``k`` always carries the same prompts.
+The run's markers on the server (BeginRun/EndRun, the clock offset): ``run_markers.RunMarkers``.
 """
 
 from __future__ import annotations
@@ -11,24 +12,19 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
-import time
 from pathlib import Path
 
 import gevent
 import gevent.event
-import grpc
 from locust.runners import MasterRunner, WorkerRunner
 
 from llmwatts.errors import LlmwattsError
 from llmwatts.loadgen import records
 from llmwatts.loadgen.arrivals import ArrivalSchedule
-from llmwatts.loadgen.clock import CONTROL_DEADLINE_S, server_clock_offset_ns
 from llmwatts.loadgen.config import LoadConfig
-from llmwatts.loadgen.grpc_user import ChannelOptions, call_metadata, make_channel, normalise_target
+from llmwatts.loadgen.grpc_user import ChannelOptions, normalise_target
 from llmwatts.loadgen.prompts import PromptSet, dataset_label, load_prompts
-from llmwatts.loadgen.run_secret import OpenRun, remove_run_secret, write_run_secret
-from llmwatts.v1 import llmwatts_pb2 as pb
-from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
+from llmwatts.loadgen.run_markers import RunMarkers
 
 log = logging.getLogger("llmwatts.loadgen")
 
@@ -38,11 +34,10 @@ MSG_ROWS = "llmwatts_rows"              # worker → master [row, ...]
 MSG_FINAL = "llmwatts_final"            # worker → master {"shipped": n} after its last rows of a test
 MSG_ERROR = "llmwatts_error"            # worker → master {"error"}: it cannot run (e.g. no prompt file)
 FLUSH_INTERVAL_S = 0.5
-END_RUN_DEADLINE_S = 120.0  # EndRun waits on the server for the run's requests still in flight
 PERMIT_WAIT_S = 60.0
 
 
-class LoadSession:
+class LoadSession(RunMarkers):
     """State of one Locust environment across its tests. Users read ``environment.llmwatts``."""
 
     def __init__(self, environment, local_config: LoadConfig | None = None, token: str | None = None):
@@ -313,7 +308,7 @@ class LoadSession:
                 log.error("could not write client rows (will retry): %s", e)
                 self._last_error = str(e)
 
-    # --- prompts and run markers -------------------------------------------------------------------
+    # --- prompts -----------------------------------------------------------------------------------
 
     def _load_prompts(self):
         c = self.config
@@ -333,72 +328,6 @@ class LoadSession:
         split = int(getattr(options, "llm_rate_split", 1) or 1) if self.role == "worker" else 1
         node = self.runner.worker_index + 1 if self.role == "worker" else 0
         return ArrivalSchedule(c.rate_rps / split, c.arrival, c.burstiness, seed=c.seed, node=node)
-
-    def _control(self):
-        channel = make_channel(self.channel_options(self.environment.host or self.config.target))
-        return channel, pb_grpc.ControlStub(channel)
-
-    def _measure_clock_offset(self) -> None:
-        channel, control = self._control()
-        try:
-            _, self.clock_offset_ns = server_clock_offset_ns(control, call_metadata(self.token))
-        except grpc.RpcError as e:
-            log.error("GetServerInfo failed, no clock offset recorded: %s", _rpc_text(e))
-        finally:
-            channel.close()
-
-    def _mark_begin(self):
-        c = self.config
-        labels = c.run_labels(self.dataset)
-        started_ns = time.time_ns()
-        self._measure_clock_offset()
-        channel, control = self._control()
-        metadata = call_metadata(self.token)
-        try:
-            try:
-                marker = control.BeginRun(pb.BeginRunRequest(run_id=self.run_id, labels=labels),
-                                          timeout=CONTROL_DEADLINE_S, metadata=metadata)
-                self.run_secret = marker.run_secret
-                if self.secret_file:
-                    write_run_secret(self.secret_file, OpenRun(self.run_id, self.environment.host or c.target or "",
-                                                               marker.run_secret))
-                if self.environment.parsed_options is not None:  # workers get it with the spawn message
-                    self.environment.parsed_options.llm_run_secret = marker.run_secret
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # another run's window: send nothing under it
-                    self._begun = False
-                    self._fail(f"run id {self.run_id!r} was already used on this server: nothing was sent; "
-                               "pass a new --run-id (or none: one is made)")
-                    return
-                log.error("BeginRun(%s) failed: %s", self.run_id, _rpc_text(e))
-        finally:
-            channel.close()
-        self._begun = True
-        records.write_run_start(self.db, {
-            "run_id": self.run_id, "target": normalise_target(self.environment.host or c.target or ""),
-            "started_ns": started_ns, "labels": labels, "clock_offset_ns": self.clock_offset_ns,
-            "users": c.closed_loop_users(), "batch_size": c.batch_size, "dataset": self.dataset, "stream": int(c.stream),
-        })
-
-    def _mark_end(self):
-        if not self._begun:  # the run id was another run's: its window is not ours to end
-            return
-        channel, control = self._control()
-        try:
-            # The server answers once the run's requests have ended (its window holds their energy).
-            control.EndRun(pb.EndRunRequest(run_id=self.run_id, run_secret=self.run_secret),
-                           timeout=END_RUN_DEADLINE_S, metadata=call_metadata(self.token))
-            remove_run_secret(self.secret_file)
-        except grpc.RpcError as e:
-            log.error("EndRun(%s) failed: %s", self.run_id, _rpc_text(e))
-        finally:
-            channel.close()
-        records.write_run_end(self.db, self.run_id, time.time_ns())
-
-
-def _rpc_text(e: grpc.RpcError) -> str:
-    code = e.code() if hasattr(e, "code") else None
-    return f"{code.name if code else 'UNKNOWN'}: {e.details() if hasattr(e, 'details') else e}"
 
 
 def install(environment, local_config: LoadConfig | None = None, token: str | None = None) -> LoadSession:

@@ -93,7 +93,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
     def watch(self, server: grpc.Server) -> None:
         """Count the calls ``server``'s own concurrency limit refuses (see the module docstring). grpc keeps
         that count in its server state (``active_rpc_count``, ``maximum_concurrent_rpcs``, grpc 1.5x-1.8x);
-        without them this says so once and those refusals stay uncounted (tests/server/test_hardening.py
+        without them this says so once and those refusals stay uncounted (tests/server/test_guard.py
         fails then)."""
         state = getattr(server, "_state", None)
         if state is None or not hasattr(state, "active_rpc_count") or not hasattr(state, "maximum_concurrent_rpcs"):
@@ -161,23 +161,23 @@ class GuardInterceptor(grpc.ServerInterceptor):
 
         inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
-        def unary_response(request, context):
+        def admitted(request, context):
+            """(the request checked, or its stream checked as it is read; the call's slot)."""
             if not handler.request_streaming:
                 self._check(request, method, context)
             else:
                 request = checked_requests(request, context)
-            slot = self._admit(method, kind, context)
+            return request, self._admit(method, kind, context)
+
+        def unary_response(request, context):
+            request, slot = admitted(request, context)
             try:
                 return inner(request, context)
             finally:
                 slot.release()
 
         def stream_response(request, context):
-            if not handler.request_streaming:
-                self._check(request, method, context)
-            else:
-                request = checked_requests(request, context)
-            slot = self._admit(method, kind, context)
+            request, slot = admitted(request, context)
             try:
                 yield from inner(request, context)
             finally:

@@ -6,6 +6,8 @@ from pathlib import Path
 import grpc
 import platformdirs
 import pytest
+import sqlite_utils
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.service import create_server
@@ -34,6 +36,17 @@ def start_server(tmp_path: Path, **overrides):
     server, port = create_server(config)
     server.start()
     return server, port
+
+
+def serving(channel) -> int:
+    """The server's overall health status (``HealthCheckResponse.SERVING`` ...)."""
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def db_of(srv) -> sqlite_utils.Database:
+    """The server DB of ``srv`` (a started server), its buffered rows written first."""
+    srv.host.store.flush()
+    return sqlite_utils.Database(srv.host.config.db_path)
 
 
 @pytest.fixture

@@ -41,15 +41,14 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.delenv("LLMWATTS_DATA_DIR", raising=False)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """``(target, server_db)`` of a real server shared by the loadgen tests."""
-    tmp = tmp_path_factory.mktemp("server")
+def serve_tiny(tmp: Path, *flags: str):
+    """Run ``llmwatts serve`` (tiny, CPU, simulated GPU, port 0, DB in ``tmp``) with ``flags``; yields
+    ``(target, server_db)`` once it listens, then stops it (a fixture's body: ``yield from``)."""
     port_file, db = tmp / "port", tmp / "server.db"
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(
         [*LLMWATTS, "serve", "--model", "tiny", "--device", "cpu", "--power-backend", "simulated", "--port", "0",
-         "--port-file", str(port_file), "--db", str(db), "--telemetry-hz", "5"],
+         "--port-file", str(port_file), "--db", str(db), *flags],
         stdout=log, stderr=subprocess.STDOUT, env=offline_env(tmp), cwd=tmp,
     )
     deadline = time.monotonic() + 60
@@ -65,3 +64,9 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """``(target, server_db)`` of a real server shared by the loadgen tests."""
+    yield from serve_tiny(tmp_path_factory.mktemp("server"), "--telemetry-hz", "5")

@@ -1,6 +1,5 @@
 """Streams coalesced by the server (``--stream-interval-ms``) still give the client ITL exact to the step."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -9,40 +8,13 @@ import time
 import pytest
 import sqlite_utils
 
-LLMWATTS = [sys.executable, "-m", "llmwatts.cli"]
-
-
-def offline_env(tmp_path) -> dict:
-    """tests/loadgen/conftest.py's, copied: ``from conftest import`` gets whichever folder's conftest came first
-    when several test folders run together (tests/server has one too)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LLMWATTS_DATA_DIR", "LLMWATTS_INFERENCE_TOKEN")}
-    env.update(LLMWATTS_OFFLINE="1", HF_HUB_OFFLINE="1", LLMWATTS_CACHE_DIR=str(tmp_path / "cache"))
-    return env
+from tests.loadgen.conftest import offline_env, serve_tiny
 
 
 @pytest.fixture
 def coalescing_server(tmp_path):
     """A continuous server whose streams send the first tokens, then nothing until every sequence is done."""
-    port_file, db = tmp_path / "port", tmp_path / "server.db"
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [*LLMWATTS, "serve", "--model", "tiny", "--device", "cpu", "--power-backend", "simulated", "--port", "0",
-         "--port-file", str(port_file), "--db", str(db), "--continuous", "--stream-interval-ms", "10000"],
-        stdout=log, stderr=subprocess.STDOUT, env=offline_env(tmp_path), cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"llmwatts serve did not start:\n{(tmp_path / 'serve.log').read_text()}")
-        time.sleep(0.1)
-    yield f"127.0.0.1:{port_file.read_text().strip()}", db
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    yield from serve_tiny(tmp_path, "--continuous", "--stream-interval-ms", "10000")
 
 
 def test_coalesced_streams_record_the_itl_of_the_servers_steps(coalescing_server, tmp_path):
