@@ -36,24 +36,33 @@ def ensure_tables(db: sqlite_utils.Database) -> None:
     db.execute(f"CREATE TABLE IF NOT EXISTS run_percentiles (run_id TEXT PRIMARY KEY, {columns})")
 
 
+def _run_code(column: str) -> str:
+    """SQL: the small integer code of the run id in ``column`` (``temp.run_codes``, made by ``_run_codes``)."""
+    return f"(SELECT k.code FROM temp.run_codes k WHERE k.run_id IS {column})"
+
+
+def _run_codes(db: sqlite_utils.Database) -> list[str]:
+    """Number every run id of the requests (either side) 0.. in ``temp.run_codes``; the ids in code order.
+    Rows then come back all numbers, so each chunk is one numpy array, not a Python object per value."""
+    db.execute("DROP TABLE IF EXISTS temp.run_codes")
+    db.execute("CREATE TEMP TABLE run_codes (run_id TEXT UNIQUE, code INTEGER)")
+    db.execute("INSERT INTO temp.run_codes SELECT run_id, row_number() OVER () - 1 "
+               "FROM (SELECT run_id FROM requests UNION SELECT run_id FROM client_requests)")
+    return [r[0] for r in db.execute("SELECT run_id FROM temp.run_codes ORDER BY code")]
+
+
 def _fetch(db: sqlite_utils.Database, sql: str, names: list[str], params=()) -> tuple[list[str], dict]:
-    """Rows of ``sql`` (first column run_id) as (run ids, {name: float64 array}) plus int codes of runs."""
-    runs: dict[str, int] = {}
-    codes: list[np.ndarray] = []
-    cols: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    """Rows of ``sql`` (first column a run code, ``_run_code``; the rest numbers) as (run ids by code,
+    {name: float64 array, "_code": int32 array}). None reads as NaN."""
+    runs = _run_codes(db)
+    blocks: list[np.ndarray] = []
     cursor = db.execute(sql, params)
-    while True:
-        chunk = cursor.fetchmany(FETCH_ROWS)
-        if not chunk:
-            break
-        run_col, *value_cols = zip(*chunk)
-        codes.append(np.fromiter((runs.setdefault(r, len(runs)) for r in run_col), dtype=np.int32,
-                                 count=len(chunk)))
-        for name, values in zip(names, value_cols):
-            cols[name].append(np.array(values, dtype=np.float64))  # None -> nan
-    arrays = {n: (np.concatenate(v) if v else np.empty(0)) for n, v in cols.items()}
-    arrays["_code"] = np.concatenate(codes) if codes else np.empty(0, dtype=np.int32)
-    return list(runs), arrays
+    while chunk := cursor.fetchmany(FETCH_ROWS):
+        blocks.append(np.array(chunk, dtype=np.float64))
+    block = np.concatenate(blocks) if blocks else np.empty((0, len(names) + 1))
+    arrays = {n: block[:, i + 1] for i, n in enumerate(names)}
+    arrays["_code"] = block[:, 0].astype(np.int32)
+    return runs, arrays
 
 
 def _groups(codes: np.ndarray):
@@ -79,8 +88,8 @@ def fetch_requests(db: sqlite_utils.Database) -> tuple[list[str], dict, int]:
     base_ns = db.execute("SELECT coalesce(min(begin_ns), 0) FROM runs").fetchone()[0]
     names = [m for m, expr in METRICS.items() if expr]
     columns = [METRICS[m] for m in names] + ["itl_mean_ms", "itl_count", "ok", "has_server", "output_tokens"]
-    runs, arrays = _fetch(db, f"SELECT run_id, {', '.join(columns)}, received_ns - ?, done_ns - ? "
-                              "FROM request_join_rows WHERE ok OR has_server",
+    runs, arrays = _fetch(db, f"SELECT {_run_code('j.run_id')}, {', '.join(columns)}, received_ns - ?, done_ns - ? "
+                              "FROM request_join_rows j WHERE ok OR has_server",
                           names + columns[len(names):] + ["received_ns", "done_ns"], [base_ns, base_ns])
     return runs, arrays, base_ns
 
@@ -119,8 +128,8 @@ def _itl_from_chunks(db: sqlite_utils.Database, rows: dict[str, dict]) -> None:
     """Exact ITL percentiles over every inter-chunk gap of ok streamed requests (``client_chunks``)."""
     if db.execute("SELECT 1 FROM client_chunks LIMIT 1").fetchone() is None:
         return
-    runs, arrays = _fetch(db, """
-        SELECT j.run_id, ch.elapsed_ms - lag(ch.elapsed_ms) OVER (PARTITION BY ch.request_id ORDER BY ch.chunk_index)
+    runs, arrays = _fetch(db, f"""
+        SELECT {_run_code('j.run_id')}, ch.elapsed_ms - lag(ch.elapsed_ms) OVER (PARTITION BY ch.request_id ORDER BY ch.chunk_index)
         FROM client_chunks ch JOIN request_join_rows j ON j.request_id = ch.request_id AND j.has_client AND j.ok
     """, ["gap_ms"])
     for code, idx in _groups(arrays["_code"]):

@@ -178,12 +178,36 @@ def _copy_table(db: sqlite_utils.Database, path: Path, table: str, pk: tuple[str
         + ", ".join(f"[{c}] = excluded.[{c}]" for c in updates)
         if updates else "ON CONFLICT DO NOTHING"
     )
+    insert = (f"INSERT INTO main.[{table}] ({', '.join(f'[{c}]' for c in exprs)}) "
+              f"SELECT {', '.join(exprs.values())} FROM src.[{table}] s")
     before = db.conn.total_changes
-    db.execute(
-        f"INSERT INTO main.[{table}] ({', '.join(f'[{c}]' for c in exprs)}) "
-        f"SELECT {', '.join(exprs.values())} FROM src.[{table}] s {where} {conflict}"
-    )
+    if table in schema.BULK_TABLES and _bulk_copy(db, table, insert):
+        return db.conn.total_changes - before
+    before = db.conn.total_changes  # a bulk copy rolled back counts its rows in total_changes
+    db.execute(f"{insert} {where} {conflict}")
     return db.conn.total_changes - before
+
+
+def _bulk_copy(db: sqlite_utils.Database, table: str, insert: str) -> bool:
+    """Into an empty study table: drop its indexes, copy, build them again (one sort each, instead of a
+    B-tree insert per row and index: ~2x faster for 1M requests). False, with nothing changed, when the
+    table is not empty or the source holds a study key twice (the caller then upserts)."""
+    if db.execute(f"SELECT 1 FROM main.[{table}] LIMIT 1").fetchone() is not None:
+        return False
+    made = schema.indexes(db, table)
+    db.execute("SAVEPOINT bulk")
+    try:
+        for name, _ in made:
+            db.execute(f"DROP INDEX [{name}]")
+        db.execute(insert)
+        for _, sql in made:
+            db.execute(sql)
+    except sqlite3.IntegrityError:
+        db.execute("ROLLBACK TO bulk")
+        db.execute("RELEASE bulk")
+        return False
+    db.execute("RELEASE bulk")
+    return True
 
 
 def _already_ingested(db: sqlite_utils.Database, path: Path, sha256: str) -> bool:

@@ -26,7 +26,7 @@ SERVER_TABLES: dict[str, tuple[str, ...]] = {
     "runs": ("server_id", "run_id"),
     "batches": ("server_id", "batch_id"),
     "batch_gpu_energy": ("server_id", "batch_id", "gpu_uuid"),
-    "requests": ("server_id", "request_id"),
+    "requests": ("request_id", "server_id"),  # request_id first: the key serves the join by request_id
     "telemetry": ("server_id", "gpu_uuid", "ts_ns"),
     "cap_events": ("server_id", "id"),
     "idle_power": ("server_id", "gpu_uuid"),  # as llmwatts study writes it into the study DB
@@ -73,11 +73,14 @@ ADDED_COLUMNS = {
     "batch_gpu_energy": {"server_id": "TEXT"},
     "client_requests": {"client_clock_offset_ns": "INTEGER", "client_started_ns": "INTEGER"},
 }
-# Indexes for the views' joins (telemetry's key already serves its range joins).
+# Indexes for the views' joins besides each table's key (telemetry's key already serves its range joins).
 INDEXES = {
-    "requests": [("run_id",), ("request_id",)],
+    "requests": [("run_id",)],
     "client_requests": [("run_id",)],
 }
+# Tables copied into an empty study table in bulk: without indexes, which are built afterwards by one sort
+# each (ingest.py); a source of these tables holds each study key once (its own primary key).
+BULK_TABLES = ("batches", "batch_gpu_energy", "requests", "client_requests", "client_chunks")
 CACHE_MIB = 256  # SQLite page cache while ingesting: the key B-trees of 1M requests stay in memory
 
 
@@ -114,6 +117,12 @@ def _ensure_base(db: sqlite_utils.Database) -> None:
         samples.ensure_tables(db)
 
 
+def indexes(db: sqlite_utils.Database, table: str) -> list[tuple[str, str]]:
+    """(name, CREATE statement) of the indexes made on ``table`` (a PRIMARY KEY's own index is not one)."""
+    return db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
+                      [table]).fetchall()
+
+
 def columns(conn, table: str, schema: str = "main") -> list[tuple[str, str]]:
     return [(r[1], (r[2] or "").upper()) for r in conn.execute(f"PRAGMA [{schema}].table_info([{table}])")]
 
@@ -126,8 +135,9 @@ def ensure_table(db: sqlite_utils.Database, table: str, columns: list[tuple[str,
     ]
     if not db[table].exists():
         cols_sql = ", ".join(f"[{name}] {decl}".rstrip() for name, decl in wanted)
-        pk_sql = ", ".join(f"[{c}]" for c in pk)
-        db.execute(f"CREATE TABLE [{table}] ({cols_sql}, PRIMARY KEY ({pk_sql}))")
+        db.execute(f"CREATE TABLE [{table}] ({cols_sql})")
+        # The key as a unique index rather than a PRIMARY KEY: a bulk copy can drop it and build it after.
+        db.execute(f"CREATE UNIQUE INDEX [key_{table}] ON [{table}] ({', '.join(f'[{c}]' for c in pk)})")
         for columns_ in INDEXES.get(table, []):
             db[table].create_index(list(columns_), if_not_exists=True)
         return
