@@ -13,6 +13,7 @@ import io
 import textwrap
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, never a display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
@@ -191,16 +192,20 @@ def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
 
 
 def request_energy(db, group: Group, simulated: bool) -> bytes | None:
-    """Per-request joules vs latency, one colour per run setting."""
-    if not db["request_join"].exists():
+    """Per-request joules vs latency, one colour per run setting. A run with more than ``MAX_REQUEST_POINTS``
+    counted requests is thinned evenly: every k-th of them in the study DB's order (client send order)."""
+    if not db["request_join_rows"].exists():
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     drawn = 0
     for run in group.runs[:20]:
-        pts = db.execute("SELECT e2e_ms, energy_j FROM request_join WHERE run_id = ? AND ok AND e2e_ms IS NOT NULL "
-                         "AND energy_j IS NOT NULL LIMIT ?", [run["run_id"], MAX_REQUEST_POINTS]).fetchall()
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, alpha=0.6, label=run.get("_title", run["run_id"]))
+        every = max(1, -(-(run.get("requests_ok") or 0) // MAX_REQUEST_POINTS))
+        pts = np.array(db.execute(
+            "SELECT e2e_ms, energy_j FROM request_join_rows WHERE run_id = ? AND ok AND e2e_ms IS NOT NULL "
+            "AND energy_j IS NOT NULL AND rowid % ? = 0 LIMIT ?", [run["run_id"], every, MAX_REQUEST_POINTS]
+        ).fetchall(), dtype=np.float64).reshape(-1, 2)
+        if len(pts):
+            ax.scatter(pts[:, 0], pts[:, 1], s=8, alpha=0.6, label=run.get("_title", run["run_id"]))
             drawn += 1
     if not drawn:
         plt.close(fig)
