@@ -8,6 +8,8 @@ percentile is ``llmwatts.stats.percentiles`` (numpy ``linear``), the project's o
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import sqlite_utils
 
@@ -57,8 +59,14 @@ def _fetch(db: sqlite_utils.Database, sql: str, names: list[str], params=()) -> 
     runs = _run_codes(db)
     blocks: list[np.ndarray] = []
     cursor = db.execute(sql, params)
-    while chunk := cursor.fetchmany(FETCH_ROWS):
-        blocks.append(np.array(chunk, dtype=np.float64))
+    collecting = gc.isenabled()
+    gc.disable()  # a million row tuples, each freed at once: no cycles to find, but full collections to pay
+    try:
+        while chunk := cursor.fetchmany(FETCH_ROWS):
+            blocks.append(np.array(chunk, dtype=np.float64))
+    finally:
+        if collecting:
+            gc.enable()
     block = np.concatenate(blocks) if blocks else np.empty((0, len(names) + 1))
     arrays = {n: block[:, i + 1] for i, n in enumerate(names)}
     arrays["_code"] = block[:, 0].astype(np.int32)

@@ -139,3 +139,47 @@ def test_reingest_takes_telemetry_samples_that_arrive_late(tmp_path, small):
     ingest.ingest(study, [small.server_db, copy])
     assert db.execute("SELECT sum(samples) FROM telemetry_buckets").fetchone()[0] == 26 + 3
     assert db.execute("SELECT samples, sm_pct_sum FROM run_gpu_windows WHERE gpu_uuid = 'GPU-0000'").fetchone() == after
+
+
+def test_bulk_copy_keeps_keys_and_a_copy_or_a_grown_file_adds_only_new_rows(tmp_path, small):
+    """Guards the bulk path (an empty study table is copied without indexes, which are built afterwards):
+    the key and the views' indexes must exist after it, and the next ingest of a copy, or of the grown file,
+    must upsert on them (a missing key index would duplicate every row)."""
+    study = tmp_path / "study.db"
+    ingest.ingest(study, [small.server_db], [small.client_db])
+    db = sqlite_utils.Database(study)
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"key_requests", "idx_requests_run_id", "key_client_requests", "idx_client_requests_run_id",
+            "key_batches", "key_batch_gpu_energy"} <= names
+    first = counts(study)
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(small.server_db.read_bytes())
+    ingest.ingest(study, [copy])
+    assert counts(study) == first
+    server = sqlite_utils.Database(small.server_db)
+    server["requests"].insert({"request_id": "late", "run_id": "run-1", "server_id": "srv-a", "status": "OK",
+                               "n_prompts": 1})
+    server.conn.commit()
+    server.conn.close()
+    ingest.ingest(study, [small.server_db])
+    assert counts(study) == {**first, "requests": first["requests"] + 1}
+
+
+def test_a_source_holding_a_key_twice_is_upserted_not_refused(tmp_path, small):
+    """Guards the bulk path's fallback: an older client DB whose client_requests has no primary key may hold
+    one request_id twice; building the study key after a bulk copy would fail, so the copy is rolled back and
+    upserted (the later row wins), as before the bulk path."""
+    client = sqlite_utils.Database(small.client_db)
+    client.execute("CREATE TABLE loose AS SELECT * FROM client_requests")
+    client.execute("INSERT INTO loose SELECT * FROM client_requests LIMIT 1")
+    client.execute("UPDATE loose SET latency_ms = 12345.0 WHERE rowid = (SELECT max(rowid) FROM loose)")
+    client.execute("DROP TABLE client_requests")
+    client.execute("ALTER TABLE loose RENAME TO client_requests")
+    client.conn.commit()
+    client.conn.close()
+    study = tmp_path / "study.db"
+    result = ingest.ingest(study, [small.server_db], [small.client_db])
+    assert result.sources[1].rows["client_requests"] == 7  # 6 rows + the duplicate's update
+    db = sqlite_utils.Database(study)
+    assert db["client_requests"].count == 6
+    assert db.execute("SELECT count(*) FROM client_requests WHERE latency_ms = 12345.0").fetchone()[0] == 1
