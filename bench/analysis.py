@@ -160,14 +160,15 @@ def run_one(method: str, server_db: Path, client_db: Path) -> dict:
     """One method in this process: {"seconds", "peak_mib", "runs"} or {"missing": why}."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-analysis-{method}-"))
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if method == "llmwatts":
             runs = run_llmwatts(server_db, client_db, work)
         elif method == "pandas":
             runs = run_pandas(server_db, client_db, work)
         else:
             runs = run_duckdb(server_db, client_db, work, int(method.split("-")[1]))
-        return {"seconds": time.perf_counter() - start, "peak_mib": _peak_mib(), "runs": runs}
+        return {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "peak_mib": _peak_mib(),
+                "runs": runs}
     except ImportError as e:
         return {"missing": f"{e.name or e} not installed"}
     finally:
@@ -225,7 +226,8 @@ def main(argv=None) -> int:
                           if m in row and "runs" in row[m]), {})
         problems = {m: disagreements(reference, r["runs"]) for m, r in row.items() if "runs" in r}
         failed |= any(problems.values())
-        cells = [f"{r['seconds']:.1f} s, {r['peak_mib']:.0f} MiB" if "runs" in r else r["missing"]
+        # wall s (CPU s of every thread: on a shared box the steadier of the two), peak memory
+        cells = [f"{r['seconds']:.1f} s (cpu {r['cpu_s']:.1f} s), {r['peak_mib']:.0f} MiB" if "runs" in r else r["missing"]
                  for r in row.values()]
         agree = "yes" if not any(problems.values()) else "; ".join(f"{m}: {p[:3]}" for m, p in problems.items() if p)
         print(f"| {spec.requests:,} requests, {spec.samples:,} samples | {' | '.join(cells)} | {agree} |", flush=True)
