@@ -233,9 +233,8 @@ class ContinuousBatcher(Batcher):
             self.segment = Segment(uuid.uuid4().hex, start, start)
         now = time.time_ns()
         for request_id, (work, spec) in joins.items():
-            self.joined[request_id] = self.segment.works[request_id] = Joined(work, spec, now)
-            self.segment.sequences += len(spec.prompts)
-            self.segment.prompt_tokens += sum(map(len, spec.prompts))
+            self.joined[request_id] = Joined(work, spec, now)
+            self.segment.join(request_id, self.joined[request_id])
         t0 = time.perf_counter()
         deltas = self.session.admit({request_id: spec for request_id, (_, spec) in joins.items()})
         took = time.perf_counter() - t0
@@ -264,8 +263,11 @@ class ContinuousBatcher(Batcher):
         stats.steps += 1
         stats.live_rows += live
         stats.step_s += t1 - t0
+        joined, trackers = self.joined, self.session.trackers
         for request_id, deltas in gained.items():
-            self.joined[request_id].work.put_step(self.session.trackers[request_id].steps - 1, deltas)
+            work = joined[request_id].work
+            if work.stream:  # (a unary request waits for its answer alone)
+                work.put_step(trackers[request_id].steps - 1, deltas)
         # tokens a step processes: one per sequence that ran it (the step it stopped on EOS included)
         self._account(dict(self.session.last_ran))
         self._last_step = time.perf_counter()
@@ -274,17 +276,17 @@ class ContinuousBatcher(Batcher):
     def _account(self, tokens: dict[str, int]) -> None:
         """Add the tokens each request processed; hand the requests that ended to the meter thread. One
         critical section: a request's last tokens and its end are settled by the same read."""
-        ended = []
-        for request_id in tokens:
-            if self.session.done(request_id):
-                j = self.joined.pop(request_id)
-                j.steps = self.session.trackers[request_id].steps
-                j.output = self.session.pop(request_id)
-                ended.append(j)
+        ended, finished = [], self.session.finished  # (the session's keys that ended: no check per request)
+        for request_id in [k for k in tokens if k in finished] if finished else ():
+            j = self.joined.pop(request_id)
+            j.steps = self.session.trackers[request_id].steps
+            j.output = self.session.pop(request_id)
+            ended.append(j)
         with self._lock:
+            counts = self._tokens
             for request_id, n in tokens.items():
                 if n:
-                    self._tokens[request_id] = self._tokens.get(request_id, 0) + n
+                    counts[request_id] = counts.get(request_id, 0) + n
             self._ended.extend(ended)
         if ended:
             self._set_load()

@@ -41,6 +41,9 @@ class Segment:
     gpu_j: dict[str, float] = field(default_factory=dict)    # gpu uuid -> joules settled
     interpolated: bool = False
     works: dict[str, Joined] = field(default_factory=dict)   # request id -> every request that joined
+    # request id -> the ones not yet written as ended: what every write carries as "running" (a long
+    # segment's ``works`` grows to thousands; each write walks only these)
+    running: dict[str, Joined] = field(default_factory=dict)
     sequences: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0                                   # of the requests answered so far
@@ -76,10 +79,19 @@ class Segment:
                     for g in gpus]
         # (a kill -9 leaves the running rows "running"; the next start marks them ABORTED)
         requests = [self._row(j, status or j.work.status, error, simulated) for j in ended]
-        answered = {id(j) for j in ended}
-        requests += [self._row(j, "running", None, simulated) for j in self.works.values()
-                     if j.output is None and id(j) not in answered]
+        for j in ended:
+            self.running.pop(j.work.request_id, None)
+        # (list(): the batcher thread adds joiners meanwhile; a Joined whose output is set is on its way to
+        # ``ended``: the next write carries it)
+        requests += [self._row(j, "running", None, simulated) for j in list(self.running.values())
+                     if j.output is None]
         return batch, gpu_rows, requests
+
+    def join(self, request_id: str, joined: Joined) -> None:
+        """``joined`` enters the segment (the batcher thread)."""
+        self.works[request_id] = self.running[request_id] = joined
+        self.sequences += len(joined.spec.prompts)
+        self.prompt_tokens += sum(map(len, joined.spec.prompts))
 
     def _row(self, j: Joined, status: str, error: str | None, simulated: bool) -> RequestRow:
         out = j.output

@@ -177,7 +177,7 @@ class ChunkStream:
                                 deltas=deltas, server_ns=time.time_ns())
 
 
-def _drain(events: queue.Queue) -> list:
+def _drain(events: queue.SimpleQueue) -> list:
     out = []
     while True:
         try:
@@ -186,7 +186,7 @@ def _drain(events: queue.Queue) -> list:
             return out
 
 
-def _wait(events: queue.Queue, is_active: Callable[[], bool]) -> list | None:
+def _wait(events: queue.SimpleQueue, is_active: Callable[[], bool]) -> list | None:
     """Block for the next event, then take every one already there; None once the client has gone."""
     while True:
         try:

@@ -67,7 +67,9 @@ class Work:
     sampling: Sampling
     ignore_eos: bool
     received_ns: int
-    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
+    # (SimpleQueue: put and get in C, no Python-level lock and condition per event: the batcher thread puts a
+    # Step for every streamed request every decode step)
+    events: "queue.SimpleQueue[Event]" = field(default_factory=queue.SimpleQueue)
     stream: bool = True  # False (unary Generate): no Step events, so its thread does not wake every step
     # "CANCELLED" or "DEADLINE_EXCEEDED" once its call ended before its answer (``Batcher.cancel``): it
     # leaves the queue, and a running batch at its next decode step.

@@ -77,12 +77,13 @@ class SequenceTracker:
         self.finish: list[str | None] = [None] * n
         self.done_ns = [0] * n
         self.done_step = [0] * n
+        self.n_finished = 0  # sequences finished so far (a continuous session frees rows when it grows)
         self.steps = 0
         self.first_token_ns = 0
 
     @property
     def all_done(self) -> bool:
-        return all(f is not None for f in self.finish)
+        return self.n_finished == len(self.finish)
 
     def step(self, new_ids: list[int]) -> list[list[int]]:
         """Take one step's token per sequence; return what each sequence really gained."""
@@ -110,6 +111,7 @@ class SequenceTracker:
 
     def _finish(self, i: int, reason: str, now_ns: int) -> None:
         self.finish[i], self.done_ns[i], self.done_step[i] = reason, now_ns, self.steps
+        self.n_finished += 1
 
     def output(self) -> BatchOutput:
         now = time.time_ns()

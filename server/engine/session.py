@@ -4,12 +4,16 @@ energy accounting around it is ``server/continuous.py``.
 """
 
 import dataclasses
+import operator
 
 import torch
 
 from llmwatts.server.engine.batch import BatchOutput, BatchSpec, Sampling, SequenceTracker
 from llmwatts.server.engine.cache import Workspace, bucket
 from llmwatts.server.engine.graphs import step_buffers
+
+# What a session's requests must share: every sampling setting but the seed (each row samples with its own).
+_unseeded = operator.attrgetter(*(f.name for f in dataclasses.fields(Sampling) if f.name != "seed"))
 
 
 class ContinuousSession:
@@ -52,6 +56,8 @@ class ContinuousSession:
         self.trackers: dict[object, SequenceTracker] = {}
         self.rows_of: dict[object, list[int | None]] = {}             # key -> row per sequence (None: ended)
         self.steps = 0                                                 # steps launched
+        self.free_rows = rows                                          # rows without an owner
+        self.finished: set = set()                                     # keys all ended, not yet popped
         self.last_ran: dict[object, int] = {}  # key -> its sequences that ran the step ``step`` took
         self._host = step_buffers(ws.batch, dev)
         self._pending = None  # (host buffer, event, [(row, key, sequence)]) of the step launched last
@@ -61,10 +67,6 @@ class ContinuousSession:
         return self.ws.cache_len
 
     @property
-    def free_rows(self) -> int:
-        return sum(o is None for o in self.owner)
-
-    @property
     def live_rows(self) -> int:
         return self.rows - self.free_rows
 
@@ -72,7 +74,7 @@ class ContinuousSession:
         """Whether ``batch`` could ever join this session: same sampling (any seed), and room in the cache
         (now or once rows free up) for its prompt, its new tokens and the one step a row runs past its end."""
         width = max(len(p) for p in batch.prompts)
-        same = dataclasses.replace(batch.sampling, seed=None) == dataclasses.replace(self.sampling, seed=None)
+        same = _unseeded(batch.sampling) == _unseeded(self.sampling)
         return (same and batch.ignore_eos == self.ignore_eos
                 and len(batch.prompts) <= self.rows and width + max(batch.max_new_tokens) <= self.cache_slots)
 
@@ -105,6 +107,7 @@ class ContinuousSession:
             for i, r in enumerate(rows):
                 self.owner[r] = (key, i)
                 self.slot[r] = starts[at + i]
+            self.free_rows -= len(rows)
             out[key] = tracker.step(first[at:at + len(spec.prompts)])
             self._free_ended(key)
             at += len(spec.prompts)
@@ -177,8 +180,10 @@ class ContinuousSession:
             self.last_ran[key] = sum(1 for i in tokens if tracker.finish[i] is None)
             if not self.last_ran[key]:
                 continue
+            finished = tracker.n_finished
             out[key] = tracker.step([tokens.get(i, 0) for i in range(len(tracker.finish))])
-            self._free_ended(key)
+            if tracker.n_finished != finished:
+                self._free_ended(key)
         return out
 
     def done(self, key) -> bool:
@@ -189,11 +194,16 @@ class ContinuousSession:
         if not self.done(key):
             raise ValueError(f"request {key!r} has not ended")
         del self.rows_of[key]
+        self.finished.discard(key)
         return self.trackers.pop(key).output()
 
     def _free_ended(self, key) -> None:
-        """Free the rows of ``key``'s sequences that just ended: idle, slot 0, attending to slot 0 only."""
-        rows, finish = self.rows_of[key], self.trackers[key].finish
+        """Free the rows of ``key``'s sequences that just ended: idle, slot 0, attending to slot 0 only. Once
+        all have, ``key`` is in ``finished`` until ``pop``."""
+        tracker = self.trackers[key]
+        rows, finish = self.rows_of[key], tracker.finish
+        if tracker.all_done:
+            self.finished.add(key)
         ended = [r for i, r in enumerate(rows) if r is not None and finish[i] is not None]
         if not ended:
             return
@@ -202,6 +212,7 @@ class ContinuousSession:
             rows[i] = None
             self.owner[r] = None
             self.slot[r] = 0
+        self.free_rows += len(ended)
         self._idle(torch.tensor(ended, dtype=torch.long, device=self.engine.device))
 
     def _idle(self, rows: torch.Tensor) -> None:

@@ -1,0 +1,276 @@
+"""The continuous server at the engine's efficiency? Host time between decode steps, server against engine.
+
+Issue 20: on an H100 the continuous server ran ~0.79x the tokens/s of the same engine offline at 64 rows.
+A decode step only keeps the GPU busy while the host's work between steps (admission, the segment's
+ledger, per-step records, stream chunks, stop checks) stays under the GPU's step time. On CPU with the
+``tiny`` preset the model's forward is small, so that host work shows up clearly. One run, one process,
+the same engine object, in this order per ``B``:
+
+- ``engine``: a ``ContinuousSession`` of ``B`` rows, every request queued at t0, joining in rounds of
+  ``B / 8`` free rows (the server's default round, ``JOIN_FRACTION``) -- ``bench/continuous.py``'s
+  ``engine_continuous``, the baseline;
+- ``unary``: ``llmwatts serve --continuous --max-batch-size B``, ``B + --extra-users`` closed-loop client
+  threads in a process of their own (``Generate``);
+- ``stream``: the same with ``GenerateStream`` (the server's default chunk interval).
+
+Per row: tokens/s and its ratio to the engine row; decode steps and live rows a step; the forward's ms a
+step (``FastEngine.decode_step``, timed with ``time.perf_counter_ns`` around each call); and the **host ms
+a step outside the forward**: the loop's wall time less the forward and the joins (``FastEngine.join``),
+per step. For the engine row, the loop is the whole run; for the server rows, the batcher thread's busy
+time (``LoopStats``: its steps and the time between them, joins excluded), and beside it the meter
+thread's time a step (``_settle``: energy reads, the split, the segment's rows written), which competes
+for the interpreter lock. On CUDA ``decode_step`` only
+launches (the step runs asynchronously), so the host columns are CPU figures; the tokens/s ratio is the
+GPU's. ``--profile`` prints the batcher thread's cProfile (by own time) after each server row.
+
+Workload: Alpaca requests with their reference lengths, greedy, fixed length (``bench/continuous.py``).
+
+    python bench/server_host.py --data-dir DIR                        # tiny on cpu, B = 64 and 256
+    python bench/server_host.py --data-dir DIR --model llama-7b --device cuda
+    python bench/server_host.py --quick --data-dir DIR                # 4 rows, proves the script runs
+"""
+
+import argparse
+import concurrent.futures
+import cProfile
+import io
+import json
+import multiprocessing
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from continuous import GREEDY, engine_continuous, pct, sync, workload
+from stream import closed_loop
+
+from llmwatts import paths
+from llmwatts.loadgen.prompts import ALPACA_FILES, _find
+from llmwatts.server.continuous import JOIN_FRACTION, LoopStats
+
+MODES = ("engine", "unary", "stream")
+
+
+class ForwardClock:
+    """Nanoseconds inside the engine's ``decode_step`` and ``join`` (instance attributes wrapping the
+    engine's own methods; ``close`` removes them)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.forward_ns = self.join_ns = self.forwards = 0
+        decode_step, join = engine.decode_step, engine.join
+
+        def timed_decode_step(*a, **kw):
+            t0 = time.perf_counter_ns()
+            try:
+                return decode_step(*a, **kw)
+            finally:
+                self.forward_ns += time.perf_counter_ns() - t0
+                self.forwards += 1
+
+        def timed_join(*a, **kw):
+            t0 = time.perf_counter_ns()
+            try:
+                return join(*a, **kw)
+            finally:
+                self.join_ns += time.perf_counter_ns() - t0
+
+        engine.decode_step, engine.join = timed_decode_step, timed_join
+
+    def reset(self) -> None:
+        self.forward_ns = self.join_ns = self.forwards = 0
+
+    def close(self) -> None:
+        del self.engine.decode_step, self.engine.join
+
+
+def host_columns(busy_ns: int, clock: ForwardClock, steps: int) -> dict:
+    """Forward ms a step, and the host's ms a step outside the forward and the joins."""
+    n = max(steps, 1)
+    return {"forward_ms": clock.forward_ns / 1e6 / n, "host_ms": (busy_ns - clock.forward_ns) / 1e6 / n,
+            "join_s": clock.join_ns / 1e9}
+
+
+def engine_row(engine, reqs, b: int, clock: ForwardClock, device) -> dict:
+    engine_continuous(engine, reqs[:b], b, max(1, b // JOIN_FRACTION))  # untimed
+    sync(device)
+    clock.reset()
+    t0 = time.perf_counter_ns()
+    out = engine_continuous(engine, reqs, b, max(1, b // JOIN_FRACTION))
+    sync(device)
+    wall_ns = time.perf_counter_ns() - t0
+    return {"seconds": wall_ns / 1e9, "steps": out["steps"], "live_rows": out["mean_live_rows"],
+            "p50_s": pct(out["latencies"], 0.5), **host_columns(wall_ns - clock.join_ns, clock, out["steps"])}
+
+
+def wrapped(obj, name: str, profile: cProfile.Profile | None, spent: dict) -> None:
+    """Time (and profile) ``obj.name`` (a method looked up on the instance at each call): its total
+    nanoseconds in ``spent[name]``."""
+    method = getattr(obj, name)
+    spent[name] = 0
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter_ns()
+        if profile is not None:
+            profile.enable()
+        try:
+            return method(*a, **kw)
+        finally:
+            if profile is not None:
+                profile.disable()
+            spent[name] += time.perf_counter_ns() - t0
+
+    setattr(obj, name, timed)
+
+
+def server_row(create, pool, reqs, warm, users: int, stream: bool, clock: ForwardClock, device,
+               profile: bool) -> dict:
+    srv, port = create()
+    srv.start()
+    batcher = srv.host.batcher
+    try:
+        closed_loop(pool, port, warm, users, 1, stream)  # untimed
+        batcher.stats = LoopStats()
+        profs = [cProfile.Profile(), cProfile.Profile()] if profile else [None, None]
+        spent: dict[str, int] = {}
+        wrapped(batcher, "_run_once", profs[0], spent)  # the batcher thread's turns
+        wrapped(batcher, "_settle", profs[1], spent)    # the meter thread's reads, splits and writes
+        sync(device)
+        clock.reset()
+        t0 = time.perf_counter_ns()
+        out = closed_loop(pool, port, reqs, users, 1, stream)
+        sync(device)
+        wall_ns = time.perf_counter_ns() - t0
+        s = batcher.stats
+    finally:
+        srv.stop(1)
+    row = {"seconds": wall_ns / 1e9, "steps": s.steps, "live_rows": s.live_rows / max(s.steps, 1),
+           "p50_s": pct(out["latency_s"], 0.5), "joins": s.joins, "users": users,
+           "meter_ms": spent["_settle"] / 1e6 / max(s.steps, 1),
+           **host_columns(int(1e9 * (s.step_s + s.between_s)), clock, s.steps)}
+    if out["ttft_s"] and None not in out["ttft_s"]:
+        row["ttft_p50_ms"] = 1000 * pct(out["ttft_s"], 0.5)
+    if profile:
+        text = io.StringIO()
+        for title, prof in zip(("batcher thread", "meter thread"), profs):
+            text.write(f"-- {title}\n")
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        row["profile"] = text.getvalue()
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="64,256", help="rows (engine and server's --max-batch-size)")
+    ap.add_argument("--requests", type=int, default=0, help="requests per batch size (default: 4 B)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--modes", default=",".join(MODES), help=f"in this order, repeats allowed: {', '.join(MODES)}")
+    ap.add_argument("--extra-users", type=int, default=-1,
+                    help="server rows: B + this many client threads (default: B / 8, one round's worth: a row "
+                         "that frees finds a request waiting, as the offline engine's queue always has one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1: the clients and "
+                                                          "gRPC get the other core of a 2-core box)")
+    ap.add_argument("--profile", action="store_true", help="print the batcher thread's cProfile per server row")
+    ap.add_argument("--data-dir", help="folder with alpaca_5k.jsonl (default: llmwatts' data folders)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="4 rows, 16 requests, 12 new tokens")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.requests, args.max_new_tokens = "4", 16, 12
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - set(MODES):
+        ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}: use {', '.join(MODES)}")
+    dirs = [Path(args.data_dir)] if args.data_dir else paths.data_dirs(None)
+    path = _find(dirs, ALPACA_FILES)
+    if path is None:
+        print(f"error: {' or '.join(ALPACA_FILES)} not found in {', '.join(map(str, dirs))}", file=sys.stderr)
+        return 2
+
+    from llmwatts.server.config import ServerConfig
+    from llmwatts.server.host import Host
+    from llmwatts.server.service import create_server
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    db_dir = Path(tempfile.mkdtemp())
+
+    def config(name: str, b: int, users: int, **kw) -> ServerConfig:
+        return ServerConfig(model=args.model, device=args.device, engine="fast", port=0,
+                            power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
+                            db_path=db_dir / f"{name}.db", cap_state_path=db_dir / f"{name}.caps.json",
+                            max_batch_size=b, queue_size=users + 8, **kw)
+
+    base = Host(config("load", 1, 1))
+    loaded, engine = base.loaded, base.engine
+    base.close()
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": args.model, "device": str(device),
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
+    clock = ForwardClock(engine)
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    for b in [int(x) for x in args.batches.split(",") if x]:
+        users = b + (args.extra_users if args.extra_users >= 0 else max(1, b // JOIN_FRACTION))
+        n = args.requests or 4 * b
+        reqs = workload(path, loaded.tokenizer, n + users, args.max_new_tokens)
+        warm, reqs = reqs[n:], reqs[:n]
+        tokens, slots = sum(r.new for r in reqs), max(len(r.ids) + r.new for r in reqs + warm)
+        if device.type == "cuda":
+            engine.session(b, slots, GREEDY, ignore_eos=True).capture_steps()
+        for k, mode in enumerate(modes):
+            name = f"{mode}-{b}-{k}"
+            t0 = time.perf_counter()
+            try:
+                if mode == "engine":
+                    row = engine_row(engine, reqs, b, clock, device)
+                else:
+                    cfg = config(name, b, users, continuous=True, continuous_slots=slots)
+                    row = server_row(lambda: create_server(cfg, host=Host(cfg, loaded=loaded, engine=engine)), pool,
+                                     reqs, warm, users, mode == "stream", clock, device, args.profile)
+                row.update(tok_s=tokens / row["seconds"])
+            except Exception as e:
+                row = {"error": f"{type(e).__name__}: {e}"[:300]}
+            row.update(mode=mode, batch=b, requests=len(reqs), tokens=tokens)
+            results["rows"].append(row)
+            print(f"[{time.strftime('%H:%M:%S')}] b={b} {mode} ({time.perf_counter() - t0:.0f} s): " +
+                  (row.get("error") or f"{row['tok_s']:.0f} tok/s, {row['steps']} steps, forward "
+                   f"{row['forward_ms']:.2f} ms + host {row['host_ms']:.3f} ms a step"), flush=True)
+            if "profile" in row:
+                print(row["profile"], flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
+        engine.release()
+    pool.shutdown()
+    clock.close()
+    print_report(results)
+    return 0
+
+
+def print_report(results: dict) -> None:
+    print(f"\n# {results['model']} on {results['device']} ({results['threads']} torch threads), Alpaca reference "
+          f"lengths, greedy; torch {results['torch']}; {results['date']}\n")
+    print("| B | mode | client threads | tok/s | vs engine | steps | live rows | forward ms/step | "
+          "host ms/step | host / forward | meter ms/step | p50 s | TTFT p50 ms |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = {}
+    for r in results["rows"]:
+        if "error" in r:
+            print(f"| {r['batch']} | {r['mode']} | | {r['error']} | | | | | | | | | |")
+            continue
+        if r["mode"] == "engine":
+            base[r["batch"]] = r  # the latest engine row of this B
+        b = base.get(r["batch"])
+        rel = f"{r['tok_s'] / b['tok_s']:.2f}x" if b else ""
+        ttft = f"{r['ttft_p50_ms']:.0f}" if "ttft_p50_ms" in r else "-"
+        meter = f"{r['meter_ms']:.3f}" if "meter_ms" in r else "-"
+        print(f"| {r['batch']} | {r['mode']} | {r.get('users', '-')} | {r['tok_s']:.0f} | {rel} | {r['steps']} | "
+              f"{r['live_rows']:.1f} | {r['forward_ms']:.2f} | {r['host_ms']:.3f} | "
+              f"{100 * r['host_ms'] / max(r['forward_ms'], 1e-9):.1f}% | {meter} | {r['p50_s']:.2f} | {ttft} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
