@@ -14,14 +14,18 @@ the same engine object, in this order per ``B``:
 - ``stream``: the same with ``GenerateStream`` (the server's default chunk interval).
 
 Per row: tokens/s and its ratio to the engine row; decode steps and live rows a step; the forward's ms a
-step (``FastEngine.decode_step``, timed with ``time.perf_counter_ns`` around each call); and the **host ms
-a step outside the forward**: the loop's wall time less the forward and the joins (``FastEngine.join``),
-per step. For the engine row, the loop is the whole run; for the server rows, the batcher thread's busy
-time (``LoopStats``: its steps and the time between them, joins excluded), and beside it the meter
+step (``FastEngine.decode_step``, timed around each call); and the **host ms a step outside the forward**:
+the loop's time less the forward and the prefills (``FastEngine.join``), per step, as wall time
+(``perf_counter_ns``: includes waits for the interpreter lock and for the CPU) and as the loop thread's CPU
+time (``thread_time_ns``: the work itself, which other processes on a shared box do not inflate). For the
+engine row the loop is the whole run; for the server rows, the batcher thread (wall: its busy time,
+``LoopStats``; CPU: every turn, an idle turn's wait for work costing none), and beside it the meter
 thread's time a step (``_settle``: energy reads, the split, the segment's rows written), which competes
-for the interpreter lock. On CUDA ``decode_step`` only
-launches (the step runs asynchronously), so the host columns are CPU figures; the tokens/s ratio is the
-GPU's. ``--profile`` prints the batcher thread's cProfile (by own time) after each server row.
+for the interpreter lock. On CUDA ``decode_step`` only launches (the step runs asynchronously), so the
+host columns are CPU figures there; the tokens/s ratio is the GPU's. ``--profile`` prints the batcher's
+and the meter thread's cProfile (by own time) after each server row. On a shared CPU box tokens/s swing
+with other processes' load: repeat modes (``--modes engine,unary,stream,engine,unary,stream``) and read
+the CPU columns.
 
 Workload: Alpaca requests with their reference lengths, greedy, fixed length (``bench/continuous.py``).
 
@@ -40,6 +44,7 @@ import pstats
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,66 +58,23 @@ from llmwatts.server.continuous import JOIN_FRACTION, LoopStats
 MODES = ("engine", "unary", "stream")
 
 
-class ForwardClock:
-    """Nanoseconds inside the engine's ``decode_step`` and ``join`` (instance attributes wrapping the
-    engine's own methods; ``close`` removes them)."""
+@dataclass
+class Spent:
+    """Time inside a method: wall (``perf_counter_ns``) and the calling thread's CPU (``thread_time_ns``:
+    what other processes on a shared box do not inflate; a wait for the interpreter lock is not CPU)."""
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.forward_ns = self.join_ns = self.forwards = 0
-        decode_step, join = engine.decode_step, engine.join
-
-        def timed_decode_step(*a, **kw):
-            t0 = time.perf_counter_ns()
-            try:
-                return decode_step(*a, **kw)
-            finally:
-                self.forward_ns += time.perf_counter_ns() - t0
-                self.forwards += 1
-
-        def timed_join(*a, **kw):
-            t0 = time.perf_counter_ns()
-            try:
-                return join(*a, **kw)
-            finally:
-                self.join_ns += time.perf_counter_ns() - t0
-
-        engine.decode_step, engine.join = timed_decode_step, timed_join
-
-    def reset(self) -> None:
-        self.forward_ns = self.join_ns = self.forwards = 0
-
-    def close(self) -> None:
-        del self.engine.decode_step, self.engine.join
+    wall_ns: int = 0
+    cpu_ns: int = 0
+    calls: int = 0
 
 
-def host_columns(busy_ns: int, clock: ForwardClock, steps: int) -> dict:
-    """Forward ms a step, and the host's ms a step outside the forward and the joins."""
-    n = max(steps, 1)
-    return {"forward_ms": clock.forward_ns / 1e6 / n, "host_ms": (busy_ns - clock.forward_ns) / 1e6 / n,
-            "join_s": clock.join_ns / 1e9}
-
-
-def engine_row(engine, reqs, b: int, clock: ForwardClock, device) -> dict:
-    engine_continuous(engine, reqs[:b], b, max(1, b // JOIN_FRACTION))  # untimed
-    sync(device)
-    clock.reset()
-    t0 = time.perf_counter_ns()
-    out = engine_continuous(engine, reqs, b, max(1, b // JOIN_FRACTION))
-    sync(device)
-    wall_ns = time.perf_counter_ns() - t0
-    return {"seconds": wall_ns / 1e9, "steps": out["steps"], "live_rows": out["mean_live_rows"],
-            "p50_s": pct(out["latencies"], 0.5), **host_columns(wall_ns - clock.join_ns, clock, out["steps"])}
-
-
-def wrapped(obj, name: str, profile: cProfile.Profile | None, spent: dict) -> None:
-    """Time (and profile) ``obj.name`` (a method looked up on the instance at each call): its total
-    nanoseconds in ``spent[name]``."""
+def timed(obj, name: str, spent: Spent, profile: cProfile.Profile | None = None) -> None:
+    """Wrap ``obj.name`` (a method looked up on the instance at each call; ``del obj.name`` unwraps it) to add
+    its time to ``spent`` (and profile it)."""
     method = getattr(obj, name)
-    spent[name] = 0
 
-    def timed(*a, **kw):
-        t0 = time.perf_counter_ns()
+    def timed_call(*a, **kw):
+        w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
         if profile is not None:
             profile.enable()
         try:
@@ -120,9 +82,48 @@ def wrapped(obj, name: str, profile: cProfile.Profile | None, spent: dict) -> No
         finally:
             if profile is not None:
                 profile.disable()
-            spent[name] += time.perf_counter_ns() - t0
+            spent.wall_ns += time.perf_counter_ns() - w0
+            spent.cpu_ns += time.thread_time_ns() - c0
+            spent.calls += 1
 
-    setattr(obj, name, timed)
+    setattr(obj, name, timed_call)
+
+
+class ForwardClock:
+    """Time inside the engine's ``decode_step`` (the forward) and ``join`` (the prefills)."""
+
+    def __init__(self, engine):
+        self.engine, self.forward, self.join = engine, Spent(), Spent()
+        timed(engine, "decode_step", self.forward)
+        timed(engine, "join", self.join)
+
+    def reset(self) -> None:
+        for spent in (self.forward, self.join):
+            spent.wall_ns = spent.cpu_ns = spent.calls = 0
+
+    def close(self) -> None:
+        del self.engine.decode_step, self.engine.join
+
+
+def host_columns(busy: Spent, clock: ForwardClock, steps: int) -> dict:
+    """Forward ms a step, and the host's ms a step outside the forward and the joins: wall and CPU."""
+    n = max(steps, 1)
+    f, j = clock.forward, clock.join
+    return {"forward_ms": f.wall_ns / 1e6 / n, "host_ms": (busy.wall_ns - f.wall_ns - j.wall_ns) / 1e6 / n,
+            "host_cpu_ms": (busy.cpu_ns - f.cpu_ns - j.cpu_ns) / 1e6 / n, "join_s": j.wall_ns / 1e9}
+
+
+def engine_row(engine, reqs, b: int, clock: ForwardClock, device) -> dict:
+    engine_continuous(engine, reqs[:b], b, max(1, b // JOIN_FRACTION))  # untimed
+    sync(device)
+    clock.reset()
+    busy = Spent()
+    w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+    out = engine_continuous(engine, reqs, b, max(1, b // JOIN_FRACTION))
+    sync(device)
+    busy.wall_ns, busy.cpu_ns = time.perf_counter_ns() - w0, time.thread_time_ns() - c0
+    return {"seconds": busy.wall_ns / 1e9, "steps": out["steps"], "live_rows": out["mean_live_rows"],
+            "p50_s": pct(out["latencies"], 0.5), **host_columns(busy, clock, out["steps"])}
 
 
 def server_row(create, pool, reqs, warm, users: int, stream: bool, clock: ForwardClock, device,
@@ -134,9 +135,9 @@ def server_row(create, pool, reqs, warm, users: int, stream: bool, clock: Forwar
         closed_loop(pool, port, warm, users, 1, stream)  # untimed
         batcher.stats = LoopStats()
         profs = [cProfile.Profile(), cProfile.Profile()] if profile else [None, None]
-        spent: dict[str, int] = {}
-        wrapped(batcher, "_run_once", profs[0], spent)  # the batcher thread's turns
-        wrapped(batcher, "_settle", profs[1], spent)    # the meter thread's reads, splits and writes
+        turns, meter = Spent(), Spent()
+        timed(batcher, "_run_once", turns, profs[0])  # the batcher thread's turns
+        timed(batcher, "_settle", meter, profs[1])    # the meter thread's reads, splits and writes
         sync(device)
         clock.reset()
         t0 = time.perf_counter_ns()
@@ -148,8 +149,10 @@ def server_row(create, pool, reqs, warm, users: int, stream: bool, clock: Forwar
         srv.stop(1)
     row = {"seconds": wall_ns / 1e9, "steps": s.steps, "live_rows": s.live_rows / max(s.steps, 1),
            "p50_s": pct(out["latency_s"], 0.5), "joins": s.joins, "users": users,
-           "meter_ms": spent["_settle"] / 1e6 / max(s.steps, 1),
-           **host_columns(int(1e9 * (s.step_s + s.between_s)), clock, s.steps)}
+           "meter_ms": meter.wall_ns / 1e6 / max(s.steps, 1), "meter_cpu_ms": meter.cpu_ns / 1e6 / max(s.steps, 1),
+           # wall: the batcher's busy time (LoopStats, idle waits excluded); CPU: every turn's (an idle
+           # turn's wait for work costs none)
+           **host_columns(Spent(int(1e9 * (s.step_s + s.between_s + s.join_s)), turns.cpu_ns), clock, s.steps)}
     if out["ttft_s"] and None not in out["ttft_s"]:
         row["ttft_p50_ms"] = 1000 * pct(out["ttft_s"], 0.5)
     if profile:
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
             results["rows"].append(row)
             print(f"[{time.strftime('%H:%M:%S')}] b={b} {mode} ({time.perf_counter() - t0:.0f} s): " +
                   (row.get("error") or f"{row['tok_s']:.0f} tok/s, {row['steps']} steps, forward "
-                   f"{row['forward_ms']:.2f} ms + host {row['host_ms']:.3f} ms a step"), flush=True)
+                   f"{row['forward_ms']:.2f} ms + host {row['host_ms']:.3f} ms ({row['host_cpu_ms']:.3f} ms CPU) a step"), flush=True)
             if "profile" in row:
                 print(row["profile"], flush=True)
             if args.json:
@@ -254,22 +257,22 @@ def print_report(results: dict) -> None:
     print(f"\n# {results['model']} on {results['device']} ({results['threads']} torch threads), Alpaca reference "
           f"lengths, greedy; torch {results['torch']}; {results['date']}\n")
     print("| B | mode | client threads | tok/s | vs engine | steps | live rows | forward ms/step | "
-          "host ms/step | host / forward | meter ms/step | p50 s | TTFT p50 ms |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "host ms/step (wall / CPU) | meter ms/step (wall / CPU) | p50 s | TTFT p50 ms |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
     base = {}
     for r in results["rows"]:
         if "error" in r:
-            print(f"| {r['batch']} | {r['mode']} | | {r['error']} | | | | | | | | | |")
+            print(f"| {r['batch']} | {r['mode']} | | {r['error']} | | | | | | | | |")
             continue
         if r["mode"] == "engine":
             base[r["batch"]] = r  # the latest engine row of this B
         b = base.get(r["batch"])
         rel = f"{r['tok_s'] / b['tok_s']:.2f}x" if b else ""
         ttft = f"{r['ttft_p50_ms']:.0f}" if "ttft_p50_ms" in r else "-"
-        meter = f"{r['meter_ms']:.3f}" if "meter_ms" in r else "-"
+        meter = f"{r['meter_ms']:.3f} / {r['meter_cpu_ms']:.3f}" if "meter_ms" in r else "-"
         print(f"| {r['batch']} | {r['mode']} | {r.get('users', '-')} | {r['tok_s']:.0f} | {rel} | {r['steps']} | "
-              f"{r['live_rows']:.1f} | {r['forward_ms']:.2f} | {r['host_ms']:.3f} | "
-              f"{100 * r['host_ms'] / max(r['forward_ms'], 1e-9):.1f}% | {meter} | {r['p50_s']:.2f} | {ttft} |")
+              f"{r['live_rows']:.1f} | {r['forward_ms']:.2f} | {r['host_ms']:.3f} / {r['host_cpu_ms']:.3f} | "
+              f"{meter} | {r['p50_s']:.2f} | {ttft} |")
 
 
 if __name__ == "__main__":
