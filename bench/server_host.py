@@ -27,6 +27,9 @@ and the meter thread's cProfile (by own time) after each server row. On a shared
 with other processes' load: repeat modes (``--modes engine,unary,stream,engine,unary,stream``) and read
 the CPU columns.
 
+On CUDA each row also gives J/token and watts from the GPU's NVML energy counter over the timed region
+(read-only).
+
 Workload: Alpaca requests with their reference lengths, greedy, fixed length (``bench/continuous.py``).
 
     python bench/server_host.py --data-dir DIR                        # tiny on cpu, B = 64 and 256
@@ -49,6 +52,7 @@ from pathlib import Path
 
 import torch
 from continuous import GREEDY, engine_continuous, pct, sync, workload
+from nvml_energy import EnergyCounter
 from stream import closed_loop
 
 from llmwatts import paths
@@ -113,21 +117,26 @@ def host_columns(busy: Spent, clock: ForwardClock, steps: int) -> dict:
             "host_cpu_ms": (busy.cpu_ns - f.cpu_ns - j.cpu_ns) / 1e6 / n, "join_s": j.wall_ns / 1e9}
 
 
-def engine_row(engine, reqs, b: int, clock: ForwardClock, device) -> dict:
+def joules(counter: EnergyCounter, e0_mj: int | None) -> dict:
+    """The GPU's joules since ``e0_mj`` (NVML's counter, read-only); nothing on CPU."""
+    return {} if e0_mj is None else {"energy_j": (counter.energy_mj() - e0_mj) / 1000.0}
+
+
+def engine_row(engine, reqs, b: int, clock: ForwardClock, device, counter: EnergyCounter) -> dict:
     engine_continuous(engine, reqs[:b], b, max(1, b // JOIN_FRACTION))  # untimed
     sync(device)
     clock.reset()
     busy = Spent()
-    w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+    e0, w0, c0 = counter.energy_mj(), time.perf_counter_ns(), time.thread_time_ns()
     out = engine_continuous(engine, reqs, b, max(1, b // JOIN_FRACTION))
     sync(device)
     busy.wall_ns, busy.cpu_ns = time.perf_counter_ns() - w0, time.thread_time_ns() - c0
     return {"seconds": busy.wall_ns / 1e9, "steps": out["steps"], "live_rows": out["mean_live_rows"],
-            "p50_s": pct(out["latencies"], 0.5), **host_columns(busy, clock, out["steps"])}
+            "p50_s": pct(out["latencies"], 0.5), **host_columns(busy, clock, out["steps"]), **joules(counter, e0)}
 
 
 def server_row(create, pool, reqs, warm, users: int, stream: bool, clock: ForwardClock, device,
-               profile: bool) -> dict:
+               counter: EnergyCounter, profile: bool) -> dict:
     srv, port = create()
     srv.start()
     batcher = srv.host.batcher
@@ -140,15 +149,16 @@ def server_row(create, pool, reqs, warm, users: int, stream: bool, clock: Forwar
         timed(batcher, "_settle", meter, profs[1])    # the meter thread's reads, splits and writes
         sync(device)
         clock.reset()
-        t0 = time.perf_counter_ns()
+        e0, t0 = counter.energy_mj(), time.perf_counter_ns()
         out = closed_loop(pool, port, reqs, users, 1, stream)
         sync(device)
         wall_ns = time.perf_counter_ns() - t0
+        energy = joules(counter, e0)
         s = batcher.stats
     finally:
         srv.stop(1)
     row = {"seconds": wall_ns / 1e9, "steps": s.steps, "live_rows": s.live_rows / max(s.steps, 1),
-           "p50_s": pct(out["latency_s"], 0.5), "joins": s.joins, "users": users,
+           "p50_s": pct(out["latency_s"], 0.5), "joins": s.joins, "users": users, **energy,
            "meter_ms": meter.wall_ns / 1e6 / max(s.steps, 1), "meter_cpu_ms": meter.cpu_ns / 1e6 / max(s.steps, 1),
            # wall: the batcher's busy time (LoopStats, idle waits excluded); CPU: every turn's (an idle
            # turn's wait for work costs none)
@@ -202,6 +212,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     db_dir = Path(tempfile.mkdtemp())
+    counter = EnergyCounter(device)
 
     def config(name: str, b: int, users: int, **kw) -> ServerConfig:
         return ServerConfig(model=args.model, device=args.device, engine="fast", port=0,
@@ -212,7 +223,8 @@ def main(argv=None) -> int:
     base = Host(config("load", 1, 1))
     loaded, engine = base.loaded, base.engine
     base.close()
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": args.model, "device": str(device),
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": args.model,
+               "device": getattr(counter, "name", str(device)),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
     clock = ForwardClock(engine)
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -229,12 +241,15 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             try:
                 if mode == "engine":
-                    row = engine_row(engine, reqs, b, clock, device)
+                    row = engine_row(engine, reqs, b, clock, device, counter)
                 else:
                     cfg = config(name, b, users, continuous=True, continuous_slots=slots)
                     row = server_row(lambda: create_server(cfg, host=Host(cfg, loaded=loaded, engine=engine)), pool,
-                                     reqs, warm, users, mode == "stream", clock, device, args.profile)
+                                     reqs, warm, users, mode == "stream", clock, device, counter,
+                                     args.profile)
                 row.update(tok_s=tokens / row["seconds"])
+                if "energy_j" in row:
+                    row.update(j_per_token=row["energy_j"] / tokens, watts=row["energy_j"] / row["seconds"])
             except Exception as e:
                 row = {"error": f"{type(e).__name__}: {e}"[:300]}
             row.update(mode=mode, batch=b, requests=len(reqs), tokens=tokens)
@@ -256,13 +271,13 @@ def main(argv=None) -> int:
 def print_report(results: dict) -> None:
     print(f"\n# {results['model']} on {results['device']} ({results['threads']} torch threads), Alpaca reference "
           f"lengths, greedy; torch {results['torch']}; {results['date']}\n")
-    print("| B | mode | client threads | tok/s | vs engine | steps | live rows | forward ms/step | "
+    print("| B | mode | client threads | tok/s | vs engine | J/token | W | steps | live rows | forward ms/step | "
           "host ms/step (wall / CPU) | meter ms/step (wall / CPU) | p50 s | TTFT p50 ms |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
     base = {}
     for r in results["rows"]:
         if "error" in r:
-            print(f"| {r['batch']} | {r['mode']} | | {r['error']} | | | | | | | | |")
+            print(f"| {r['batch']} | {r['mode']} | | {r['error']} | | | | | | | | | | |")
             continue
         if r["mode"] == "engine":
             base[r["batch"]] = r  # the latest engine row of this B
@@ -270,7 +285,8 @@ def print_report(results: dict) -> None:
         rel = f"{r['tok_s'] / b['tok_s']:.2f}x" if b else ""
         ttft = f"{r['ttft_p50_ms']:.0f}" if "ttft_p50_ms" in r else "-"
         meter = f"{r['meter_ms']:.3f} / {r['meter_cpu_ms']:.3f}" if "meter_ms" in r else "-"
-        print(f"| {r['batch']} | {r['mode']} | {r.get('users', '-')} | {r['tok_s']:.0f} | {rel} | {r['steps']} | "
+        j = f"{r['j_per_token']:.4f} | {r['watts']:.0f}" if "j_per_token" in r else "- | -"
+        print(f"| {r['batch']} | {r['mode']} | {r.get('users', '-')} | {r['tok_s']:.0f} | {rel} | {j} | {r['steps']} | "
               f"{r['live_rows']:.1f} | {r['forward_ms']:.2f} | {r['host_ms']:.3f} / {r['host_cpu_ms']:.3f} | "
               f"{meter} | {r['p50_s']:.2f} | {ttft} |")
 

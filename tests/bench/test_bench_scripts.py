@@ -112,6 +112,18 @@ def test_stream_bench_runs_unary_and_both_stream_modes_in_one_run(tmp_path):
     assert rows["stream-per-step"]["stream_interval_ms"] == 0 and rows["stream"]["stream_interval_ms"] > 0
 
 
+def test_server_host_bench_runs_the_engine_and_both_server_paths_with_their_host_time(tmp_path):
+    records = [{"instruction": f"Say {n} words.", "input": "", "output": "one two three"} for n in range(24)]
+    (tmp_path / "alpaca_5k.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    results = run_bench("server_host.py", tmp_path, "--data-dir", str(tmp_path), timeout_s=600)
+    rows = {r["mode"]: r for r in results["rows"]}
+    assert set(rows) == {"engine", "unary", "stream"}
+    for r in rows.values():  # the same requests; every step timed, the host's time outside the forward too
+        assert "error" not in r and r["tokens"] == rows["engine"]["tokens"] and r["tok_s"] > 0, r
+        assert r["steps"] > 0 and r["forward_ms"] > 0 and "host_ms" in r and "host_cpu_ms" in r
+    assert rows["stream"]["ttft_p50_ms"] > 0 and rows["unary"]["meter_cpu_ms"] > 0
+
+
 def test_continuous_bench_refuses_bad_join_tokens(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "continuous.py"), "--quick", "--join-tokens", "8,x"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
