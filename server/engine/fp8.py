@@ -7,10 +7,13 @@ multiplies the two fp8 operands with fp32 accumulation: ``y = (x_q @ w_q^T) * s_
 with unit scales, the bf16 product then scaled per row and channel in fp32 (an epilogue the compiled
 layers fuse); ``LLMWATTS_FP8_GEMM=rowwise`` passes the scales to its row-wise kernel instead. On an H100
 at decode's few rows the tensor-wise kernel took 0.72x the row-wise one's time over a llama-7b layer's
-four projections (docs/performance.md, "FP8 weights"); both round the product to bf16 once;
-the reference path (``dequantized``) computes the same product from the dequantized operands in the
-input's dtype, which tests run on CPU. Anything else refuses: FP8 weights on a GPU without FP8 would
-only be slower than fp16.
+four projections (docs/performance.md, "FP8 weights"); both round the product to bf16 once.
+``LLMWATTS_FP8_GEMM=weightonly`` runs products of up to ``GEMV_MAX_ROWS`` rows (decode) through a Triton
+kernel that dequantizes the weight in registers and leaves x as it is (``fp8_gemv.py``: no activation
+quantization, fp32 accumulation, y rounded once to x's dtype), and larger ones (prefill) tensor-wise.
+The reference path computes the same product from the dequantized operands in the input's dtype (for
+weight-only rows, from the dequantized weight and x itself), which tests run on CPU. Anything else
+refuses: FP8 weights on a GPU without FP8 would only be slower than fp16.
 """
 
 import os
@@ -26,7 +29,9 @@ MIN_SCALE = 1e-12        # an all-zero row or token still divides by something
 SCALED_MM_ALIGN = 16     # cuBLASLt fp8: every dimension a multiple of 16 (rows are padded up to it)
 WEIGHTS = ("fp16", "fp8")  # what ``--weights`` takes; "fp16" is the model's own dtype (``--dtype``)
 REFERENCE = "fp8-reference"  # the library's explicit CPU reference (tests): same maths, dequantized operands
-GEMMS = ("tensorwise", "rowwise")  # which _scaled_mm kernel the GPU path calls (bench A/B: LLMWATTS_FP8_GEMM)
+GEMMS = ("tensorwise", "rowwise", "weightonly")  # the GPU path's kernel (bench A/B: LLMWATTS_FP8_GEMM)
+GEMV_MAX_ROWS = 16       # weightonly: products of up to this many rows run the Triton GEMV
+GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # x dtypes the GEMV takes (fp8_gemv.DTYPES)
 
 
 def gemm_from_env() -> str:
@@ -53,6 +58,31 @@ def check_fp8_device(device: torch.device, weights: str) -> None:
     if (major, minor) < (8, 9):
         raise InvalidArgument(f"--weights fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
                               f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --weights fp16")
+    if GEMM == "weightonly":
+        load_gemv()
+
+
+def load_gemv() -> None:
+    """Register the weight-only GEMV (``torch.ops.llmwatts.fp8_gemv``) before anything is compiled: the
+    one import of Triton (it ships with CUDA builds of torch). InvalidArgument (one line) without it."""
+    try:
+        import llmwatts.server.engine.fp8_gemv  # noqa: F401  (registers the op)
+    except ImportError as e:
+        raise InvalidArgument(f"LLMWATTS_FP8_GEMM=weightonly needs Triton ({e}); "
+                              f"unset it to use tensorwise") from e
+
+
+def route(gemm: str, on_cuda: bool, rows: int, n: int, k: int, dtype: torch.dtype) -> str:
+    """Which product ``linear`` runs for [rows, K] x [N, K]^T: ``gemv`` (Triton, weight-only),
+    ``tensorwise`` or ``rowwise`` (``_scaled_mm``), or on CPU (or a shape cuBLASLt refuses) the reference:
+    ``reference-weightonly`` (dequantized weight, x as it is) where the GPU would run the GEMV, else
+    ``reference`` (x quantized per row too)."""
+    gemv = gemm == "weightonly" and rows <= GEMV_MAX_ROWS and dtype in GEMV_DTYPES
+    if on_cuda and gemv:
+        return "gemv"
+    if on_cuda and k % SCALED_MM_ALIGN == 0 and n % SCALED_MM_ALIGN == 0:
+        return "rowwise" if gemm == "rowwise" else "tensorwise"
+    return "reference-weightonly" if gemv else "reference"
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +115,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_scale: to
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)                                                     # [M, K]
     m, n = x2.shape[0], w.shape[0]
-    if x.is_cuda and k % SCALED_MM_ALIGN == 0 and n % SCALED_MM_ALIGN == 0:
+    path = route(GEMM, x.is_cuda, m, n, k, x.dtype)
+    if path == "gemv":  # registered by ``load_gemv`` (fp8_gemv.py); an op, so compile and graphs see it
+        y = torch.ops.llmwatts.fp8_gemv(x2, w, w_scale)
+    elif path == "reference-weightonly":
+        y = F.linear(x2, dequantize(w, w_scale, x.dtype))
+    elif path != "reference":
         # Rows padded to 16 with zeros (a decode step's few rows: nothing next to the weight read).
         x_q, x_scale = quantize_rows(F.pad(x2, (0, 0, 0, -m % SCALED_MM_ALIGN)))
-        if GEMM == "rowwise":
+        if path == "rowwise":
             y = torch._scaled_mm(x_q, w.t(), scale_a=x_scale, scale_b=w_scale[None, :].float(),
                                  out_dtype=torch.bfloat16)[:m].to(x.dtype)    # row-wise scales: bf16 out
         else:  # unit scales (|sum| <= 448^2 K: bf16's range), then the scales in fp32

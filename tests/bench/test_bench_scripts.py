@@ -55,6 +55,18 @@ def test_decode_attention_bench_times_every_kernel_and_they_agree(tmp_path):
     assert all(rows[i]["max_abs_err"] < 1e-5 for i in ("sdpa", "bmm", "flex")), rows
 
 
+def test_fp8_gemv_bench_times_every_path_and_shape_and_sums_a_layer(tmp_path):
+    """bench/fp8_gemv.py --quick (the reference paths on CPU): every projection x M x path row, the layer
+    sums, and the weight-only path exact against the dequantized product where tensor-wise is not."""
+    results = run_bench("fp8_gemv.py", tmp_path, timeout_s=300)
+    rows = {(r["shape"], r["m"], r["path"]): r for r in results["rows"]}
+    assert len(rows) == 4 * 4 * 4 and all("error" not in r and r["us"] > 0 for r in rows.values()), rows
+    assert {(s["path"], s["m"]) for s in results["layer"] if s["shapes"] == 4} == {
+        (p, m) for p in ("fp16", "tensorwise", "rowwise", "weightonly") for m in (1, 8, 16, 64)}
+    for m in (1, 8, 16):  # up to GEMV_MAX_ROWS: weight-only, x as it is
+        assert rows[("o", m, "weightonly")]["rel_err"] < 1e-6 < rows[("o", m, "tensorwise")]["rel_err"]
+
+
 def test_profile_step_bench_sorts_every_kernel_of_the_decode_step(tmp_path):
     results = run_bench("profile_step.py", tmp_path, "--variants", "bmm", timeout_s=300)
     rows = {(r["variant"], r["batch"]): r for r in results["rows"]}

@@ -148,11 +148,12 @@ def test_the_gpu_gemm_choice_is_checked(monkeypatch):
     from llmwatts.errors import InvalidArgument
     from llmwatts.server.engine import fp8
 
-    for gemm in ("tensorwise", "rowwise"):
+    for gemm in ("tensorwise", "rowwise", "weightonly"):
         monkeypatch.setenv("LLMWATTS_FP8_GEMM", gemm)
         assert fp8.gemm_from_env() == gemm
     monkeypatch.delenv("LLMWATTS_FP8_GEMM")
     assert fp8.gemm_from_env() == "tensorwise"
     monkeypatch.setenv("LLMWATTS_FP8_GEMM", "row-wise")
-    with pytest.raises(InvalidArgument, match="tensorwise, rowwise"):
+    with pytest.raises(InvalidArgument, match=r"^LLMWATTS_FP8_GEMM='row-wise': use one of "
+                                              r"tensorwise, rowwise, weightonly$"):
         fp8.gemm_from_env()
