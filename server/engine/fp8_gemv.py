@@ -48,7 +48,7 @@ class GemvConfig:
 @triton.jit(do_not_specialize=["split_k"])  # one compile for every split (the bench sweeps them)
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, STAGES: tl.constexpr):
     # Grid (M blocks, N blocks, K splits): programs of one N block run side by side, sharing its weight
     # tiles in L2 when M spans several blocks.
     pid_m = tl.program_id(0)
@@ -56,31 +56,37 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stri
     pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = rn < N
-    m_mask = rm < M
+    scale_n = s_ptr + rn
     # Each split owns whole BLOCK_K chunks of K: with EVEN_K no load is masked along K.
     chunks = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k)
     k_start = pid_k * chunks * BLOCK_K
     k_end = tl.minimum(k_start + chunks * BLOCK_K, K)
     w_rows = w_ptr + rn[:, None] * stride_wn
-    x_rows = x_ptr + rm[:, None] * stride_xm
-    if BLOCK_M == 1:
+    out = out_ptr + pid_k * stride_os
+    if BLOCK_M == 1:  # one row (pid_m) per program, on the CUDA cores
+        x_row = x_ptr + pid_m * stride_xm
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
-        for k0 in range(k_start, k_end, BLOCK_K):
+        # STAGES tiles in flight (cp.async through shared memory): Triton pipelines loads that feed no
+        # tl.dot only when the loop asks (compiled for sm_90 without it: no cp.async, one tile in flight).
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             k = k0 + rk
             if EVEN_K:
-                xk = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0)
+                xk = tl.load(x_row + k)
                 wk = tl.load(w_rows + k[None, :], mask=n_mask[:, None], other=0.0)
             else:
                 k_mask = k < k_end
-                xk = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                xk = tl.load(x_row + k, mask=k_mask, other=0.0)
                 wk = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc2 += wk.to(tl.float32) * xk.to(tl.float32)               # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
-        acc = tl.sum(acc2, axis=1)[None, :]                                 # [1, BLOCK_N]
-    else:
+            acc2 += wk.to(tl.float32) * xk.to(tl.float32)[None, :]      # [BLOCK_N, BLOCK_K]
+        y = tl.sum(acc2, axis=1) * tl.load(scale_n, mask=n_mask, other=0.0)  # [BLOCK_N]
+        tl.store(out + pid_m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:  # BLOCK_M rows (x padded with zeros) on the tensor cores
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        x_rows = x_ptr + rm[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             k = k0 + rk
             if EVEN_K:
                 xk = tl.load(x_rows + k[None, :], mask=m_mask[:, None], other=0.0)
@@ -93,10 +99,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stri
                 acc = tl.dot(xk, tl.trans(wk.to(xk.dtype)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xk, tl.trans(wk.to(xk.dtype)), acc)          # [BLOCK_M, BLOCK_N], fp32
-    scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0)
-    acc = acc * scale[None, :]
-    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc = acc * tl.load(scale_n, mask=n_mask, other=0.0)[None, :]
+        tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 def block_k_for(k: int) -> int:
@@ -116,8 +121,9 @@ def pick_config(m: int, n: int, k: int) -> GemvConfig:
                           num_stages=3)
     else:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        # 64 rows on 4 warps needs all 255 registers and spills (compiled for sm_90): 8 warps.
         base = GemvConfig(block_m=block_m, block_n=16 if small_n else 32, block_k=min(256, block_k_for(k)),
-                          num_warps=4, num_stages=4)
+                          num_warps=4 if block_m < 64 else 8, num_stages=4)
     return with_split(base, m, n, k)
 
 
@@ -143,10 +149,11 @@ def launch(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, config: Gemv
     else:
         out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split)
-    kernel[grid](x, w_q, scale, out, m, n, k, split, x.stride(0), w_q.stride(0), out.stride(0) if split > 1 else 0,
-                 out.stride(-2), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                 EVEN_K=k % config.block_k == 0, IEEE=x.dtype == torch.float32, num_warps=config.num_warps,
-                 num_stages=config.num_stages)
+    kernel[grid](x, w_q, scale, out, m, n, k, split, x.stride(0), w_q.stride(0),
+                 out.stride(0) if split > 1 else 0, out.stride(-2),
+                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                 EVEN_K=k % config.block_k == 0, IEEE=x.dtype == torch.float32, STAGES=config.num_stages,
+                 num_warps=config.num_warps, num_stages=config.num_stages)
     return out if split == 1 else out.sum(0).to(x.dtype)
 
 

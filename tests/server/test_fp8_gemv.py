@@ -14,6 +14,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +113,54 @@ def test_split_k_partial_sums_are_summed_once(interpreted):
     """Guards against split-K programs writing over each other or a split counted twice: a K whose
     chunks do not divide evenly over the splits gives split 1's y at split 2, 3 and 5."""
     assert interpreted["failures"]["split_k"] == []
+
+
+def compile_for_hopper(config, x_dtype: str, even_k: bool = True) -> dict:
+    """The kernel compiled ahead of time for sm_90 (no GPU needed: Triton's wheel carries ptxas) with
+    llama's alignment (pointers, N, K and strides multiples of 16) -> PTX and the cubin's resource use."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = fp8_gemv._gemv_kernel
+    out = "fp32" if config.split_k > 1 else x_dtype
+    pointers = {"x_ptr": f"*{x_dtype}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": f"*{out}"}
+    constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                  "EVEN_K": even_k, "IEEE": x_dtype == "fp32", "STAGES": config.num_stages}
+    names = kernel.arg_names
+    signature = {a: pointers.get(a, "constexpr" if a in constexprs else "i32") for a in names}
+    aligned = [(i,) for i, a in enumerate(names) if a in pointers or a in ("N", "K") or a.startswith("stride")]
+    source = ASTSource(fn=kernel, signature=signature, attrs={i: [["tt.divisibility", 16]] for i in aligned},
+                       constexprs={(names.index(a),): v for a, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    cubin = Path(tempfile.mkdtemp()) / "gemv.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    return {"ptx": compiled.asm["ptx"], "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1))}
+
+
+@needs_triton
+def test_the_kernel_compiles_for_hopper_pipelined_and_without_spills():
+    """Guards against a kernel that only the interpreter accepts, and against the one-row path losing its
+    pipelining (Triton pipelines loads that feed no tl.dot only when the loop asks: without it one tile
+    is in flight per program, too few bytes to keep HBM busy) or spilling registers: every config
+    pick_config gives llama-7b's projections at M = 1 and 16 compiles for sm_90, copies its weight
+    tiles with cp.async, uses the tensor cores above one row, and spills nothing in fp16 or bf16."""
+    shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
+    configs = {(fp8_gemv.pick_config(m, n, k), k % fp8_gemv.pick_config(m, n, k).block_k == 0)
+               for m in (1, 16) for n, k in shapes}
+    for (config, even_k), x_dtype in [(c, "fp16") for c in sorted(configs, key=str)] + [
+            ((fp8_gemv.pick_config(m, 4096, 4096), True), "bf16") for m in (1, 16)]:
+        built = compile_for_hopper(config, x_dtype, even_k)
+        assert "cp.async" in built["ptx"], config
+        assert ("mma.sync" in built["ptx"]) == (config.block_m > 1), config
+        assert built["stack"] == 0 and built["registers"] <= 255, (config, built["stack"], built["registers"])
+    assert compile_for_hopper(fp8_gemv.pick_config(16, 4096, 4096), "fp32")["registers"] > 0  # ieee dot builds
 
 
 @needs_triton
