@@ -30,7 +30,7 @@ SCALED_MM_ALIGN = 16     # cuBLASLt fp8: every dimension a multiple of 16 (rows 
 WEIGHTS = ("fp16", "fp8")  # what ``--weights`` takes; "fp16" is the model's own dtype (``--dtype``)
 REFERENCE = "fp8-reference"  # the library's explicit CPU reference (tests): same maths, dequantized operands
 GEMMS = ("tensorwise", "rowwise", "weightonly")  # the GPU path's kernel (bench A/B: LLMWATTS_FP8_GEMM)
-GEMV_MAX_ROWS = 16       # weightonly: products of up to this many rows run the Triton GEMV
+GEMV_ROWS_LIMIT = 1024   # LLMWATTS_FP8_GEMV_ROWS above this is refused (the kernel is for decode's few)
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # x dtypes the GEMV takes (fp8_gemv.DTYPES)
 
 
@@ -41,7 +41,18 @@ def gemm_from_env() -> str:
     return gemm
 
 
+def gemv_rows_from_env() -> int:
+    """weightonly: products of up to this many rows run the Triton GEMV (``LLMWATTS_FP8_GEMV_ROWS``,
+    default 16: decode up to batch 16; the bench's A/B of larger batches), larger ones tensor-wise."""
+    raw = os.environ.get("LLMWATTS_FP8_GEMV_ROWS", "16")
+    if not raw.isdigit() or not 1 <= int(raw) <= GEMV_ROWS_LIMIT:
+        raise InvalidArgument(f"LLMWATTS_FP8_GEMV_ROWS={raw[:40]!r}: use a whole number of rows from 1 to "
+                              f"{GEMV_ROWS_LIMIT}")
+    return int(raw)
+
+
 GEMM = gemm_from_env()
+GEMV_MAX_ROWS = gemv_rows_from_env()
 
 
 def check_fp8_device(device: torch.device, weights: str) -> None:

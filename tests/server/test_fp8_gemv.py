@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmwatts.errors import InvalidArgument
 from llmwatts.server import models
 from llmwatts.server.engine import BatchSpec, EagerEngine, FastEngine, Sampling, fp8
 
@@ -203,6 +204,20 @@ def test_weightonly_routes_decode_rows_to_the_gemv_and_prefill_to_tensorwise():
     for gemm in ("tensorwise", "rowwise"):
         assert route(gemm, True, 1, 4096, 4096, f16) == gemm
         assert route(gemm, False, 1, 4096, 4096, f16) == "reference"
+
+
+def test_the_gemv_row_limit_is_checked(monkeypatch):
+    """Guards against a mistyped LLMWATTS_FP8_GEMV_ROWS (the bench's A/B of larger decode batches) being
+    run as something else: refused in one line."""
+    monkeypatch.setenv("LLMWATTS_FP8_GEMV_ROWS", "64")
+    assert fp8.gemv_rows_from_env() == 64
+    monkeypatch.delenv("LLMWATTS_FP8_GEMV_ROWS")
+    assert fp8.gemv_rows_from_env() == 16
+    for bad in ("0", "-1", "sixteen", "16.5", "100000"):
+        monkeypatch.setenv("LLMWATTS_FP8_GEMV_ROWS", bad)
+        with pytest.raises(InvalidArgument, match=r"^LLMWATTS_FP8_GEMV_ROWS=.*: use a whole number of rows "
+                                                  r"from 1 to 1024$"):
+            fp8.gemv_rows_from_env()
 
 
 def weight_only_reference_model():
