@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     results["layer"] = layer_sums(results["rows"])
     save()
     print_projections(results)
+    results["bf16"] = bench.bf16_errors(rows)
+    save()
+    print(f"\nweight-only kernel in bf16 (o projection), rel err vs fp32 by M: {results['bf16']}")
     if cuda:  # the sweep first: the compiles take most of the time
         results["sweep"] = bench.sweep(sweep_rows)
         save()
@@ -183,6 +186,18 @@ class Bench:
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                     out.append(row)
                     print(row, flush=True)
+        return out
+
+    def bf16_errors(self, rows: list[int]) -> dict:
+        """The kernel's largest error over max |y| with bf16 x (the CPU tests' interpreter cannot run bf16
+        on the tensor cores), o projection, per M."""
+        n, k = self.shapes["o"]
+        _, w_q, scale = self.weights["o"][0]
+        out = {}
+        for m in rows:
+            x = self.x(m, k).to(torch.bfloat16)
+            ref = x.float() @ fp8.dequantize(w_q, scale, torch.float32).t()
+            out[m] = ((weight_only(x, w_q, scale).float() - ref).abs().max() / ref.abs().max()).item()
         return out
 
     def compiled_layers(self, rows: list[int], paths: list[str]) -> list[dict]:

@@ -65,6 +65,8 @@ def test_fp8_gemv_bench_times_every_path_and_shape_and_sums_a_layer(tmp_path):
         (p, m) for p in ("fp16", "tensorwise", "rowwise", "weightonly") for m in (1, 8, 16, 64)}
     for m in (1, 8, 16):  # up to GEMV_MAX_ROWS: weight-only, x as it is
         assert rows[("o", m, "weightonly")]["rel_err"] < 1e-6 < rows[("o", m, "tensorwise")]["rel_err"]
+    assert set(results["bf16"]) == {"1", "8", "16", "64"}
+    assert max(results["bf16"][m] for m in ("1", "8", "16")) < 2 ** -7  # bf16 rounding of y only
 
 
 def test_profile_step_bench_sorts_every_kernel_of_the_decode_step(tmp_path):
