@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field  # LoadConfig has a `field` attribute
 
+from llmwatts.client import parse_target, strip_scheme
 from llmwatts.errors import InvalidArgument
 from llmwatts.loadgen.arrivals import ARRIVALS, check_arrivals
 from llmwatts.loadgen.prompts import DATASETS, DEFAULT_NUM_PROMPTS, DEFAULT_SEED, GSM8K_SPLITS
@@ -85,14 +86,14 @@ class LoadConfig:
     run_secret_file: str | None = None
 
     def validate(self) -> None:
-        """Raise ``InvalidArgument`` with a message naming the flag to fix."""
+        """Raise ``InvalidArgument`` with a message naming the flag to fix; ``target`` becomes plain
+        ``HOST:PORT`` (``llmwatts.client.parse_target``: the one target parser)."""
         if self.master and self.worker:
             raise InvalidArgument("--master and --worker exclude each other")
         if not self.worker and not self.target:
             raise InvalidArgument("--target HOST:PORT is required (the address of `llmwatts serve`)")
-        host, _, port = (self.target or "").rpartition(":")
-        if self.target and not (host and port.isdigit()):
-            raise InvalidArgument(f"--target must be HOST:PORT, got {self.target!r}")
+        if self.target:
+            self.target = parse_target(self.target)
         if self.dataset not in DATASETS:
             raise InvalidArgument(f"--dataset must be one of {', '.join(DATASETS)}")
         if self.dataset == "jsonl" and not (self.jsonl_path and self.field):
@@ -182,7 +183,7 @@ class LoadConfig:
             key = f"llm_{name}"
             if key in values and values[key] is not None:
                 kwargs[name] = _from_option(name, values[key])
-        config = cls(target=_strip_scheme(host) if host else None, **kwargs)
+        config = cls(target=strip_scheme(host) if host else None, **kwargs)
         if values.get("num_users"):
             config.users = int(values["num_users"])
             if config.rate_rps is not None:
@@ -240,13 +241,6 @@ def parse_labels(items) -> dict[str, str]:
             raise InvalidArgument(f"--label must be KEY=VALUE, got {item!r}")
         labels[key] = value
     return labels
-
-
-def _strip_scheme(host: str) -> str:
-    for scheme in ("grpc://", "grpcs://", "http://", "https://"):
-        if host.startswith(scheme):
-            return host[len(scheme):].rstrip("/")
-    return host
 
 
 def add_locust_arguments(parser) -> None:
