@@ -66,10 +66,12 @@ def run(args: argparse.Namespace) -> int:
     server_dbs = list(args.server_db)
     if args.server:
         from llmwatts.analysis.pull import mirror_path, pull_records
+        from llmwatts.client import parse_target
         from llmwatts.server.auth import load_token
 
         token = load_token()
         for target in args.server:
+            target = parse_target(target, flag="--server")
             mirror = mirror_path(args.study_db, target)
             pull_records(target, mirror, token=token, ca=args.ca, cert=args.cert, key=args.key)
             server_dbs.append(str(mirror))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 
-from llmwatts.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
-from llmwatts.client import client_channel
+from llmwatts.errors import FailedPrecondition, NotFound, Unauthenticated, Unavailable
+from llmwatts.client import client_channel, parse_target
 from llmwatts.server.auth import CONTROL_TOKEN_ENV
 from llmwatts.server.export import cell_value
 from llmwatts.server.store import SCHEMA, open_db
@@ -69,9 +69,7 @@ def pull_records(target: str, mirror: str | Path, *, token: str | None = None, c
                  cert: str | None = None, key: str | None = None, page_rows: int = 0,
                  channel: grpc.Channel | None = None) -> PullResult:
     """Pull ``target``'s records since the mirror's cursor into ``mirror`` (created if missing)."""
-    host, _, port = target.rpartition(":")
-    if not (host and port.isdigit()):
-        raise InvalidArgument(f"--server must be HOST:PORT, got {target!r}")
+    target = parse_target(target, flag="--server")
     mirror = Path(mirror)
     if mirror.parent and not mirror.parent.exists():
         raise NotFound(f"no folder {mirror.parent} for the mirror DB")

@@ -43,6 +43,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from llmwatts.client import parse_target
 from llmwatts.errors import InvalidArgument, NotFound
 from llmwatts.loadgen.config import LoadConfig
 
@@ -174,10 +175,7 @@ def check_plan(raw: dict, *, source: str = "plan", servers: list[str] | None = N
     if not targets:
         raise InvalidArgument(f"{source}: name at least one server: [[servers]] target = \"HOST:PORT\" "
                               "(or --server HOST:PORT)")
-    for t in targets:
-        host, _, port = t.rpartition(":")
-        if not (host and port.isdigit()):
-            raise InvalidArgument(f"{source}: server target must be HOST:PORT, got {t!r}")
+    targets = [parse_target(t, flag=f"{source}: server target") for t in targets]
     load = dict(raw.get("load", {}))
     bad = set(load) - LOAD_FIELDS
     if bad:

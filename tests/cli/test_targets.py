@@ -1,19 +1,21 @@
 """One target parser (issue 18 item 4): what users type as a server address reaches the same rule
-(``llmwatts.client.strip_scheme`` / ``parse_target``) through both of loadgen's doors: Locust's host field
+(``llmwatts.client.strip_scheme`` / ``parse_target``) through every door: loadgen's Locust host field
 (``LoadConfig.from_options``) and ``--target`` / the library's ``LoadConfig(target=...)``
-(``LoadConfig.validate``).
+(``LoadConfig.validate``), a study plan's ``[[servers]] target`` and ``report --server`` (``pull_records``).
 
 Guards against loadgen/config.py's own ``_strip_scheme`` (no whitespace strip, scheme case-sensitive, so
-``" grpc://h:1"`` reached grpc as a host name) and ``validate``'s own ``rpartition`` check (port 0 or
-99999 and any length passed)."""
+``" grpc://h:1"`` reached grpc as a host name) and the ``rpartition`` checks of ``LoadConfig.validate``,
+``study/plan.py`` and ``analysis/pull.py`` (port 0 or 99999 and any length passed)."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmwatts.analysis.pull import pull_records
 from llmwatts.client import MAX_TARGET_CHARS, parse_target, strip_scheme
 from llmwatts.errors import InvalidArgument
 from llmwatts.loadgen.config import LoadConfig
+from llmwatts.study.plan import check_plan
 
 GOOD = {
     "gpu-host:50051": "gpu-host:50051",
@@ -46,10 +48,16 @@ def target_flag(text: str) -> LoadConfig:
     return config
 
 
-@pytest.mark.parametrize("door", [locust_host, target_flag])
+def study_plan(text: str) -> str:
+    """A study plan's door: ``[[servers]] target``."""
+    return check_plan({"servers": [{"target": text}], "load": {"requests": 2, "dataset": "mini"}}).servers[0]
+
+
+@pytest.mark.parametrize("door", [locust_host, target_flag, study_plan])
 @pytest.mark.parametrize("text", GOOD)
-def test_both_doors_give_the_same_host_port(door, text):
-    assert door(text).target == GOOD[text] == parse_target(text)
+def test_every_door_gives_the_same_host_port(door, text):
+    target = door(text)
+    assert getattr(target, "target", target) == GOOD[text] == parse_target(text)
 
 
 def test_strip_scheme_takes_off_one_scheme_and_whitespace_only():
@@ -58,11 +66,14 @@ def test_strip_scheme_takes_off_one_scheme_and_whitespace_only():
     assert strip_scheme("[::1]:7") == "[::1]:7"
 
 
-@pytest.mark.parametrize("door", [locust_host, target_flag])
+@pytest.mark.parametrize("door", [locust_host, target_flag, study_plan, "pull"])
 @pytest.mark.parametrize("text", BAD)
-def test_both_doors_refuse_a_bad_target_in_one_short_line(door, text):
-    with pytest.raises(InvalidArgument, match="--target (wants )?HOST:PORT") as refused:
-        door(text)
+def test_every_door_refuses_a_bad_target_in_one_short_line(door, text, tmp_path):
+    with pytest.raises(InvalidArgument, match="(--target|server target|--server) (wants )?HOST:PORT") as refused:
+        if door == "pull":  # refused before any connection is tried
+            pull_records(text, tmp_path / "mirror.db")
+        else:
+            door(text)
     message = str(refused.value)
     assert "\n" not in message and len(message) < 250
 
