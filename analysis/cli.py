@@ -66,10 +66,9 @@ def run(args: argparse.Namespace) -> int:
     server_dbs = list(args.server_db)
     if args.server:
         from llmwatts.analysis.pull import mirror_path, pull_records
-        from llmwatts.client import parse_target
-        from llmwatts.server.auth import load_token
+        from llmwatts.client import control_token, parse_target
 
-        token = load_token()
+        token = control_token()
         for target in args.server:
             target = parse_target(target, flag="--server")
             mirror = mirror_path(args.study_db, target)

@@ -17,7 +17,7 @@ import grpc
 
 from llmwatts.errors import FailedPrecondition, NotFound, Unauthenticated, Unavailable
 from llmwatts.client import client_channel, parse_target
-from llmwatts.server.auth import CONTROL_TOKEN_ENV
+from llmwatts.credentials import CONTROL_TOKEN_ENV
 from llmwatts.server.export import cell_value
 from llmwatts.server.store import SCHEMA, open_db
 from llmwatts.v1 import llmwatts_pb2 as pb

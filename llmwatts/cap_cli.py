@@ -7,7 +7,7 @@ import time
 
 from llmwatts.cap_client import CapClient
 from llmwatts.control_cli import add_actions, client_of, lease_left
-from llmwatts.server.auth import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV
+from llmwatts.credentials import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV
 
 
 def call_control(args: argparse.Namespace):

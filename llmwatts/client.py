@@ -14,8 +14,8 @@ import warnings
 import grpc
 
 from llmwatts.errors import InvalidArgument, LlmwattsError
-from llmwatts.server.auth import (CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, INFERENCE_TOKEN_ENV,
-                                  INFERENCE_TOKEN_FILE_ENV, _read, is_loopback_host, load_token)
+from llmwatts.credentials import (CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, INFERENCE_TOKEN_ENV,
+                                  INFERENCE_TOKEN_FILE_ENV, is_loopback_host, load_token, read_pem)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # What users put before HOST:PORT (Locust's host field is a URL); grpc itself would read "grpc://h:p" as a
@@ -148,9 +148,9 @@ def client_channel(
         raise InvalidArgument("a client certificate needs both --cert and --key")
     if ca is not None or cert is not None:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(ca, "CA certificate"),
-            private_key=_read(key, "client key"),
-            certificate_chain=_read(cert, "client certificate"),
+            root_certificates=read_pem(ca, "CA certificate"),
+            private_key=read_pem(key, "client key"),
+            certificate_chain=read_pem(cert, "client certificate"),
         )
         if token:
             credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 
 from llmwatts.client import DEFAULT_TARGET, control_token
-from llmwatts.server.auth import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV
+from llmwatts.credentials import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV
 
 
 def add_control_options(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from locust import User
 from locust.exception import LocustError
 
 from llmwatts.client import call_metadata, client_channel, strip_scheme  # noqa: F401 (call_metadata: users import it here)
+from llmwatts.credentials import INFERENCE_TOKEN_ENV
 
 _gevent_ready = False
 
@@ -32,7 +33,6 @@ def init_gevent_once() -> None:
 init_gevent_once()
 
 DEFAULT_DEADLINE_S = 600.0  # generous: a large batch of long completions on a capped GPU is slow
-INFERENCE_TOKEN_ENV = "LLMWATTS_INFERENCE_TOKEN"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Authentication and transport security: a bearer-token server interceptor, token loading, TLS/mTLS.
+"""Authentication and transport security: a bearer-token server interceptor and TLS/mTLS server credentials
+(tokens and PEM files are read by ``llmwatts/credentials.py``, shared with the clients).
 
 Security model (docs/power-caps.md): mutating Control calls (SetPowerCap, ResetPowerCap) need the
 control bearer token; Inference calls need the inference token when one is configured. Without a control
@@ -11,22 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
-from pathlib import Path
 from typing import Iterable
 
 import grpc
 
-from llmwatts.errors import InvalidArgument
+from llmwatts.credentials import (CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, INFERENCE_TOKEN_ENV, is_loopback_host,
+                                  read_pem)
 
 log = logging.getLogger(__name__)
-
-CONTROL_TOKEN_ENV = "LLMWATTS_CONTROL_TOKEN"
-CONTROL_TOKEN_FILE_ENV = "LLMWATTS_CONTROL_TOKEN_FILE"
-INFERENCE_TOKEN_ENV = "LLMWATTS_INFERENCE_TOKEN"
-INFERENCE_TOKEN_FILE_ENV = "LLMWATTS_INFERENCE_TOKEN_FILE"
 
 CONTROL_MUTATING_METHODS = frozenset({
     "/llmwatts.v1.Control/SetPowerCap",
@@ -46,35 +41,6 @@ _BEARER = "bearer "
 # -------------------------------------------------------------------------------------------------
 
 
-def load_token(
-    env_var: str = CONTROL_TOKEN_ENV,
-    file_env_var: str = CONTROL_TOKEN_FILE_ENV,
-    path: str | os.PathLike | None = None,
-) -> str | None:
-    """The token from ``path`` (a ``--*-token-file`` flag), else the file named by ``$file_env_var``,
-    else ``$env_var``; None when none is configured. Surrounding whitespace is stripped."""
-    source = None
-    if path is None and os.environ.get(file_env_var):
-        path = os.environ[file_env_var]
-        source = f"${file_env_var}"
-    if path is not None:
-        path = Path(path)
-        source = source or str(path)
-        try:
-            text = path.read_text()
-            mode = path.stat().st_mode
-        except OSError as e:
-            raise InvalidArgument(f"cannot read the token file {path} (from {source}): {e.strerror}") from e
-        if mode & 0o077:
-            log.warning("token file %s is readable by group or others; chmod 600 it", path)
-        token = text.strip()
-        if not token:
-            raise InvalidArgument(f"the token file {path} (from {source}) is empty")
-        return token
-    token = (os.environ.get(env_var) or "").strip()
-    return token or None
-
-
 def token_fingerprint(token: str) -> str:
     """First 8 hex digits of sha256(token): names a token in logs without revealing it."""
     return hashlib.sha256(token.encode()).hexdigest()[:8]
@@ -92,17 +58,6 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | N
 
 def _token_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for a bind host that only loopback clients can reach (127.0.0.0/8, ::1, localhost)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def who(context: grpc.ServicerContext) -> str:
@@ -215,22 +170,13 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return _denying_handler(handler, *refusal)
 
 
-def _read(path: str | os.PathLike | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise InvalidArgument(f"cannot read the {what} {path}: {e.strerror}") from e
-
-
 def server_credentials(
     cert: str | os.PathLike, key: str | os.PathLike, client_ca: str | os.PathLike | None = None
 ) -> grpc.ServerCredentials:
     """TLS server credentials from PEM files; with ``client_ca`` clients must present a certificate
     signed by it (mutual TLS)."""
     return grpc.ssl_server_credentials(
-        [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
-        root_certificates=_read(client_ca, "client CA"),
+        [(read_pem(key, "TLS key"), read_pem(cert, "TLS certificate"))],
+        root_certificates=read_pem(client_ca, "client CA"),
         require_client_auth=client_ca is not None,
     )

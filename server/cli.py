@@ -104,7 +104,7 @@ def add_parser(subparsers) -> None:
 
 
 def config_from_args(args) -> ServerConfig:
-    from llmwatts.server import auth
+    from llmwatts import credentials
 
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be between 0 and 65535 (0 picks a free one), got {args.port}")
@@ -139,10 +139,10 @@ def config_from_args(args) -> ServerConfig:
     if args.shards < 1:
         raise InvalidArgument("--shards must be at least 1")
     fields = {k: getattr(args, k) for k in ServerConfig.__dataclass_fields__ if hasattr(args, k)}
-    fields["control_token"] = auth.load_token(
-        auth.CONTROL_TOKEN_ENV, auth.CONTROL_TOKEN_FILE_ENV, path=args.control_token_file)
-    fields["inference_token"] = auth.load_token(
-        auth.INFERENCE_TOKEN_ENV, auth.INFERENCE_TOKEN_FILE_ENV, path=args.inference_token_file)
+    fields["control_token"] = credentials.load_token(
+        credentials.CONTROL_TOKEN_ENV, credentials.CONTROL_TOKEN_FILE_ENV, path=args.control_token_file)
+    fields["inference_token"] = credentials.load_token(
+        credentials.INFERENCE_TOKEN_ENV, credentials.INFERENCE_TOKEN_FILE_ENV, path=args.inference_token_file)
     from llmwatts.server.models import check_model_spec
 
     check_model_spec(args.model)  # a mistyped preset: one line now, not hub retries after the imports

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmwatts.errors import InvalidArgument, Unavailable
+from llmwatts.credentials import is_loopback_host
 from llmwatts.server import auth
 from llmwatts.server.config import ServerConfig
 from llmwatts.server.control_service import ControlServicer
@@ -69,7 +70,7 @@ class LlmwattsServer:
 def create_server(config: ServerConfig, host: Host | None = None) -> tuple[LlmwattsServer, int]:
     """Build the host (unless given: the sharded rank 0 builds its own) and a bound (not started) gRPC
     server. Returns the server and its port."""
-    loopback = auth.is_loopback_host(config.host)
+    loopback = is_loopback_host(config.host)
     if config.allow_insecure_loopback_control and not loopback:
         raise InvalidArgument("--allow-insecure-loopback-control needs a loopback --host (127.0.0.1, ::1, "
                               "localhost); configure a control token for other interfaces")

@@ -15,7 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmwatts.errors import InvalidArgument
 from llmwatts.server import auth
 from llmwatts.client import client_channel
-from llmwatts.server.auth import BearerTokenInterceptor, load_token, server_credentials
+from llmwatts.credentials import is_loopback_host, load_token
+from llmwatts.server.auth import BearerTokenInterceptor, server_credentials
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
@@ -255,5 +256,5 @@ def test_load_token_precedence(tmp_path, monkeypatch):
 
 
 def test_is_loopback_host():
-    assert all(auth.is_loopback_host(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
-    assert not any(auth.is_loopback_host(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.org"))
+    assert all(is_loopback_host(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback_host(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.org"))
