@@ -90,15 +90,6 @@ def _tables(conn: sqlite3.Connection, schema: str = "main") -> set[str]:
     return {r[0] for r in conn.execute(f"SELECT name FROM [{schema}].sqlite_master WHERE type = 'table'")}
 
 
-def detect_kind(path: str | os.PathLike) -> str:
-    """``"server"`` or ``"client"`` from the tables a DB holds; ``InvalidArgument`` if neither."""
-    conn = _open_source(Path(path))
-    try:
-        return _kind_of(Path(path), _tables(conn))
-    finally:
-        conn.close()
-
-
 def _kind_of(path: Path, tables: set[str]) -> str:
     for kind, required in schema.REQUIRED.items():
         if all(t in tables for t in required):

@@ -90,12 +90,6 @@ def run_sweep(config: LoadConfig, *, caps_w: list[float] | None = None, rates_rp
     return steps
 
 
-def run_cap_sweep(config: LoadConfig, caps_w: list[float], *, gpus: list[str] | None = None,
-                  lease_s: float = 0.0, control_token: str | None = None) -> list[SweepStep]:
-    """One load run per cap (``run_sweep`` without rates)."""
-    return run_sweep(config, caps_w=caps_w, gpus=gpus, lease_s=lease_s, control_token=control_token)
-
-
 def _run_step(config: LoadConfig, base: str, cap_w: float | None, rate_rps: float | None) -> SweepStep:
     run_id, labels = base, {**config.labels, "sweep": base}
     if cap_w is not None:
