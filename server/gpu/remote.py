@@ -1,5 +1,5 @@
-"""Another rank's GPU, seen from rank 0 of a sharded server (server/sharded.py), and the follower's side
-of a batch's energy.
+"""Another rank's GPU, seen from rank 0 of a sharded server (server/sharded.py; its commands go through
+server/shard_control.py), and the follower's side of a batch's energy.
 
 Reads and sets go to the owning rank as control commands (``controller.call("gpu", ...)``), except the
 energy a batch boundary reads: each rank brackets its own batch (``bracket_batch``: one reading when the
@@ -17,7 +17,7 @@ from llmwatts.server.gpu.common import GPU, ClockReading, EnergySample, GpuSampl
 
 
 class Controller(Protocol):
-    """What a ``RemoteGPU`` needs of rank 0's controller (``sharded.Controller``)."""
+    """What a ``RemoteGPU`` needs of rank 0's controller (``Controller`` in server/shard_control.py)."""
 
     energy: dict[str, EnergySample]  # gpu uuid -> the owning rank's latest reading
 
