@@ -27,7 +27,7 @@ weights = ["fp16"]          # only servers started with --weights fp16 run these
 ```
 
 Dimensions are generic: a grid key is either a ``LoadConfig`` field (dataset, batch_size, users, rate_rps,
-max_new_tokens, stream, ...) or a server-side setting with a handler in ``runner.SERVER_DIMENSIONS``
+max_new_tokens, stream, ...) or a server-side setting the study runner handles, one of ``SERVER_DIMENSIONS``
 (``cap_w``; ``sm_clock_mhz``, a locked SM clock leased through ``ClockClient``; ``engine`` and ``weights``
 pick the servers that run that engine or weight precision; a cell no server matches is refused). ``--preset paper`` fills the paper's grid
 (4,096 prompts of Alpaca and GSM8K, batch 64, 256 new tokens) under whatever the plan sets.
