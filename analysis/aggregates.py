@@ -1,9 +1,11 @@
 """Per-run tables the views read that SQL alone does not give: percentiles (``run_percentiles``), the
 steady-state span (``run_steady``) and idle power per GPU (``study_idle_power``).
 
-Percentiles and steady spans come from one vectorised pass: the study's requests are read once from
-``request_join_rows`` in chunks into numpy arrays (memory: ~70 bytes a request), grouped by run with one sort, and every
-percentile is ``llmwatts.stats.percentiles`` (numpy ``linear``), the project's one definition.
+The request pass (request_pass.py: DuckDB in a child process, or SQLite over the ``request_join`` view)
+gives per-run totals (``run_request_totals``), the reconciliation's request ids (``run_request_flags``), the
+per-request scatter (``run_request_points``) and the per-request columns as numpy arrays; percentiles and
+steady spans are computed here from those arrays, grouped by run with one sort, and every percentile is
+``llmwatts.stats.percentiles`` (numpy ``linear``), the project's one definition.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import gc
 import numpy as np
 import sqlite_utils
 
-from llmwatts.analysis import sample_reads
+from llmwatts.analysis import request_pass, sample_reads
 from llmwatts.stats import percentiles
 
 PCTS = (50, 90, 95, 99)
-# metric -> SQL expression over request_join_rows (ok rows only).
+# metric -> column of the request pass (ok rows only; request_pass.METRIC_EXPRS).
 METRICS = {
     "e2e_ms": "e2e_ms",
     "ttft_ms": "ttft_ms",
@@ -36,10 +38,15 @@ IDLE_LOOKBACK_NS = 10_000_000_000  # idle power fallback: telemetry of the 10 s 
 def ensure_tables(db: sqlite_utils.Database) -> None:
     columns = ", ".join(f"[{m}_{s}] {'INTEGER' if s == 'n' else 'REAL'}" for m in METRICS for s in STATS)
     db.execute(f"CREATE TABLE IF NOT EXISTS run_percentiles (run_id TEXT PRIMARY KEY, {columns})")
+    totals = ", ".join(f"[{c}] {'REAL' if c in ('attributed_j', 'batch_j') else 'INTEGER'}"
+                       for c in request_pass.TOTAL_COLUMNS)
+    db.execute(f"CREATE TABLE IF NOT EXISTS run_request_totals (run_id TEXT PRIMARY KEY, {totals})")
+    db.execute("CREATE TABLE IF NOT EXISTS run_request_flags (run_id TEXT, request_id TEXT, kind TEXT, seq INTEGER)")
+    db.execute("CREATE TABLE IF NOT EXISTS run_request_points (run_id TEXT, e2e_ms REAL, energy_j REAL, seq INTEGER)")
 
 
-def _run_code(column: str) -> str:
-    """SQL: the small integer code of the run id in ``column`` (``temp.run_codes``, made by ``_run_codes``)."""
+def run_code(column: str) -> str:
+    """SQL: the small integer code of the run id in ``column`` (``temp.run_codes``, made by ``fetch``)."""
     return f"(SELECT k.code FROM temp.run_codes k WHERE k.run_id IS {column})"
 
 
@@ -53,8 +60,8 @@ def _run_codes(db: sqlite_utils.Database) -> list[str]:
     return [r[0] for r in db.execute("SELECT run_id FROM temp.run_codes ORDER BY code")]
 
 
-def _fetch(db: sqlite_utils.Database, sql: str, names: list[str], params=()) -> tuple[list[str], dict]:
-    """Rows of ``sql`` (first column a run code, ``_run_code``; the rest numbers) as (run ids by code,
+def fetch(db: sqlite_utils.Database, sql: str, names: list[str], params=()) -> tuple[list[str], dict]:
+    """Rows of ``sql`` (first column a run code, ``run_code``; the rest numbers) as (run ids by code,
     {name: float64 array, "_code": int32 array}). None reads as NaN."""
     runs = _run_codes(db)
     blocks: list[np.ndarray] = []
@@ -90,26 +97,14 @@ def _summary(values: np.ndarray) -> list:
     return [*percentiles(values, PCTS), float(values.mean()), int(values.size)]
 
 
-def fetch_requests(db: sqlite_utils.Database) -> tuple[list[str], dict, int]:
-    """The one pass: every request row of every run that is ok or reached a server, as arrays (times in ns
-    since the study's first BeginRun, so float64 keeps every nanosecond). Returns (runs, arrays, base_ns)."""
-    base_ns = db.execute("SELECT coalesce(min(begin_ns), 0) FROM runs").fetchone()[0]
-    names = [m for m, expr in METRICS.items() if expr]
-    columns = [METRICS[m] for m in names] + ["itl_mean_ms", "itl_count", "ok", "has_server", "output_tokens"]
-    runs, arrays = _fetch(db, f"SELECT {_run_code('j.run_id')}, {', '.join(columns)}, received_ns - ?, done_ns - ? "
-                              "FROM request_join_rows j WHERE ok OR has_server",
-                          names + columns[len(names):] + ["received_ns", "done_ns"], [base_ns, base_ns])
-    return runs, arrays, base_ns
-
-
 def _subset(arrays: dict, mask: np.ndarray) -> dict:
     return {k: v[mask] for k, v in arrays.items()}
 
 
-def refresh_percentiles(db: sqlite_utils.Database, fetched=None) -> None:
-    """``run_percentiles``: p50/p90/p95/p99/mean/n of each ``METRICS`` entry over each run's ok requests."""
+def percentile_rows(runs: list, arrays: dict, gaps: tuple | None) -> dict[str, dict]:
+    """Per run: p50/p90/p95/p99/mean/n of each ``METRICS`` entry over its counted requests (``arrays``:
+    request_pass.COLUMNS by run code), ITL from ``gaps`` (run codes, every inter-chunk gap) when recorded."""
     names = [m for m, expr in METRICS.items() if expr]
-    runs, arrays, _ = fetched or fetch_requests(db)
     arrays = _subset(arrays, arrays["ok"] == 1)
     rows: dict[str, dict] = {}
     for code, idx in _groups(arrays["_code"]):
@@ -121,28 +116,10 @@ def refresh_percentiles(db: sqlite_utils.Database, fetched=None) -> None:
         if have.any():  # every gap of the run pooled: sum of per-request means x counts over all gaps
             row["itl_ms_mean"] = float((mean_ms[have] * count[have]).sum() / count[have].sum())
             row["itl_ms_n"] = int(count[have].sum())
-    _itl_from_chunks(db, rows)
-    columns = ["run_id"] + [f"{m}_{s}" for m in METRICS for s in STATS]
-    with db.conn:
-        db.execute("DELETE FROM run_percentiles")
-        db.conn.executemany(
-            f"INSERT INTO run_percentiles ({', '.join(f'[{c}]' for c in columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))})",
-            [[run_id] + [row.get(c) for c in columns[1:]] for run_id, row in rows.items()],
-        )
-
-
-def _itl_from_chunks(db: sqlite_utils.Database, rows: dict[str, dict]) -> None:
-    """Exact ITL percentiles over every inter-chunk gap of ok streamed requests (``client_chunks``)."""
-    if db.execute("SELECT 1 FROM client_chunks LIMIT 1").fetchone() is None:
-        return
-    runs, arrays = _fetch(db, f"""
-        SELECT {_run_code('j.run_id')}, ch.elapsed_ms - lag(ch.elapsed_ms) OVER (PARTITION BY ch.request_id ORDER BY ch.chunk_index)
-        FROM client_chunks ch JOIN request_join_rows j ON j.request_id = ch.request_id AND j.has_client AND j.ok
-    """, ["gap_ms"])
-    for code, idx in _groups(arrays["_code"]):
-        rows.setdefault(runs[code], {}).update(
-            zip((f"itl_ms_{s}" for s in STATS), _summary(arrays["gap_ms"][idx])))
+    if gaps is not None:  # exact ITL percentiles over every inter-chunk gap of ok streamed requests
+        for code, idx in _groups(gaps[0]):
+            rows.setdefault(runs[code], {}).update(zip((f"itl_ms_{s}" for s in STATS), _summary(gaps[1][idx])))
+    return {run_id: row for run_id, row in rows.items() if run_id is not None}
 
 
 def refresh_idle_power(db: sqlite_utils.Database) -> None:
@@ -189,12 +166,9 @@ def steady_span(received_ns: np.ndarray, done_ns: np.ndarray, target: float) -> 
     return int(times[first]), int(end)
 
 
-def refresh_steady(db: sqlite_utils.Database, fetched=None) -> None:
-    """``run_steady``: each run's steady-state span (``steady_span``; target = the run's load users, else
-    the most requests ever in flight), the telemetry energy inside it (per-GPU counter delta between the
-    first and last sample in the span) and the output tokens of ok requests done inside it."""
-    targets = dict(db.execute("SELECT run_id, sum(users) FROM client_runs GROUP BY run_id").fetchall())
-    runs, arrays, base_ns = fetched or fetch_requests(db)
+def steady_spans(runs: list, arrays: dict, base_ns: int, targets: dict) -> dict[str, list]:
+    """Per run: [target, begin_ns, end_ns, output tokens] of its steady-state span (``steady_span``; target =
+    the run's load users, else the most requests ever in flight) and of the ok requests done inside it."""
     arrays = _subset(arrays, arrays["has_server"] == 1)
     spans = {}
     for code, idx in _groups(arrays["_code"]):
@@ -202,11 +176,17 @@ def refresh_steady(db: sqlite_utils.Database, fetched=None) -> None:
         received, done = arrays["received_ns"][idx], arrays["done_ns"][idx]
         target = targets.get(run_id) or _max_in_flight(received, done)
         span = steady_span(received, done, target)
-        if span is None:
+        if span is None or run_id is None:
             continue
         inside = (done >= span[0]) & (done <= span[1]) & (arrays["ok"][idx] == 1)
-        spans[run_id] = (float(target), span[0] + base_ns, span[1] + base_ns,
-                         int(np.nansum(arrays["output_tokens"][idx][inside])))
+        spans[run_id] = [float(target), span[0] + base_ns, span[1] + base_ns,
+                         int(np.nansum(arrays["output_tokens"][idx][inside]))]
+    return spans
+
+
+def write_steady(db: sqlite_utils.Database, spans: dict[str, list]) -> None:
+    """``run_steady``: each run's steady span, the telemetry energy inside it (per-GPU counter delta between the
+    first and last sample in the span) and the output tokens of ok requests done inside it."""
     energies = _span_energies(db, spans)
     rows = [(run_id, target, begin_ns, end_ns, energies.get(run_id), tokens)
             for run_id, (target, begin_ns, end_ns, tokens) in spans.items()]
@@ -241,8 +221,42 @@ def _span_energies(db: sqlite_utils.Database, spans: dict) -> dict[str, float | 
     return out
 
 
+def write_requests(db: sqlite_utils.Database, result: dict) -> None:
+    """The request pass's tables: ``run_request_totals``, ``run_percentiles``, ``run_request_flags``,
+    ``run_request_points`` (request_pass.summarise's dict)."""
+    totals = ["run_id", *request_pass.TOTAL_COLUMNS]
+    pcts = ["run_id"] + [f"{m}_{s}" for m in METRICS for s in STATS]
+    with db.conn:
+        for table in ("run_request_totals", "run_percentiles", "run_request_flags", "run_request_points"):
+            db.execute(f"DELETE FROM {table}")
+        db.conn.executemany(f"INSERT INTO run_request_totals VALUES ({', '.join('?' * len(totals))})",
+                            [[run_id] + [row.get(c) for c in totals[1:]]
+                             for run_id, row in result["totals"].items() if run_id is not None])
+        db.conn.executemany(f"INSERT INTO run_percentiles ({', '.join(f'[{c}]' for c in pcts)}) "
+                            f"VALUES ({', '.join('?' * len(pcts))})",
+                            [[run_id] + [row.get(c) for c in pcts[1:]] for run_id, row in result["percentiles"].items()])
+        db.conn.executemany("INSERT INTO run_request_flags VALUES (?, ?, ?, ?)",
+                            [(*flag, i) for i, flag in enumerate(result["flags"])])
+        db.conn.executemany("INSERT INTO run_request_points VALUES (?, ?, ?, ?)",
+                            [(run_id, e2e_ms, energy_j, i) for run_id, (e2e, joules) in result["points"].items()
+                             for i, (e2e_ms, energy_j) in enumerate(zip(e2e, joules))])
+
+
+def request_pass_result(db: sqlite_utils.Database) -> dict:
+    """The request pass (request_pass.py): DuckDB in a child process where it can, else SQLite here."""
+    db.conn.commit()  # the child reads what this connection wrote
+    path = db.execute("PRAGMA database_list").fetchone()[2]
+    result = request_pass.run_child(path) if path else None
+    return result if result is not None else request_pass.sqlite_pass(db)
+
+
+def refresh_requests(db: sqlite_utils.Database) -> None:
+    """Totals, percentiles, reconciliation ids, scatter and steady spans from one request pass."""
+    result = request_pass_result(db)
+    write_requests(db, result)
+    write_steady(db, result["spans"])
+
+
 def refresh(db: sqlite_utils.Database) -> None:
     refresh_idle_power(db)
-    fetched = fetch_requests(db)
-    refresh_percentiles(db, fetched)
-    refresh_steady(db, fetched)
+    refresh_requests(db)

@@ -28,6 +28,17 @@ def _extension() -> Path:
     return _EXTENSION[0]
 
 
+def available() -> bool:
+    """Whether DuckDB and its sqlite extension are installed (request_pass.py then runs its child)."""
+    try:
+        import duckdb  # noqa: F401
+
+        _extension()
+    except (ImportError, StopIteration):
+        return False
+    return True
+
+
 def connect(threads: int | None = None):
     """A DuckDB connection that reads and writes SQLite files, or None when DuckDB or its sqlite extension
     is not installed (callers then do the work in SQLite)."""

@@ -1,6 +1,6 @@
 """Reconciliation of a run: client rows against server rows (found once, missing, duplicated, server-only,
 outside the window) and attributed against batch joules, from the ``run_reconciliation`` view and the
-``request_join_rows`` table (views.py; definitions: docs/analysis.md)."""
+``run_request_flags`` table (views.py, request_pass.py; definitions: docs/analysis.md)."""
 
 from __future__ import annotations
 
@@ -72,12 +72,7 @@ def all_reconciliations(study_db, run_ids: list[str] | None = None, runs: list[d
         runs = _dicts(db, "SELECT run_id, energy_busy_j, batch_energy_exceeds_window FROM run_metrics")
     energy = {r["run_id"]: r for r in runs}
     ids: dict[tuple[str, str], list[str]] = {}
-    for run_id, request_id, kind in db.execute("""
-        SELECT run_id, request_id, CASE WHEN NOT has_client THEN 'server_only'
-          WHEN server_rows = 0 THEN 'missing' WHEN server_rows > 1 THEN 'duplicated' ELSE 'outside' END
-        FROM request_join_rows
-        WHERE NOT has_client OR server_rows <> 1 OR (server_rows = 1 AND outside_window)
-        ORDER BY coalesce(send_server_ns, received_ns), request_id"""):
+    for run_id, request_id, kind in db.execute("SELECT run_id, request_id, kind FROM run_request_flags ORDER BY seq"):
         bucket = ids.setdefault((run_id, kind), [])
         if kind != "duplicated" or request_id not in bucket:
             bucket.append(request_id)

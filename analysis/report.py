@@ -138,9 +138,8 @@ def build_report(
     (ms, keys ttft_ms/tpot_ms/e2e_ms): the objectives goodput is judged by for every run, instead of each
     run's own (``llmwatts load --slo``)."""
     db = open_study_db(study_db, create=False)
-    if slo:
-        views.ensure_fresh(db)
-        views.set_slo(db, slo)
+    if slo:  # goodput under these objectives: the totals are recomputed with them (one request pass)
+        views.refresh(db, slo)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidArgument(f"--out {out} is a file; give a folder")

@@ -22,7 +22,6 @@ from llmwatts.analysis import timeline  # noqa: E402
 from llmwatts.analysis.report_data import SETTING_KEYS, Group, _num, settings_text  # noqa: E402
 
 MAX_TIMELINES = 24
-MAX_REQUEST_POINTS = 20000
 
 
 def _png(fig) -> bytes:
@@ -192,18 +191,16 @@ def timelines(db, runs: list[dict], titles: dict[str, str]) -> bytes | None:
 
 
 def request_energy(db, group: Group, simulated: bool) -> bytes | None:
-    """Per-request joules vs latency, one colour per run setting. A run with more than ``MAX_REQUEST_POINTS``
-    counted requests is thinned evenly: every k-th of them in the study DB's order (client send order)."""
-    if not db["request_join_rows"].exists():
+    """Per-request joules vs latency, one colour per run setting. A run with more than
+    ``request_pass.MAX_POINTS`` counted requests is thinned evenly at refresh (``run_request_points``: every
+    k-th of them in client send order)."""
+    if not db["run_request_points"].exists():
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     drawn = 0
     for run in group.runs[:20]:
-        every = max(1, -(-(run.get("requests_ok") or 0) // MAX_REQUEST_POINTS))
-        pts = np.array(db.execute(
-            "SELECT e2e_ms, energy_j FROM request_join_rows WHERE run_id = ? AND ok AND e2e_ms IS NOT NULL "
-            "AND energy_j IS NOT NULL AND rowid % ? = 0 LIMIT ?", [run["run_id"], every, MAX_REQUEST_POINTS]
-        ).fetchall(), dtype=np.float64).reshape(-1, 2)
+        pts = np.array(db.execute("SELECT e2e_ms, energy_j FROM run_request_points WHERE run_id = ? ORDER BY seq",
+                                  [run["run_id"]]).fetchall(), dtype=np.float64).reshape(-1, 2)
         if len(pts):
             ax.scatter(pts[:, 0], pts[:, 1], s=8, alpha=0.6, label=run.get("_title", run["run_id"]))
             drawn += 1

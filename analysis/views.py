@@ -12,9 +12,14 @@ Views (definitions and formulas: docs/analysis.md):
   the server DB's telemetry (samples.py: ``run_gpu_windows``) for the run's current window.
 - ``run_metrics``: the report's per-run numbers; ``run_reconciliation``: its reconciliation table.
 
-Tables refreshed at ingest (``refresh``), because SQLite has no percentile aggregate and the one
-percentile definition is ``llmwatts.stats``: ``run_percentiles`` (one vectorised pass over the ok
-requests), ``run_steady`` (the steady-state span of each run) and ``run_slo`` (objectives per run).
+Tables refreshed at ingest (``refresh``) from one pass over the requests (request_pass.py: the
+``request_join`` rows, computed by DuckDB where installed, else by SQLite from this very view), because
+aggregating a million joined rows on every read of a view costs SQLite seconds and SQLite has no
+percentile aggregate (the one definition is ``llmwatts.stats``): ``run_request_totals`` (per-run sums and
+reconciliation counts of ``request_join``; ``run_metrics`` and ``run_reconciliation`` read it),
+``run_percentiles``, ``run_steady`` (the steady-state span of each run), ``run_request_flags`` and
+``run_request_points`` (the reconciliation's request ids; the report's scatter) and ``run_slo``.
+``tests/analysis/test_request_pass.py`` recomputes them from the views.
 """
 
 from __future__ import annotations
@@ -27,13 +32,11 @@ from llmwatts.analysis import aggregates
 
 OK = "lower({0}) = 'ok'"
 
-# The join itself, materialised into request_join_rows by refresh() (one pass of index lookups per ingest,
-# instead of one per read); the request_join view adds the SLO verdict, which --slo may change.
+# The join itself (request_pass.JOIN_DUCKDB is the same in DuckDB's dialect: keep them together).
 REQUEST_JOIN_ROWS = """
 SELECT c.run_id AS run_id, c.request_id AS request_id, r.server_id AS server_id,
   1 AS has_client, r.request_id IS NOT NULL AS has_server,
-  coalesce((SELECT d.server_rows FROM request_dups d WHERE d.request_id = c.request_id),
-           r.request_id IS NOT NULL) AS server_rows,
+  (SELECT count(*) FROM requests d WHERE d.request_id = c.request_id) AS server_rows,
   c.status AS client_status, r.status AS server_status,
   coalesce(lower(r.status) = 'ok' AND lower(c.status) = 'ok', 0) AS ok,
   c.client_send_ns + c.client_clock_offset_ns AS send_server_ns,
@@ -66,12 +69,12 @@ WHERE r.run_id IS NOT NULL
 """
 
 # good: ok and every objective set is met by a measured value (a missing one fails), as Slo.met decides.
-REQUEST_JOIN = """
+REQUEST_JOIN = f"""
 CREATE VIEW request_join AS
 SELECT j.*,
   coalesce(j.ok AND (s.ttft_ms IS NULL OR j.ttft_ms <= s.ttft_ms) AND (s.tpot_ms IS NULL OR j.tpot_ms <= s.tpot_ms)
     AND (s.e2e_ms IS NULL OR j.e2e_ms <= s.e2e_ms), 0) AS good
-FROM request_join_rows j LEFT JOIN run_slo s ON s.run_id = j.run_id
+FROM ({REQUEST_JOIN_ROWS}) j LEFT JOIN run_slo s ON s.run_id = j.run_id
 """
 
 RUN_GPU_TELEMETRY = """
@@ -106,24 +109,11 @@ WITH win AS (
     max(simulated) AS simulated
   FROM run_gpu_telemetry GROUP BY run_id
 ), req AS (
-  SELECT run_id,
-    sum(has_server) AS server_rows, sum(ok) AS requests_ok,
-    sum(has_client AND NOT has_server) AS requests_refused,
-    sum(CASE WHEN ok THEN n_prompts ELSE 0 END) AS responses,
-    sum(CASE WHEN ok THEN output_tokens ELSE 0 END) AS output_tokens,
-    sum(CASE WHEN ok THEN output_words ELSE 0 END) AS output_words,
-    sum(has_client) AS client_rows,
-    sum(good) AS good_requests,
-    sum(CASE WHEN good THEN output_tokens ELSE 0 END) AS good_output_tokens,
-    coalesce(sum(CASE WHEN has_server THEN energy_j END), 0.0) AS attributed_j,
-    max(done_after_window) AS done_after_window
-  FROM request_join GROUP BY run_id
+  SELECT run_id, server_rows, requests_ok, requests_refused, responses, output_tokens, output_words, client_rows,
+    good_requests, good_output_tokens, attributed_j, done_after_window_any AS done_after_window
+  FROM run_request_totals
 ), busy AS (
-  SELECT k.run_id, sum(b.energy_j) AS batch_j, max(b.simulated) AS simulated
-  FROM (SELECT DISTINCT run_id, server_id, batch_id FROM request_join
-        WHERE has_server AND batch_id IS NOT NULL) k
-  JOIN batches b ON b.server_id = k.server_id AND b.batch_id = k.batch_id
-  GROUP BY k.run_id
+  SELECT run_id, batch_j, batch_simulated AS simulated FROM run_request_totals
 ), srv AS (
   SELECT w.run_id, max(s.simulated) AS simulated, group_concat(DISTINCT s.power_source) AS power_sources
   FROM runs w JOIN servers s ON s.server_id = w.server_id GROUP BY w.run_id
@@ -204,18 +194,9 @@ LEFT JOIN run_steady st ON st.run_id = m.run_id
 
 RUN_RECONCILIATION = """
 CREATE VIEW run_reconciliation AS
-SELECT run_id,
-  count(DISTINCT CASE WHEN has_client THEN request_id END) AS client_sent,
-  sum(has_client AND server_rows = 1 AND lower(server_status) = 'ok') AS server_ok,
-  sum(has_client AND server_rows = 1 AND lower(server_status) <> 'ok') AS server_error,
-  sum(has_client AND server_rows = 0) AS missing,
-  count(DISTINCT CASE WHEN has_client AND server_rows > 1 THEN request_id END) AS duplicated,
-  sum(NOT has_client) AS server_only,
-  coalesce(sum(CASE WHEN has_client AND server_rows = 1 THEN outside_window END), 0) AS outside_window,
-  sum(has_server AND ok = 0 AND lower(server_status) = 'ok') AS status_mismatch,
-  coalesce(sum(done_after_window), 0) AS done_after_window,
-  coalesce(sum(CASE WHEN has_server THEN energy_j END), 0.0) AS attributed_j
-FROM request_join_rows NOT INDEXED GROUP BY run_id
+SELECT run_id, client_sent, server_ok, server_error, missing, duplicated, server_only, outside_window,
+  status_mismatch, done_after_window, attributed_j
+FROM run_request_totals
 """
 
 VIEWS = {
@@ -225,7 +206,7 @@ VIEWS = {
     "run_reconciliation": RUN_RECONCILIATION,
 }
 # The views' version: a study DB whose views differ is given these (views hold no data).
-VIEWS_VERSION = "3"
+VIEWS_VERSION = "4"
 
 STUDY_TABLES = {
     "run_slo": "CREATE TABLE IF NOT EXISTS run_slo (run_id TEXT PRIMARY KEY, ttft_ms REAL, tpot_ms REAL, "
@@ -237,7 +218,7 @@ STUDY_TABLES = {
 }
 
 
-# Tables whose rows the derived tables (request_join_rows, run_percentiles, run_steady, study_idle_power)
+# Tables whose rows the derived tables (run_request_totals, run_percentiles, run_steady, study_idle_power)
 # are computed from: any change to them by hand marks the study stale, and the next read refreshes.
 SOURCE_TABLES = ("servers", "gpus", "runs", "batches", "requests", "idle_power", "telemetry_buckets",
                  "client_runs", "client_requests", "client_chunks")
@@ -275,13 +256,13 @@ def create_views(db: sqlite_utils.Database) -> None:
             db.execute("INSERT INTO study_state VALUES (1)")
         create_triggers(db)
         aggregates.ensure_tables(db)
-        db.execute("CREATE TABLE IF NOT EXISTS request_dups (request_id TEXT PRIMARY KEY, server_rows INTEGER)")
-        db.execute(f"CREATE TABLE IF NOT EXISTS request_join_rows AS {REQUEST_JOIN_ROWS} LIMIT 0")
         current = {r[0]: r[1] for r in db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'view'")}
         for name, sql in VIEWS.items():
             if current.get(name, "").strip() != sql.strip():
                 db.execute(f"DROP VIEW IF EXISTS [{name}]")
                 db.execute(sql.strip())
+        for table in ("request_join_rows", "request_dups"):  # an older study DB's materialised join
+            db.execute(f"DROP TABLE IF EXISTS [{table}]")
 
 
 def set_slo(db: sqlite_utils.Database, slo: dict[str, float] | None, source: str = "report") -> None:
@@ -317,19 +298,6 @@ def _json(value) -> dict:
 def refresh(db: sqlite_utils.Database, slo: dict[str, float] | None = None) -> None:
     """Recompute the tables the views read: SLOs, idle power, percentiles, steady-state spans."""
     set_slo(db, slo)
-    with db.conn:
-        db.execute("DROP VIEW IF EXISTS request_join")
-        db.execute("DROP TABLE IF EXISTS request_join_rows")
-        # Request ids on several server rows (rare): one pass over the request_id index, so the join needs
-        # no count per client row.
-        db.execute("DELETE FROM request_dups")
-        db.execute("INSERT INTO request_dups SELECT request_id, count(*) FROM requests GROUP BY request_id "
-                   "HAVING count(*) > 1")
-        db.execute(f"CREATE TABLE request_join_rows AS {REQUEST_JOIN_ROWS}")
-        # One run's requests (a plot's points); the per-run aggregates scan the table (NOT INDEXED in the
-        # reconciliation view: its GROUP BY through this index read the rows in random order, 10x slower).
-        db.execute("CREATE INDEX request_join_rows_run ON request_join_rows (run_id)")
-        db.execute(REQUEST_JOIN.strip())
     aggregates.refresh(db)
     with db.conn:
         create_triggers(db)

@@ -33,7 +33,10 @@ def percentiles(values: Iterable[float | None], pcts: Iterable[float]) -> list[f
     for p in pcts:
         if math.isnan(p) or not 0 <= p <= 100:
             raise InvalidArgument(f"percentile must be within 0..100, got {p}")
-    data = np.asarray([v for v in values if v is not None], dtype=float)
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":  # numbers already: no None to skip
+        data = values
+    else:
+        data = np.asarray([v for v in values if v is not None], dtype=float)
     if data.size == 0:
         return [None] * len(pcts)
     return [float(x) for x in np.percentile(data, pcts, method=METHOD)]
