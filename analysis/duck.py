@@ -9,6 +9,7 @@ DuckDB the same pass runs in SQLite, same numbers, slower. The extension comes f
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,12 @@ def _extension() -> Path:
         shutil.copy(found, folder / "sqlite_scanner.duckdb_extension")
         _EXTENSION.append(folder / "sqlite_scanner.duckdb_extension")
     return _EXTENSION[0]
+
+
+def _threads_from_env() -> int | None:
+    """``LLMWATTS_DUCKDB_THREADS`` (a positive whole number): DuckDB's threads on a shared box; unset: every core."""
+    text = os.environ.get("LLMWATTS_DUCKDB_THREADS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
 
 
 def available() -> bool:
@@ -49,6 +56,7 @@ def connect(threads: int | None = None):
     except (ImportError, StopIteration):
         return None
     config = {"allow_unsigned_extensions": "true"}
+    threads = threads or _threads_from_env()
     if threads:
         config["threads"] = threads
     conn = duckdb.connect(config=config)

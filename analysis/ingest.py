@@ -29,6 +29,7 @@ import json
 import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,12 @@ def _bulk_copy(db: sqlite_utils.Database, table: str, insert: str) -> bool:
     return True
 
 
+def _path_known(db: sqlite_utils.Database, path: Path) -> bool:
+    if not db["sources"].exists():
+        return False
+    return db.execute("SELECT 1 FROM sources WHERE path = ?", [str(path.resolve())]).fetchone() is not None
+
+
 def _already_ingested(db: sqlite_utils.Database, path: Path, sha256: str) -> bool:
     if not db["sources"].exists():
         return False
@@ -234,16 +241,30 @@ def validate_file(path: str | os.PathLike, kind: str) -> set[str]:
 def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -> SourceResult:
     """Copy one server or client DB into ``db``. ``kind`` is what the caller expects it to be. Leaves the
     study marked stale: ``views.refresh`` (``ingest`` calls it) rebuilds the derived tables."""
-    from llmwatts.analysis import views
-
     path = Path(path)
     tables = validate_file(path, kind)
+    hashing = None
+    if _path_known(db, path):  # a file seen at this path before: skipped whole when its content is the same
+        sha256, size_bytes = file_sha256(path)
+        if _already_ingested(db, path, sha256):
+            return SourceResult(str(path), kind, sha256, size_bytes, skipped=True)
+    else:  # a new path is never skipped: hash it beside the copy (hashlib lets go of the GIL; ~1 s per GB)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="llmwatts-sha256")
+        hashing = pool.submit(file_sha256, path)
+        pool.shutdown(wait=False)
+    try:
+        return _ingest_new(db, path, kind, tables, hashing.result if hashing else lambda: (sha256, size_bytes))
+    finally:
+        if hashing is not None:
+            hashing.result()  # never leave the thread reading the file (an error above still waits for it)
+
+
+def _ingest_new(db: sqlite_utils.Database, path: Path, kind: str, tables: set[str], digest) -> SourceResult:
+    """The copy of a file not skipped; ``digest()`` gives its (SHA-256, size) once the copy is done."""
+    from llmwatts.analysis import views
+
     spec = schema.SERVER_TABLES if kind == "server" else schema.CLIENT_TABLES
-    sha256, size_bytes = file_sha256(path)
-    result = SourceResult(str(path), kind, sha256, size_bytes)
-    if _already_ingested(db, path, sha256):
-        result.skipped = True
-        return result
+    result = SourceResult(str(path), kind, "", 0)
     views.drop_triggers(db)
     db.conn.commit()
     db.execute(f"PRAGMA cache_size = -{schema.CACHE_MIB * 1024}")
@@ -256,12 +277,13 @@ def ingest_file(db: sqlite_utils.Database, path: str | os.PathLike, kind: str) -
             for table, pk in spec.items():
                 if table in tables:
                     result.rows[table] = _copy_table(db, path, table, pk)
+            result.sha256, result.size_bytes = digest()
             db["sources"].upsert(
                 {
                     "path": str(path.resolve()),
-                    "sha256": sha256,
+                    "sha256": result.sha256,
                     "kind": kind,
-                    "size_bytes": size_bytes,
+                    "size_bytes": result.size_bytes,
                     "ingested_ns": time.time_ns(),
                     "rows": json.dumps(result.rows),
                 },

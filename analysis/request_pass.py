@@ -256,9 +256,21 @@ def run_child(study_db: str | os.PathLike, timeout_s: float = 600) -> dict | Non
     return json.loads(done.stdout)
 
 
+def _peak_mib() -> float:
+    """This process's peak resident memory (VmHWM), MiB; 0 where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    json.dump(duckdb_pass(args[0]), sys.stdout, allow_nan=True)
+    result = duckdb_pass(args[0])
+    json.dump({**result, "peak_mib": _peak_mib()}, sys.stdout, allow_nan=True)
     return 0
 
 
