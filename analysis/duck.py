@@ -1,4 +1,5 @@
-"""DuckDB, when installed, as the engine for the one pass over every telemetry sample (samples.py).
+"""DuckDB, when installed, as the engine for the one pass over every telemetry sample (samples.py) and the one
+pass over every request (request_pass.py, in a child process).
 
 Why (docs/analysis.md, "Ingest"): aggregating 10M SQLite rows into per-second buckets costs SQLite ~1.5 µs a
 row on this box (one aggregate function call per column per row) and DuckDB, reading the same file through
