@@ -25,6 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+# The per-request values both dialects of the join select alike (views.REQUEST_JOIN_ROWS, JOIN_DUCKDB).
+REQUEST_VALUES = """r.received_ns AS received_ns, r.done_ns AS done_ns, r.batch_id AS batch_id,
+  r.n_prompts AS n_prompts, r.output_tokens AS output_tokens, c.output_words AS output_words,
+  c.latency_ms AS e2e_ms, c.ttft_ms AS ttft_ms, c.tpot_ms AS tpot_ms,
+  c.itl_count AS itl_count, c.itl_mean_ms AS itl_mean_ms,
+  (c.client_send_ns - c.scheduled_send_ns) / 1e6 AS lag_ms,
+  r.energy_j AS energy_j, r.energy_j / nullif(r.output_tokens, 0) AS j_per_output_token"""
 # The request_join view in DuckDB's dialect over the study DB attached as ``s``: the same rows and values
 # (flags as 0/1 integers, NULL where SQLite gives NULL); correlated subqueries written as joins. The two big
 # tables are read once each into DuckDB (``c``, ``r``: the columns used; reading through the sqlite extension
@@ -35,7 +42,7 @@ READ_DUCKDB = (
     "CREATE TEMP TABLE r AS SELECT request_id, run_id, server_id, status, received_ns, done_ns, batch_id, n_prompts, "
     "output_tokens, energy_j FROM s.requests",
 )
-JOIN_DUCKDB = """
+JOIN_DUCKDB = f"""
 WITH dups AS (SELECT request_id, count(*) AS n FROM r GROUP BY request_id HAVING count(*) > 1),
 client_runs AS (SELECT DISTINCT run_id FROM s.client_runs),
 rows AS (
@@ -45,12 +52,7 @@ rows AS (
     c.status AS client_status, r.status AS server_status,
     coalesce(CAST(lower(r.status) = 'ok' AND lower(c.status) = 'ok' AS INTEGER), 0) AS ok,
     c.client_send_ns + c.client_clock_offset_ns AS send_server_ns,
-    r.received_ns AS received_ns, r.done_ns AS done_ns, r.batch_id AS batch_id,
-    r.n_prompts AS n_prompts, r.output_tokens AS output_tokens, c.output_words AS output_words,
-    c.latency_ms AS e2e_ms, c.ttft_ms AS ttft_ms, c.tpot_ms AS tpot_ms,
-    c.itl_count AS itl_count, c.itl_mean_ms AS itl_mean_ms,
-    (c.client_send_ns - c.scheduled_send_ns) / 1e6 AS lag_ms,
-    r.energy_j AS energy_j, r.energy_j / nullif(r.output_tokens, 0) AS j_per_output_token,
+    {REQUEST_VALUES},
     CAST(w.begin_ns IS NOT NULL AND (c.client_send_ns + c.client_clock_offset_ns < w.begin_ns
       OR (w.end_ns IS NOT NULL AND c.client_send_ns + c.client_clock_offset_ns > w.end_ns)) AS INTEGER)
       AS outside_window,
@@ -256,7 +258,7 @@ def run_child(study_db: str | os.PathLike, timeout_s: float = 600) -> dict | Non
     return json.loads(done.stdout)
 
 
-def _peak_mib() -> float:
+def peak_mib() -> float:
     """This process's peak resident memory (VmHWM), MiB; 0 where /proc is not there."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -270,7 +272,7 @@ def _peak_mib() -> float:
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     result = duckdb_pass(args[0])
-    json.dump({**result, "peak_mib": _peak_mib()}, sys.stdout, allow_nan=True)
+    json.dump({**result, "peak_mib": peak_mib()}, sys.stdout, allow_nan=True)
     return 0
 
 

@@ -29,11 +29,12 @@ import json
 import sqlite_utils
 
 from llmwatts.analysis import aggregates
+from llmwatts.analysis.request_pass import REQUEST_VALUES
 
 OK = "lower({0}) = 'ok'"
 
 # The join itself (request_pass.JOIN_DUCKDB is the same in DuckDB's dialect: keep them together).
-REQUEST_JOIN_ROWS = """
+REQUEST_JOIN_ROWS = f"""
 SELECT c.run_id AS run_id, c.request_id AS request_id, r.server_id AS server_id,
   1 AS has_client, r.request_id IS NOT NULL AS has_server,
   (SELECT count(*) FROM requests d WHERE d.request_id = c.request_id) AS server_rows,
@@ -41,12 +42,7 @@ SELECT c.run_id AS run_id, c.request_id AS request_id, r.server_id AS server_id,
   coalesce(lower(r.status) = 'ok' AND lower(c.status) = 'ok', 0) AS ok,
   c.client_send_ns + c.client_clock_offset_ns AS send_server_ns,
   c.scheduled_send_ns + c.client_clock_offset_ns AS scheduled_server_ns,
-  r.received_ns AS received_ns, r.done_ns AS done_ns, r.batch_id AS batch_id,
-  r.n_prompts AS n_prompts, r.output_tokens AS output_tokens, c.output_words AS output_words,
-  c.latency_ms AS e2e_ms, c.ttft_ms AS ttft_ms, c.tpot_ms AS tpot_ms,
-  c.itl_count AS itl_count, c.itl_mean_ms AS itl_mean_ms,
-  (c.client_send_ns - c.scheduled_send_ns) / 1e6 AS lag_ms,
-  r.energy_j AS energy_j, r.energy_j / nullif(r.output_tokens, 0) AS j_per_output_token,
+  {REQUEST_VALUES},
   (r.received_ns - (c.client_send_ns + c.client_clock_offset_ns)) / 1e6 AS uplink_ms,
   w.begin_ns IS NOT NULL AND (c.client_send_ns + c.client_clock_offset_ns < w.begin_ns
     OR (w.end_ns IS NOT NULL AND c.client_send_ns + c.client_clock_offset_ns > w.end_ns)) AS outside_window,

@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from analysis_study import BENCH_STUDIES, StudySpec, generate  # noqa: E402
 
+from llmwatts.analysis.request_pass import peak_mib  # noqa: E402
+
 # The numbers every method computes per run (names as in runs.csv).
 COMPARED = ("requests_ok", "output_tokens", "output_words", "energy_total_j", "energy_busy_j", "j_per_token",
             "sm_pct_mean", "mem_pct_mean", "gpu_energy_min_j", "gpu_energy_max_j", "latency_p50_ms",
@@ -48,13 +50,7 @@ def _cpu_s() -> float:
 def _peak_mib() -> float:
     """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and
     exec, so a child would report at least its parent's peak (the study generator's arrays)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_mib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 CHILD_PEAKS_MIB: list[float] = []
