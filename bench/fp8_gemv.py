@@ -15,6 +15,7 @@ sweep, compiled layers (the compiles take most of the time).
 
     python bench/fp8_gemv.py --json out.json          # cuda (an FP8 GPU): the whole run, < 90 s on an H100
     python bench/fp8_gemv.py --quick                  # cpu, tiny shapes, reference paths only: it runs
+                                                      # (compiled rows: dynamo only; sweep: the reference)
 """
 
 import argparse
@@ -80,13 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     results["bf16"] = bench.bf16_errors(rows)
     save()
     print(f"\nweight-only kernel in bf16 (o projection), rel err vs fp32 by M: {results['bf16']}")
-    if cuda:  # the sweep first: the compiles take most of the time
-        results["sweep"] = bench.sweep(sweep_rows)
-        save()
-        print_sweep(results)
-        results["compiled"] = bench.compiled_layers(compiled_rows, compiled_paths)
-        save()
-        print_compiled(results)
+    results["sweep"] = bench.sweep(sweep_rows)  # before the compiles: they take most of the time
+    save()
+    print_sweep(results)
+    results["compiled"] = bench.compiled_layers(compiled_rows, compiled_paths)
+    save()
+    print_compiled(results)
     print(f"\n{time.perf_counter() - started:.1f} s in all")
     return 0
 
@@ -165,27 +165,28 @@ class Bench:
         del graph
         return sorted(times)[1]
 
+    def cases(self, rows: list[int]):
+        """(projection name, N, K, its weight copies, M, x [M, K]) for every projection and M."""
+        for name, (n, k) in self.shapes.items():
+            for m in rows:
+                yield name, n, k, self.weights[name], m, self.x(m, k)
+
     def projections(self, rows: list[int]) -> list[dict]:
         out = []
-        for name, (n, k) in self.shapes.items():
-            ws = self.weights[name]
-            for m in rows:
-                x = self.x(m, k)
-                exact = x.float() @ fp8.dequantize(ws[0][1], ws[0][2], torch.float32).t()
-                for path in PATHS:
-                    fn = path_fn(path)
-                    row = {"shape": name, "n": n, "k": k, "m": m, "path": path}
-                    try:
-                        ref = x.float() @ ws[0][0].float().t() if path == "fp16" else exact
-                        err = (fn(x, ws[0]).float() - ref).abs().max().item()
-                        us = self.time_us(lambda: [fn(x, w) for w in ws], len(ws))
-                        weight_bytes = n * k * (2 if path == "fp16" else 1)
-                        row.update(us=us, gb_s=weight_bytes / us / 1e3, max_abs_err=err,
-                                   rel_err=err / ref.abs().max().item())
-                    except Exception as e:  # one path that fails must not lose the others
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                    out.append(row)
-                    print(row, flush=True)
+        for name, n, k, ws, m, x in self.cases(rows):
+            exact = x.float() @ fp8.dequantize(ws[0][1], ws[0][2], torch.float32).t()
+            for path in PATHS:
+                fn = path_fn(path)
+                ref = x.float() @ ws[0][0].float().t() if path == "fp16" else exact
+
+                def measure(fn=fn, ref=ref, path=path):
+                    err = (fn(x, ws[0]).float() - ref).abs().max().item()
+                    us = self.time_us(lambda: [fn(x, w) for w in ws], len(ws))
+                    weight_bytes = n * k * (2 if path == "fp16" else 1)
+                    return dict(us=us, gb_s=weight_bytes / us / 1e3, max_abs_err=err,
+                                rel_err=err / ref.abs().max().item())
+
+                out.append(measured({"shape": name, "n": n, "k": k, "m": m, "path": path}, measure))
         return out
 
     def bf16_errors(self, rows: list[int]) -> dict:
@@ -213,21 +214,18 @@ class Bench:
             def layer(xs, ws, fn=fn):
                 return [fn(x, w) for x, w in zip(xs, ws)]
 
-            for m in rows:
-                row = {"path": path, "m": m}
-                try:
-                    compiled = torch.compile(layer, dynamic=False, fullgraph=True, options=inductor_options())
-                    xs = [self.x(m, self.shapes[s][1]) for s in names]
-                    ws = [self.weights[s][0] for s in names]
-                    t0 = time.perf_counter()
-                    us = with_gemm(path if path in fp8.GEMMS else fp8.GEMM, self.time_us,
-                                   lambda: compiled(xs, ws), 1)
-                    row.update(us=us, gb_s=layer_bytes * (2 if path == "fp16" else 1) / us / 1e3,
-                               compile_s=time.perf_counter() - t0)
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                out.append(row)
-                print(row, flush=True)
+            def measure(path=path, m=None):
+                # On CPU (--quick) dynamo traces the same function, but no inductor compile (minutes in C++).
+                compiled = (torch.compile(layer, dynamic=False, fullgraph=True, options=inductor_options())
+                            if self.cuda else torch.compile(layer, dynamic=False, fullgraph=True, backend="eager"))
+                xs = [self.x(m, self.shapes[s][1]) for s in names]
+                ws = [self.weights[s][0] for s in names]
+                t0 = time.perf_counter()
+                us = with_gemm(path if path in fp8.GEMMS else fp8.GEMM, self.time_us, lambda: compiled(xs, ws), 1)
+                return dict(us=us, gb_s=layer_bytes * (2 if path == "fp16" else 1) / us / 1e3,
+                            compile_s=time.perf_counter() - t0)
+
+            out += [measured({"path": path, "m": m}, lambda m=m: measure(m=m)) for m in rows]
         return out
 
     def sweep(self, rows: list[int]) -> list[dict]:
@@ -235,21 +233,31 @@ class Bench:
         from llmwatts.server.engine import fp8_gemv as g
 
         out = []
-        for name, (n, k) in self.shapes.items():
-            ws = self.weights[name]
-            for m in rows:
-                x = self.x(m, k)
-                chosen = g.pick_config(m, n, k)
-                for config in dict.fromkeys([chosen, *candidates(g, m, n, k)]):
-                    row = {"shape": name, "m": m, "config": config.label(), "chosen": config == chosen}
-                    try:
-                        row["us"] = self.time_us(lambda: [g.gemv_with(x, w[1], w[2], config) for w in ws], len(ws))
-                        row["gb_s"] = n * k / row["us"] / 1e3
-                    except Exception as e:
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                    out.append(row)
-                print(f"sweep {name} M={m}: {len(out)} rows so far", flush=True)
+        for name, n, k, ws, m, x in self.cases(rows):
+            chosen = g.pick_config(m, n, k)
+            for config in dict.fromkeys([chosen, *candidates(g, m, n, k)]):
+                def measure(config=config, x=x, ws=ws):
+                    def run(w):  # on CPU (--quick) the weight-only reference: the loops and table only
+                        return g.gemv_with(x, w[1], w[2], config) if self.cuda else weight_only(x, w[1], w[2])
+
+                    us = self.time_us(lambda: [run(w) for w in ws], len(ws))
+                    return dict(us=us, gb_s=n * k / us / 1e3)
+
+                row = {"shape": name, "m": m, "config": config.label(), "chosen": config == chosen}
+                out.append(measured(row, measure, echo=False))
+            print(f"sweep {name} M={m}: {len(out)} rows so far", flush=True)
         return out
+
+
+def measured(row: dict, measure, echo: bool = True) -> dict:
+    """``row`` with ``measure()``'s figures, or its error: one path that fails must not lose the others."""
+    try:
+        row.update(measure())
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    if echo:
+        print(row, flush=True)
+    return row
 
 
 def candidates(g, m: int, n: int, k: int) -> list:
@@ -281,46 +289,47 @@ def layer_sums(rows: list[dict]) -> list[dict]:
     return list(sums.values())
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> None:
+    """Print a markdown table; the first column left-aligned, the rest right-aligned."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * (len(header) - 1))
+    for cells in rows:
+        print("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
+
+
+def speedup(base: float | None, us: float) -> str:
+    return f"{base / us:.2f}x" if base else "-"
+
+
 def print_projections(results: dict) -> None:
-    print(f"\n# fp8 weight matmuls on {results['device']}, torch {results['torch']} (eager, CUDA graphs)\n")
+    print(f"\n# fp8 weight matmuls on {results['device']}, torch {results['torch']} (eager, CUDA graphs)")
     fp16 = {(r["shape"], r["m"]): r["us"] for r in results["rows"] if r["path"] == "fp16" and "us" in r}
-    print("| projection | M | path | µs / call | weight GB/s | vs fp16 | max abs err | rel err |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for r in results["rows"]:
-        if "error" in r:
-            print(f"| {r['shape']} | {r['m']} | {r['path']} | {r['error']} | | | | |")
-            continue
-        base = fp16.get((r["shape"], r["m"]))
-        speed = f"{base / r['us']:.2f}x" if base else "-"
-        print(f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['path']} | {r['us']:.1f} | {r['gb_s']:.0f} | "
-              f"{speed} | {r['max_abs_err']:.2e} | {r['rel_err']:.2e} |")
-    print("\n| a layer (sum of 4) | M | path | µs | vs fp16 |")
-    print("|---|---:|---|---:|---:|")
+    markdown_table(["projection", "M", "path", "µs / call", "weight GB/s", "vs fp16", "max abs err", "rel err"], [
+        [f"{r['shape']} {r['n']}x{r['k']}", str(r["m"]), r["path"]]
+        + ([r["error"]] if "error" in r else
+           [f"{r['us']:.1f}", f"{r['gb_s']:.0f}", speedup(fp16.get((r["shape"], r["m"])), r["us"]),
+            f"{r['max_abs_err']:.2e}", f"{r['rel_err']:.2e}"])
+        for r in results["rows"]])
     base = {s["m"]: s["us"] for s in results["layer"] if s["path"] == "fp16"}
-    for s in results["layer"]:
-        speed = f"{base[s['m']] / s['us']:.2f}x" if s["m"] in base else "-"
-        print(f"| layer ({s['shapes']} shapes) | {s['m']} | {s['path']} | {s['us']:.1f} | {speed} |")
+    markdown_table(["a layer (sum of 4)", "M", "path", "µs", "vs fp16"], [
+        [f"layer ({s['shapes']} shapes)", str(s["m"]), s["path"], f"{s['us']:.1f}", speedup(base.get(s["m"]), s["us"])]
+        for s in results["layer"]])
 
 
 def print_compiled(results: dict) -> None:
-    print("\n| compiled layer | M | path | µs | weight GB/s | vs fp16 | compile + time s |")
-    print("|---|---:|---|---:|---:|---:|---:|")
     base = {r["m"]: r["us"] for r in results["compiled"] if r["path"] == "fp16" and "us" in r}
-    for r in results["compiled"]:
-        if "error" in r:
-            print(f"| layer | {r['m']} | {r['path']} | {r['error']} | | | |")
-            continue
-        speed = f"{base[r['m']] / r['us']:.2f}x" if r["m"] in base else "-"
-        print(f"| layer | {r['m']} | {r['path']} | {r['us']:.1f} | {r['gb_s']:.0f} | {speed} | {r['compile_s']:.1f} |")
+    markdown_table(["compiled layer", "M", "path", "µs", "weight GB/s", "vs fp16", "compile + time s"], [
+        ["layer", str(r["m"]), r["path"]]
+        + ([r["error"]] if "error" in r else
+           [f"{r['us']:.1f}", f"{r['gb_s']:.0f}", speedup(base.get(r["m"]), r["us"]), f"{r['compile_s']:.1f}"])
+        for r in results["compiled"]])
 
 
 def print_sweep(results: dict) -> None:
-    print("\n| sweep: projection | M | config (* = pick_config) | µs | weight GB/s |")
-    print("|---|---:|---|---:|---:|")
-    for r in results["sweep"]:
-        mark = " *" if r["chosen"] else ""
-        cell = f"{r['us']:.1f} | {r['gb_s']:.0f}" if "us" in r else f"{r['error']} |"
-        print(f"| {r['shape']} | {r['m']} | {r['config']}{mark} | {cell} |")
+    markdown_table(["sweep: projection", "M", "config (* = pick_config)", "µs", "weight GB/s"], [
+        [r["shape"], str(r["m"]), r["config"] + (" *" if r["chosen"] else "")]
+        + ([r["error"]] if "error" in r else [f"{r['us']:.1f}", f"{r['gb_s']:.0f}"])
+        for r in results["sweep"]])
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def test_decode_attention_bench_times_every_kernel_and_they_agree(tmp_path):
 
 def test_fp8_gemv_bench_times_every_path_and_shape_and_sums_a_layer(tmp_path):
     """bench/fp8_gemv.py --quick (the reference paths on CPU): every projection x M x path row, the layer
-    sums, and the weight-only path exact against the dequantized product where tensor-wise is not."""
+    sums, and the weight-only path exact against the dequantized product where tensor-wise is not; the
+    compiled layers (traced by dynamo) and the sweep's loops run without an error."""
     results = run_bench("fp8_gemv.py", tmp_path, timeout_s=300)
     rows = {(r["shape"], r["m"], r["path"]): r for r in results["rows"]}
     assert len(rows) == 4 * 4 * 4 and all("error" not in r and r["us"] > 0 for r in rows.values()), rows
@@ -67,6 +68,11 @@ def test_fp8_gemv_bench_times_every_path_and_shape_and_sums_a_layer(tmp_path):
         assert rows[("o", m, "weightonly")]["rel_err"] < 1e-6 < rows[("o", m, "tensorwise")]["rel_err"]
     assert set(results["bf16"]) == {"1", "8", "16", "64"}
     assert max(results["bf16"][m] for m in ("1", "8", "16")) < 2 ** -7  # bf16 rounding of y only
+    assert {(r["path"], r["m"]) for r in results["compiled"] if "error" not in r} == {
+        (p, m) for p in ("fp16", "tensorwise", "weightonly", "dequant") for m in (1, 16)}, results["compiled"]
+    sweep = results["sweep"]
+    assert len(sweep) >= 4 * 2 * 6 and all("error" not in r for r in sweep), sweep
+    assert sum(r["chosen"] for r in sweep) == 4 * 2  # pick_config's choice marked once per shape and M
 
 
 def test_profile_step_bench_sorts_every_kernel_of_the_decode_step(tmp_path):
