@@ -6,7 +6,6 @@ that each call can carry its own ``context`` and a streaming call can report its
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,8 +15,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User
 from locust.exception import LocustError
 
-from llmwatts.client import call_metadata, client_channel, strip_scheme  # noqa: F401 (call_metadata: users import it here)
-from llmwatts.credentials import INFERENCE_TOKEN_ENV
+from llmwatts.client import call_metadata, client_channel, inference_token, strip_scheme  # noqa: F401 (call_metadata: users import it here)
 
 _gevent_ready = False
 
@@ -173,7 +171,7 @@ class GrpcUser(User):
 
     def channel_options(self) -> ChannelOptions:
         """Override to add TLS; the default is plaintext with the token from the environment variable."""
-        return ChannelOptions(target=normalise_target(self.host), token=os.environ.get(INFERENCE_TOKEN_ENV))
+        return ChannelOptions(target=normalise_target(self.host), token=inference_token())
 
     def on_stop(self):
         self._channel.close()

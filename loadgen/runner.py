@@ -9,7 +9,6 @@ per process). Do not host ``llmwatts serve`` in a process that imports this modu
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import gevent
@@ -20,7 +19,9 @@ from locust.event import Events
 
 from llmwatts.errors import FailedPrecondition, InvalidArgument, LlmwattsError, Unauthenticated, Unavailable
 from llmwatts.loadgen.config import LoadConfig
-from llmwatts.loadgen.grpc_user import INFERENCE_TOKEN_ENV, ChannelOptions, call_metadata, make_channel
+from llmwatts.client import inference_token
+from llmwatts.credentials import INFERENCE_TOKEN_ENV, INFERENCE_TOKEN_FILE_ENV
+from llmwatts.loadgen.grpc_user import ChannelOptions, call_metadata, make_channel
 from llmwatts.loadgen.locustfile import InferenceUser
 from llmwatts.loadgen.prompts import load_prompts
 from llmwatts.loadgen.clock import server_clock_offset_ns
@@ -42,7 +43,7 @@ def run_load(config: LoadConfig) -> LoadResult:
     file is missing, ``InvalidArgument`` for a config the server would refuse.
     """
     config.validate()
-    token = config.token or os.environ.get(INFERENCE_TOKEN_ENV)
+    token = config.token or inference_token()  # --inference-token-file's env, else the token's
     if config.quiet:
         logging.getLogger("locust").setLevel(logging.ERROR)
     if config.worker:
@@ -99,7 +100,8 @@ def preflight(config: LoadConfig, token: str | None):
     except grpc.RpcError as e:
         code = e.code() if hasattr(e, "code") else None
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            raise Unauthenticated(f"{config.target} refused the call: set {INFERENCE_TOKEN_ENV}") from e
+            raise Unauthenticated(f"{config.target} refused the call: set ${INFERENCE_TOKEN_FILE_ENV} or "
+                                  f"${INFERENCE_TOKEN_ENV} (or --inference-token-file)") from e
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise Unavailable(f"cannot reach {config.target}: is `llmwatts serve` running?") from e
         raise FailedPrecondition(f"{config.target}: GetServerInfo failed: {code.name if code else e}") from e

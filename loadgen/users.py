@@ -10,7 +10,6 @@ events, so ``locust -f loadgen/locustfile.py`` works headless, in the web UI and
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from locust import events
 
 from llmwatts.loadgen import session as session_mod
 from llmwatts.loadgen.config import add_locust_arguments
-from llmwatts.loadgen.grpc_user import INFERENCE_TOKEN_ENV, ChannelOptions, GrpcUser
+from llmwatts.client import inference_token
+from llmwatts.loadgen.grpc_user import ChannelOptions, GrpcUser
 from llmwatts.loadgen.latency import ChunkClock, stream_latency
 from llmwatts.loadgen.records import ClientRequest
 from llmwatts.v1 import llmwatts_pb2 as pb
@@ -37,7 +37,7 @@ def _add_arguments(parser, **_kw):
 
 @events.init.add_listener
 def _on_init(environment, **_kw):
-    session_mod.install(environment, token=os.environ.get(INFERENCE_TOKEN_ENV))
+    session_mod.install(environment, token=inference_token())
 
 
 class LlmUser(GrpcUser):

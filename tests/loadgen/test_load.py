@@ -11,7 +11,7 @@ import time
 
 import sqlite_utils
 
-from tests.loadgen.conftest import LLMWATTS, REPO, free_port, offline_env
+from tests.loadgen.conftest import LLMWATTS, REPO, free_port, offline_env, serve_tiny
 
 
 def load(tmp_path, *args, timeout=60):
@@ -220,3 +220,39 @@ def late_permit_run(tmp_path, *args: str) -> dict:
                           timeout=90, cwd=tmp_path, env=offline_env(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_load_reads_the_inference_token_file_from_its_environment_variable(tmp_path):
+    """Guards #18's one credentials rule: `llmwatts load` read $LLMWATTS_INFERENCE_TOKEN_FILE (through
+    llmwatts.client.inference_token), but run_load, the Locust users and `locust -f` read only
+    $LLMWATTS_INFERENCE_TOKEN, so a library run against a server with an inference token failed
+    UNAUTHENTICATED although the token file was configured."""
+    token = tmp_path / "inference.token"
+    token.write_text("an-inference-token-of-32-bytes!!\n")
+    token.chmod(0o600)
+    gen = serve_tiny(tmp_path, "--inference-token-file", str(token), "--telemetry-hz", "5")
+    target, server_db = next(gen)
+    try:
+        script = textwrap.dedent(f"""
+            import json
+            from llmwatts.loadgen.config import LoadConfig
+            from llmwatts.loadgen.runner import run_load
+            config = LoadConfig(target={target!r}, dataset="mini", requests=3, users=2, batch_size=1,
+                                max_new_tokens=4, client_db={str(tmp_path / "client.db")!r}, quiet=True)
+            print(json.dumps(run_load(config).to_dict()))
+        """)
+        env = dict(offline_env(tmp_path), LLMWATTS_INFERENCE_TOKEN_FILE=str(token))
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                              env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["requests_ok"] == 3 and result["requests_failed"] == 0
+        # Without it every request is refused (and recorded as failed).
+        env.pop("LLMWATTS_INFERENCE_TOKEN_FILE")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                              env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["requests_ok"] == 0 and result["requests_failed"] == 3
+    finally:
+        next(gen, None)
