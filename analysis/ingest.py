@@ -35,7 +35,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from llmwatts.analysis import samples, timeline
+from llmwatts.analysis import bucket_prefetch, samples, timeline
 from llmwatts.analysis import study_db as schema
 from llmwatts.errors import InvalidArgument, NotFound
 
@@ -157,6 +157,9 @@ def _select_expressions(table: str, names: list[str]) -> dict[str, str]:
 def _copy_table(db: sqlite_utils.Database, path: Path, table: str, pk: tuple[str, ...]) -> int:
     """``INSERT … SELECT`` the attached source's ``table`` into the study DB, upserting on ``pk``."""
     if table == "telemetry":  # the buckets are in (ingest_file); the run windows need the runs just copied
+        prefetched = bucket_prefetch.copy_prefetched(db, path)  # or now, from the child started beforehand
+        if prefetched is not None:
+            db._telemetry_new_samples, db._telemetry_since_ns = prefetched
         samples.windows(db, "src", db._telemetry_since_ns)
         timeline.fill(db, "src", db._telemetry_since_ns)  # short runs' own finer timelines
         return db._telemetry_new_samples
@@ -269,7 +272,7 @@ def _ingest_new(db: sqlite_utils.Database, path: Path, kind: str, tables: set[st
     db.conn.commit()
     db.execute(f"PRAGMA cache_size = -{schema.CACHE_MIB * 1024}")
     db.execute("PRAGMA synchronous = NORMAL")  # WAL: safe from corruption; the sources stay the truth
-    if "telemetry" in tables:  # before the attach: DuckDB may read the file meanwhile (samples.py)
+    if "telemetry" in tables and not bucket_prefetch.prefetched(db, path):  # before the attach (samples.py)
         db._telemetry_new_samples, db._telemetry_since_ns = samples.copy(db, path)
     _attach(db, path)
     try:
@@ -326,8 +329,13 @@ def ingest(
     for path in client_dbs:
         validate_file(path, "client")
     db = schema.open_study_db(study_db)
-    sources = [ingest_file(db, p, "server") for p in server_dbs]
-    sources += [ingest_file(db, p, "client") for p in client_dbs]
+    try:  # the server DBs' telemetry is aggregated in child processes while the client DBs are copied
+        for path in server_dbs:
+            bucket_prefetch.prefetch(db, path)
+        clients = [ingest_file(db, p, "client") for p in client_dbs]
+        sources = [ingest_file(db, p, "server") for p in server_dbs] + clients
+    finally:
+        bucket_prefetch.discard_prefetched(db)
     views.ensure_fresh(db)
     return IngestResult(str(db.conn.execute("PRAGMA database_list").fetchone()[2]), sources)
 

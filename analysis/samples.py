@@ -152,10 +152,7 @@ def copy(db: sqlite_utils.Database, path: Path) -> tuple[int, int | None]:
         whole = cursor == 0
         if not whole:
             _touch(db, "tsrc", cursor)
-        table = "gpus" if has_table(db, "tsrc", "gpus") else "telemetry"
-        keys = [r[0] for r in db.execute(
-            f"SELECT DISTINCT g.gpu_key FROM telemetry_gpus g JOIN [tsrc].[{table}] s "
-            "ON g.server_id = s.server_id AND g.gpu_uuid = s.gpu_uuid")]
+        keys = _gpu_keys(db, "tsrc")
         db.conn.commit()
     finally:
         db.execute("DETACH DATABASE tsrc")
@@ -183,6 +180,13 @@ def copy(db: sqlite_utils.Database, path: Path) -> tuple[int, int | None]:
     low = db.execute("SELECT min(bucket) FROM temp.touched").fetchone()[0]
     db.execute("DROP TABLE temp.touched")
     return new - old, None if low is None else int(low) * BUCKET_NS
+
+
+def _gpu_keys(db: sqlite_utils.Database, schema: str) -> list[int]:
+    table = "gpus" if has_table(db, schema, "gpus") else "telemetry"
+    return [r[0] for r in db.execute(
+        f"SELECT DISTINCT g.gpu_key FROM telemetry_gpus g JOIN [{schema}].[{table}] s "
+        "ON g.server_id = s.server_id AND g.gpu_uuid = s.gpu_uuid")]
 
 
 def _attach_ro(db: sqlite_utils.Database, path: Path, schema: str) -> None:
@@ -314,3 +318,4 @@ def power_series(db, gpu_key: int, t0_ns: int, t1_ns: int, points: int):
     start_s = (t0_ns // BUCKET_NS * BUCKET_NS - t0_ns) / 1e9
     return ([start_s + (r[0] + 0.5) * width * BUCKET_NS / 1e9 for r in rows], [r[1] / 1000 for r in rows],
             [r[2] / 1000 for r in rows], [r[3] / 1000 for r in rows])
+

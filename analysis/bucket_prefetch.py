@@ -1,0 +1,140 @@
+"""Telemetry buckets of a server DB computed beside its other tables' copy (issue 21).
+
+A server DB new to the study is aggregated whole by DuckDB (samples.py). ``prefetch`` starts that in a child
+process (``python -m llmwatts.analysis.bucket_prefetch PATH COLUMNS``) before the ingest copies the file's
+``requests``, ``batches`` … and the client DBs, so the two run on both cores; ``copy_prefetched`` stores the
+child's rows, inside the ingest's transaction, where ``samples.copy`` would have. A child, not a thread:
+DuckDB links its own SQLite, and two SQLite libraries must not have one file open in one process
+(request_pass.py). Same rows either way; when the child fails, SQLite aggregates the file in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import sqlite_utils
+
+from llmwatts.analysis import samples
+
+
+class _BucketsChild:
+    """``_buckets_duckdb`` of one server DB in a child process (``python -m llmwatts.analysis.bucket_prefetch``), so
+    that it runs on the other core while this process copies the file's other tables (two SQLite libraries
+    must not have one file open in one process: request_pass.py). Rows come back pickled in a temp file."""
+
+    # One DuckDB thread unless LLMWATTS_DUCKDB_THREADS says otherwise: this process copies on the other core.
+    def __init__(self, path: Path, names: set[str]):
+        self.out = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "llmwatts.analysis.bucket_prefetch", str(path),
+                                      json.dumps(sorted(names))], stdout=self.out, stderr=subprocess.DEVNULL,
+                                     env={"LLMWATTS_DUCKDB_THREADS": "1", **os.environ})
+
+    def rows(self, timeout_s: float = 3600) -> list[tuple] | None:
+        """The child's rows; None when it failed (the caller then aggregates in SQLite)."""
+        try:
+            if self.proc.wait(timeout_s) != 0:
+                return None
+            self.out.seek(0)
+            rows, peak = pickle.load(self.out)
+        except (subprocess.TimeoutExpired, OSError, pickle.UnpicklingError, EOFError):
+            return None
+        finally:
+            self.discard()
+        CHILD_PEAKS_MIB.append(peak)
+        return rows
+
+    def discard(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+
+
+CHILD_PEAKS_MIB: list[float] = []  # peak memory (VmHWM) of each _BucketsChild, for bench/analysis.py
+
+
+def _children(db: sqlite_utils.Database) -> dict:
+    if not hasattr(db, "_bucket_children"):
+        db._bucket_children = {}
+    return db._bucket_children
+
+
+def prefetch(db: sqlite_utils.Database, path) -> None:
+    """Start DuckDB's buckets of a server DB new at this path (aggregated whole) in a child process, before
+    its ingest copies the other tables; ``copy_prefetched`` stores them. Nothing when DuckDB is missing, the
+    file was ingested before (incremental: ``copy``) or holds no samples. Call with no transaction open."""
+    from llmwatts.analysis import duck
+
+    path = Path(path).resolve()
+    if path in _children(db) or not duck.available():
+        return
+    db.execute("ATTACH DATABASE ? AS tsrc", [f"file:{path}?mode=ro"])
+    try:
+        if not samples.has_table(db, "tsrc", "telemetry") or samples._cursor(db, "tsrc", path) != 0:
+            return
+        if db.execute("SELECT 1 FROM tsrc.telemetry LIMIT 1").fetchone() is None:
+            return
+        names = set(samples._columns(db, "tsrc", "telemetry"))
+    finally:
+        db.execute("DETACH DATABASE tsrc")
+    _children(db)[path] = _BucketsChild(path, names)
+
+
+def prefetched(db: sqlite_utils.Database, path) -> bool:
+    return Path(path).resolve() in _children(db)
+
+
+def discard_prefetched(db: sqlite_utils.Database) -> None:
+    """Stop every child not used (an ingest that failed before reaching its telemetry)."""
+    while _children(db):
+        _children(db).popitem()[1].discard()
+
+
+def copy_prefetched(db: sqlite_utils.Database, path) -> tuple[int, int | None] | None:
+    """``copy`` of a whole file whose buckets ``prefetch`` started, inside the caller's transaction with the
+    file attached as ``src``: the same rows (the child's, or SQLite's when it failed). None when no child
+    was started for ``path``."""
+    path = Path(path).resolve()
+    child = _children(db).pop(path, None)
+    if child is None:
+        return None
+    try:
+        names = set(samples._columns(db, "src", "telemetry"))
+        samples._register_gpus(db, "src", names)
+        last = db.execute("SELECT rowid, server_id, gpu_uuid, ts_ns FROM src.telemetry "
+                          "ORDER BY rowid DESC LIMIT 1").fetchone()
+        marks = f"gpu_key IN ({', '.join(map(str, samples._gpu_keys(db, 'src'))) or 'NULL'})"
+        old = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
+        rows = child.rows()
+    finally:
+        child.discard()
+    db.execute(f"DELETE FROM telemetry_buckets WHERE {marks}")
+    if rows is None:
+        samples._buckets_sqlite(db, "src", names, True)
+    else:
+        samples._insert_buckets(db, rows)
+    db.execute("INSERT OR REPLACE INTO telemetry_cursor VALUES (?, ?, ?, ?, ?)", [str(path), *last])
+    new = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
+    return new - old, -(1 << 62)
+
+
+def main(argv=None) -> int:
+    """The child of ``_BucketsChild``: argv = server DB path, JSON list of its telemetry columns."""
+    from llmwatts.analysis.request_pass import peak_mib
+
+    path, names = sys.argv[1:] if argv is None else argv
+    rows = samples._buckets_duckdb(Path(path), set(json.loads(names)))
+    if rows is None:
+        return 1
+    pickle.dump((rows, peak_mib()), sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

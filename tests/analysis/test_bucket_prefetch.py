@@ -1,0 +1,51 @@
+"""The server DB's telemetry buckets computed in a child process beside the other tables' copy (issue 21,
+analysis/bucket_prefetch.py) are the rows the in-process passes store."""
+
+import sys
+from pathlib import Path
+
+import sqlite_utils
+
+from llmwatts.analysis import bucket_prefetch, duck, ingest, metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from analysis_study import StudySpec, generate  # noqa: E402
+
+BUCKETS = "SELECT g.server_id, g.gpu_uuid, b.* FROM telemetry_buckets b JOIN telemetry_gpus g USING (gpu_key) ORDER BY 1, 2, b.bucket"
+WINDOWS = "SELECT * FROM run_gpu_windows ORDER BY server_id, run_id, gpu_uuid"
+
+
+def _tables(path: Path) -> tuple[list, list, list]:
+    db = sqlite_utils.Database(path)
+    return (db.execute(BUCKETS).fetchall(), db.execute(WINDOWS).fetchall(),
+            db.execute("SELECT path, max_rowid FROM telemetry_cursor").fetchall())
+
+
+def test_prefetched_buckets_equal_the_in_process_passes(tmp_path, monkeypatch):
+    """Guards the child-process buckets (and their SQLite fallback when the child fails) against storing other
+    rows, counts or cursors than ingesting the file alone in this process does."""
+    server_db, client_db = generate(StudySpec(2_000, 20_000), tmp_path / "inputs")
+    started = []
+    real = bucket_prefetch._BucketsChild
+    monkeypatch.setattr(bucket_prefetch, "_BucketsChild", lambda *a: started.append(a) or real(*a))
+    result = ingest.ingest(tmp_path / "child.db", [server_db], [client_db])
+    assert len(started) == 1 and [s.kind for s in result.sources] == ["server", "client"]
+    alone = ingest.schema.open_study_db(tmp_path / "alone.db")  # ingest_file: no prefetch, DuckDB in-process
+    rows = ingest.ingest_file(alone, server_db, "server").rows
+    ingest.ingest(alone, [], [client_db])
+    assert result.sources[0].rows == rows and rows["telemetry"] == 20_000
+    monkeypatch.setattr(real, "rows", lambda self, timeout_s=0: self.discard())  # a child that failed: SQLite
+    ingest.ingest(tmp_path / "failed.db", [server_db], [client_db])
+    child, alone_, failed = (_tables(tmp_path / f"{n}.db") for n in ("child", "alone", "failed"))
+    assert child[0] and child == alone_ == failed
+    assert metrics.all_run_metrics(tmp_path / "child.db") == metrics.all_run_metrics(tmp_path / "failed.db")
+
+
+def test_a_second_ingest_starts_no_child_and_adds_nothing(tmp_path, monkeypatch):
+    """Guards incremental ingest: a server DB already in the study is not aggregated whole again."""
+    server_db, client_db = generate(StudySpec(500, 5_000), tmp_path / "inputs")
+    ingest.ingest(tmp_path / "study.db", [server_db], [client_db])
+    before = _tables(tmp_path / "study.db")
+    monkeypatch.setattr(bucket_prefetch, "_BucketsChild", lambda *a: (_ for _ in ()).throw(AssertionError(a)))
+    assert all(s.skipped for s in ingest.ingest(tmp_path / "study.db", [server_db], [client_db]).sources)
+    assert _tables(tmp_path / "study.db") == before and duck.available()
