@@ -28,7 +28,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import sqlite_utils
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the child process (bucket_prefetch) need not import it
+    import sqlite_utils
 
 from llmwatts.errors import InvalidArgument
 
