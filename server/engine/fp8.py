@@ -1,21 +1,22 @@
 """FP8 weights (``--weights fp8``): e4m3 with one fp32 scale per output channel, and the matmul over them.
 
 A weight ``w`` [N, K] is stored as ``w_q = w / s`` in float8_e4m3fn with ``s = amax(|w|, row) / 448`` [N]
-(per output channel). A matmul quantizes its input the same way per row (per token, dynamically) and
-multiplies the two fp8 operands with fp32 accumulation: ``y = (x_q @ w_q^T) * s_x * s_w``. On an FP8 GPU
-(compute capability 8.9+: Ada, Hopper) that is ``torch._scaled_mm``: by default its tensor-wise kernel
-with unit scales, the bf16 product then scaled per row and channel in fp32 (an epilogue the compiled
-layers fuse); ``LLMWATTS_FP8_GEMM=rowwise`` passes the scales to its row-wise kernel instead. On an H100
-at decode's few rows the tensor-wise kernel took 0.72x the row-wise one's time over a llama-7b layer's
-four projections (docs/performance.md, "FP8 weights"); both round the product to bf16 once.
-``LLMWATTS_FP8_GEMM=weightonly`` runs products of up to ``GEMV_MAX_ROWS`` rows (decode) through a Triton
-kernel that dequantizes the weight in registers and leaves x as it is (``fp8_gemv.py``: no activation
-quantization, fp32 accumulation, y rounded once to x's dtype), and larger ones (prefill) tensor-wise.
-The reference path computes the same product from the dequantized operands in the input's dtype (for
-weight-only rows, from the dequantized weight and x itself), which tests run on CPU. Anything else
-refuses: FP8 weights on a GPU without FP8 would only be slower than fp16.
-"""
+(per output channel). On an FP8 GPU (compute capability 8.9+: Ada, Hopper) a matmul of up to
+``GEMV_MAX_ROWS`` rows (decode up to batch 16) runs by default a Triton kernel that dequantizes the weight
+in registers and leaves x as it is (``fp8_gemv.py``: no activation quantization, fp32 accumulation, y
+rounded once to x's dtype; on an H100 a llama-7b layer at one row took 80.7 us compiled against
+tensor-wise 106.8 and fp16 153.0, docs/performance.md). Larger ones (prefill, big batches) quantize x per
+row (per token, dynamically) and multiply the two fp8 operands with fp32 accumulation,
+``y = (x_q @ w_q^T) * s_x * s_w``, by ``torch._scaled_mm``'s tensor-wise kernel with unit scales, the
+bf16 product then scaled per row and channel in fp32 (an epilogue the compiled layers fuse).
+``LLMWATTS_FP8_GEMM`` chooses: ``weightonly`` (the default), ``tensorwise`` (every size through
+``_scaled_mm``, the previous default) or ``rowwise`` (``_scaled_mm``'s row-wise kernel, scales passed
+in). Without Triton the default falls back to tensor-wise (one warning); an explicit ``weightonly``
+refuses in one line. The reference path computes the same products from the dequantized operands in
+the input's dtype (for weight-only rows, from the dequantized weight and x itself), which tests run on
+CPU. Anything else refuses: FP8 weights on a GPU without FP8 would only be slower than fp16."""
 
+import logging
 import os
 
 import torch
@@ -23,19 +24,22 @@ import torch.nn.functional as F
 
 from llmwatts.errors import InvalidArgument
 
+log = logging.getLogger(__name__)
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0          # largest finite e4m3fn value
 MIN_SCALE = 1e-12        # an all-zero row or token still divides by something
 SCALED_MM_ALIGN = 16     # cuBLASLt fp8: every dimension a multiple of 16 (rows are padded up to it)
 WEIGHTS = ("fp16", "fp8")  # what ``--weights`` takes; "fp16" is the model's own dtype (``--dtype``)
 REFERENCE = "fp8-reference"  # the library's explicit CPU reference (tests): same maths, dequantized operands
-GEMMS = ("tensorwise", "rowwise", "weightonly")  # the GPU path's kernel (bench A/B: LLMWATTS_FP8_GEMM)
+GEMMS = ("tensorwise", "rowwise", "weightonly")  # the GPU path's kernel (LLMWATTS_FP8_GEMM)
+DEFAULT_GEMM = "weightonly"
 GEMV_ROWS_LIMIT = 1024   # LLMWATTS_FP8_GEMV_ROWS above this is refused (the kernel is for decode's few)
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # x dtypes the GEMV takes (fp8_gemv.DTYPES)
 
 
 def gemm_from_env() -> str:
-    gemm = os.environ.get("LLMWATTS_FP8_GEMM", "tensorwise")
+    gemm = os.environ.get("LLMWATTS_FP8_GEMM", DEFAULT_GEMM)
     if gemm not in GEMMS:
         raise InvalidArgument(f"LLMWATTS_FP8_GEMM={gemm[:40]!r}: use one of {', '.join(GEMMS)}")
     return gemm
@@ -75,12 +79,17 @@ def check_fp8_device(device: torch.device, weights: str) -> None:
 
 def load_gemv() -> None:
     """Register the weight-only GEMV (``torch.ops.llmwatts.fp8_gemv``) before anything is compiled: the
-    one import of Triton (it ships with CUDA builds of torch). InvalidArgument (one line) without it."""
+    one import of Triton (it ships with CUDA builds of torch). Without Triton: the default falls back to
+    tensor-wise (a warning), an explicit ``LLMWATTS_FP8_GEMM=weightonly`` is refused in one line."""
+    global GEMM
     try:
         import llmwatts.server.engine.fp8_gemv  # noqa: F401  (registers the op)
     except ImportError as e:
-        raise InvalidArgument(f"LLMWATTS_FP8_GEMM=weightonly needs Triton ({e}); "
-                              f"unset it to use tensorwise") from e
+        if "LLMWATTS_FP8_GEMM" in os.environ:
+            raise InvalidArgument(f"LLMWATTS_FP8_GEMM=weightonly needs Triton ({str(e)[:120]}); "
+                                  f"use LLMWATTS_FP8_GEMM=tensorwise") from e
+        log.warning("fp8 weights: no Triton (%s), so every matmul runs tensor-wise _scaled_mm", str(e)[:120])
+        GEMM = "tensorwise"
 
 
 def route(gemm: str, on_cuda: bool, rows: int, n: int, k: int, dtype: torch.dtype) -> str:

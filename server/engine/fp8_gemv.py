@@ -110,20 +110,19 @@ def block_k_for(k: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int) -> GemvConfig:
-    """The configuration used for an [M, K] x [N, K]^T product: CUDA cores for one row, tensor cores
-    above. Narrow N blocks where N is small (llama-7b's o and down, N = 4,096: 512 programs at one row)
-    rather than split K, whose partial sums cost a reduction kernel after the GEMV; K is split only
-    below ``MIN_PROGRAMS`` programs (a sharded rank's slices). A guess until ``bench/fp8_gemv.py``'s
-    sweep has run on an H100."""
-    small_n = n <= 8192
+    """The configuration used for an [M, K] x [N, K]^T product, from ``bench/fp8_gemv.py``'s sweep on an
+    H100 (2026-12-06, docs/performance.md). One row: CUDA cores, 8 outputs x 512 K a step, 2 warps (best
+    or within 1% of it on all four llama-7b projections: 2.0-2.8 TB/s). More rows: tensor cores, 32
+    outputs a block (64 where N >= 16,384: gate/up 34.7 against 41.4 us at M = 16), and K split below
+    ``MIN_PROGRAMS`` programs (down at M = 16: 23.0 against 37.0 us unsplit with 16 outputs a block)."""
     if m == 1:
-        base = GemvConfig(block_m=1, block_n=8 if small_n else 16, block_k=block_k_for(k), num_warps=4,
-                          num_stages=3)
+        base = GemvConfig(block_m=1, block_n=8, block_k=block_k_for(k), num_warps=2, num_stages=3)
     else:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        wide = n >= 16384
         # 64 rows on 4 warps needs all 255 registers and spills (compiled for sm_90): 8 warps.
-        base = GemvConfig(block_m=block_m, block_n=16 if small_n else 32, block_k=min(256, block_k_for(k)),
-                          num_warps=4 if block_m < 64 else 8, num_stages=4)
+        base = GemvConfig(block_m=block_m, block_n=64 if wide else 32, block_k=min(256, block_k_for(k)),
+                          num_warps=4 if block_m < 64 else 8, num_stages=3 if wide else 4)
     return with_split(base, m, n, k)
 
 

@@ -220,6 +220,21 @@ def test_the_gemv_row_limit_is_checked(monkeypatch):
             fp8.gemv_rows_from_env()
 
 
+def test_without_triton_the_default_falls_back_and_an_explicit_weightonly_refuses(monkeypatch):
+    """Guards against the weight-only default breaking fp8 on a GPU whose torch has no Triton: the default
+    runs tensor-wise instead; LLMWATTS_FP8_GEMM=weightonly, asked for by name, is refused in one line."""
+    monkeypatch.setitem(sys.modules, "llmwatts.server.engine.fp8_gemv", None)  # import raises ImportError
+    monkeypatch.delenv("LLMWATTS_FP8_GEMM", raising=False)
+    monkeypatch.setattr(fp8, "GEMM", "weightonly")
+    fp8.load_gemv()
+    assert fp8.GEMM == "tensorwise"
+    monkeypatch.setenv("LLMWATTS_FP8_GEMM", "weightonly")
+    monkeypatch.setattr(fp8, "GEMM", "weightonly")
+    with pytest.raises(InvalidArgument, match=r"^LLMWATTS_FP8_GEMM=weightonly needs Triton \(.*\); "
+                                              r"use LLMWATTS_FP8_GEMM=tensorwise$"):
+        fp8.load_gemv()
+
+
 def weight_only_reference_model():
     """The plain tiny model with each projection's weight replaced by its fp8 round trip; a projection's
     input is fake-quantized per token only above GEMV_MAX_ROWS rows (prefill), as weightonly runs it."""
