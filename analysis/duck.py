@@ -15,18 +15,33 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llmwatts import paths
+
 _EXTENSION: list[Path] = []
 
 
 def _extension() -> Path:
-    """The wheel's extension, under the name DuckDB derives its entry point from (``sqlite_scanner``)."""
+    """The wheel's extension under the name DuckDB derives its entry point from (``sqlite_scanner``): copied
+    once into llmwatts' cache dir (one folder per wheel file: its folder name, size and mtime) and reused by
+    every process. A per-process temporary copy (34 MB) was never removed, so every report and every
+    request-pass or telemetry child left one behind in the temp dir until the disk filled."""
     if not _EXTENSION:
         import duckdb_extension_sqlite
 
         found = next(Path(duckdb_extension_sqlite.__file__).parent.glob("extensions/*/sqlite.duckdb_extension"))
-        folder = Path(tempfile.mkdtemp(prefix="llmwatts-duckdb-"))
-        shutil.copy(found, folder / "sqlite_scanner.duckdb_extension")
-        _EXTENSION.append(folder / "sqlite_scanner.duckdb_extension")
+        stat = found.stat()
+        folder = paths.cache_dir() / "duckdb" / f"{found.parent.name}-{stat.st_size}-{stat.st_mtime_ns}"
+        target = folder / "sqlite_scanner.duckdb_extension"
+        if not (target.is_file() and target.stat().st_size == stat.st_size):
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, part = tempfile.mkstemp(dir=folder, prefix=".sqlite_scanner-")  # then renamed: processes race
+            os.close(fd)
+            try:
+                shutil.copyfile(found, part)
+                os.replace(part, target)
+            finally:
+                Path(part).unlink(missing_ok=True)
+        _EXTENSION.append(target)
     return _EXTENSION[0]
 
 
@@ -42,7 +57,7 @@ def available() -> bool:
         import duckdb  # noqa: F401
 
         _extension()
-    except (ImportError, StopIteration):
+    except (ImportError, StopIteration, OSError):  # OSError: no cache dir to copy the extension into
         return False
     return True
 
@@ -54,7 +69,7 @@ def connect(threads: int | None = None):
         import duckdb
 
         extension = _extension()
-    except (ImportError, StopIteration):
+    except (ImportError, StopIteration, OSError):
         return None
     config = {"allow_unsigned_extensions": "true"}
     threads = threads or _threads_from_env()
