@@ -130,7 +130,7 @@ def copy_prefetched(db: sqlite_utils.Database, path) -> tuple[int, int | None] |
 
 def main(argv=None) -> int:
     """The child of ``_BucketsChild``: argv = server DB path, JSON list of its telemetry columns."""
-    from llmwatts.analysis.request_pass import peak_mib
+    from llmwatts.analysis.duck import peak_mib
 
     path, names = sys.argv[1:] if argv is None else argv
     os.nice(CHILD_NICENESS)

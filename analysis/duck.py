@@ -78,3 +78,15 @@ def connect(threads: int | None = None):
     conn = duckdb.connect(config=config)
     conn.execute(f"LOAD '{extension}'")
     return conn
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory (VmHWM), MiB; 0 where /proc is not there. Here, not in
+    request_pass.py: the telemetry child (bucket_prefetch) reports it too and need not import numpy."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmwatts.analysis.duck import peak_mib
+
 # The per-request values both dialects of the join select alike (views.REQUEST_JOIN_ROWS, JOIN_DUCKDB).
 REQUEST_VALUES = """r.received_ns AS received_ns, r.done_ns AS done_ns, r.batch_id AS batch_id,
   r.n_prompts AS n_prompts, r.output_tokens AS output_tokens, c.output_words AS output_words,
@@ -256,17 +258,6 @@ def run_child(study_db: str | os.PathLike, timeout_s: float = 600) -> dict | Non
     if done.returncode != 0:
         return None
     return json.loads(done.stdout)
-
-
-def peak_mib() -> float:
-    """This process's peak resident memory (VmHWM), MiB; 0 where /proc is not there."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def main(argv=None) -> int:

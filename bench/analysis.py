@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from analysis_study import BENCH_STUDIES, StudySpec, generate  # noqa: E402
 
-from llmwatts.analysis.request_pass import peak_mib  # noqa: E402
+from llmwatts.analysis.duck import peak_mib  # noqa: E402
 
 # The numbers every method computes per run (names as in runs.csv).
 COMPARED = ("requests_ok", "output_tokens", "output_words", "energy_total_j", "energy_busy_j", "j_per_token",
