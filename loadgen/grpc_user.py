@@ -170,7 +170,8 @@ class GrpcUser(User):
                                  call_metadata(options.token))
 
     def channel_options(self) -> ChannelOptions:
-        """Override to add TLS; the default is plaintext with the token from the environment variable."""
+        """Override to add TLS; the default is plaintext with the inference token (``llmwatts.client.inference_token``:
+        $LLMWATTS_INFERENCE_TOKEN_FILE, else $LLMWATTS_INFERENCE_TOKEN)."""
         return ChannelOptions(target=normalise_target(self.host), token=inference_token())
 
     def on_stop(self):
