@@ -113,19 +113,10 @@ def copy_prefetched(db: sqlite_utils.Database, path) -> tuple[int, int | None] |
         samples._register_gpus(db, "src", names)
         last = db.execute("SELECT rowid, server_id, gpu_uuid, ts_ns FROM src.telemetry "
                           "ORDER BY rowid DESC LIMIT 1").fetchone()
-        marks = f"gpu_key IN ({', '.join(map(str, samples._gpu_keys(db, 'src'))) or 'NULL'})"
-        old = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
         rows = child.rows()
     finally:
         child.discard()
-    db.execute(f"DELETE FROM telemetry_buckets WHERE {marks}")
-    if rows is None:
-        samples._buckets_sqlite(db, "src", names, True)
-    else:
-        samples._insert_buckets(db, rows)
-    db.execute("INSERT OR REPLACE INTO telemetry_cursor VALUES (?, ?, ?, ?, ?)", [str(path), *last])
-    new = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
-    return new - old, -(1 << 62)
+    return samples.store_whole(db, path, names, samples._gpu_keys(db, "src"), last, rows, schema="src")
 
 
 def main(argv=None) -> int:

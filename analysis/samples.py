@@ -161,28 +161,58 @@ def copy(db: sqlite_utils.Database, path: Path) -> tuple[int, int | None]:
         db.execute("DETACH DATABASE tsrc")
     if last is None or (not whole and last[0] <= cursor):
         return 0, None
-    marks = (f"gpu_key IN ({', '.join(map(str, keys)) or 'NULL'})" if whole
-             else "(gpu_key, bucket) IN (SELECT gpu_key, bucket FROM temp.touched)")
-    old = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
-    rows = _buckets_duckdb(path, names) if whole else None
+    if whole:
+        rows = _buckets_duckdb(path, names)  # before attaching: DuckDB and this process never share the file open
+        if rows is not None:
+            with db.conn:
+                return store_whole(db, path, names, keys, last, rows, schema=None)
+        _attach_ro(db, path, "tsrc")
+        try:
+            with db.conn:
+                return store_whole(db, path, names, keys, last, None, schema="tsrc")
+        finally:
+            db.execute("DETACH DATABASE tsrc")
+    marks = "(gpu_key, bucket) IN (SELECT gpu_key, bucket FROM temp.touched)"
+    old = _samples_in(db, marks)
     with db.conn:
         db.execute(f"DELETE FROM telemetry_buckets WHERE {marks}")
-        if rows is None:
-            _attach_ro(db, path, "tsrc")
-            try:
-                _buckets_sqlite(db, "tsrc", names, whole)
-            finally:
-                db.conn.commit()
-                db.execute("DETACH DATABASE tsrc")
-        else:
-            _insert_buckets(db, rows)
-        db.execute("INSERT OR REPLACE INTO telemetry_cursor VALUES (?, ?, ?, ?, ?)", [str(path), *last])
-    new = db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
-    if whole:
-        return new - old, -(1 << 62)
+        _attach_ro(db, path, "tsrc")
+        try:
+            _buckets_sqlite(db, "tsrc", names, False)
+        finally:
+            db.conn.commit()
+            db.execute("DETACH DATABASE tsrc")
+        _set_cursor(db, path, last)
+    new = _samples_in(db, marks)
     low = db.execute("SELECT min(bucket) FROM temp.touched").fetchone()[0]
     db.execute("DROP TABLE temp.touched")
     return new - old, None if low is None else int(low) * BUCKET_NS
+
+
+def store_whole(db: sqlite_utils.Database, path: Path, names: set[str], keys: list[int], last: tuple,
+                rows: list[tuple] | None, schema: str | None) -> tuple[int, int]:
+    """A server DB new to the study, aggregated whole, stored in place of its GPUs' (``keys``) older buckets,
+    with its ``telemetry_cursor`` set to its ``last`` sample (rowid, server_id, gpu_uuid, ts_ns), inside the
+    caller's transaction: ``rows`` are DuckDB's buckets (``_buckets_duckdb``); None aggregates in SQLite from
+    the file attached as ``schema``. Returns ``copy``'s pair: the samples new to the study, and
+    -(1 << 62) (every run window of the file recomputed). ``copy`` and bucket_prefetch.copy_prefetched."""
+    marks = f"gpu_key IN ({', '.join(map(str, keys)) or 'NULL'})"
+    old = _samples_in(db, marks)
+    db.execute(f"DELETE FROM telemetry_buckets WHERE {marks}")
+    if rows is None:
+        _buckets_sqlite(db, schema, names, True)
+    else:
+        _insert_buckets(db, rows)
+    _set_cursor(db, path, last)
+    return _samples_in(db, marks) - old, -(1 << 62)
+
+
+def _samples_in(db: sqlite_utils.Database, marks: str) -> int:
+    return db.execute(f"SELECT coalesce(sum(samples), 0) FROM telemetry_buckets WHERE {marks}").fetchone()[0]
+
+
+def _set_cursor(db: sqlite_utils.Database, path: Path, last: tuple) -> None:
+    db.execute("INSERT OR REPLACE INTO telemetry_cursor VALUES (?, ?, ?, ?, ?)", [str(path), *last])
 
 
 def _gpu_keys(db: sqlite_utils.Database, schema: str) -> list[int]:
