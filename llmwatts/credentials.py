@@ -52,6 +52,16 @@ def load_token(
     return token or None
 
 
+def inference_token_refused(target: str, token: str | None) -> str:
+    """The one line a client prints when ``target`` refused its inference token (UNAUTHENTICATED): none was
+    given, or another than the server's; it names the three ways to give it."""
+    how = (f"set ${INFERENCE_TOKEN_FILE_ENV} or ${INFERENCE_TOKEN_ENV} (`llmwatts load`: --inference-token-file PATH) "
+           "to the server's inference token")
+    if token:
+        return f"{target} refused the inference token (not the server's): {how}"
+    return f"{target} needs an inference token and none was given: {how}"
+
+
 def read_pem(path: str | os.PathLike | None, what: str) -> bytes | None:
     """The bytes of a PEM file (a certificate, key or CA: ``what`` names it in the error), None for no
     path; an unreadable file is ``InvalidArgument`` naming it."""

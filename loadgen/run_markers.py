@@ -8,6 +8,8 @@ import time
 
 import grpc
 
+from llmwatts.credentials import inference_token_refused
+from llmwatts.errors import Unauthenticated
 from llmwatts.loadgen import records
 from llmwatts.loadgen.clock import CONTROL_DEADLINE_S, server_clock_offset_ns
 from llmwatts.loadgen.grpc_user import call_metadata, make_channel, normalise_target
@@ -24,6 +26,12 @@ class RunMarkers:
     """What ``LoadSession`` does on the server's Control service around a test. Uses the session's
     ``environment``, ``config``, ``token``, ``run_id``, ``dataset``, ``db``, ``secret_file``,
     ``channel_options()`` and ``_fail()``; sets ``run_secret``, ``clock_offset_ns`` and ``_begun``."""
+
+    def token_refused(self) -> None:
+        """The server refused this node's inference token (UNAUTHENTICATED, at BeginRun or on a request): every
+        later call would be refused too, so the run stops at once with one line saying what to set (#18)."""
+        target = normalise_target(self.environment.host or self.config.target or "")
+        self._fail(inference_token_refused(target, self.token), Unauthenticated)
 
     def _control(self):
         channel = make_channel(self.channel_options(self.environment.host or self.config.target))
@@ -60,6 +68,10 @@ class RunMarkers:
                     self._begun = False
                     self._fail(f"run id {self.run_id!r} was already used on this server: nothing was sent; "
                                "pass a new --run-id (or none: one is made)")
+                    return
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # nothing sent: no requests, no EndRun
+                    self._begun = False
+                    self.token_refused()
                     return
                 log.error("BeginRun(%s) failed: %s", self.run_id, _rpc_text(e))
         finally:

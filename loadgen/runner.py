@@ -17,10 +17,10 @@ from locust import argument_parser
 from locust.env import Environment
 from locust.event import Events
 
-from llmwatts.errors import FailedPrecondition, InvalidArgument, LlmwattsError, Unauthenticated, Unavailable
+from llmwatts.errors import FailedPrecondition, InvalidArgument, Unauthenticated, Unavailable
 from llmwatts.loadgen.config import LoadConfig
 from llmwatts.client import inference_token
-from llmwatts.credentials import INFERENCE_TOKEN_ENV, INFERENCE_TOKEN_FILE_ENV
+from llmwatts.credentials import inference_token_refused
 from llmwatts.loadgen.grpc_user import ChannelOptions, call_metadata, make_channel
 from llmwatts.loadgen.locustfile import InferenceUser
 from llmwatts.loadgen.prompts import load_prompts
@@ -65,6 +65,7 @@ def run_load(config: LoadConfig) -> LoadResult:
         runner = env.create_local_runner()
     session = install(env, local_config=config, token=token)
     session.stop_on_finish = False  # we stop the runner ourselves, below
+    session.log_errors = False      # raised below, as one line
     try:
         if config.master:
             _wait_for_workers(runner, config)
@@ -84,7 +85,7 @@ def run_load(config: LoadConfig) -> LoadResult:
         if session.db is not None:
             session.db.close()
     if session.errors:
-        raise LlmwattsError("; ".join(session.errors))
+        raise session.error_type("; ".join(session.errors))
     result = summarise(config.resolved_client_db(), session.run_id, role=session.role, slo=parse_slo(config.slo),
                        rate_rps=config.rate_rps)
     result.power_source = info.power_source or None
@@ -100,8 +101,7 @@ def preflight(config: LoadConfig, token: str | None):
     except grpc.RpcError as e:
         code = e.code() if hasattr(e, "code") else None
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            raise Unauthenticated(f"{config.target} refused the call: set ${INFERENCE_TOKEN_FILE_ENV} or "
-                                  f"${INFERENCE_TOKEN_ENV} (or --inference-token-file)") from e
+            raise Unauthenticated(inference_token_refused(config.target, token)) from e
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise Unavailable(f"cannot reach {config.target}: is `llmwatts serve` running?") from e
         raise FailedPrecondition(f"{config.target}: GetServerInfo failed: {code.name if code else e}") from e
@@ -149,11 +149,14 @@ def _run_worker(config: LoadConfig, token: str | None) -> LoadResult:
         raise Unavailable(f"cannot reach the master at {config.master_host}:{config.master_port}") from e
     session: LoadSession = install(env, local_config=config, token=token)
     session.stop_on_finish = False  # the master stops workers
+    session.log_errors = False      # the master is told; raised below, as one line
     try:
         runner.greenlet.join()
     except ConnectionError as e:
         raise Unavailable(f"cannot reach the master at {config.master_host}:{config.master_port}") from e
     finally:
         session.close()
+    if session.errors:
+        raise session.error_type("; ".join(session.errors))
     return LoadResult(run_id=session.run_id or "", client_db=None, role="worker",
                       requests_ok=session._shipped)

@@ -81,6 +81,8 @@ class LoadSession(RunMarkers):
         self.stop_on_finish = True
         self._last_error: str | None = None
         self.errors: list[str] = []             # setup errors (a worker's arrive at the master)
+        self.error_type: type[LlmwattsError] = LlmwattsError  # what run_load raises for them
+        self.log_errors = True                  # locust -f: the log is where errors show; run_load raises them
 
         events = environment.events
         events.test_start.add_listener(self.on_test_start)
@@ -127,6 +129,7 @@ class LoadSession(RunMarkers):
         self._finals.clear()
         self._rows_from.clear()
         self.errors.clear()
+        self.error_type = LlmwattsError
         if self.role != "master":
             try:
                 self._load_prompts()
@@ -255,20 +258,24 @@ class LoadSession(RunMarkers):
     def _on_final(self, environment, msg, **_kw):
         self._finals[msg.node_id] = msg.data["shipped"]
 
-    def _fail(self, error: str) -> None:
-        """This node cannot run the test: users idle, the run stops, ``errors`` says why."""
-        log.error("%s", error)
+    def _fail(self, error: str, kind: type[LlmwattsError] = LlmwattsError) -> None:
+        """This node cannot run the test: users idle, the run stops, ``errors`` says why (once: the same
+        error from many users is one), and Locust's process exits non-zero."""
+        if error in self.errors:
+            return
+        if self.log_errors:
+            log.error("%s", error)
         self.errors.append(error)
+        self.error_type = kind if len(self.errors) == 1 else LlmwattsError
         self.exhausted = True
+        self.environment.process_exit_code = 1
         if self.role == "worker":
             self.runner.send_message(MSG_ERROR, {"error": error})
         else:
             self._finish()
 
     def _on_error(self, environment, msg, **_kw):
-        self.errors.append(f"worker {msg.node_id}: {msg.data['error']}")
-        log.error("%s", self.errors[-1])
-        self._finish()
+        self._fail(f"worker {msg.node_id}: {msg.data['error']}")
 
     def workers_settled(self) -> bool:
         """Master: every worker that sent rows has reported its final count, and all of them arrived."""

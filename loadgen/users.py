@@ -108,6 +108,8 @@ class LlmUser(GrpcUser):
             # Exactly one record per request, also when the user is killed mid-call (status CANCELLED).
             outcome = outcome or Outcome.now("CANCELLED", "stopped by the load generator before the reply")
             self.session.record(self._record(request, clock, outcome, due), clock.chunks(request.request_id))
+        if outcome.status == "UNAUTHENTICATED":  # every later call would be refused too: stop the run
+            self.session.token_refused()
 
     def _call(self, request, clock: ChunkClock, context: dict) -> Outcome:
         """Run the call; an RPC error is an outcome like a reply."""

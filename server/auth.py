@@ -18,8 +18,8 @@ from typing import Iterable
 
 import grpc
 
-from llmwatts.credentials import (CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, INFERENCE_TOKEN_ENV, is_loopback_host,
-                                  read_pem)
+from llmwatts.credentials import (CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, INFERENCE_TOKEN_ENV,
+                                  INFERENCE_TOKEN_FILE_ENV, is_loopback_host, read_pem)
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return self._check_token(method, metadata, self.control_token,
                                      f"${CONTROL_TOKEN_ENV} or --control-token-file PATH")
         if self.inference_token is not None and (method.startswith(INFERENCE_PREFIX) or method in RUN_MARKER_METHODS):
-            return self._check_token(method, metadata, self.inference_token,
-                                     f"${INFERENCE_TOKEN_ENV} or --inference-token-file PATH")
+            how = f"${INFERENCE_TOKEN_FILE_ENV}, ${INFERENCE_TOKEN_ENV} or --inference-token-file PATH"
+            return self._check_token(method, metadata, self.inference_token, how)
         return None
 
     @staticmethod

@@ -247,12 +247,6 @@ def test_load_reads_the_inference_token_file_from_its_environment_variable(tmp_p
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result["requests_ok"] == 3 and result["requests_failed"] == 0
-        # Without it every request is refused (and recorded as failed).
-        env.pop("LLMWATTS_INFERENCE_TOKEN_FILE")
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
-                              env=env, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        assert result["requests_ok"] == 0 and result["requests_failed"] == 3
+        # Without it the run stops at BeginRun, in one line: test_token_refused.py.
     finally:
         next(gen, None)
