@@ -66,6 +66,25 @@ def serve_tiny(tmp: Path, *flags: str):
     log.close()
 
 
+def master_and_worker(tmp: Path, *master_args: str, master_env: dict | None = None,
+                      worker_env: dict | None = None) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """`llmwatts load --master --expect-workers 1 MASTER_ARGS` and one `llmwatts load --worker --quiet` of it
+    (a free port on 127.0.0.1), run to their end -> their (returncode, stdout, stderr)."""
+    port = str(free_port())
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
+                              env=env if env is not None else offline_env(tmp)) for argv, env in (
+        ([*LLMWATTS, "load", "--master", "--expect-workers", "1", "--master-bind-host", "127.0.0.1",
+          "--master-port", port, *master_args], master_env),
+        ([*LLMWATTS, "load", "--worker", "--master-host", "127.0.0.1", "--master-port", port, "--quiet"], worker_env))]
+    try:
+        done = [(proc, *proc.communicate(timeout=timeout)) for proc, timeout in zip(procs, (90, 30))]
+    finally:
+        for proc in procs:
+            proc.kill()
+    master, worker = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err) for proc, out, err in done)
+    return master, worker
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """``(target, server_db)`` of a real server shared by the loadgen tests."""

@@ -11,7 +11,7 @@ import time
 
 import sqlite_utils
 
-from tests.loadgen.conftest import LLMWATTS, REPO, free_port, offline_env, serve_tiny
+from tests.loadgen.conftest import LLMWATTS, REPO, free_port, master_and_worker, offline_env, serve_tiny
 
 
 def load(tmp_path, *args, timeout=60):
@@ -91,21 +91,11 @@ def test_distributed_master_and_worker_write_each_row_once(server, tmp_path):
     the worker with the spawn message, so the server accepts the worker's requests under the run, and the
     master's EndRun (with the secret) closes the run's window after its last request."""
     target, server_db = server
-    port, db = free_port(), tmp_path / "master.db"
-    master = subprocess.Popen(
-        [*LLMWATTS, "load", "--master", "--expect-workers", "1", "--master-bind-host", "127.0.0.1",
-         "--master-port", str(port), "--target", target, "--dataset", "mini", "--requests", "9", "--users", "3",
-         "--max-new-tokens", "4", "--stream", "--client-db", str(db), "--run-id", "dist-run", "--json", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env(tmp_path), cwd=tmp_path)
-    worker = subprocess.Popen(
-        [*LLMWATTS, "load", "--worker", "--master-host", "127.0.0.1", "--master-port", str(port), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env(tmp_path), cwd=tmp_path)
-    try:
-        out, err = master.communicate(timeout=90)
-        worker_out, worker_err = worker.communicate(timeout=30)
-    finally:
-        master.kill()
-        worker.kill()
+    db = tmp_path / "master.db"
+    master, worker = master_and_worker(
+        tmp_path, "--target", target, "--dataset", "mini", "--requests", "9", "--users", "3", "--max-new-tokens",
+        "4", "--stream", "--client-db", str(db), "--run-id", "dist-run", "--json", "--quiet")
+    out, err, worker_err = master.stdout, master.stderr, worker.stderr
     assert master.returncode == 0, err
     assert worker.returncode == 0, worker_err
     assert json.loads(out)["requests_ok"] == 9

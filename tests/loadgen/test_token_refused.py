@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import sqlite_utils
 
-from tests.loadgen.conftest import LLMWATTS, REPO, free_port, offline_env, serve_tiny
+from tests.loadgen.conftest import LLMWATTS, REPO, master_and_worker, offline_env, serve_tiny
 
 TOKEN = "an-inference-token-of-32-bytes!!"
 WHAT_TO_SET = "set $LLMWATTS_INFERENCE_TOKEN_FILE or $LLMWATTS_INFERENCE_TOKEN"
@@ -98,23 +98,12 @@ def test_a_worker_without_the_token_stops_the_distributed_run_keeping_its_rows(g
     """The master has the token (BeginRun passes), its worker has none: the worker's first refused request
     stops the run; both exit 2 in one line; the master's client DB keeps the refused requests' rows."""
     target, _, _ = guarded
-    port = free_port()
-    master = subprocess.Popen(
-        [*LLMWATTS, "load", "--master", "--expect-workers", "1", "--master-bind-host", "127.0.0.1",
-         "--master-port", str(port), "--target", target, "--dataset", "mini", "--requests", "60", "--users", "2",
-         "--max-new-tokens", "4", "--client-db", "master.db", "--run-id", "worker-no-token", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path, TOKEN), cwd=tmp_path)
-    worker = subprocess.Popen(
-        [*LLMWATTS, "load", "--worker", "--master-host", "127.0.0.1", "--master-port", str(port), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=tmp_path)
-    try:
-        _, err = master.communicate(timeout=90)
-        _, worker_err = worker.communicate(timeout=30)
-    finally:
-        master.kill()
-        worker.kill()
-    assert master.returncode == 2 and worker.returncode == 2, err + worker_err
-    for said in (err, worker_err):
+    master, worker = master_and_worker(
+        tmp_path, "--target", target, "--dataset", "mini", "--requests", "60", "--users", "2", "--max-new-tokens",
+        "4", "--client-db", "master.db", "--run-id", "worker-no-token", "--quiet",
+        master_env=_env(tmp_path, TOKEN), worker_env=_env(tmp_path))
+    assert master.returncode == 2 and worker.returncode == 2, master.stderr + worker.stderr
+    for said in (master.stderr, worker.stderr):
         (line,) = said.strip().splitlines()
         assert f"{target} needs an inference token and none was given" in line and WHAT_TO_SET in line
     rows = _rows(tmp_path / "master.db")
