@@ -35,7 +35,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from llmwatts.analysis import bucket_prefetch, samples, timeline
+from llmwatts.analysis import bucket_prefetch, samples, study_file, timeline
 from llmwatts.analysis import study_db as schema
 from llmwatts.errors import InvalidArgument, NotFound
 
@@ -271,7 +271,8 @@ def _ingest_new(db: sqlite_utils.Database, path: Path, kind: str, tables: set[st
     views.drop_triggers(db)
     db.conn.commit()
     db.execute(f"PRAGMA cache_size = -{schema.CACHE_MIB * 1024}")
-    db.execute("PRAGMA synchronous = NORMAL")  # WAL: safe from corruption; the sources stay the truth
+    if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":  # not a new file being built (study_file.py)
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL: safe from corruption; the sources stay the truth
     if "telemetry" in tables and not bucket_prefetch.prefetched(db, path):  # before the attach (samples.py)
         db._telemetry_new_samples, db._telemetry_since_ns = samples.copy(db, path)
     _attach(db, path)
@@ -322,13 +323,22 @@ def ingest(
     All inputs are checked (exist, are SQLite, are the right kind) before anything is written. Afterwards
     the per-run tables the views read (percentiles, steady-state spans) are refreshed (views.refresh).
     """
-    from llmwatts.analysis import views
-
     for path in server_dbs:
         validate_file(path, "server")
     for path in client_dbs:
         validate_file(path, "client")
+    if study_file.is_new(study_db):  # built beside its path and renamed into place (study_file.py)
+        with study_file.building(study_db) as db:
+            sources = _ingest_all(db, server_dbs, client_dbs)
+        return IngestResult(os.path.abspath(study_db), sources)
     db = schema.open_study_db(study_db)
+    sources = _ingest_all(db, server_dbs, client_dbs)
+    return IngestResult(str(db.conn.execute("PRAGMA database_list").fetchone()[2]), sources)
+
+
+def _ingest_all(db: sqlite_utils.Database, server_dbs, client_dbs) -> list[SourceResult]:
+    from llmwatts.analysis import views
+
     try:  # the server DBs' telemetry is aggregated in child processes while the client DBs are copied
         for path in server_dbs:
             bucket_prefetch.prefetch(db, path)
@@ -337,5 +347,5 @@ def ingest(
     finally:
         bucket_prefetch.discard_prefetched(db)
     views.ensure_fresh(db)
-    return IngestResult(str(db.conn.execute("PRAGMA database_list").fetchone()[2]), sources)
+    return sources
 

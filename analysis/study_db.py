@@ -85,9 +85,11 @@ CACHE_MIB = 256  # SQLite page cache while ingesting: the key B-trees of 1M requ
 
 
 
-def open_study_db(study_db: str | os.PathLike | sqlite_utils.Database, create: bool = True) -> sqlite_utils.Database:
+def open_study_db(study_db: str | os.PathLike | sqlite_utils.Database, create: bool = True,
+                  build: bool = False) -> sqlite_utils.Database:
     """Open a study DB in WAL mode, creating it when ``create``. Passes a ``Database`` through unchanged.
-    Every table the views read exists afterwards, and the views are in place (views.py)."""
+    Every table the views read exists afterwards, and the views are in place (views.py). ``build``: a new
+    file being built whole (study_file.py): in-memory rollback journal, no syncs."""
     from llmwatts.analysis import views
 
     if isinstance(study_db, sqlite_utils.Database):
@@ -99,7 +101,11 @@ def open_study_db(study_db: str | os.PathLike | sqlite_utils.Database, create: b
         raise NotFound(f"folder for study DB {path} does not exist; create it or choose another path")
     try:
         db = sqlite_utils.Database(path)
-        db.enable_wal()
+        if build:
+            db.execute("PRAGMA journal_mode = MEMORY")
+            db.execute("PRAGMA synchronous = OFF")
+        else:
+            db.enable_wal()
         db.execute(f"PRAGMA cache_size = -{CACHE_MIB * 1024}")
         _ensure_base(db)
         views.create_views(db)

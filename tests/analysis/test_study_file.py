@@ -1,0 +1,107 @@
+"""A new study DB is built in a temporary file and renamed into place (analysis/study_file.py, issue 21):
+the same study DB as an ingest into an existing one, and safe at every kill point."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import sqlite_utils
+
+from llmwatts.analysis import ingest, study_file
+from llmwatts.analysis.study_db import open_study_db
+
+TABLES = ("servers", "gpus", "runs", "batches", "batch_gpu_energy", "requests", "cap_events", "client_runs",
+          "client_requests", "telemetry_buckets", "run_gpu_windows", "run_request_totals", "run_percentiles",
+          "run_steady", "run_request_flags", "run_request_points", "study_idle_power", "run_slo")
+
+
+def dump(path) -> dict:
+    db = sqlite_utils.Database(path)
+    out = {t: sorted(map(repr, db.execute(f"SELECT * FROM [{t}]").fetchall())) for t in TABLES}
+    out["run_metrics"] = sorted(map(repr, db.execute("SELECT * FROM run_metrics").fetchall()))
+    out["sources"] = sorted(map(repr, db.execute("SELECT path, sha256, kind, size_bytes, rows FROM sources")))
+    db.close()
+    return out
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".study.db."))
+
+
+def test_new_study_db_equals_an_ingest_into_an_existing_one(tmp_path, small):
+    """Guards the fast path (temporary file, in-memory journal) against giving other rows than the WAL path."""
+    fresh, existing = tmp_path / "fresh" / "study.db", tmp_path / "existing" / "study.db"
+    fresh.parent.mkdir()
+    existing.parent.mkdir()
+    open_study_db(existing).close()  # exists before the ingest: the ordinary path
+    assert study_file.is_new(fresh) and not study_file.is_new(existing)
+    result = ingest.ingest(fresh, [small.server_db], [small.client_db])
+    ingest.ingest(existing, [small.server_db], [small.client_db])
+    assert result.study_db == str(fresh.resolve())
+    assert dump(fresh) == dump(existing)
+    db = sqlite_utils.Database(fresh)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # opened as every study DB is
+    db.close()
+    assert leftovers(fresh.parent) == []
+    # Incremental as before: a second ingest of the same files into the renamed DB adds nothing.
+    ingest.ingest(fresh, [small.server_db], [small.client_db])
+    assert dump(fresh) == dump(existing)
+
+
+def test_failed_ingest_of_a_new_study_leaves_no_study_db(tmp_path, small, monkeypatch):
+    """Guards against a half-built study DB at the path (or its temporary file left behind) after an error."""
+    study = tmp_path / "study.db"
+    copy = ingest._copy_table
+
+    def failing(db, path, table, pk):
+        if table == "requests":
+            raise OSError("disk full (test)")
+        return copy(db, path, table, pk)
+
+    monkeypatch.setattr(ingest, "_copy_table", failing)
+    with pytest.raises(OSError, match="disk full"):
+        ingest.ingest(study, [small.server_db], [small.client_db])
+    assert not study.exists() and leftovers(tmp_path) == []
+
+
+KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from llmwatts.analysis import ingest
+    copy = ingest._copy_table
+    def killed(db, path, table, pk):
+        if table == "requests":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return copy(db, path, table, pk)
+    ingest._copy_table = killed
+    ingest.ingest(sys.argv[1], [sys.argv[2]], [sys.argv[3]])
+""")
+
+
+def test_killed_ingest_of_a_new_study_leaves_no_study_db(tmp_path, small):
+    """Guards kill safety: SIGKILL in the middle of the copy leaves no study DB (as before the ingest); the
+    next ingest removes the dead process's temporary file and builds the whole study."""
+    study = tmp_path / "study.db"
+    done = subprocess.run([sys.executable, "-c", KILLED, str(study), str(small.server_db), str(small.client_db)],
+                          env={**os.environ}, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert not study.exists() and leftovers(tmp_path)  # the killed build's temporary file
+    ingest.ingest(study, [small.server_db], [small.client_db])
+    assert leftovers(tmp_path) == []
+    db = sqlite_utils.Database(study)
+    assert db["requests"].count == 5 and db["client_requests"].count == 6
+    db.close()
+
+
+def test_existing_study_db_is_not_rebuilt(tmp_path, small):
+    """An existing study DB (or a WAL file of one) is ingested in place, in its own transaction."""
+    study = tmp_path / "study.db"
+    ingest.ingest(study, [small.server_db])
+    inode = study.stat().st_ino
+    ingest.ingest(study, [small.server_db], [small.client_db])
+    assert study.stat().st_ino == inode
+    wal_only = tmp_path / "other.db"
+    (tmp_path / "other.db-wal").write_bytes(b"")
+    assert not study_file.is_new(wal_only) and not study_file.is_new(sqlite_utils.Database(study))
