@@ -80,12 +80,15 @@ def fetch(db: sqlite_utils.Database, sql: str, names: list[str], params=()) -> t
     return runs, arrays
 
 
-def _groups(codes: np.ndarray):
-    """(code, index array) per run code, from one stable sort."""
-    order = np.argsort(codes, kind="stable")
+def _groups(codes: np.ndarray, mask: np.ndarray | None = None):
+    """(code, index array into ``codes``) per run code, over the rows where ``mask`` holds (all rows without
+    one), from one stable sort. Indexes, not copies of the masked arrays: a million-row copy of every column
+    cost more than the summaries (issue 21)."""
+    rows = np.flatnonzero(mask) if mask is not None else np.arange(codes.size)
+    order = rows[np.argsort(codes[rows], kind="stable")]
     sorted_codes = codes[order]
-    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]) if codes.size else []
-    bounds = list(starts) + [codes.size]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]) if order.size else []
+    bounds = list(starts) + [order.size]
     for i in range(len(starts)):
         yield int(sorted_codes[bounds[i]]), order[bounds[i]:bounds[i + 1]]
 
@@ -97,17 +100,12 @@ def _summary(values: np.ndarray) -> list:
     return [*percentiles(values, PCTS), float(values.mean()), int(values.size)]
 
 
-def _subset(arrays: dict, mask: np.ndarray) -> dict:
-    return {k: v[mask] for k, v in arrays.items()}
-
-
 def percentile_rows(runs: list, arrays: dict, gaps: tuple | None) -> dict[str, dict]:
     """Per run: p50/p90/p95/p99/mean/n of each ``METRICS`` entry over its counted requests (``arrays``:
     request_pass.COLUMNS by run code), ITL from ``gaps`` (run codes, every inter-chunk gap) when recorded."""
     names = [m for m, expr in METRICS.items() if expr]
-    arrays = _subset(arrays, arrays["ok"] == 1)
     rows: dict[str, dict] = {}
-    for code, idx in _groups(arrays["_code"]):
+    for code, idx in _groups(arrays["_code"], arrays["ok"] == 1):
         row = rows.setdefault(runs[code], {})
         for m in names:
             row.update(zip((f"{m}_{s}" for s in STATS), _summary(arrays[m][idx])))
@@ -169,9 +167,8 @@ def steady_span(received_ns: np.ndarray, done_ns: np.ndarray, target: float) -> 
 def steady_spans(runs: list, arrays: dict, base_ns: int, targets: dict) -> dict[str, list]:
     """Per run: [target, begin_ns, end_ns, output tokens] of its steady-state span (``steady_span``; target =
     the run's load users, else the most requests ever in flight) and of the ok requests done inside it."""
-    arrays = _subset(arrays, arrays["has_server"] == 1)
     spans = {}
-    for code, idx in _groups(arrays["_code"]):
+    for code, idx in _groups(arrays["_code"], arrays["has_server"] == 1):
         run_id = runs[code]
         received, done = arrays["received_ns"][idx], arrays["done_ns"][idx]
         target = targets.get(run_id) or _max_in_flight(received, done)
