@@ -172,5 +172,5 @@ class ExportServicerMixin:
 
     @mapped
     def ExportRecords(self, request, context):
-        exporter = RecordExporter(self.host.config.db_path, self.host.store.flush)
+        exporter = RecordExporter(self.host.config.db_path, self.host.sampler.flush)
         yield from exporter.pages(request.cursor, request.page_rows)

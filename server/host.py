@@ -83,7 +83,7 @@ class Host:
                                    queue_size=config.queue_size, merge_requests=config.merge_requests,
                                    batch_wait_ms=config.batch_wait_ms)
         self.warmup_runs = self._warm_up() if config.warmup else 0  # (after the engine checks above)
-        self.runs = RunRegistry(self.store, self.meter, self.simulated)
+        self.runs = RunRegistry(self.store, self.meter, self.simulated, self.sampler.flush)
         self.max_token_bytes = max_token_bytes(self.loaded.tokenizer)  # the prompts' cheap byte bound
         aborted = self.store.abort_unfinished()  # the DB is the truth for request ids across restarts
         if aborted:

@@ -44,8 +44,9 @@ class RunState:
 class RunRegistry:
     """Which runs exist, who owns them, and how many of their requests are still running."""
 
-    def __init__(self, store, meter, simulated: bool):
+    def __init__(self, store, meter, simulated: bool, flush_telemetry=None):
         self.store, self.meter, self.simulated = store, meter, simulated
+        self.flush_telemetry = flush_telemetry or store.flush  # TelemetrySampler.flush: the window's samples
         self._runs: dict[str, RunState] = {}
         self._cond = threading.Condition()
 
@@ -106,8 +107,8 @@ class RunRegistry:
                     self._cond.notify_all()
 
     def end(self, run_id: str, secret: str, wait_s: float) -> tuple[int, float, int]:
-        """Close the run once its requests have ended (waiting up to ``wait_s``) -> (server_ns, energy_j,
-        requests still running when it closed)."""
+        """Close the run once its requests have ended (waiting up to ``wait_s``) and write every telemetry
+        sample of its window -> (server_ns, energy_j, requests still running when it closed)."""
         requested_ns = time.time_ns()
         with self._cond:
             state = self._state(run_id)
@@ -122,4 +123,5 @@ class RunRegistry:
             now, energy_j = time.time_ns(), self.meter.total_j()
             self.store.end_run(run_id, now, energy_j, requested_ns=requested_ns, pending=pending)
             state.ended = True
+        self.flush_telemetry()  # EndRun answers once the DB file holds the whole window (a report may read it)
         return now, energy_j, pending

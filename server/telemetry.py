@@ -45,6 +45,7 @@ class TelemetrySampler:
             raise ValueError(f"telemetry rate must be between 0 and {MAX_HZ:g} Hz, got {hz:g}")
         self.gpus, self.store, self.hz = gpus, store, hz
         self._stop = threading.Event()
+        self._pass = threading.Lock()  # held over one pass: its samples' reads and their adding to the store
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
 
     def start(self) -> None:
@@ -57,10 +58,11 @@ class TelemetrySampler:
         next_flush = next_t + FLUSH_EVERY_S
         while not self._stop.is_set():
             try:
-                self.store.add_telemetry([sample_row(g, g.sample()) for g in self.gpus])
-                if time.perf_counter() >= next_flush:  # a report taken while serving sees the recent tail
-                    self.store.flush()
-                    next_flush = time.perf_counter() + FLUSH_EVERY_S
+                with self._pass:
+                    self.store.add_telemetry([sample_row(g, g.sample()) for g in self.gpus])
+                    if time.perf_counter() >= next_flush:  # a report taken while serving sees the recent tail
+                        self.store.flush()
+                        next_flush = time.perf_counter() + FLUSH_EVERY_S
             except Exception:  # a failed read must not kill the series; it shows as a gap
                 log.exception("telemetry sample failed")
             next_t += period
@@ -69,6 +71,13 @@ class TelemetrySampler:
                 next_t = time.perf_counter()
                 delay = 0
             self._stop.wait(delay)
+
+    def flush(self) -> None:
+        """Write every sample taken so far to the DB: a pass in progress (its samples may be stamped before
+        now) is added first. After ``RunRegistry.end`` and before ``ExportRecords`` reads, so a reader of the
+        DB file sees a run's window whole, not as of the last periodic flush (``FLUSH_EVERY_S``)."""
+        with self._pass:
+            self.store.flush()
 
     def stop(self) -> None:
         self._stop.set()
