@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from llmwatts.cap_client import CapClient
 from llmwatts.control_cli import add_actions, client_of, lease_left
 from llmwatts.credentials import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV
 
 
 def call_control(args: argparse.Namespace):
     """Make the Control call ``args.cap_command`` names; the ``PowerCapsReply``."""
+    from llmwatts.cap_client import CapClient  # grpc: once the command runs, not when `llmwatts` builds its parsers
+
     with client_of(CapClient, args) as caps:
         if args.cap_command == "get":
             return caps.get()

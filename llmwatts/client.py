@@ -1,5 +1,6 @@
 """The one client module every command uses (load, sweep, cap, clocks, demo, report --server): target
-parsing, credentials (TLS files, bearer tokens), the channel factory, and one error text for a failed call.
+parsing (``llmwatts/targets.py``, re-exported here), credentials (TLS files, bearer tokens), the channel
+factory, and one error text for a failed call.
 
 Library code: it imports no CLI module, and no Locust (loadgen's users make their channels here too).
 """
@@ -16,43 +17,11 @@ import grpc
 from llmwatts.errors import InvalidArgument, LlmwattsError
 from llmwatts.credentials import (CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV, INFERENCE_TOKEN_ENV,
                                   INFERENCE_TOKEN_FILE_ENV, is_loopback_host, load_token, read_pem)
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-# What users put before HOST:PORT (Locust's host field is a URL); grpc itself would read "grpc://h:p" as a
-# DNS name and fail only when connecting.
-_SCHEMES = ("grpc://", "grpcs://", "http://", "https://")
-# A DNS name is at most 253 characters; with brackets, a port and a resolver prefix ("dns:///") this is
-# ample, and it keeps an error's echo of the input short.
-MAX_TARGET_CHARS = 300
+from llmwatts.targets import DEFAULT_TARGET, MAX_TARGET_CHARS, parse_target, strip_scheme  # noqa: F401
 
 
 class ClientError(LlmwattsError):
     """A call to the server failed; the message is ``CODE: details`` and what to do."""
-
-
-def strip_scheme(text: str) -> str:
-    """``h:p`` from ``grpc://h:p/`` (what users type into Locust's host field): surrounding whitespace,
-    one leading scheme (any case) and trailing slashes removed; unchecked (``parse_target`` checks)."""
-    target = text.strip()
-    for scheme in _SCHEMES:
-        if target[:len(scheme)].lower() == scheme:
-            target = target[len(scheme):]
-            break
-    return target.rstrip("/")
-
-
-def parse_target(text: str | None, flag: str = "--target") -> str:
-    """``HOST:PORT`` from what users type (``grpc://h:p/``, ``h:p``, ``[::1]:p``), checked: a host, a port
-    1-65535, at most ``MAX_TARGET_CHARS`` characters. The one target check of every command and library."""
-    text = text or ""
-    target = strip_scheme(text[:MAX_TARGET_CHARS + 1])
-    host, _, port = target.rpartition(":")
-    if (len(text) > MAX_TARGET_CHARS or not host.strip("[]") or any(c.isspace() for c in host)
-            or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 65535):
-        shown = repr(text) if len(text) <= 60 else f"{text[:60]!r}... ({len(text)} characters)"
-        raise InvalidArgument(f"{flag} wants HOST:PORT with a port from 1 to 65535 (at most {MAX_TARGET_CHARS} "
-                              f"characters), e.g. {DEFAULT_TARGET}; got {shown}")
-    return target
 
 
 def control_token(path: str | os.PathLike | None = None) -> str | None:

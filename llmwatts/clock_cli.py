@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from llmwatts.clock_client import ClockClient
 from llmwatts.control_cli import add_actions, client_of, lease_left
 from llmwatts.credentials import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV
-from llmwatts.server.gpu.common import format_mhz
 
 
 def print_clocks(reply, target: str) -> None:
     from rich.table import Table
 
     from llmwatts.console import console
+    from llmwatts.server.gpu.common import format_mhz
 
     table = Table(title=f"clocks on {target} (backend {reply.backend})")
     for column in ("gpu", "uuid", "SM MHz", "memory MHz", "locked", "held back by", "supported", "lease left"):
@@ -33,6 +32,8 @@ def print_clocks(reply, target: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmwatts.clock_client import ClockClient  # grpc: once the command runs, not when `llmwatts` builds its parsers
+
     with client_of(ClockClient, args) as clocks:
         if args.clocks_command == "get":
             reply = clocks.get()

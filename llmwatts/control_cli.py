@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from llmwatts.client import DEFAULT_TARGET, control_token
+from llmwatts.targets import DEFAULT_TARGET
 from llmwatts.credentials import CONTROL_TOKEN_ENV, CONTROL_TOKEN_FILE_ENV
 
 
@@ -27,6 +27,8 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
 
 def client_of(client_class, args: argparse.Namespace):
     """The Control client (``CapClient``, ``ClockClient``) the command's options name."""
+    from llmwatts.client import control_token  # grpc: once a command runs, not when `llmwatts` builds its parsers
+
     return client_class(args.target, token=control_token(args.control_token_file), ca=args.ca, cert=args.cert,
                         key=args.key, timeout_s=args.timeout_s, gpus=args.gpus)
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 import time
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from llmwatts.errors import InvalidArgument
+
+if TYPE_CHECKING:  # numpy is imported where gaps are drawn: `llmwatts`'s parsers read ARRIVALS only
+    import numpy as np
 
 ARRIVALS = ("poisson", "constant", "gamma")
 
@@ -38,6 +40,8 @@ def check_arrivals(rate_rps: float | None, arrival: str, burstiness: float) -> N
 
 def gaps_s(rate_rps: float, arrival: str, burstiness: float, rng: np.random.Generator, n: int) -> np.ndarray:
     """``n`` inter-arrival gaps in seconds (see the module docstring)."""
+    import numpy as np
+
     if arrival == "constant":
         return np.full(n, 1.0 / rate_rps)
     if arrival == "poisson":
@@ -53,6 +57,8 @@ class ArrivalSchedule:
 
     def __init__(self, rate_rps: float, arrival: str = "poisson", burstiness: float = 1.0, seed: int = 0,
                  node: int = 0):
+        import numpy as np
+
         check_arrivals(rate_rps, arrival, burstiness)
         self.rate_rps = rate_rps
         self.arrival = arrival

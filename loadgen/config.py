@@ -14,11 +14,11 @@ import uuid
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field  # LoadConfig has a `field` attribute
 
-from llmwatts.client import parse_target, strip_scheme
 from llmwatts.errors import InvalidArgument
 from llmwatts.loadgen.arrivals import ARRIVALS, check_arrivals
 from llmwatts.loadgen.prompts import DATASETS, DEFAULT_NUM_PROMPTS, DEFAULT_SEED, GSM8K_SPLITS
-from llmwatts.loadgen.summary import LoadResult, parse_slo  # noqa: F401  (LoadResult: its historic home)
+from llmwatts.slo import parse_slo
+from llmwatts.targets import parse_target, strip_scheme
 
 DEFAULT_DEADLINE_S = 600.0
 DEFAULT_TEMPERATURE = 0.8  # paper defaults
@@ -87,7 +87,7 @@ class LoadConfig:
 
     def validate(self) -> None:
         """Raise ``InvalidArgument`` with a message naming the flag to fix; ``target`` becomes plain
-        ``HOST:PORT`` (``llmwatts.client.parse_target``: the one target parser)."""
+        ``HOST:PORT`` (``llmwatts.targets.parse_target``: the one target parser)."""
         if self.master and self.worker:
             raise InvalidArgument("--master and --worker exclude each other")
         if not self.worker and not self.target:

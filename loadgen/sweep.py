@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 
 from llmwatts.cap_client import CapClient
 from llmwatts.errors import InvalidArgument, LlmwattsError
-from llmwatts.loadgen.config import LoadConfig, LoadResult, new_run_id
+from llmwatts.loadgen.config import LoadConfig, new_run_id
+from llmwatts.loadgen.summary import LoadResult
 from llmwatts.loadgen.runner import run_load
 
 log = logging.getLogger("llmwatts.loadgen")
