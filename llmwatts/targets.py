@@ -37,7 +37,9 @@ def parse_target(text: str | None, flag: str = "--target") -> str:
     host, _, port = target.rpartition(":")
     if (len(text) > MAX_TARGET_CHARS or not host.strip("[]") or any(c.isspace() for c in host)
             or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 65535):
-        shown = repr(text) if len(text) <= 60 else f"{text[:60]!r}... ({len(text)} characters)"
+        shown = repr(text)  # its escapes (\U0001b2fc: 10 characters for one) count, not the text's length
+        if len(shown) > 80:
+            shown = f"{shown[:80]}... ({len(text)} characters)"
         raise InvalidArgument(f"{flag} wants HOST:PORT with a port from 1 to 65535 (at most {MAX_TARGET_CHARS} "
                               f"characters), e.g. {DEFAULT_TARGET}; got {shown}")
     return target

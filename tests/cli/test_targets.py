@@ -8,7 +8,7 @@ Guards against loadgen/config.py's own ``_strip_scheme`` (no whitespace strip, s
 ``study/plan.py`` and ``analysis/pull.py`` (port 0 or 99999 and any length passed)."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llmwatts.analysis.pull import pull_records
@@ -80,9 +80,11 @@ def test_every_door_refuses_a_bad_target_in_one_short_line(door, text, tmp_path)
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=MAX_TARGET_CHARS * 2))
+@example("\U0001b2fc" * 60)
 def test_any_text_is_a_target_or_one_readable_error(text):
     """Whatever is typed, the parser answers HOST:PORT with a port 1-65535 or one short InvalidArgument
-    line; never another exception."""
+    line; never another exception. (The example guards an echo of up to 60 characters whose repr, with a
+    10-character escape each, made the line 700 characters long.)"""
     try:
         target = parse_target(text)
     except InvalidArgument as e:
