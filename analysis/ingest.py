@@ -136,11 +136,12 @@ def _check_sources(conn, path: Path, tables: set[str]) -> None:
             )
 
 
-def _select_expressions(table: str, names: list[str]) -> dict[str, str]:
-    """Study column -> SQL expression over the source row ``s`` (schema ``src``)."""
+def _select_expressions(table: str, names: list[str], one_server: bool = False) -> dict[str, str]:
+    """Study column -> SQL expression over the source row ``s`` (schema ``src``). ``one_server``: every batch
+    of the source is its one server's (``_one_server``), so a batch's server needs no lookup per row."""
     exprs = {name: f"s.[{name}]" for name in names}
     if table == "batch_gpu_energy" and "server_id" not in names:
-        exprs["server_id"] = (
+        exprs["server_id"] = "(SELECT min(server_id) FROM src.servers)" if one_server else (
             "coalesce((SELECT b.server_id FROM src.batches b WHERE b.batch_id = s.batch_id), "
             "(SELECT min(server_id) FROM src.servers))"
         )
@@ -154,6 +155,14 @@ def _select_expressions(table: str, names: list[str]) -> dict[str, str]:
     return exprs
 
 
+def _one_server(db: sqlite_utils.Database) -> bool:
+    """Whether every batch of the attached source names no server or the file's first (min) server: then the
+    per-row lookup of ``batch_gpu_energy.server_id`` (its batch's server, else the first) is that one value
+    for every row (a million index lookups saved at a million batch-GPU rows)."""
+    return db.execute("SELECT NOT EXISTS (SELECT 1 FROM src.batches WHERE server_id IS NOT NULL AND "
+                      "server_id IS NOT (SELECT min(server_id) FROM src.servers))").fetchone()[0] == 1
+
+
 def _copy_table(db: sqlite_utils.Database, path: Path, table: str, pk: tuple[str, ...]) -> int:
     """``INSERT … SELECT`` the attached source's ``table`` into the study DB, upserting on ``pk``."""
     if table == "telemetry":  # the buckets are in (ingest_file); the run windows need the runs just copied
@@ -165,7 +174,7 @@ def _copy_table(db: sqlite_utils.Database, path: Path, table: str, pk: tuple[str
         return db._telemetry_new_samples
     columns = schema.columns(db.conn, table, "src")
     schema.ensure_table(db, table, columns, pk)
-    exprs = _select_expressions(table, [c for c, _ in columns])
+    exprs = _select_expressions(table, [c for c, _ in columns], table == "batch_gpu_energy" and _one_server(db))
     where = "WHERE true"  # SQLite needs a WHERE before ON CONFLICT in INSERT … SELECT
     updates = [c for c in exprs if c not in pk]
     conflict = (

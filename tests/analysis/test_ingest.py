@@ -183,3 +183,26 @@ def test_a_source_holding_a_key_twice_is_upserted_not_refused(tmp_path, small):
     db = sqlite_utils.Database(study)
     assert db["client_requests"].count == 6
     assert db.execute("SELECT count(*) FROM client_requests WHERE latency_ms = 12345.0").fetchone()[0] == 1
+
+
+def test_batch_gpu_energy_takes_its_batchs_server_in_a_file_of_two_servers(tmp_path, small):
+    """Guards the one-server shortcut of batch_gpu_energy.server_id (ingest._one_server: no lookup per row)
+    against a file whose batches belong to two servers: each row still gets its own batch's server."""
+    two = tmp_path / "two.db"
+    two.write_bytes(small.server_db.read_bytes())
+    server = sqlite_utils.Database(two)
+    row = next(server.query("SELECT * FROM servers"))
+    server["servers"].insert({**row, "server_id": "srv-0"})  # sorts first: min(server_id) is not the batches'
+    moved = next(server.query("SELECT batch_id FROM batches ORDER BY batch_id"))["batch_id"]
+    server.execute("UPDATE batches SET server_id = 'srv-0' WHERE batch_id = ?", [moved])
+    server.conn.commit()
+    server.conn.close()
+    study = tmp_path / "study.db"
+    ingest.ingest(study, [two])
+    db = sqlite_utils.Database(study)
+    got = dict(db.execute("SELECT batch_id, group_concat(DISTINCT server_id) FROM batch_gpu_energy GROUP BY batch_id"))
+    assert got[moved] == "srv-0" and {v for k, v in got.items() if k != moved} == {"srv-a"}
+    # One server in the file: every row is that server's, without a lookup per row.
+    ingest.ingest(tmp_path / "one.db", [small.server_db])
+    one = sqlite_utils.Database(tmp_path / "one.db")
+    assert {r[0] for r in one.execute("SELECT DISTINCT server_id FROM batch_gpu_energy")} == {"srv-a"}
