@@ -119,6 +119,16 @@ def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cp
     for r in runs:
         r["_title"] = ", ".join([f"{k.replace('_', ' ')} {r.get(k)}" for k in apart] + [data.settings_text(r)])
     all_sim = bool(runs) and all(r.get("simulated") for r in runs)
+    titles = {r["run_id"]: r["_title"] for r in runs}
+    aside = plots.TimelinesAside(db, runs, titles) if _exists(db, "telemetry_buckets") else None
+    try:
+        return _write(db, runs, path, aside, titles, all_sim, sla_p95_ms=sla_p95_ms, cpu_only=cpu_only)
+    finally:
+        if aside is not None:
+            aside.close()
+
+
+def _write(db, runs, path, aside, titles, all_sim, *, sla_p95_ms, cpu_only) -> Path:
     groups = data.groups_of(runs)
     group_plots = []
     for g in groups:
@@ -148,8 +158,7 @@ def write_html(db, runs: list[dict], path: Path, *, sla_p95_ms: float | None, cp
              plots.request_energy(db, g, sim) if _exists(db, "request_join") else None),
         ]
         group_plots.append([(caption, _uri(png)) for caption, png in figures if png is not None])
-    timeline = plots.timelines(db, runs, {r["run_id"]: r["_title"] for r in runs}) \
-        if _exists(db, "telemetry_buckets") else None
+    timeline = aside.png(db, runs, titles) if aside is not None else None  # drawn beside the plots above
     shown = runs[:plots.MAX_TIMELINES]
     without = [r["_title"] for r in shown if plots.steady_span_of(db, r["run_id"]) is None]
     steady = {"shown": len(shown), "shaded": len(shown) - len(without), "without": without}

@@ -7,7 +7,7 @@ import sqlite_utils
 from analysis_builders import build_sweep
 from rich.console import Console
 
-from llmwatts.analysis import ingest, metrics, report, views
+from llmwatts.analysis import ingest, metrics, report, report_plots, views
 from llmwatts.analysis import report_data as data
 
 SWEEP = [(250, 1, 1.0, 100.0), (250, 4, 0.5, 200.0), (175, 1, 0.8, 150.0), (175, 4, 0.4, 300.0)]
@@ -76,6 +76,7 @@ def test_the_power_timeline_shades_each_runs_steady_state(tmp_path, monkeypatch)
         return original(self, *args, **kw)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "axvspan", spy)
+    monkeypatch.setattr(report_plots, "ASIDE", False)  # the timelines drawn here, where the spy sees them
     db = sqlite_utils.Database(study)
     views.ensure_fresh(db)
     steady = dict(db.execute("SELECT run_id, end_ns - begin_ns FROM run_steady").fetchall())

@@ -61,6 +61,7 @@ def _report_figures(tmp_path, server_db, monkeypatch):
         return png(fig)
 
     monkeypatch.setattr(report_plots, "_png", keep)
+    monkeypatch.setattr(report_plots, "ASIDE", False)  # the timelines drawn here, where _png catches them
     study = tmp_path / "study.db"
     ingest.ingest(study, [server_db], [])
     report.build_report(study, tmp_path / "out", console=Console(file=open(os.devnull, "w")))
@@ -145,3 +146,23 @@ def test_width_is_chosen_from_the_runs_duration():
         lo, hi = timeline.span(0, int(seconds * S))
         assert width is not None and (hi - lo) // width + 1 <= timeline.POINTS
     assert timeline.width_ns(0, 600 * S) is None
+
+
+def test_timelines_drawn_aside_are_the_same_report(tmp_path, small, monkeypatch):
+    """Guards the forked child that draws the timelines (report_plots.TimelinesAside) against giving another
+    report.html than drawing them in this process, and against being skipped silently (a PNG comes back
+    from the child, and the child is reaped)."""
+    import hashlib
+
+    study = tmp_path / "study.db"
+    ingest.ingest(study, [small.server_db], [small.client_db])
+    forks = []
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or fork())
+    report.build_report(study, tmp_path / "aside", console=Console(file=open(os.devnull, "w")))
+    assert forks == [1]
+    monkeypatch.setattr(report_plots, "ASIDE", False)
+    report.build_report(study, tmp_path / "here", console=Console(file=open(os.devnull, "w")))
+    html = [hashlib.sha256((tmp_path / d / "report.html").read_bytes()).hexdigest() for d in ("aside", "here")]
+    assert html[0] == html[1] and len(forks) == 1
+    assert 'alt="power timelines"' in (tmp_path / "aside" / "report.html").read_text()

@@ -37,6 +37,7 @@ def built(tmp_path_factory):
     png = report_plots._png
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report_plots, "_png", lambda fig: figures.append(fig) or png(fig))
+        mp.setattr(report_plots, "ASIDE", False)  # the timelines drawn here, where _png catches them
         result = report.build_report(study, tmp / "out", sla_p95_ms=SLA_MS, console=Console(file=open(os.devnull, "w")))
     page = result.report_html.read_text()
     with open(result.runs_csv, newline="") as f:
