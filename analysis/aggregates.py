@@ -11,12 +11,15 @@ steady spans are computed here from those arrays, grouped by run with one sort, 
 from __future__ import annotations
 
 import gc
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sqlite_utils
 
 from llmwatts.analysis import request_pass, sample_reads
 from llmwatts.stats import percentiles
+
+if TYPE_CHECKING:  # annotations only: the request pass's child (request_pass.py) need not import it (nor the
+    import sqlite_utils  # pandas it imports where installed)
 
 PCTS = (50, 90, 95, 99)
 # metric -> column of the request pass (ok rows only; request_pass.METRIC_EXPRS).

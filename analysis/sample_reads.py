@@ -8,10 +8,12 @@ from __future__ import annotations
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from llmwatts.analysis.samples import BUCKET_NS, has_table
+
+if TYPE_CHECKING:  # annotations only: the request pass's child (request_pass.py) need not import it (nor the
+    import sqlite_utils  # pandas it imports where installed)
 
 
 @contextmanager
