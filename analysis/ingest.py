@@ -337,9 +337,12 @@ def ingest(
     for path in client_dbs:
         validate_file(path, "client")
     if study_file.is_new(study_db):  # built beside its path and renamed into place (study_file.py)
-        with study_file.building(study_db) as db:
-            sources = _ingest_all(db, server_dbs, client_dbs)
-        return IngestResult(os.path.abspath(study_db), sources)
+        try:
+            with study_file.building(study_db) as db:
+                sources = _ingest_all(db, server_dbs, client_dbs)
+            return IngestResult(os.path.abspath(study_db), sources)
+        except study_file.Appeared:
+            pass  # another process made the study DB meanwhile: ingest into it, as into any existing one
     db = schema.open_study_db(study_db)
     sources = _ingest_all(db, server_dbs, client_dbs)
     return IngestResult(str(db.conn.execute("PRAGMA database_list").fetchone()[2]), sources)

@@ -8,7 +8,9 @@ then switched to WAL, synced once, and renamed over the study DB's path (``os.re
 
 Safe at every kill point: before the rename there is no study DB at the path (as before the ingest), after
 it the whole ingest is there. A failed ingest removes its temporary file; one left by a killed process is
-removed by the next build of the same study DB (its process id no longer runs).
+removed by the next build of the same study DB (its process id no longer runs). Never over a study DB that
+another process created at the path meanwhile (a hard link, which fails where the name exists): ``Appeared``
+is raised instead, and the caller ingests into that one as into any existing study DB.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from pathlib import Path
 import sqlite_utils
 
 from llmwatts.analysis import study_db as schema
+
+
+class Appeared(Exception):
+    """A study DB was created at the path by another process while this one was being built."""
 
 
 def is_new(study_db) -> bool:
@@ -66,11 +72,25 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _place(temp: Path, path: Path) -> None:
+    """``temp`` becomes ``path`` atomically, never over a file there (``Appeared``)."""
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise Appeared(str(path)) from None
+    except OSError:  # a filesystem without hard links: rename, after a last look
+        if path.exists():
+            raise Appeared(str(path)) from None
+        os.replace(temp, path)
+        return
+    temp.unlink()
+
+
 @contextmanager
 def building(path: str | os.PathLike):
     """Yield an open study DB (study_db.open_study_db) in a temporary file; when the block ends without an
-    exception the file becomes the study DB at ``path`` (WAL mode, synced, renamed atomically). On an exception
-    the temporary file is removed and ``path`` is left as it was (absent)."""
+    exception the file becomes the study DB at ``path`` (WAL mode, synced, linked into place atomically). On an
+    exception (``Appeared`` among them) the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     remove_stale(path)
     temp = _temp_path(path, os.getpid())
@@ -82,7 +102,7 @@ def building(path: str | os.PathLike):
         db.execute("PRAGMA journal_mode = WAL")  # in the file's header: the study DB opens in WAL as ever
         db.close()
         _fsync(temp)
-        os.replace(temp, path)
+        _place(temp, path)
         _fsync(path.parent, directory=True)
     except BaseException:
         db.close()

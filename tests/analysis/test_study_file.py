@@ -105,3 +105,27 @@ def test_existing_study_db_is_not_rebuilt(tmp_path, small):
     wal_only = tmp_path / "other.db"
     (tmp_path / "other.db-wal").write_bytes(b"")
     assert not study_file.is_new(wal_only) and not study_file.is_new(sqlite_utils.Database(study))
+
+
+def test_a_study_db_made_meanwhile_is_never_overwritten(tmp_path, small, monkeypatch):
+    """Guards against the new file replacing a study DB another process created at the path while it was being
+    built (a plain rename would have dropped that one's rows): this ingest goes into that study DB instead."""
+    from analysis_builders import build_small
+
+    (tmp_path / "b").mkdir()
+    other = build_small(tmp_path / "b", server_id="srv-b")
+    study = tmp_path / "study.db"
+    copy = ingest._copy_table
+
+    def meanwhile(db, path, table, pk):
+        if table == "requests" and not study.exists():  # another process's ingest, into the same path
+            ingest.ingest(open_study_db(study), [other.server_db])
+        return copy(db, path, table, pk)
+
+    monkeypatch.setattr(ingest, "_copy_table", meanwhile)
+    ingest.ingest(study, [small.server_db], [small.client_db])
+    db = sqlite_utils.Database(study)
+    assert {r[0] for r in db.execute("SELECT DISTINCT server_id FROM requests")} == {"srv-a", "srv-b"}
+    assert db["client_requests"].count == 6
+    db.close()
+    assert leftovers(tmp_path) == []
