@@ -14,12 +14,15 @@ F.linear, for comparison), and a sweep of the kernel's launch configurations at 
 sweep, compiled layers (the compiles take most of the time).
 
     python bench/fp8_gemv.py --json out.json          # cuda (an FP8 GPU): the whole run, < 90 s on an H100
+    python bench/fp8_gemv.py --write-table t.json     # also: the sweep's fastest configs -> $LLMWATTS_FP8_GEMV_TABLE
     python bench/fp8_gemv.py --quick                  # cpu, tiny shapes, reference paths only: it runs
                                                       # (compiled rows: dynamo only; sweep: the reference)
 """
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"paths of the compiled per-layer rows, of {','.join(PATHS)},dequant")
     ap.add_argument("--sweep-rows", default="1,16", help="M values of the launch-configuration sweep ('' none)")
     ap.add_argument("--replays", type=int, default=20, help="graph replays per timing (median of 3)")
+    ap.add_argument("--write-table", type=Path, metavar="PATH",
+                    help="write the sweep's fastest configuration per product (M, N, K) as a tuning table "
+                         "for $LLMWATTS_FP8_GEMV_TABLE")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="cpu, tiny shapes, reference paths, no graphs")
     args = ap.parse_args(argv)
@@ -84,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     results["sweep"] = bench.sweep(sweep_rows)  # before the compiles: they take most of the time
     save()
     print_sweep(results)
+    if args.write_table:
+        table = fastest_configs(results["sweep"], results["device"])
+        args.write_table.write_text(json.dumps(table, indent=1))
+        print(f"tuning table ({len(table['configs'])} products) -> {args.write_table}")
+        os.environ["LLMWATTS_FP8_GEMV_TABLE"] = str(args.write_table.resolve())  # the compiled rows run it
     results["compiled"] = bench.compiled_layers(compiled_rows, compiled_paths)
     save()
     print_compiled(results)
@@ -243,7 +254,8 @@ class Bench:
                     us = self.time_us(lambda: [run(w) for w in ws], len(ws))
                     return dict(us=us, gb_s=n * k / us / 1e3)
 
-                row = {"shape": name, "m": m, "config": config.label(), "chosen": config == chosen}
+                row = {"shape": name, "m": m, "n": n, "k": k, "config": config.label(),
+                       "fields": dataclasses.asdict(config), "chosen": config == chosen}
                 out.append(measured(row, measure, echo=False))
             print(f"sweep {name} M={m}: {len(out)} rows so far", flush=True)
         return out
@@ -274,7 +286,29 @@ def candidates(g, m: int, n: int, k: int) -> list:
                  g.GemvConfig(1, 64, 128, num_warps=8)]
     else:
         base += [g.GemvConfig(16, 16, bk, num_warps=4, num_stages=3), g.GemvConfig(16, 128, 64, num_warps=4)]
+        # swapped (y^T = w . x^T): outputs are the MMA's 64/128/256-row side, the rows (padded) the other
+        block_m = max(16, min(64, 1 << (m - 1).bit_length()))
+        for block_n, block_k, warps, stages in [(64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 5),
+                                                (128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3),
+                                                (256, 64, 8, 4), (256, 128, 8, 3)]:
+            base.append(g.GemvConfig(block_m, block_n, min(block_k, bk), num_warps=warps, num_stages=stages,
+                                     swap=True))
+        if m > 16:  # the unswapped tiles at the rows' own block
+            base += [g.GemvConfig(block_m, 64, 128, num_warps=4, num_stages=4),
+                     g.GemvConfig(block_m, 128, 64, num_warps=8, num_stages=4)]
     return [g.with_split(c, m, n, k, min_programs) for c in base for min_programs in (g.MIN_PROGRAMS, 512)]
+
+
+def fastest_configs(sweep: list[dict], device: str) -> dict:
+    """The sweep's fastest configuration per (M, N, K): a tuning table for ``$LLMWATTS_FP8_GEMV_TABLE``."""
+    best: dict[tuple, dict] = {}
+    for r in sweep:
+        key = (r["m"], r["n"], r["k"])
+        if "us" in r and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    return {"device": device, "torch": torch.__version__,
+            "configs": [{"m": m, "n": n, "k": k, **r["fields"], "us": round(r["us"], 2)}
+                        for (m, n, k), r in sorted(best.items())]}
 
 
 def layer_sums(rows: list[dict]) -> list[dict]:

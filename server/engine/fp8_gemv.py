@@ -18,11 +18,18 @@ the weights are on a GPU (Triton ships with CUDA builds of torch; CPU tests run 
 ``TRITON_INTERPRET=1``).
 """
 
+import dataclasses
+import functools
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from llmwatts.errors import InvalidArgument
 
 OP_NAME = "llmwatts::fp8_gemv"
 MIN_PROGRAMS = 256  # fewer N (and M) blocks than this split K (~2 per SM on an H100's 132)
@@ -39,16 +46,17 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    swap: bool = False  # tensor cores: y^T = w . x^T (the weight tile is the MMA's first operand)
 
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}"
-                f"w{self.num_warps}p{self.num_stages}")
+                f"w{self.num_warps}p{self.num_stages}" + ("x" if self.swap else ""))
 
 
 @triton.jit(do_not_specialize=["split_k"])  # one compile for every split (the bench sweeps them)
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 IEEE: tl.constexpr, STAGES: tl.constexpr):
+                 IEEE: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr):
     # Grid (M blocks, N blocks, K splits): programs of one N block run side by side, sharing its weight
     # tiles in L2 when M spans several blocks.
     pid_m = tl.program_id(0)
@@ -85,7 +93,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stri
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
         x_rows = x_ptr + rm[:, None] * stride_xm
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # SWAP: acc = w . x^T [BLOCK_N, BLOCK_M]; the converted weight tile is the MMA's first operand
+        # (Hopper's wgmma takes it from registers, its 64-row M from the outputs), x^T the second.
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             k = k0 + rk
             if EVEN_K:
@@ -95,13 +105,93 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stri
                 k_mask = k < k_end
                 xk = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 wk = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            a, b = (wk.to(xk.dtype), tl.trans(xk)) if SWAP else (xk, tl.trans(wk.to(xk.dtype)))
             if IEEE:  # fp32 x: exact products, not tf32's
-                acc = tl.dot(xk, tl.trans(wk.to(xk.dtype)), acc, input_precision="ieee")
+                acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
-                acc = tl.dot(xk, tl.trans(wk.to(xk.dtype)), acc)          # [BLOCK_M, BLOCK_N], fp32
-        acc = acc * tl.load(scale_n, mask=n_mask, other=0.0)[None, :]
-        tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+                acc = tl.dot(a, b, acc)
+        scale = tl.load(scale_n, mask=n_mask, other=0.0)
+        if SWAP:
+            acc = acc * scale[:, None]
+            tl.store(out + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
+                     mask=n_mask[:, None] & m_mask[None, :])
+        else:
+            acc = acc * scale[None, :]
+            tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
+
+TABLE_ENV = "LLMWATTS_FP8_GEMV_TABLE"
+TABLE_MAX_BYTES = 1 << 20
+TABLE_MAX_ENTRIES = 4096
+# A config's fields and their allowed values (a table entry outside them is refused, never launched).
+FIELD_VALUES = {"block_m": (1, 16, 32, 64, 128), "block_n": (8, 16, 32, 64, 128, 256),
+                "block_k": (32, 64, 128, 256, 512), "split_k": tuple(range(1, 65)), "num_warps": (1, 2, 4, 8),
+                "num_stages": tuple(range(1, 9)), "swap": (False, True)}
+
+
+def config_from_dict(d: dict) -> GemvConfig:
+    """A ``GemvConfig`` from its fields (a table entry), every field checked; ValueError names the first
+    bad one. ``swap`` needs the tensor cores (``block_m`` >= 16)."""
+    fields = {f.name for f in dataclasses.fields(GemvConfig)}
+    unknown = sorted(set(d) - fields - {"m", "n", "k", "us"})  # us: the sweep's time, for people
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0][:40]!r}")
+    values = {}
+    for name in fields:
+        default = {"split_k": 1, "num_warps": 4, "num_stages": 3, "swap": False}.get(name)
+        v = d.get(name, default)
+        if v is None or type(v) is not type(FIELD_VALUES[name][0]) or v not in FIELD_VALUES[name]:
+            raise ValueError(f"{name}={str(v)[:20]}: use one of {FIELD_VALUES[name][0]}..{FIELD_VALUES[name][-1]}"
+                             if name in ("split_k", "num_stages") else
+                             f"{name}={str(v)[:20]}: use one of {', '.join(map(str, FIELD_VALUES[name]))}")
+        values[name] = v
+    if values["swap"] and values["block_m"] == 1:
+        raise ValueError("swap needs block_m >= 16 (the tensor cores)")
+    return GemvConfig(**values)
+
+
+def load_table(path: str | os.PathLike) -> dict[tuple[int, int, int], GemvConfig]:
+    """A tuning table (``bench/fp8_gemv.py --write-table``: the sweep's fastest configuration per product
+    on one card) -> {(M, N, K): config}. InvalidArgument in one line for a missing, oversized or malformed
+    file, or any entry out of range."""
+    path = Path(path)
+    where = f"{TABLE_ENV}={str(path)[:200]}"
+    try:
+        if path.stat().st_size > TABLE_MAX_BYTES:
+            raise InvalidArgument(f"{where}: over {TABLE_MAX_BYTES >> 20} MiB; a tuning table is a few KB")
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise InvalidArgument(f"{where}: cannot read it ({e.strerror or e}); write one with "
+                              f"bench/fp8_gemv.py --write-table") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidArgument(f"{where}: not JSON ({str(e)[:80]})") from e
+    entries = doc.get("configs") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or len(entries) > TABLE_MAX_ENTRIES:
+        raise InvalidArgument(f"{where}: want {{\"configs\": [{{\"m\": .., \"n\": .., \"k\": .., \"block_m\": .., ...}}]}} "
+                              f"with at most {TABLE_MAX_ENTRIES} entries")
+    table = {}
+    for i, entry in enumerate(entries):
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+            key = tuple(entry.get(d) for d in ("m", "n", "k"))
+            if not all(type(v) is int and 1 <= v <= 1 << 20 for v in key):
+                raise ValueError("m, n and k must be whole numbers from 1 to 1048576")
+            table[key] = config_from_dict(entry)
+        except ValueError as e:
+            raise InvalidArgument(f"{where}: entry {i}: {e}") from None
+    return table
+
+
+def tuned() -> dict[tuple[int, int, int], GemvConfig]:
+    """``$LLMWATTS_FP8_GEMV_TABLE``'s table (empty when unset), each path read once."""
+    path = os.environ.get(TABLE_ENV)
+    return _table_at(path) if path else {}
+
+
+@functools.cache
+def _table_at(path: str) -> dict[tuple[int, int, int], GemvConfig]:
+    return load_table(path)
 
 
 def block_k_for(k: int) -> int:
@@ -114,7 +204,10 @@ def pick_config(m: int, n: int, k: int) -> GemvConfig:
     H100 (2026-12-06, docs/performance.md). One row: CUDA cores, 8 outputs x 512 K a step, 2 warps (best
     or within 1% of it on all four llama-7b projections: 2.0-2.8 TB/s). More rows: tensor cores, 32
     outputs a block (64 where N >= 16,384: gate/up 34.7 against 41.4 us at M = 16), and K split below
-    ``MIN_PROGRAMS`` programs (down at M = 16: 23.0 against 37.0 us unsplit with 16 outputs a block)."""
+    ``MIN_PROGRAMS`` programs (down at M = 16: 23.0 against 37.0 us unsplit with 16 outputs a block).
+    A product in ``$LLMWATTS_FP8_GEMV_TABLE`` (exact M, N, K) takes the table's configuration instead."""
+    if (m, n, k) in tuned():
+        return tuned()[(m, n, k)]
     if m == 1:
         base = GemvConfig(block_m=1, block_n=8, block_k=block_k_for(k), num_warps=2, num_stages=3)
     else:
@@ -134,8 +227,7 @@ def with_split(config: GemvConfig, m: int, n: int, k: int, min_programs: int = M
     split = 1
     while programs * split < min_programs and chunks // (split * 2) >= 2:
         split *= 2
-    return GemvConfig(config.block_m, config.block_n, config.block_k, split, config.num_warps,
-                      config.num_stages)
+    return dataclasses.replace(config, split_k=split)
 
 
 def launch(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, config: GemvConfig, kernel) -> torch.Tensor:
@@ -152,7 +244,7 @@ def launch(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, config: Gemv
                  out.stride(0) if split > 1 else 0, out.stride(-2),
                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                  EVEN_K=k % config.block_k == 0, IEEE=x.dtype == torch.float32, STAGES=config.num_stages,
-                 num_warps=config.num_warps, num_stages=config.num_stages)
+                 SWAP=config.swap, num_warps=config.num_warps, num_stages=config.num_stages)
     return out if split == 1 else out.sum(0).to(x.dtype)
 
 

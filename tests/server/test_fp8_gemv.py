@@ -38,8 +38,10 @@ needs_triton = pytest.mark.skipif(fp8_gemv is None, reason=NO_TRITON)
 # (M, N, K): N and K off the block sizes, K off every block_k (masked K), several M blocks, M = 1..16.
 SHAPES = [(m, 40, 384) for m in range(1, 17)] + [(1, 33, 200), (3, 70, 1000), (16, 17, 96), (20, 48, 256),
                                                  (40, 24, 128)]
-# (block_m, block_n, block_k, split_k); None: fp8_gemv.pick_config's choice.
-CONFIGS = [None, (1, 16, 128, 3), (16, 32, 64, 2), (32, 16, 256, 1)]
+# (block_m, block_n, block_k, split_k[, num_warps, num_stages, swap]); None: fp8_gemv.pick_config's choice.
+# Swapped (y^T = w . x^T): its transposed store's masks, split K, and x rows padded to 16 and to 64.
+CONFIGS = [None, (1, 16, 128, 3), (16, 32, 64, 2), (32, 16, 256, 1), (16, 64, 64, 2, 4, 3, True),
+           (64, 32, 128, 1, 4, 3, True)]
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -20}
 
@@ -129,7 +131,8 @@ def compile_for_hopper(config, x_dtype: str, even_k: bool = True) -> dict:
     out = "fp32" if config.split_k > 1 else x_dtype
     pointers = {"x_ptr": f"*{x_dtype}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": f"*{out}"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                  "EVEN_K": even_k, "IEEE": x_dtype == "fp32", "STAGES": config.num_stages}
+                  "EVEN_K": even_k, "IEEE": x_dtype == "fp32", "STAGES": config.num_stages,
+                  "SWAP": config.swap}
     names = kernel.arg_names
     signature = {a: pointers.get(a, "constexpr" if a in constexprs else "i32") for a in names}
     aligned = [(i,) for i, a in enumerate(names) if a in pointers or a in ("N", "K") or a.startswith("stride")]
