@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="", help="other decode attentions[:window slots] to profile too, e.g. bmm")
     ap.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s for the byte floor (default: measured copy)")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per batch")
+    ap.add_argument("--weights", default="fp16", choices=("fp16", "fp8"),
+                    help="fp8: the decoder's projections in e4m3 (an FP8 GPU; LLMWATTS_FP8_GEMM picks the kernel)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="tiny on cpu, few steps: proves the script runs")
     args = ap.parse_args(argv)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, batches: list[int]) -> dict:
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, weights_precision=args.weights)
     device, model = loaded.device, loaded.model
     if args.prompt_tokens + args.steps + 1 > loaded.context_length:
         raise ValueError(f"--prompt-tokens + --steps must stay below the model's context of "
@@ -101,7 +103,7 @@ def run(args, batches: list[int]) -> dict:
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": args.model, "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "weight_bytes": weight_bytes, "bandwidth_bytes_s": bw, "steps": args.steps,
-               "prompt_tokens": args.prompt_tokens, "rows": []}
+               "prompt_tokens": args.prompt_tokens, "weights": args.weights, "rows": []}
     for variant in ["sdpa"] + [v for v in args.variants.split(",") if v]:
         attention, window_slots = parse_variant(variant)
         engine = FastEngine(model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, device,

@@ -40,6 +40,7 @@ Workload: Alpaca requests with their reference lengths, greedy, fixed length (``
 import argparse
 import concurrent.futures
 import cProfile
+import gc
 import io
 import json
 import multiprocessing
@@ -188,6 +189,9 @@ def main(argv=None) -> int:
                          "that frees finds a request waiting, as the offline engine's queue always has one)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1: the clients and "
                                                           "gRPC get the other core of a 2-core box)")
+    ap.add_argument("--join-tokens", type=int, default=-1,
+                    help="joins of up to this many padded tokens replay captured graphs (the server's "
+                         "--continuous-join-tokens; default: the engine's JOIN_GRAPH_TOKENS; 0: none)")
     ap.add_argument("--profile", action="store_true", help="print the batcher thread's cProfile per server row")
     ap.add_argument("--data-dir", help="folder with alpaca_5k.jsonl (default: llmwatts' data folders)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -226,6 +230,9 @@ def main(argv=None) -> int:
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": args.model,
                "device": getattr(counter, "name", str(device)),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
+    if args.join_tokens >= 0:
+        engine.join_tokens = args.join_tokens
+    results["join_tokens"] = engine.join_tokens
     clock = ForwardClock(engine)
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     for b in [int(x) for x in args.batches.split(",") if x]:
@@ -235,6 +242,10 @@ def main(argv=None) -> int:
         warm, reqs = reqs[n:], reqs[:n]
         tokens, slots = sum(r.new for r in reqs), max(len(r.ids) + r.new for r in reqs + warm)
         if device.type == "cuda":
+            # The previous size's caches and graphs go first: the rows' sessions and servers may still
+            # hold them until collected, and B = 256's then left no room for 64's (2026-12-06, OOM).
+            gc.collect()
+            engine.release()
             engine.session(b, slots, GREEDY, ignore_eos=True).capture_steps()
         for k, mode in enumerate(modes):
             name = f"{mode}-{b}-{k}"
@@ -256,7 +267,8 @@ def main(argv=None) -> int:
             results["rows"].append(row)
             print(f"[{time.strftime('%H:%M:%S')}] b={b} {mode} ({time.perf_counter() - t0:.0f} s): " +
                   (row.get("error") or f"{row['tok_s']:.0f} tok/s, {row['steps']} steps, forward "
-                   f"{row['forward_ms']:.2f} ms + host {row['host_ms']:.3f} ms ({row['host_cpu_ms']:.3f} ms CPU) a step"), flush=True)
+                   f"{row['forward_ms']:.2f} ms + host {row['host_ms']:.3f} ms ({row['host_cpu_ms']:.3f} ms CPU) a step, "
+                   f"joins {row.get('join_s', float('nan')):.2f} s"), flush=True)
             if "profile" in row:
                 print(row["profile"], flush=True)
             if args.json:
@@ -270,7 +282,8 @@ def main(argv=None) -> int:
 
 def print_report(results: dict) -> None:
     print(f"\n# {results['model']} on {results['device']} ({results['threads']} torch threads), Alpaca reference "
-          f"lengths, greedy; torch {results['torch']}; {results['date']}\n")
+          f"lengths, greedy; joins graphed up to {results['join_tokens']} tokens; torch {results['torch']}; "
+          f"{results['date']}\n")
     print("| B | mode | client threads | tok/s | vs engine | J/token | W | steps | live rows | forward ms/step | "
           "host ms/step (wall / CPU) | meter ms/step (wall / CPU) | p50 s | TTFT p50 ms |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
