@@ -31,10 +31,6 @@ def bucket(n: int) -> int:
     return n
 
 
-def pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
@@ -64,7 +60,7 @@ class Workspace:
     row_slot: torch.Tensor | None = None      # [B] long
     live: torch.Tensor | None = None          # [B] long
     views: dict = field(default_factory=dict)  # n -> this workspace's first n rows (``Workspaces.rows_view``)
-    joins: dict = field(default_factory=dict)  # (rows, width) -> JoinBuffers of graphed joins
+    joins: dict = field(default_factory=dict)  # tokens -> JoinBuffers of graphed (packed) joins
     join_store: tuple | None = None            # the memory behind every JoinBuffers (``prefill.join_buffers``)
 
     @property
@@ -96,6 +92,31 @@ class ScatterCaches:
         w = self.width  # (an index_put: it writes only the rows' slots, where index_copy_ into this
         self.ws.k[self.written][self.rows, :, :w] = self.scratch[0]  # strided view could copy it whole)
         self.ws.v[self.written][self.rows, :, :w] = self.scratch[1]
+        self.written = None
+
+
+class PackedCaches:
+    """The per-layer (k, v) caches ``FastEngine.forward`` writes for a packed join (one row of several
+    prompts end to end, ``prefill.join_packed``): each layer writes one scratch pair [1, Hkv, T, D], and
+    token ``t``'s K/V is copied to row ``rows[t]``, slot ``slots[t]`` of the workspace's caches when the
+    next layer takes the scratch (and by ``flush`` after the last layer)."""
+
+    def __init__(self, ws: Workspace, rows: torch.Tensor, slots: torch.Tensor, scratch: tuple):
+        self.ws, self.rows, self.slots, self.scratch = ws, rows, slots, scratch
+        self.written: int | None = None
+
+    def __iter__(self):
+        for layer in range(len(self.ws.k)):
+            self.flush()
+            self.written = layer
+            yield self.scratch
+
+    def flush(self) -> None:
+        if self.written is None:
+            return
+        # [1, Hkv, T, D] -> [T, Hkv, D]: the shape of cache[rows, :, slots] (two index tensors, a slice between)
+        self.ws.k[self.written][self.rows, :, self.slots] = self.scratch[0][0].transpose(0, 1)
+        self.ws.v[self.written][self.rows, :, self.slots] = self.scratch[1][0].transpose(0, 1)
         self.written = None
 
 

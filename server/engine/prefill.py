@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from llmwatts.server.engine.batch import left_pad
-from llmwatts.server.engine.cache import ScatterCaches, Workspace, pow2
+from llmwatts.server.engine.cache import PackedCaches, ScatterCaches, Workspace
 from llmwatts.server.engine.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -23,28 +23,30 @@ log = logging.getLogger(__name__)
 # prefill, decide the largest batch that fits (llama-7b on an 80 GB H100: 320 rows of 128 + 256 tokens,
 # whose one-shot prefill ran out of memory).
 PREFILL_TOKENS = 16384
-# A continuous batch's join of a few prompts runs from static buffers: its rows padded to a power of two
-# (filler rows repeat the last prompt into its row) and its prompts right-padded to a power of two of at
-# least JOIN_MIN_WIDTH tokens, at most JOIN_GRAPH_TOKENS padded tokens in all. On CUDA each such shape is
-# captured once, as a session opens (15 shapes at most), and replayed: an uncaptured prefill launches ~40
-# kernels a layer, and for a few short prompts that launching, not the GPU, sets a join's time (llama-7b
-# on an H200: 19-31 ms a join of ~1.7 prompts, 11 ms graphed; docs/performance.md). A larger join keeps
-# the GPU busy while its kernels are launched, and padding would only add work: it runs the eager prefill.
-# Right padding keeps a row's slots its own: it decodes from its prompt's length on, so the padding costs
-# prefill work, never cache slots or a wider attention window for the rows beside it. 0 turns it off.
-JOIN_MIN_WIDTH = 32
+# A continuous batch's join runs from static buffers, its prompts packed end to end into one row of at
+# most JOIN_GRAPH_TOKENS tokens (more prompts: several packed joins, one after another), the row padded to a
+# multiple of JOIN_PACK_TOKENS: attention is causal within each prompt (block-diagonal), each token's K/V
+# scattered into its own row and slot. On CUDA each length is captured once, as a session opens, and
+# replayed: an uncaptured prefill launches ~40 kernels a layer, and for a few short prompts that launching,
+# not the GPU, sets a join's time (llama-7b on an H200: 19-31 ms a join of ~1.7 prompts, 11 ms graphed;
+# docs/performance.md). Packing pads a join by less than JOIN_PACK_TOKENS tokens; the earlier right-padded
+# joins (rows and width rounded up to powers of two) did ~2x the work of their prompts at B = 64 and cost
+# 8-10% more energy per token than eager joins. A prompt longer than JOIN_GRAPH_TOKENS makes its join
+# eager (the left-padded prefill). 0 turns graphed joins off.
+JOIN_PACK_TOKENS = 128
 JOIN_GRAPH_TOKENS = 512
 
 
 @dataclass
 class JoinBuffers:
-    """Static inputs and outputs of a graphed join prefill: ``rows`` prompts right-padded to ``width``."""
+    """Static inputs and outputs of a graphed join: up to ``ws.batch`` prompts packed into one row of
+    ``tokens`` (real tokens first, then padding)."""
 
-    ids: torch.Tensor       # [rows, width] long
-    lengths: torch.Tensor   # [rows] long: each prompt's real tokens
-    index: torch.Tensor     # [rows] long: the workspace row each prompt fills
-    scratch: tuple          # one layer's (k, v), each [rows, Hkv, width, D] (``ScatterCaches``)
-    first: torch.Tensor     # [rows] long: the first sampled token per prompt
+    token: torch.Tensor     # [5, tokens] long: id, position in its prompt, prompt number (-1: padding),
+                            # the workspace row and the slot its K/V goes to
+    prompt: torch.Tensor    # [3, P] long: each prompt's length, its row, its last token's column
+    scratch: tuple          # one layer's (k, v), each [1, Hkv, tokens, D] (``PackedCaches``)
+    first: torch.Tensor     # [P] long: the first sampled token per prompt
 
 
 def prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool,
@@ -102,14 +104,18 @@ def prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool,
 def join(engine, ws: Workspace, prompts: list[list[int]], greedy: bool, rows: list[int],
          keys: list[int] | None = None) -> tuple[list[int], list[int]]:
     """A continuous batch's join of ``prompts`` into the free ``rows`` of ``ws`` -> (the first token per
-    prompt, the slot each row decodes from next). A graphed join (``join_shape``) is right-padded: each
-    row decodes from its own prompt's length; a large one the eager prefill, left-padded to its widest."""
-    width = max(len(p) for p in prompts)
-    shape = join_shape(engine, ws, len(prompts), width)
-    if shape is not None:
-        set_keys(ws, torch.tensor(rows, dtype=torch.long, device=engine.device), keys)
-        return join_prefill(engine, ws, prompts, greedy, rows, shape).tolist(), [len(p) for p in prompts]
-    return prefill(engine, ws, prompts, greedy, rows=rows, keys=keys).tolist(), [width] * len(prompts)
+    prompt, the slot each row decodes from next). Graphed joins (``packs``) are packed: each row decodes
+    from its own prompt's length; a join with a prompt too long to pack runs the eager prefill,
+    left-padded to its widest."""
+    groups = packs(engine, ws, prompts)
+    if groups is None:
+        width = max(len(p) for p in prompts)
+        return prefill(engine, ws, prompts, greedy, rows=rows, keys=keys).tolist(), [width] * len(prompts)
+    set_keys(ws, torch.tensor(rows, dtype=torch.long, device=engine.device), keys)
+    first = []
+    for group in groups:
+        first += join_packed(engine, ws, [prompts[i] for i in group], greedy, [rows[i] for i in group]).tolist()
+    return first, [len(p) for p in prompts]
 
 
 def set_keys(ws: Workspace, index: torch.Tensor, keys: list[int] | None) -> None:
@@ -118,57 +124,75 @@ def set_keys(ws: Workspace, index: torch.Tensor, keys: list[int] | None) -> None
         ws.key.index_copy_(0, index, torch.tensor(keys, dtype=torch.long).to(ws.key.device))
 
 
-def join_shape(engine, ws: Workspace, rows: int, width: int) -> tuple[int, int] | None:
-    """The static shape (rows, width) a join of ``rows`` prompts of at most ``width`` tokens runs in, or
-    None: too large for a graphed join (``JOIN_GRAPH_TOKENS``), it runs the eager prefill."""
-    shape = (pow2(rows), max(JOIN_MIN_WIDTH, pow2(width)))
-    if shape[0] > ws.batch or shape[1] > ws.cache_len or shape[0] * shape[1] > engine.join_tokens:
+def pack_step(engine) -> int:
+    """A packed join's length is a multiple of this: JOIN_PACK_TOKENS, or ``join_tokens`` if smaller."""
+    return min(JOIN_PACK_TOKENS, engine.join_tokens)
+
+
+def packs(engine, ws: Workspace, prompts: list[list[int]]) -> list[list[int]] | None:
+    """The prompts' indices in consecutive groups of at most ``join_tokens`` tokens each (one packed join
+    each), or None: graphed joins are off, or a prompt alone is longer (the eager prefill runs them)."""
+    cap = engine.join_tokens
+    if not cap or max(len(p) for p in prompts) > min(cap, ws.cache_len):
         return None
-    return shape
+    groups, total = [[]], 0
+    for i, p in enumerate(prompts):
+        if total + len(p) > cap:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += len(p)
+    return groups
 
 
-def join_shapes(engine, ws: Workspace) -> list[tuple[int, int]]:
-    """Every shape ``join_shape`` can give on ``ws``."""
-    shapes, rows = [], 1
-    while rows <= ws.batch:
-        width = JOIN_MIN_WIDTH
-        while join_shape(engine, ws, rows, width) == (rows, width):
-            shapes.append((rows, width))
-            width *= 2
-        rows *= 2
-    return shapes
+def join_lengths(engine, ws: Workspace) -> list[int]:
+    """Every packed join length (tokens) of ``ws``: multiples of ``pack_step`` up to ``join_tokens``."""
+    step = pack_step(engine)
+    return list(range(step, -(-engine.join_tokens // step) * step + 1, step)) if step else []
 
 
 def capture_joins(engine, ws: Workspace, greedy: bool) -> None:
-    """Capture the graphed join of every shape, into rows 0.. of ``ws`` (only while no row is live: the
-    warm-up runs write those rows)."""
-    todo = [shape for shape in join_shapes(engine, ws) if ("join", *shape, greedy) not in ws.graphs]
+    """Capture the graphed join of every length, into row 0 of ``ws`` (only while no row is live: the
+    warm-up runs write it)."""
+    todo = [t for t in join_lengths(engine, ws) if ("join", t, greedy) not in ws.graphs]
     t0 = time.perf_counter()
-    for rows, width in todo:
-        jb = join_buffers(engine, ws, rows, width)
-        jb.ids.fill_(engine.pad_id)
-        jb.lengths.fill_(1)
-        jb.index.copy_(torch.arange(rows))
+    for tokens in todo:
+        jb = join_buffers(engine, ws, tokens)
+        jb.token.zero_()
+        jb.token[0].fill_(engine.pad_id)
+        jb.token[4].copy_(torch.arange(tokens).clamp_(max=ws.cache_len - 1))
+        jb.prompt.zero_()
+        jb.prompt[0].fill_(1)
         join_graph(engine, ws, jb, greedy)
     if todo:
         log.info("captured %d join graphs (up to %d tokens) in %.1f s", len(todo), engine.join_tokens,
                  time.perf_counter() - t0)
 
 
-def join_prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool, rows: list[int],
-                 shape: tuple[int, int]) -> torch.Tensor:
-    """A continuous batch's join from static buffers of ``shape`` (``join_shape``), replayed as a
+def join_packed(engine, ws: Workspace, prompts: list[list[int]], greedy: bool, rows: list[int]) -> torch.Tensor:
+    """One packed join of ``prompts`` (at most ``join_tokens`` tokens) into ``rows``, replayed as a
     captured graph on CUDA. -> the first sampled token per prompt [n]."""
-    n = len(prompts)
-    jb = join_buffers(engine, ws, *shape)
-    fill = shape[0] - n  # filler rows repeat the last prompt into its row: the same values written twice
-    padded = list(prompts) + [prompts[-1]] * fill
-    ids = torch.full(shape, engine.pad_id, dtype=torch.long)
-    for i, p in enumerate(padded):
-        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    jb.ids.copy_(ids)
-    jb.lengths.copy_(torch.tensor([len(p) for p in padded], dtype=torch.long))
-    jb.index.copy_(torch.tensor(list(rows) + [rows[-1]] * fill, dtype=torch.long))
+    n, lengths = len(prompts), [len(p) for p in prompts]
+    total, step = sum(lengths), pack_step(engine)
+    tokens = -(-total // step) * step
+    jb = join_buffers(engine, ws, tokens)
+    pad, last_row, last_len = tokens - total, rows[-1], lengths[-1]
+    token = torch.empty((5, tokens), dtype=torch.long)
+    token[0] = torch.tensor([t for p in prompts for t in p] + [engine.pad_id] * pad, dtype=torch.long)
+    token[1] = torch.tensor([j for m in lengths for j in range(m)] + [0] * pad, dtype=torch.long)
+    token[2] = torch.tensor([i for i, m in enumerate(lengths) for _ in range(m)] + [-1] * pad, dtype=torch.long)
+    token[3] = torch.tensor([r for r, m in zip(rows, lengths) for _ in range(m)] + [last_row] * pad,
+                            dtype=torch.long)
+    # The padding's K/V goes into the last prompt's row past its prompt: slots its decode overwrites
+    # before any step attends to them (clamped into the cache: duplicates there are never read either).
+    token[4] = torch.tensor([j for m in lengths for j in range(m)]
+                            + [min(last_len + j, ws.cache_len - 1) for j in range(pad)], dtype=torch.long)
+    fill = jb.prompt.shape[1] - n  # filler prompts repeat the last: the same values written twice
+    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
+    prompt = torch.stack([torch.tensor(lengths + [last_len] * fill), torch.tensor(list(rows) + [last_row] * fill),
+                          torch.cat([ends, ends[-1:].expand(fill)])])
+    jb.token.copy_(token)
+    jb.prompt.copy_(prompt)
     if engine.cuda_graphs:
         join_graph(engine, ws, jb, greedy).replay()
     else:
@@ -177,52 +201,52 @@ def join_prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool, 
 
 
 def join_graph(engine, ws: Workspace, jb: JoinBuffers, greedy: bool):
-    return engine.graph(ws, ("join", *jb.ids.shape, greedy), lambda: join_body(engine, ws, jb, greedy))
+    return engine.graph(ws, ("join", jb.token.shape[1], greedy), lambda: join_body(engine, ws, jb, greedy))
 
 
-def join_buffers(engine, ws: Workspace, rows: int, width: int) -> JoinBuffers:
-    """Static buffers of joins of ``rows`` prompts of ``width``: views of one store per workspace, sized
-    for ``join_tokens`` tokens (every shape's graph reads the same memory, each through its views)."""
-    jb = ws.joins.get((rows, width))
+def join_buffers(engine, ws: Workspace, tokens: int) -> JoinBuffers:
+    """Static buffers of packed joins of ``tokens``: views of one store per workspace, sized for the
+    longest (every length's graph reads the same memory, each through its views)."""
+    jb = ws.joins.get(tokens)
     if jb is None:
         k, dev = ws.k[0], engine.device
-        if ws.join_store is not None and ws.join_store[0].numel() < engine.join_tokens:  # (join_tokens grew)
+        longest = join_lengths(engine, ws)[-1]
+        if ws.join_store is not None and ws.join_store[0].shape[1] < longest:  # (join_tokens grew)
             ws.joins.clear()
             ws.graphs = {key: g for key, g in ws.graphs.items() if key[0] != "join"}
             ws.join_store = None
         if ws.join_store is None:
             per_token = k.shape[1] * k.shape[3]
-            ws.join_store = (torch.zeros(engine.join_tokens, dtype=torch.long, device=dev),
-                             k.new_empty(engine.join_tokens * per_token), k.new_empty(engine.join_tokens * per_token),
-                             *(torch.zeros(ws.batch, dtype=torch.long, device=dev) for _ in range(3)))
-        ids, kf, vf, lengths, index, first = ws.join_store
-        shape = (rows, k.shape[1], width, k.shape[3])
-        n = rows * k.shape[1] * width * k.shape[3]
-        jb = ws.joins[(rows, width)] = JoinBuffers(
-            ids=ids[:rows * width].view(rows, width), lengths=lengths[:rows], index=index[:rows],
-            scratch=(kf[:n].view(shape), vf[:n].view(shape)), first=first[:rows])
+            ws.join_store = (torch.zeros((5, longest), dtype=torch.long, device=dev),
+                             torch.zeros((3, ws.batch), dtype=torch.long, device=dev),
+                             k.new_empty(longest * per_token), k.new_empty(longest * per_token),
+                             torch.zeros(ws.batch, dtype=torch.long, device=dev))
+        token, prompt, kf, vf, first = ws.join_store
+        shape = (1, k.shape[1], tokens, k.shape[3])
+        size = tokens * k.shape[1] * k.shape[3]
+        jb = ws.joins[tokens] = JoinBuffers(token=token[:, :tokens], prompt=prompt,
+                                            scratch=(kf[:size].view(shape), vf[:size].view(shape)), first=first)
     return jb
 
 
 def join_body(engine, ws: Workspace, jb: JoinBuffers, greedy: bool) -> None:
-    """What a graphed join runs: the prompts right-padded (row ``i`` real in columns [0, len_i)), their
-    K/V into slots [0, width) of their rows (slots from len_i on hold padding that no step attends to
-    before it overwrites them), the first token sampled after each prompt's last real token, and each
-    row set to decode from slot len_i, position len_i."""
-    rows, width = jb.ids.shape
-    col = torch.arange(width, device=engine.device)
-    real = col[None, :] < jb.lengths[:, None]                                       # [B, S]
-    causal = (col[None, :] <= col[:, None])[None, None]
-    own = torch.eye(width, dtype=torch.bool, device=engine.device)[None, None]      # padding sees itself
-    mask = engine.additive((real[:, None, None, :] & causal) | own)
-    caches = ScatterCaches(ws, jb.index, width, scratch=jb.scratch)
-    logits = engine.forward(caches, jb.ids, col.expand(rows, width), mask, col, width, compiled=False,
-                            last=jb.lengths - 1)
+    """What a graphed join runs: the packed prompts through the model in one row, each token attending
+    causally within its own prompt (padding: within the padding), their K/V into their rows' slots
+    [0, len_i) (the padding's past the last prompt, ``join_packed``), the first token sampled after each
+    prompt's last token, and each row set to decode from slot len_i, position len_i."""
+    tokens = jb.token.shape[1]
+    ids, positions, seg, tok_row, tok_slot = jb.token
+    lengths, index, last = jb.prompt
+    col = torch.arange(tokens, device=engine.device)
+    keep = (seg[None, :] == seg[:, None]) & (col[None, :] <= col[:, None])          # [T, T], diagonal set
+    mask = engine.additive(keep)[None, None]
+    caches = PackedCaches(ws, tok_row, tok_slot, jb.scratch)
+    logits = engine.forward(caches, ids[None], positions[None], mask, col, tokens, compiled=False, last=last)
     caches.flush()
-    first = sample(logits, greedy, ws.temperature, ws.top_p, ws.key[jb.index], jb.lengths - 1)
+    first = sample(logits, greedy, ws.temperature, ws.top_p, ws.key[index], lengths - 1)
     jb.first.copy_(first)
-    ws.key_valid.index_fill_(0, jb.index, True)  # every slot up to the row's own slot is its own token
-    ws.tok.index_copy_(0, jb.index, first)
-    ws.pos.index_copy_(0, jb.index, jb.lengths)
-    ws.row_slot.index_copy_(0, jb.index, jb.lengths)
-    ws.live.index_fill_(0, jb.index, 1)
+    ws.key_valid.index_fill_(0, index, True)  # every slot up to the row's own slot is its own token
+    ws.tok.index_copy_(0, index, first)
+    ws.pos.index_copy_(0, index, lengths)
+    ws.row_slot.index_copy_(0, index, lengths)
+    ws.live.index_fill_(0, index, 1)

@@ -281,7 +281,7 @@ class FastEngine:
         whole cache); writes k, v at ``slots`` [T] (``per_row``: [B], T = 1) into ``caches`` (per layer a
         (k, v) pair of [B, Hkv, L, D]) -> logits [B, V] fp32. Prefill (even of one-token prompts) always
         attends with SDPA; ``decode`` picks the engine's decode attention. The logits are those after the
-        last column, or after column ``last`` [B] of each row."""
+        last column, or after column ``last`` [B] of each row (one row: ``last`` [n], n logits)."""
         pre, post, mlp, attend = self.fns if compiled else self.eager_fns
         h = self.embed(ids)                                                     # [B, T, E]
         cos, sin = self.rotary(h, positions)                                    # [B, T, D]
@@ -294,7 +294,12 @@ class FastEngine:
             else:
                 attn = attend_sdpa(q, kw, vw, mask, self.scale)
             h = layer.post((post, mlp), h, attn)
-        h = h[:, -1:, :] if last is None else h[torch.arange(h.shape[0], device=h.device), last][:, None, :]
+        if last is None:
+            h = h[:, -1:, :]
+        elif h.shape[0] == 1:  # one row (a packed join: several prompts' last columns)
+            h = h[0, last][:, None, :]
+        else:
+            h = h[torch.arange(h.shape[0], device=h.device), last][:, None, :]
         return self.lm_head(self.norm(h))[:, -1].float()
 
     def additive(self, keep: torch.Tensor) -> torch.Tensor:

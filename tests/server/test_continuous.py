@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmwatts.server.engine import JOIN_GRAPH_TOKENS, WINDOW_SLOTS, BatchSpec, FastEngine, Sampling, warm_up
+from llmwatts.server.engine import prefill as prefill_mod
 from llmwatts.server.models import load_model
 from llmwatts.v1 import llmwatts_pb2 as pb
 from llmwatts.v1 import llmwatts_pb2_grpc as pb_grpc
@@ -83,12 +84,32 @@ def mixed_requests() -> dict[str, BatchSpec]:
     }
 
 
-# joins from right-padded static buffers (graphs on CUDA), or eager: all of them, or those above 64 tokens
-@pytest.mark.parametrize("join_tokens", [JOIN_GRAPH_TOKENS, 0, 64])
-def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, join_tokens):
+# Joins packed into static buffers (graphs on CUDA), or eager. Prompt lengths: a 5 + 17, b 9 (one join of
+# 31 tokens), c 3 + 30 + 1 (34), d 12, e 18. -> (prompts, tokens) of each packed join, in order.
+PACKED = {JOIN_GRAPH_TOKENS: [(3, 128), (3, 128), (1, 128), (1, 128)],  # every join in one 128-token pack
+          0: [],                                                        # every join eager
+          64: [(3, 64), (3, 64), (1, 64), (1, 64)],
+          32: [(3, 32), (1, 32), (2, 32), (1, 32), (1, 32)],            # c split: [3] and [30, 1]
+          16: [(1, 16)]}                                                # only d packs: a 17, c 30, e 18 do not
+
+
+@pytest.mark.parametrize("join_tokens", list(PACKED))
+def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, join_tokens, monkeypatch):
+    """Guards against a join that mixes its prompts (attention across a packed row's prompts, K/V into
+    the wrong row or slot, the first token sampled at the wrong column, padding overwriting a prompt)
+    or that splits its prompts into packs wrongly: every request's greedy tokens equal its own run alone,
+    whichever prompts it was packed with, and the packs are the ones ``join_tokens`` gives."""
     fast = fast_engine(tiny, join_tokens=join_tokens)
     requests = mixed_requests()
     alone = {k: fast.generate(s) for k, s in requests.items()}
+    packed, join_packed = [], prefill_mod.join_packed
+
+    def recording(engine, ws, prompts, greedy, rows):
+        step = prefill_mod.pack_step(engine)
+        packed.append((len(prompts), -(-sum(map(len, prompts)) // step) * step))
+        return join_packed(engine, ws, prompts, greedy, rows)
+
+    monkeypatch.setattr(prefill_mod, "join_packed", recording)
     session = fast.session(4, 64, GREEDY, ignore_eos=True)
     outputs, streamed, joined = run_continuous(session, requests)
     for key in requests:
@@ -101,10 +122,21 @@ def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, jo
     assert joined["c"][0] > 0 and joined["c"][1] & {"a", "b"} and joined["c"][2] == [0, 1, 3]
     assert joined["d"][0] > joined["c"][0] and joined["e"][0] > joined["d"][0]
     assert not session.trackers and session.live_rows == 0
-    # The static-buffer joins ran: a + b and c (3 rows each, and a filler row repeating the last prompt) in
-    # 4 x 32 tokens, d and e alone in 1 x 32; with join_tokens 0 every join ran the eager prefill, and with
-    # 64 the joins of 3 rows did.
-    assert set(session.ws.joins) == {JOIN_GRAPH_TOKENS: {(4, 32), (1, 32)}, 0: set(), 64: {(1, 32)}}[join_tokens]
+    assert packed == PACKED[join_tokens]
+    assert set(session.ws.joins) == {tokens for _, tokens in packed}
+
+
+def test_a_packed_joins_padding_past_the_cache_end_leaves_the_prompts_alone(tiny):
+    """Guards against the padding of a packed join overwriting a prompt's K/V: the last prompt ends two
+    slots before the cache's end, so its padding (100+ tokens) is clamped onto the cache's last slot, and
+    every prompt's greedy tokens still equal its own run alone."""
+    fast = fast_engine(tiny, join_tokens=512)
+    ps = prompts([20, 62])
+    requests = {"x": BatchSpec(ps[0:1], [30], GREEDY, ignore_eos=True),
+                "y": BatchSpec(ps[1:2], [2], GREEDY, ignore_eos=True)}
+    alone = {k: fast.generate(s) for k, s in requests.items()}
+    outputs, _, _ = run_continuous(fast.session(2, 64, GREEDY, ignore_eos=True), requests)
+    assert {k: o.tokens for k, o in outputs.items()} == {k: o.tokens for k, o in alone.items()}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -128,8 +160,8 @@ def test_graphed_joins_and_steps_give_the_tokens_of_the_same_engine_run_without_
             assert fast.captures == before  # the session met no step it had not captured
         runs[graphs] = {k: o.tokens for k, o in outputs.items()}
         joins = {key for key in session.ws.graphs if key[0] == "join"}
-        # every join shape was captured as the session opened: 1, 2 and 4 rows of 32 and 64 tokens
-        assert joins == ({("join", rows, width, True) for rows in (1, 2, 4) for width in (32, 64)} if graphs else set())
+        # every packed join length was captured as the session opened: 128 .. 512 tokens
+        assert joins == ({("join", tokens, True) for tokens in (128, 256, 384, 512)} if graphs else set())
     assert runs[True] == runs[False] == runs["captured first"]
 
 
