@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from llmwatts.errors import InvalidArgument
-from llmwatts.server.config import ServerConfig, check_engine
+from llmwatts.server.config import MAX_JOIN_TOKENS, ServerConfig, check_engine
 from llmwatts.server.lifecycle import check_port_free
 from llmwatts.server.gpu import SIM_PROFILES
 
@@ -61,10 +61,10 @@ def add_parser(subparsers) -> None:
                    help="with --continuous: free rows a running batch waits for before requests join, so one "
                         "prefill serves several (default 0: --max-batch-size / 8, at least 1; 1 joins at once)")
     p.add_argument("--continuous-join-tokens", type=int, default=d.continuous_join_tokens,
-                   help="with --continuous: joins of at most this many padded tokens (rows and prompt width "
-                        "rounded up to powers of two) replay CUDA graphs captured as a session opens, larger "
-                        "ones run eagerly; 0: every join eagerly (default 512; docs/performance.md measures "
-                        "2048: faster, more energy per token)")
+                   help="with --continuous: joins of at most this many prompt tokens in all run packed end to "
+                        "end in one row (padded to a multiple of 128), replaying CUDA graphs captured as a "
+                        "session opens; larger ones run eagerly; 0: every join eagerly (default 2048, at most "
+                        "16384; docs/performance.md)")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
                    help="requests waiting for the engine; more are refused with RESOURCE_EXHAUSTED "
                         "(default %(default)s)")
@@ -129,8 +129,9 @@ def config_from_args(args) -> ServerConfig:
         raise InvalidArgument(f"--stream-interval-ms must be between 0 and 10000, got {args.stream_interval_ms:g}")
     if args.continuous_slots < 0:
         raise InvalidArgument(f"--continuous-slots must be 0 or more, got {args.continuous_slots}")
-    if args.continuous_join_tokens is not None and args.continuous_join_tokens < 0:
-        raise InvalidArgument(f"--continuous-join-tokens must be 0 or more, got {args.continuous_join_tokens}")
+    if args.continuous_join_tokens is not None and not 0 <= args.continuous_join_tokens <= MAX_JOIN_TOKENS:
+        raise InvalidArgument(f"--continuous-join-tokens must be between 0 (every join eager) and {MAX_JOIN_TOKENS}, "
+                              f"got {args.continuous_join_tokens}")
     if not 0 <= args.continuous_join_rows <= args.max_batch_size:
         raise InvalidArgument(f"--continuous-join-rows must be between 0 (automatic) and --max-batch-size "
                               f"({args.max_batch_size}), got {args.continuous_join_rows}")

@@ -13,6 +13,7 @@ ENGINES = ("auto", "eager", "fast")
 # The fast engine's decode attention, chosen by this environment variable (docs/performance.md).
 ATTENTIONS = ("sdpa", "bmm", "flex")
 ATTENTION_ENV = "LLMWATTS_FAST_ATTENTION"
+MAX_JOIN_TOKENS = 16384  # --continuous-join-tokens at most this (the engine's PREFILL_TOKENS: a join's activations)
 
 
 def check_engine(name: str, continuous: bool = False) -> None:
@@ -52,8 +53,8 @@ class ServerConfig:
     continuous_slots: int = 0            # its cache length per row; 0: the first request's prompt + new tokens
     continuous_join_rows: int = 0        # a running continuous batch admits once this many rows are free;
                                          # 0: max_batch_size / 8 (at least 1)
-    continuous_join_tokens: int | None = None  # joins of at most this many padded tokens replay captured
-                                         # graphs; 0: none; None: the fast engine's JOIN_GRAPH_TOKENS (512)
+    continuous_join_tokens: int | None = None  # joins of at most this many prompt tokens run packed, replaying
+                                         # captured graphs; 0: none; None: the engine's JOIN_GRAPH_TOKENS (2048)
     stream_interval_ms: float = 50.0     # GenerateStream coalesces steps faster than this into one chunk; 0: a chunk a step
     queue_size: int = 64                 # bounded queue of pending requests; full → RESOURCE_EXHAUSTED
     warmup: bool = False                 # run every batch bucket (and row prefix) once before serving

@@ -24,17 +24,17 @@ log = logging.getLogger(__name__)
 # whose one-shot prefill ran out of memory).
 PREFILL_TOKENS = 16384
 # A continuous batch's join runs from static buffers, its prompts packed end to end into one row of at
-# most JOIN_GRAPH_TOKENS tokens (more prompts: several packed joins, one after another), the row padded to a
+# most JOIN_GRAPH_TOKENS tokens, the row padded to a
 # multiple of JOIN_PACK_TOKENS: attention is causal within each prompt (block-diagonal), each token's K/V
 # scattered into its own row and slot. On CUDA each length is captured once, as a session opens, and
 # replayed: an uncaptured prefill launches ~40 kernels a layer, and for a few short prompts that launching,
 # not the GPU, sets a join's time (llama-7b on an H200: 19-31 ms a join of ~1.7 prompts, 11 ms graphed;
 # docs/performance.md). Packing pads a join by less than JOIN_PACK_TOKENS tokens; the earlier right-padded
 # joins (rows and width rounded up to powers of two) did ~2x the work of their prompts at B = 64 and cost
-# 8-10% more energy per token than eager joins. A prompt longer than JOIN_GRAPH_TOKENS makes its join
-# eager (the left-padded prefill). 0 turns graphed joins off.
+# 8-10% more energy per token than eager joins. A join of more tokens runs eager (the left-padded
+# prefill). 0 turns graphed joins off.
 JOIN_PACK_TOKENS = 128
-JOIN_GRAPH_TOKENS = 512
+JOIN_GRAPH_TOKENS = 2048  # B = 64 on an H100: as fast as 512 packed, and no join of a B/8 round runs eager
 
 
 @dataclass
@@ -104,18 +104,13 @@ def prefill(engine, ws: Workspace, prompts: list[list[int]], greedy: bool,
 def join(engine, ws: Workspace, prompts: list[list[int]], greedy: bool, rows: list[int],
          keys: list[int] | None = None) -> tuple[list[int], list[int]]:
     """A continuous batch's join of ``prompts`` into the free ``rows`` of ``ws`` -> (the first token per
-    prompt, the slot each row decodes from next). Graphed joins (``packs``) are packed: each row decodes
-    from its own prompt's length; a join with a prompt too long to pack runs the eager prefill,
-    left-padded to its widest."""
-    groups = packs(engine, ws, prompts)
-    if groups is None:
+    prompt, the slot each row decodes from next). A graphed join (``packable``) is packed: each row
+    decodes from its own prompt's length; a larger one runs the eager prefill, left-padded to its widest."""
+    if not packable(engine, ws, prompts):
         width = max(len(p) for p in prompts)
         return prefill(engine, ws, prompts, greedy, rows=rows, keys=keys).tolist(), [width] * len(prompts)
     set_keys(ws, torch.tensor(rows, dtype=torch.long, device=engine.device), keys)
-    first = []
-    for group in groups:
-        first += join_packed(engine, ws, [prompts[i] for i in group], greedy, [rows[i] for i in group]).tolist()
-    return first, [len(p) for p in prompts]
+    return join_packed(engine, ws, prompts, greedy, rows).tolist(), [len(p) for p in prompts]
 
 
 def set_keys(ws: Workspace, index: torch.Tensor, keys: list[int] | None) -> None:
@@ -129,20 +124,11 @@ def pack_step(engine) -> int:
     return min(JOIN_PACK_TOKENS, engine.join_tokens)
 
 
-def packs(engine, ws: Workspace, prompts: list[list[int]]) -> list[list[int]] | None:
-    """The prompts' indices in consecutive groups of at most ``join_tokens`` tokens each (one packed join
-    each), or None: graphed joins are off, or a prompt alone is longer (the eager prefill runs them)."""
-    cap = engine.join_tokens
-    if not cap or max(len(p) for p in prompts) > min(cap, ws.cache_len):
-        return None
-    groups, total = [[]], 0
-    for i, p in enumerate(prompts):
-        if total + len(p) > cap:
-            groups.append([])
-            total = 0
-        groups[-1].append(i)
-        total += len(p)
-    return groups
+def packable(engine, ws: Workspace, prompts: list[list[int]]) -> bool:
+    """Whether ``prompts`` join as one packed join: graphed joins are on and they hold at most
+    ``join_tokens`` tokens in all. (A larger join could run as several packs; at B = 256, where rounds of
+    32 prompts hold ~4,000 tokens, that was not measured against one eager prefill, so it runs eager.)"""
+    return bool(engine.join_tokens) and sum(len(p) for p in prompts) <= engine.join_tokens
 
 
 def join_lengths(engine, ws: Workspace) -> list[int]:

@@ -95,7 +95,9 @@ def test_continuous_bench_runs_static_and_continuous_on_both_parts(tmp_path):
     words = [12, 1, 11, 2, 10, 1, 12, 3, 9, 1, 12, 2]
     records = [{"instruction": f"Say {n} words.", "input": "", "output": " ".join(["word"] * n)} for n in words]
     (tmp_path / "alpaca_5k.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    results = run_bench("continuous.py", tmp_path, "--data-dir", str(tmp_path), "--join-tokens", "512,0",
+    from llmwatts.server.engine import JOIN_GRAPH_TOKENS  # the default join size: rows without a suffix
+
+    results = run_bench("continuous.py", tmp_path, "--data-dir", str(tmp_path), "--join-tokens", f"{JOIN_GRAPH_TOKENS},0",
                         timeout_s=600)
     rows = {(r["part"], r["batch"], r["mode"]): r for r in results["rows"]}
     eager, cc = " (eager joins)", "continuous-captured"

@@ -89,16 +89,16 @@ def mixed_requests() -> dict[str, BatchSpec]:
 PACKED = {JOIN_GRAPH_TOKENS: [(3, 128), (3, 128), (1, 128), (1, 128)],  # every join in one 128-token pack
           0: [],                                                        # every join eager
           64: [(3, 64), (3, 64), (1, 64), (1, 64)],
-          32: [(3, 32), (1, 32), (2, 32), (1, 32), (1, 32)],            # c split: [3] and [30, 1]
-          16: [(1, 16)]}                                                # only d packs: a 17, c 30, e 18 do not
+          32: [(3, 32), (1, 32), (1, 32)],                              # c (34 tokens) eager
+          16: [(1, 16)]}                                                # only d packs: a + b, c and e do not
 
 
 @pytest.mark.parametrize("join_tokens", list(PACKED))
 def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, join_tokens, monkeypatch):
     """Guards against a join that mixes its prompts (attention across a packed row's prompts, K/V into
     the wrong row or slot, the first token sampled at the wrong column, padding overwriting a prompt)
-    or that splits its prompts into packs wrongly: every request's greedy tokens equal its own run alone,
-    whichever prompts it was packed with, and the packs are the ones ``join_tokens`` gives."""
+    or that packs a join over ``join_tokens``: every request's greedy tokens equal its own run alone,
+    whichever prompts it was packed with, and the packed joins are the ones ``join_tokens`` gives."""
     fast = fast_engine(tiny, join_tokens=join_tokens)
     requests = mixed_requests()
     alone = {k: fast.generate(s) for k, s in requests.items()}
@@ -128,9 +128,9 @@ def test_a_requests_greedy_tokens_do_not_depend_on_who_shares_its_steps(tiny, jo
 
 def test_a_packed_joins_padding_past_the_cache_end_leaves_the_prompts_alone(tiny):
     """Guards against the padding of a packed join overwriting a prompt's K/V: the last prompt ends two
-    slots before the cache's end, so its padding (100+ tokens) is clamped onto the cache's last slot, and
+    slots before the cache's end, so its padding (46 tokens) is clamped onto the cache's last slot, and
     every prompt's greedy tokens still equal its own run alone."""
-    fast = fast_engine(tiny, join_tokens=512)
+    fast = fast_engine(tiny, join_tokens=256)
     ps = prompts([20, 62])
     requests = {"x": BatchSpec(ps[0:1], [30], GREEDY, ignore_eos=True),
                 "y": BatchSpec(ps[1:2], [2], GREEDY, ignore_eos=True)}
@@ -160,8 +160,9 @@ def test_graphed_joins_and_steps_give_the_tokens_of_the_same_engine_run_without_
             assert fast.captures == before  # the session met no step it had not captured
         runs[graphs] = {k: o.tokens for k, o in outputs.items()}
         joins = {key for key in session.ws.graphs if key[0] == "join"}
-        # every packed join length was captured as the session opened: 128 .. 512 tokens
-        assert joins == ({("join", tokens, True) for tokens in (128, 256, 384, 512)} if graphs else set())
+        # every packed join length was captured as the session opened: 128, 256 .. JOIN_GRAPH_TOKENS
+        lengths = range(128, JOIN_GRAPH_TOKENS + 1, 128)
+        assert joins == ({("join", tokens, True) for tokens in lengths} if graphs else set())
     assert runs[True] == runs[False] == runs["captured first"]
 
 
@@ -398,7 +399,8 @@ SERVE = [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--de
     (["--engine", "eager"], {}, "continuous batching needs the fast engine"),
     (["--shards", "2"], {}, "--continuous runs on one shard"),
     (["--continuous-slots", "-1"], {}, "--continuous-slots must be 0 or more"),
-    (["--continuous-join-tokens", "-1"], {}, "--continuous-join-tokens must be 0 or more"),
+    (["--continuous-join-tokens", "-1"], {}, "--continuous-join-tokens must be between 0 (every join eager) and 16384"),
+    (["--continuous-join-tokens", "16385"], {}, "--continuous-join-tokens must be between 0 (every join eager) and 16384"),
     (["--continuous-join-rows", "65"], {},
      "--continuous-join-rows must be between 0 (automatic) and --max-batch-size (64)"),
     ([], {"LLMWATTS_FAST_ATTENTION": "flex"}, "continuous batching runs with the sdpa or bmm decode attention"),
@@ -409,3 +411,12 @@ def test_bad_continuous_flags_exit_with_one_line(tmp_path, flags, env, fragment)
     assert done.returncode != 0
     assert fragment in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_join_token_limit_is_the_engines_prefill_chunk():
+    """Guards against the CLI's limit (server/config.py, kept free of torch) drifting from the engine's
+    prefill chunk it stands for: a join above PREFILL_TOKENS would hold more activations than any prefill."""
+    from llmwatts.server.config import MAX_JOIN_TOKENS
+    from llmwatts.server.engine import PREFILL_TOKENS
+
+    assert MAX_JOIN_TOKENS == PREFILL_TOKENS
