@@ -1,8 +1,9 @@
 """Prefill: prompts through the model into the KV cache, the first token sampled after each.
 
 A static batch's prefill fills every row of its workspace, left-padded, in row chunks. A continuous
-batch's join fills only the free rows it takes; a join of a few short prompts runs from static buffers,
-right-padded, replayed as a captured graph on CUDA (``join_prefill``), a larger one the eager prefill.
+batch's join fills only the free rows it takes; a join of up to ``join_tokens`` prompt tokens runs from
+static buffers, its prompts packed into one row, replayed as a captured graph on CUDA (``join_packed``),
+a larger one the eager prefill.
 These functions drive a ``FastEngine`` (its ``forward``, ``additive`` and ``graph``).
 """
 
