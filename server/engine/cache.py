@@ -89,13 +89,17 @@ class ScatterCaches:
     def flush(self) -> None:
         if self.written is None:
             return
-        w = self.width  # (an index_put: it writes only the rows' slots, where index_copy_ into this
-        self.ws.k[self.written][self.rows, :, :w] = self.scratch[0]  # strided view could copy it whole)
-        self.ws.v[self.written][self.rows, :, :w] = self.scratch[1]
+        self.copy(self.ws.k[self.written], self.scratch[0])
+        self.copy(self.ws.v[self.written], self.scratch[1])
         self.written = None
 
+    def copy(self, cache: torch.Tensor, scratch: torch.Tensor) -> None:
+        # (an index_put: it writes only the rows' slots, where index_copy_ into this strided view could
+        # copy it whole)
+        cache[self.rows, :, :self.width] = scratch
 
-class PackedCaches:
+
+class PackedCaches(ScatterCaches):
     """The per-layer (k, v) caches ``FastEngine.forward`` writes for a packed join (one row of several
     prompts end to end, ``prefill.join_packed``): each layer writes one scratch pair [1, Hkv, T, D], and
     token ``t``'s K/V is copied to row ``rows[t]``, slot ``slots[t]`` of the workspace's caches when the
@@ -105,19 +109,9 @@ class PackedCaches:
         self.ws, self.rows, self.slots, self.scratch = ws, rows, slots, scratch
         self.written: int | None = None
 
-    def __iter__(self):
-        for layer in range(len(self.ws.k)):
-            self.flush()
-            self.written = layer
-            yield self.scratch
-
-    def flush(self) -> None:
-        if self.written is None:
-            return
+    def copy(self, cache: torch.Tensor, scratch: torch.Tensor) -> None:
         # [1, Hkv, T, D] -> [T, Hkv, D]: the shape of cache[rows, :, slots] (two index tensors, a slice between)
-        self.ws.k[self.written][self.rows, :, self.slots] = self.scratch[0][0].transpose(0, 1)
-        self.ws.v[self.written][self.rows, :, self.slots] = self.scratch[1][0].transpose(0, 1)
-        self.written = None
+        cache[self.rows, :, self.slots] = scratch[0].transpose(0, 1)
 
 
 def rows_view(ws: Workspace, n: int, mark_dynamic: bool) -> Workspace:

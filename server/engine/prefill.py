@@ -129,7 +129,7 @@ def packable(engine, ws: Workspace, prompts: list[list[int]]) -> bool:
     """Whether ``prompts`` join as one packed join: graphed joins are on and they hold at most
     ``join_tokens`` tokens in all. (A larger join could run as several packs; at B = 256, where rounds of
     32 prompts hold ~4,000 tokens, that was not measured against one eager prefill, so it runs eager.)"""
-    return bool(engine.join_tokens) and sum(len(p) for p in prompts) <= engine.join_tokens
+    return bool(engine.join_tokens) and all(prompts) and sum(len(p) for p in prompts) <= engine.join_tokens
 
 
 def join_lengths(engine, ws: Workspace) -> list[int]:
