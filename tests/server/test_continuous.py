@@ -420,3 +420,19 @@ def test_the_join_token_limit_is_the_engines_prefill_chunk():
     from llmwatts.server.engine import PREFILL_TOKENS
 
     assert MAX_JOIN_TOKENS == PREFILL_TOKENS
+
+
+@pytest.mark.parametrize("join_tokens", [JOIN_GRAPH_TOKENS, 0])
+def test_seeded_sampled_requests_draw_what_they_draw_alone_in_packed_joins(tiny, join_tokens):
+    """Guards against a packed join sampling a prompt's first token with another row's noise key or at the
+    wrong position: seeded, sampled (temperature 0.7, top-p 0.9) requests packed together with others give
+    the tokens each gives alone, packed (2048) or eager (0)."""
+    fast = fast_engine(tiny, join_tokens=join_tokens)
+    ps = prompts([7, 19, 4, 11, 25], seed=3)
+    requests = {f"r{i}": BatchSpec([p], [12 + 3 * i], Sampling(temperature=0.7, top_p=0.9, seed=100 + i),
+                                   ignore_eos=True) for i, p in enumerate(ps)}
+    alone = {k: fast.generate(s).tokens for k, s in requests.items()}
+    session = fast.session(4, 64, Sampling(temperature=0.7, top_p=0.9, seed=1), ignore_eos=True)
+    outputs, _, joined = run_continuous(session, requests)
+    assert {k: o.tokens for k, o in outputs.items()} == alone
+    assert joined["r0"][0] == joined["r3"][0] == 0 and joined["r4"][0] > 0  # four joined at once, one later
