@@ -64,7 +64,7 @@ def add_parser(subparsers) -> None:
                    help="with --continuous: joins of at most this many prompt tokens in all run packed end to "
                         "end in one row (padded to a multiple of 128), replaying CUDA graphs captured as a "
                         "session opens; larger ones run eagerly; 0: every join eagerly (default 2048, at most "
-                        "16384; docs/performance.md)")
+                        "4096; docs/performance.md)")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
                    help="requests waiting for the engine; more are refused with RESOURCE_EXHAUSTED "
                         "(default %(default)s)")

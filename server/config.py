@@ -13,7 +13,7 @@ ENGINES = ("auto", "eager", "fast")
 # The fast engine's decode attention, chosen by this environment variable (docs/performance.md).
 ATTENTIONS = ("sdpa", "bmm", "flex")
 ATTENTION_ENV = "LLMWATTS_FAST_ATTENTION"
-MAX_JOIN_TOKENS = 16384  # --continuous-join-tokens at most this (the engine's PREFILL_TOKENS: a join's activations)
+MAX_JOIN_TOKENS = 4096  # --continuous-join-tokens at most this (= engine.prefill.MAX_JOIN_TOKENS; this module stays torch-free)
 
 
 def check_engine(name: str, continuous: bool = False) -> None:

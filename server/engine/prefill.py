@@ -35,6 +35,8 @@ PREFILL_TOKENS = 16384
 # 8-10% more energy per token than eager joins. A join of more tokens runs eager (the left-padded
 # prefill). 0 turns graphed joins off.
 JOIN_PACK_TOKENS = 128
+# At most this: a packed join's [T, T] mask (4096: 50 MB) and one graph captured per JOIN_PACK_TOKENS (32).
+MAX_JOIN_TOKENS = 4096
 JOIN_GRAPH_TOKENS = 2048  # B = 64 on an H100: as fast as 512 packed, and no join of a B/8 round runs eager
 
 

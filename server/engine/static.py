@@ -35,7 +35,7 @@ from llmwatts.server.engine.cache import Workspace, Workspaces, bucket, round_up
 from llmwatts.server.engine.graphs import capture, step_buffers
 from llmwatts.server.engine.layers import Layer, mlp_partial, post_attention, pre_attention
 from llmwatts.server.engine.parallel import TensorParallel
-from llmwatts.server.engine.prefill import JOIN_GRAPH_TOKENS, PREFILL_TOKENS
+from llmwatts.server.engine.prefill import JOIN_GRAPH_TOKENS, MAX_JOIN_TOKENS, PREFILL_TOKENS
 from llmwatts.server.engine.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,8 @@ class FastEngine:
         self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
-        if join_tokens < 0:
-            raise ValueError(f"join_tokens must be 0 (off) or positive, got {join_tokens}")
+        if not 0 <= join_tokens <= MAX_JOIN_TOKENS:
+            raise ValueError(f"join_tokens must be between 0 (off) and {MAX_JOIN_TOKENS}, got {join_tokens}")
         self.join_tokens = join_tokens
         self.captures, self.capture_s = 0, 0.0  # CUDA graphs captured so far, and the seconds it took
         self.device = torch.device(device)

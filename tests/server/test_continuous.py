@@ -399,8 +399,8 @@ SERVE = [sys.executable, "-m", "llmwatts.cli", "serve", "--model", "tiny", "--de
     (["--engine", "eager"], {}, "continuous batching needs the fast engine"),
     (["--shards", "2"], {}, "--continuous runs on one shard"),
     (["--continuous-slots", "-1"], {}, "--continuous-slots must be 0 or more"),
-    (["--continuous-join-tokens", "-1"], {}, "--continuous-join-tokens must be between 0 (every join eager) and 16384"),
-    (["--continuous-join-tokens", "16385"], {}, "--continuous-join-tokens must be between 0 (every join eager) and 16384"),
+    (["--continuous-join-tokens", "-1"], {}, "--continuous-join-tokens must be between 0 (every join eager) and 4096"),
+    (["--continuous-join-tokens", "4097"], {}, "--continuous-join-tokens must be between 0 (every join eager) and 4096"),
     (["--continuous-join-rows", "65"], {},
      "--continuous-join-rows must be between 0 (automatic) and --max-batch-size (64)"),
     ([], {"LLMWATTS_FAST_ATTENTION": "flex"}, "continuous batching runs with the sdpa or bmm decode attention"),
@@ -413,13 +413,17 @@ def test_bad_continuous_flags_exit_with_one_line(tmp_path, flags, env, fragment)
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_the_join_token_limit_is_the_engines_prefill_chunk():
-    """Guards against the CLI's limit (server/config.py, kept free of torch) drifting from the engine's
-    prefill chunk it stands for: a join above PREFILL_TOKENS would hold more activations than any prefill."""
+def test_the_join_token_limit_is_the_engines(tiny):
+    """Guards against the CLI's limit (server/config.py, kept free of torch) drifting from the engine's, and
+    against a join size whose packed [T, T] mask and per-length graphs grow without bound: the engine
+    refuses one token more than MAX_JOIN_TOKENS, and accepts the limit itself."""
     from llmwatts.server.config import MAX_JOIN_TOKENS
-    from llmwatts.server.engine import PREFILL_TOKENS
+    from llmwatts.server.engine.prefill import MAX_JOIN_TOKENS as ENGINE_MAX
 
-    assert MAX_JOIN_TOKENS == PREFILL_TOKENS
+    assert MAX_JOIN_TOKENS == ENGINE_MAX == 4096
+    assert fast_engine(tiny, join_tokens=MAX_JOIN_TOKENS).join_tokens == MAX_JOIN_TOKENS
+    with pytest.raises(ValueError, match="join_tokens must be between 0 \\(off\\) and 4096, got 4097"):
+        fast_engine(tiny, join_tokens=MAX_JOIN_TOKENS + 1)
 
 
 @pytest.mark.parametrize("join_tokens", [JOIN_GRAPH_TOKENS, 0])
