@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         table = fastest_configs(results["sweep"], results["device"])
         args.write_table.write_text(json.dumps(table, indent=1))
         print(f"tuning table ({len(table['configs'])} products) -> {args.write_table}")
-        os.environ["LLMWATTS_FP8_GEMV_TABLE"] = str(args.write_table.resolve())  # the compiled rows run it
+        from llmwatts.server.engine import fp8_gemv  # (imported by the sweep already: Triton is there)
+
+        os.environ[fp8_gemv.TABLE_ENV] = str(args.write_table.resolve())  # the compiled rows run it
     results["compiled"] = bench.compiled_layers(compiled_rows, compiled_paths)
     save()
     print_compiled(results)
@@ -287,7 +289,7 @@ def candidates(g, m: int, n: int, k: int) -> list:
     else:
         base += [g.GemvConfig(16, 16, bk, num_warps=4, num_stages=3), g.GemvConfig(16, 128, 64, num_warps=4)]
         # swapped (y^T = w . x^T): outputs are the MMA's 64/128/256-row side, the rows (padded) the other
-        block_m = max(16, min(64, 1 << (m - 1).bit_length()))
+        block_m = g.tile_rows(m)
         for block_n, block_k, warps, stages in [(64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 5),
                                                 (128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3),
                                                 (256, 64, 8, 4), (256, 128, 8, 3)]:

@@ -120,6 +120,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stri
             tl.store(out + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=m_mask[:, None] & n_mask[None, :])
 
+
 TABLE_ENV = "LLMWATTS_FP8_GEMV_TABLE"
 TABLE_MAX_BYTES = 1 << 20
 TABLE_MAX_ENTRIES = 4096
@@ -137,9 +138,9 @@ def config_from_dict(d: dict) -> GemvConfig:
     if unknown:
         raise ValueError(f"unknown field {unknown[0][:40]!r}")
     values = {}
-    for name in fields:
-        default = {"split_k": 1, "num_warps": 4, "num_stages": 3, "swap": False}.get(name)
-        v = d.get(name, default)
+    for field in dataclasses.fields(GemvConfig):  # a field left out takes the dataclass's default
+        name = field.name
+        v = d.get(name, None if field.default is dataclasses.MISSING else field.default)
         if v is None or type(v) is not type(FIELD_VALUES[name][0]) or v not in FIELD_VALUES[name]:
             raise ValueError(f"{name}={str(v)[:20]}: use one of {FIELD_VALUES[name][0]}..{FIELD_VALUES[name][-1]}"
                              if name in ("split_k", "num_stages") else
@@ -199,6 +200,11 @@ def block_k_for(k: int) -> int:
     return next((b for b in (512, 256, 128) if k % b == 0), 256)
 
 
+def tile_rows(m: int) -> int:
+    """A tensor-core tile's rows for ``m`` rows of x: 16, 32 or 64 (x padded with zeros up to it)."""
+    return 16 if m <= 16 else (32 if m <= 32 else 64)
+
+
 def pick_config(m: int, n: int, k: int) -> GemvConfig:
     """The configuration used for an [M, K] x [N, K]^T product, from ``bench/fp8_gemv.py``'s sweep on an
     H100 (2026-12-06, docs/performance.md). One row: CUDA cores, 8 outputs x 512 K a step, 2 warps (best
@@ -206,12 +212,13 @@ def pick_config(m: int, n: int, k: int) -> GemvConfig:
     outputs a block (64 where N >= 16,384: gate/up 34.7 against 41.4 us at M = 16), and K split below
     ``MIN_PROGRAMS`` programs (down at M = 16: 23.0 against 37.0 us unsplit with 16 outputs a block).
     A product in ``$LLMWATTS_FP8_GEMV_TABLE`` (exact M, N, K) takes the table's configuration instead."""
-    if (m, n, k) in tuned():
-        return tuned()[(m, n, k)]
+    config = tuned().get((m, n, k))
+    if config is not None:
+        return config
     if m == 1:
         base = GemvConfig(block_m=1, block_n=8, block_k=block_k_for(k), num_warps=2, num_stages=3)
     else:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        block_m = tile_rows(m)
         wide = n >= 16384
         # 64 rows on 4 warps needs all 255 registers and spills (compiled for sm_90): 8 warps.
         base = GemvConfig(block_m=block_m, block_n=64 if wide else 32, block_k=min(256, block_k_for(k)),
