@@ -243,10 +243,17 @@ def write_requests(db: sqlite_utils.Database, result: dict) -> None:
 
 
 def request_pass_result(db: sqlite_utils.Database) -> dict:
-    """The request pass (request_pass.py): DuckDB in a child process where it can, else SQLite here."""
-    db.conn.commit()  # the child reads what this connection wrote
-    path = db.execute("PRAGMA database_list").fetchone()[2]
-    result = request_pass.run_child(path) if path else None
+    """The request pass (request_pass.py): DuckDB in a child process where it can, else SQLite here. A child
+    the ingest started once the pass's tables were in (``db._request_pass_child``, ingest.py) is waited for
+    instead of starting one."""
+    started = getattr(db, "_request_pass_child", None)
+    if started is not None:
+        del db._request_pass_child
+        result = started.result()
+    else:
+        db.conn.commit()  # the child reads what this connection wrote
+        path = db.execute("PRAGMA database_list").fetchone()[2]
+        result = request_pass.run_child(path) if path else None
     return result if result is not None else request_pass.sqlite_pass(db)
 
 

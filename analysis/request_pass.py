@@ -246,29 +246,72 @@ def summarise(runs, arrays, base_ns, gaps, totals, flags, points, targets) -> di
             "flags": [list(f) for f in flags], "points": by_run}
 
 
-def run_child(study_db: str | os.PathLike, timeout_s: float = 600) -> dict | None:
-    """``duckdb_pass`` in a child process (see the module docstring); None when DuckDB is not installed or
-    the child failed (the caller then runs ``sqlite_pass``)."""
+class PassChild:
+    """``duckdb_pass`` running in a child process (see the module docstring); ``result`` waits for it. Its JSON
+    (megabytes: the scatter's points) comes back through a temp file, not a pipe: a pipe cost this process
+    ~0.4 s of CPU at a million requests, tens of thousands of small reads (issue 21)."""
+
+    def __init__(self, study_db: str | os.PathLike, niceness: int = 0):
+        self.out = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llmwatts.analysis.request_pass", str(study_db),
+                                          str(int(niceness))], stdout=self.out, stderr=subprocess.DEVNULL)
+        except OSError:
+            self.out.close()
+            raise
+
+    def result(self, timeout_s: float = 600) -> dict | None:
+        """The child's ``summarise`` dict; None when it failed or ran past ``timeout_s`` (the caller then runs
+        ``sqlite_pass``)."""
+        try:
+            if self.proc.wait(timeout_s) != 0:
+                return None
+            self.out.seek(0)
+            result = json.load(self.out)
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            return None
+        finally:
+            self.discard()
+        CHILD_PEAKS_MIB.append(result.get("peak_mib", 0.0))
+        return result
+
+    def discard(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+
+
+CHILD_PEAKS_MIB: list[float] = []  # peak memory (VmHWM) of each PassChild, for bench/analysis.py
+
+
+def start_child(study_db: str | os.PathLike, niceness: int = 0) -> PassChild | None:
+    """``duckdb_pass`` over ``study_db`` started in a child process; None when DuckDB is not installed or the
+    child could not start. The child reads what is committed in ``study_db`` (in WAL mode, a snapshot per
+    query: commit every table the pass reads first, and write none of them while it runs). ``niceness``: the
+    child's, added to this process's."""
     from llmwatts.analysis import duck
 
     if not duck.available():
         return None
-    # Its JSON (megabytes: the scatter's points) through a temp file, not a pipe: a pipe cost this process
-    # ~0.4 s of CPU at a million requests, tens of thousands of small reads (issue 21).
-    with tempfile.TemporaryFile() as out:
-        try:
-            done = subprocess.run([sys.executable, "-m", "llmwatts.analysis.request_pass", str(study_db)],
-                                  stdout=out, stderr=subprocess.DEVNULL, timeout=timeout_s)
-            if done.returncode != 0:
-                return None
-            out.seek(0)
-            return json.load(out)
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            return None
+    try:
+        return PassChild(study_db, niceness)
+    except OSError:
+        return None
+
+
+def run_child(study_db: str | os.PathLike, timeout_s: float = 600) -> dict | None:
+    """``duckdb_pass`` in a child process, waited for; None when DuckDB is not installed or the child failed
+    (the caller then runs ``sqlite_pass``)."""
+    child = start_child(study_db)
+    return None if child is None else child.result(timeout_s)
 
 
 def main(argv=None) -> int:
+    """The child of ``PassChild``: argv = study DB path, niceness to add."""
     args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 and int(args[1]):
+        os.nice(int(args[1]))
     result = duckdb_pass(args[0])
     sys.stdout.write(json.dumps({**result, "peak_mib": peak_mib()}, allow_nan=True))  # one write, one-shot encoder
     return 0

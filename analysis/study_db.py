@@ -25,8 +25,9 @@ SERVER_TABLES: dict[str, tuple[str, ...]] = {
     "gpus": ("server_id", "gpu_uuid"),
     "runs": ("server_id", "run_id"),
     "batches": ("server_id", "batch_id"),
-    "batch_gpu_energy": ("server_id", "batch_id", "gpu_uuid"),
     "requests": ("request_id", "server_id"),  # request_id first: the key serves the join by request_id
+    # After requests: the request pass reads servers … requests (no later table) and may start here (ingest.py).
+    "batch_gpu_energy": ("server_id", "batch_id", "gpu_uuid"),
     "telemetry": ("server_id", "gpu_uuid", "ts_ns"),
     "cap_events": ("server_id", "id"),
     "idle_power": ("server_id", "gpu_uuid"),  # as llmwatts study writes it into the study DB

@@ -53,19 +53,8 @@ def _peak_mib() -> float:
     return peak_mib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-CHILD_PEAKS_MIB: list[float] = []
-
-
 def run_llmwatts(server_db: Path, client_db: Path, work: Path) -> dict:
-    from llmwatts.analysis import request_pass
     from llmwatts.analysis.ingest import ingest
-
-    def counted(*args, **kwargs):  # the request pass's child process: its own peak memory (VmHWM)
-        result = run_child(*args, **kwargs)
-        CHILD_PEAKS_MIB.append((result or {}).get("peak_mib", 0.0))
-        return result
-
-    run_child, request_pass.run_child = request_pass.run_child, counted
     from llmwatts.analysis.report import build_report
     from rich.console import Console
 
@@ -182,12 +171,14 @@ def run_one(method: str, server_db: Path, client_db: Path) -> dict:
             runs = run_pandas(server_db, client_db, work)
         else:
             runs = run_duckdb(server_db, client_db, work, int(method.split("-")[1]))
-        # Peak memory: this process's plus its largest child's (an upper bound: llmwatts's children, the
-        # telemetry buckets' and the request pass's, never run at the same time as each other).
+        # Peak memory: this process's plus its largest child of each kind, the telemetry buckets' and the request
+        # pass's (an upper bound: in a new study DB the two may run at the same time, ingest.py).
         from llmwatts.analysis.bucket_prefetch import CHILD_PEAKS_MIB as BUCKET_PEAKS_MIB
+        from llmwatts.analysis.request_pass import CHILD_PEAKS_MIB as PASS_PEAKS_MIB
 
+        children = max(BUCKET_PEAKS_MIB, default=0.0) + max(PASS_PEAKS_MIB, default=0.0)
         return {"seconds": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu,
-                "peak_mib": _peak_mib() + max(CHILD_PEAKS_MIB + BUCKET_PEAKS_MIB, default=0.0), "runs": runs}
+                "peak_mib": _peak_mib() + children, "runs": runs}
     except ImportError as e:
         return {"missing": f"{e.name or e} not installed"}
     finally:

@@ -3,6 +3,7 @@ the same study DB as an ingest into an existing one, and safe at every kill poin
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -129,3 +130,66 @@ def test_a_study_db_made_meanwhile_is_never_overwritten(tmp_path, small, monkeyp
     assert db["client_requests"].count == 6
     db.close()
     assert leftovers(tmp_path) == []
+
+
+def _spy_on_early_pass(monkeypatch) -> list[dict]:
+    """Record each request pass child started during an ingest: the building file's committed rows then
+    (read by a connection of its own, as the child reads them) and the child itself."""
+    from llmwatts.analysis import duck, request_pass
+
+    if not duck.available():
+        pytest.skip("DuckDB or its sqlite extension is not installed (the [analysis] extra)")
+    started = []
+    start = request_pass.start_child
+
+    def spy(path, *args, **kwargs):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        seen = {t: conn.execute(f"SELECT count(*) FROM [{t}]").fetchone()[0]
+                for t in ("requests", "client_requests", "run_slo", "telemetry_buckets")}
+        seen["journal_mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        conn.close()
+        child = start(path, *args, **kwargs)
+        started.append({"seen": seen, "child": child, "path": str(path)})
+        return child
+
+    monkeypatch.setattr(request_pass, "start_child", spy)
+    return started
+
+
+def test_request_pass_of_a_new_study_starts_beside_the_telemetry(tmp_path, small, monkeypatch):
+    """The new study DB's request pass starts once every table it reads is committed and before the telemetry
+    is in (issue 21: beside the telemetry's child); guards against a pass over rows not yet copied (its
+    tables would then differ from an ingest into an existing study DB, whose pass runs after the ingest)."""
+    started = _spy_on_early_pass(monkeypatch)
+    fresh, existing = tmp_path / "fresh" / "study.db", tmp_path / "existing" / "study.db"
+    fresh.parent.mkdir()
+    existing.parent.mkdir()
+    open_study_db(existing).close()
+    ingest.ingest(fresh, [small.server_db], [small.client_db])
+    assert len(started) == 1 and started[0]["path"].endswith(".building")
+    assert started[0]["seen"] == {"requests": 5, "client_requests": 6, "run_slo": 1, "telemetry_buckets": 0,
+                                  "journal_mode": "wal"}
+    assert started[0]["child"].proc.poll() is not None  # waited for by the ingest's refresh
+    ingest.ingest(existing, [small.server_db], [small.client_db])
+    # An existing study DB: the pass after the whole ingest, as before.
+    assert len(started) == 2 and started[1]["path"] == str(existing.resolve())
+    assert started[1]["seen"]["telemetry_buckets"] > 0
+    assert dump(fresh) == dump(existing)
+
+
+def test_failed_ingest_after_the_request_pass_started_leaves_nothing(tmp_path, small, monkeypatch):
+    """Guards the early pass's clean-up: an error after it started (in the telemetry) stops the child and
+    removes the temporary file with its WAL files; no study DB at the path."""
+    from llmwatts.analysis import samples
+
+    started = _spy_on_early_pass(monkeypatch)
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full (test)")
+
+    monkeypatch.setattr(samples, "windows", failing)
+    study = tmp_path / "study.db"
+    with pytest.raises(OSError, match="disk full"):
+        ingest.ingest(study, [small.server_db], [small.client_db])
+    assert len(started) == 1 and started[0]["child"].proc.poll() is not None
+    assert not study.exists() and leftovers(tmp_path) == []
