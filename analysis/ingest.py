@@ -376,10 +376,11 @@ def _ingest_all(db: sqlite_utils.Database, server_dbs, client_dbs, building: boo
     return sources
 
 
-# The early request pass's niceness: below the telemetry child's (bucket_prefetch.CHILD_NICENESS), whose buckets
-# this process waits for first, above this process's own copies. 1M x 10M study, 2-core box (2026-12-06): at
-# niceness 0 the telemetry child was starved (this process waited 5.2 s for it); 10 gave 14.9 s, 5 14.2 s in all.
-EARLY_PASS_NICENESS = 5
+# The early request pass's niceness: above the telemetry child's (bucket_prefetch.CHILD_NICENESS 10), whose
+# buckets this process needs first (the pass is needed only after them). 1M x 10M study, 2-core box, phase harness
+# (2026-12-06, load ~2): at niceness 0 this process waited 5.2 s for the telemetry child; 5: 14.2-19.8 s in all
+# (the telemetry child starved in one run of two); 15: 14.3-14.7 s; 19: 14.0-14.4 s.
+EARLY_PASS_NICENESS = 15
 
 
 def _start_request_pass(db: sqlite_utils.Database) -> None:
