@@ -85,6 +85,8 @@ FROM rows j LEFT JOIN s.run_slo o ON o.run_id = j.run_id
 # Per-run totals and reconciliation counts over a relation {j} with the request_join view's columns (flags
 # 0/1), and the batch joules of the run's batches ({src}: the schema holding ``batches``). Same text in both
 # engines. done_after_window: how many requests (reconciliation); done_after_window_any: whether any (flag).
+# client_sent: distinct client requests; a client row is one row of {j} unless several servers answered it
+# (server_rows > 1), so only those are counted DISTINCT (over a million request ids: 0.38 -> 0.18 s in DuckDB).
 TOTALS = """
 SELECT run_id,
   sum(has_server) AS server_rows, sum(ok) AS requests_ok,
@@ -96,7 +98,8 @@ SELECT run_id,
   sum(CASE WHEN good THEN output_tokens ELSE 0 END) AS good_output_tokens,
   coalesce(sum(CASE WHEN has_server THEN energy_j END), 0.0) AS attributed_j,
   max(done_after_window) AS done_after_window_any,
-  count(DISTINCT CASE WHEN has_client THEN request_id END) AS client_sent,
+  sum(has_client AND server_rows <= 1 AND request_id IS NOT NULL)
+    + count(DISTINCT CASE WHEN has_client AND server_rows > 1 THEN request_id END) AS client_sent,
   sum(has_client AND server_rows = 1 AND lower(server_status) = 'ok') AS server_ok,
   sum(has_client AND server_rows = 1 AND lower(server_status) <> 'ok') AS server_error,
   sum(has_client AND server_rows = 0) AS missing,
