@@ -193,3 +193,38 @@ def test_failed_ingest_after_the_request_pass_started_leaves_nothing(tmp_path, s
         ingest.ingest(study, [small.server_db], [small.client_db])
     assert len(started) == 1 and started[0]["child"].proc.poll() is not None
     assert not study.exists() and leftovers(tmp_path) == []
+
+
+KILLED_AFTER_PASS = textwrap.dedent("""
+    import os, signal, sys
+    from llmwatts.analysis import ingest, request_pass, samples
+    start = request_pass.start_child
+    def started(*args, **kwargs):
+        child = start(*args, **kwargs)
+        print(child.proc.pid, flush=True)
+        return child
+    request_pass.start_child = started
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    samples.windows = killed
+    ingest.ingest(sys.argv[1], [sys.argv[2]], [sys.argv[3]])
+""")
+
+
+def test_killed_ingest_after_the_request_pass_started_leaves_no_study_db(tmp_path, small):
+    """Guards kill safety with the early request pass: SIGKILL after it started (the building file then in WAL
+    mode, read by the child) leaves no study DB; the next ingest removes the file and its WAL files."""
+    from llmwatts.analysis import duck
+
+    if not duck.available():
+        pytest.skip("DuckDB or its sqlite extension is not installed (the [analysis] extra)")
+    study = tmp_path / "study.db"
+    done = subprocess.run([sys.executable, "-c", KILLED_AFTER_PASS, str(study), str(small.server_db),
+                           str(small.client_db)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL and done.stdout.strip().isdigit()  # killed after the start
+    assert not study.exists() and leftovers(tmp_path)
+    ingest.ingest(study, [small.server_db], [small.client_db])
+    assert leftovers(tmp_path) == []
+    db = sqlite_utils.Database(study)
+    assert db["requests"].count == 5 and db["run_request_totals"].count == 1
+    db.close()
