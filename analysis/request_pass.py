@@ -4,7 +4,7 @@ reconciliation counts, and the per-request columns the numpy summaries need (agg
 The join is the ``request_join`` view's (views.py). Two engines run it, with the same aggregate SQL:
 
 - DuckDB (the ``[analysis]`` extra), reading the study DB through its ``sqlite`` extension **in a child
-  process** (``python -m llmwatts.analysis.request_pass STUDY_DB``): DuckDB links its own SQLite, and two
+  process** (``python -m llmwatts.analysis.request_pass STUDY_DB [NICENESS]``): DuckDB links its own SQLite, and two
   SQLite libraries must never have one file open in one process (closing either drops the other's POSIX
   locks: https://sqlite.org/howtocorrupt.html#_multiple_copies_of_sqlite_linked_into_the_same_application).
   The child prints its results as JSON; this process writes them (aggregates.py). At a million requests
