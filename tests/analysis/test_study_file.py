@@ -57,10 +57,10 @@ def test_failed_ingest_of_a_new_study_leaves_no_study_db(tmp_path, small, monkey
     study = tmp_path / "study.db"
     copy = ingest._copy_table
 
-    def failing(db, path, table, pk):
+    def failing(db, path, table, pk, *rest):
         if table == "requests":
             raise OSError("disk full (test)")
-        return copy(db, path, table, pk)
+        return copy(db, path, table, pk, *rest)
 
     monkeypatch.setattr(ingest, "_copy_table", failing)
     with pytest.raises(OSError, match="disk full"):
@@ -72,10 +72,10 @@ KILLED = textwrap.dedent("""
     import os, signal, sys
     from llmwatts.analysis import ingest
     copy = ingest._copy_table
-    def killed(db, path, table, pk):
+    def killed(db, path, table, pk, *rest):
         if table == "requests":
             os.kill(os.getpid(), signal.SIGKILL)
-        return copy(db, path, table, pk)
+        return copy(db, path, table, pk, *rest)
     ingest._copy_table = killed
     ingest.ingest(sys.argv[1], [sys.argv[2]], [sys.argv[3]])
 """)
@@ -118,10 +118,10 @@ def test_a_study_db_made_meanwhile_is_never_overwritten(tmp_path, small, monkeyp
     study = tmp_path / "study.db"
     copy = ingest._copy_table
 
-    def meanwhile(db, path, table, pk):
+    def meanwhile(db, path, table, pk, *rest):
         if table == "requests" and not study.exists():  # another process's ingest, into the same path
             ingest.ingest(open_study_db(study), [other.server_db])
-        return copy(db, path, table, pk)
+        return copy(db, path, table, pk, *rest)
 
     monkeypatch.setattr(ingest, "_copy_table", meanwhile)
     ingest.ingest(study, [small.server_db], [small.client_db])
@@ -147,6 +147,8 @@ def _spy_on_early_pass(monkeypatch) -> list[dict]:
         seen = {t: conn.execute(f"SELECT count(*) FROM [{t}]").fetchone()[0]
                 for t in ("requests", "client_requests", "run_slo", "telemetry_buckets")}
         seen["journal_mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        seen["requests_indexes"] = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'index' "
+                                                "AND tbl_name = 'requests'").fetchone()[0]
         conn.close()
         child = start(path, *args, **kwargs)
         started.append({"seen": seen, "child": child, "path": str(path)})
@@ -167,8 +169,9 @@ def test_request_pass_of_a_new_study_starts_beside_the_telemetry(tmp_path, small
     open_study_db(existing).close()
     ingest.ingest(fresh, [small.server_db], [small.client_db])
     assert len(started) == 1 and started[0]["path"].endswith(".building")
+    # The requests' indexes are built after the start (the source's primary key proves the study key unique).
     assert started[0]["seen"] == {"requests": 5, "client_requests": 6, "run_slo": 1, "telemetry_buckets": 0,
-                                  "journal_mode": "wal"}
+                                  "journal_mode": "wal", "requests_indexes": 0}
     assert started[0]["child"].proc.poll() is not None  # waited for by the ingest's refresh
     ingest.ingest(existing, [small.server_db], [small.client_db])
     # An existing study DB: the pass after the whole ingest, as before.
@@ -228,3 +231,28 @@ def test_killed_ingest_after_the_request_pass_started_leaves_no_study_db(tmp_pat
     db = sqlite_utils.Database(study)
     assert db["requests"].count == 5 and db["run_request_totals"].count == 1
     db.close()
+
+
+def test_request_pass_starts_after_the_keys_where_the_source_does_not_prove_them(tmp_path, small, monkeypatch):
+    """A server DB whose ``requests`` has no unique key of its own (the bulk copy's key index may then fail and
+    the copy fall back to an upsert): the early pass starts only after the whole copy, once, and the study
+    equals an ingest into an existing study DB. Guards the start before the indexes (ingest._bulk_copy) from
+    being taken where the key index could still fail."""
+    import shutil
+
+    server = tmp_path / "keyless.db"
+    shutil.copy(small.server_db, server)
+    conn = sqlite3.connect(server)
+    conn.executescript("DROP VIEW run_windows; CREATE TABLE r2 AS SELECT * FROM requests; DROP TABLE requests; "
+                       "ALTER TABLE r2 RENAME TO requests;")
+    conn.close()
+    started = _spy_on_early_pass(monkeypatch)
+    fresh, existing = tmp_path / "fresh" / "study.db", tmp_path / "existing" / "study.db"
+    fresh.parent.mkdir()
+    existing.parent.mkdir()
+    open_study_db(existing).close()
+    ingest.ingest(fresh, [server], [small.client_db])
+    assert len(started) == 1 and started[0]["seen"]["requests"] == 5
+    assert started[0]["seen"]["requests_indexes"] == 2  # key and run_id: built before the start
+    ingest.ingest(existing, [server], [small.client_db])
+    assert dump(fresh) == dump(existing)
