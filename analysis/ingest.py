@@ -424,8 +424,9 @@ EARLY_PASS_NICENESS = 15
 def _start_request_pass(db: sqlite_utils.Database) -> None:
     """Start the request pass (request_pass.py) in its child process now, beside the last server DB's
     telemetry, instead of after it: every table it reads (client DBs' tables, ``servers`` … ``requests``,
-    ``run_slo``) is final here, and what the ingest writes afterwards (telemetry aggregates, ``cap_events``,
-    ``idle_power``, ``sources``) it never reads. Only in a new study DB being built: the copy so far is
+    ``run_slo``) is final here, and what the ingest writes afterwards (the ``requests`` indexes, which the
+    child's table scans do not use, ``batch_gpu_energy``, telemetry aggregates, ``cap_events``, ``idle_power``,
+    ``sources``) it never reads. Only in a new study DB being built: the copy so far is
     committed (a failed build is removed whole, study_file.py), and the file switches to WAL so that the child
     reads committed pages while this connection goes on writing (a rollback journal would block this
     process's commit on the child's read locks). ``views.refresh`` then waits for the child."""
