@@ -6,7 +6,9 @@ time and energy. This times each of the engine's decode-attention functions (``s
 the same cache: ``sdpa`` (the default: SDPA with an additive mask over the attention window), ``bmm`` (two
 batched matmuls, compiled as the engine compiles it), ``flex`` (FlexAttention with the engine's block mask
 over the whole cache, compiled), and, as a bound no engine path reaches, ``sdpa-nomask`` (SDPA over exactly
-the live keys, no mask: flash attention). Each runs as a CUDA graph of one call per layer over ``--layers``
+the live keys, no mask: flash attention); ``kernel`` and ``kernel-fp8``: the Triton decode kernel of
+``--kv-cache fp8`` (``server/engine/fp8_attention.py``) over the same cache in fp16 and over its e4m3 copy
+(the bandwidth column counts the bytes each reads). Each runs as a CUDA graph of one call per layer over ``--layers``
 distinct caches (so nothing sits in L2), replayed for at least ``--min-seconds``; energy from the NVML
 counter (read-only) around the replays. Columns: µs per call, K/V bandwidth over the live keys, W, µJ per
 call, and the largest difference from an fp32 reference.
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--padding", type=int, default=0, help="left-padding slots masked in every other row")
     ap.add_argument("--window-slots", type=int, default=fe.WINDOW_SLOTS, help="the engine's window granularity")
     ap.add_argument("--layers", type=int, default=8, help="distinct caches per graph replay")
-    ap.add_argument("--impls", default="sdpa,bmm,flex,sdpa-nomask")
+    ap.add_argument("--impls", default="sdpa,bmm,flex,sdpa-nomask,kernel,kernel-fp8")
     ap.add_argument("--min-seconds", type=float, default=2.0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="cpu, small shapes, no graphs")
@@ -90,7 +92,18 @@ def run(args) -> dict:
                                              attn_mask=additive.float(), scale=scale)
         bmm = fe.compiled_decode_attention("bmm") if cuda else fe.attend_bmm
         flex = fe.compiled_decode_attention("flex") if cuda else fe.attend_flex
+        ks8 = [k.to(torch.float8_e4m3fn) for k in ks] if "kernel-fp8" in args.impls else ks
+        vs8 = [v.to(torch.float8_e4m3fn) for v in vs] if "kernel-fp8" in args.impls else vs
+        fp8_of = {id(k): k8 for k, k8 in zip(ks + vs, ks8 + vs8)}
+
+        def kernel(k, v):
+            from llmwatts.server.engine import fp8_attention
+
+            return fp8_attention.launch(q, k[:, :, :window], v[:, :, :window], additive, scale)
+
         impls = {
+            "kernel": kernel,
+            "kernel-fp8": lambda k, v: kernel(fp8_of[id(k)], fp8_of[id(v)]),
             "sdpa": lambda k, v: fe.attend_sdpa(q, k[:, :, :window], v[:, :, :window], additive, scale),
             "bmm": lambda k, v: bmm(q, k[:, :, :window], v[:, :, :window], additive, scale),
             "flex": lambda k, v: flex(q, k, v, block_mask, scale),
@@ -106,7 +119,8 @@ def run(args) -> dict:
                     err = float("nan")  # it ignores the padding by construction
                 step = measure(lambda: [fn(k, v) for k, v in zip(ks, vs)], cuda, counter, args.min_seconds)
                 per_call = step["seconds"] / (step["replays"] * args.layers)
-                row.update(us=1e6 * per_call, gb_s=kv_bytes / per_call / 1e9, max_abs_err=err)
+                read = kv_bytes / 2 if name == "kernel-fp8" and cuda else kv_bytes  # e4m3: half fp16's bytes
+                row.update(us=1e6 * per_call, gb_s=read / per_call / 1e9, max_abs_err=err)
                 if "joules" in step:
                     row.update(watts=step["joules"] / step["seconds"],
                                uj=1e6 * step["joules"] / (step["replays"] * args.layers))

@@ -14,7 +14,9 @@ FlexAttention over the whole cache; ``sdpa:64`` etc. also sets the window granul
 ``--weights fp16,fp8`` adds the fast engine (and server) rows with fp8 weights, each further precision in
 a process of its own (its model alone in GPU memory), labelled ``fast-fp8``, their last column against
 fp16's, and fp8's accuracy cost: top-1 agreement and mean KL against the fp16 logits on a fixed token
-set (``weights_accuracy.py``).
+set (``weights_accuracy.py``). A precision ``+kv8`` (``fp16+kv8``, ``fp8+kv8``) also keeps the KV cache in
+e4m3 (``--kv-cache fp8``: decode reads it with its own Triton kernel), and adds the cache's own accuracy
+cost: the teacher-forced argmax agreement of that engine with an fp16-cache engine on the same weights.
 
 Read-only NVML only: no setter is ever called (shared GPUs).
 
@@ -44,6 +46,7 @@ from weights_accuracy import against_fp16, fmt_accuracy, other_precision
 from llmwatts.server.engine import WINDOW_SLOTS, BatchSpec, FastEngine, Sampling, check_decode_options
 
 ENGINES = ("eager", "static", "fast", "server")
+PRECISIONS = ("fp16", "fp8", "fp16+kv8", "fp8+kv8")  # weights, and +kv8: an fp8 KV cache too
 
 
 def main(argv=None) -> int:
@@ -87,8 +90,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown engines {sorted(unknown)}: use {','.join(ENGINES)}")
     batches = [int(b) for b in args.batches.split(",") if b]
     precisions = [w for w in args.weights.split(",") if w]
-    if not precisions or set(precisions) - {"fp16", "fp8"}:
-        ap.error(f"--weights takes fp16 and/or fp8, got {args.weights!r}")
+    if not precisions or set(precisions) - set(PRECISIONS):
+        ap.error(f"--weights takes some of {','.join(PRECISIONS)}, got {args.weights!r}")
     args.weights = precisions[0]
     results = run_bench(args, engines, batches)
     for precision in precisions[1:]:
@@ -127,8 +130,10 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
     t_load = time.perf_counter()
     db = Path(tempfile.mkdtemp()) / "bench.db"
     largest = max(batches + [1])
-    weights = "fp8-reference" if args.weights == "fp8" and device.type == "cpu" else args.weights
-    cfg = ServerConfig(model=args.model, device=args.device, engine="fast", weights=weights,
+    weights, _, kv = args.weights.partition("+")
+    weights = "fp8-reference" if weights == "fp8" and device.type == "cpu" else weights
+    kv_cache = ("fp8-reference" if device.type == "cpu" else "fp8") if kv == "kv8" else "fp16"
+    cfg = ServerConfig(model=args.model, device=args.device, engine="fast", weights=weights, kv_cache=kv_cache,
                        power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
                        port=0, db_path=db, telemetry_hz=0, max_batch_size=max(largest, 256),
                        queue_size=8, cap_state_path=db.with_suffix(".caps.json"))
@@ -303,7 +308,17 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
             alt.release()
             del alt
 
-    if args.weights != "fp16" and "fast" in engines:
+    if kv_cache != "fp16" and "fast" in engines:
+        try:  # the fp8 cache's own cost, on these weights: its engine against an fp16-cache engine
+            alt = FastEngine(model, tokenizer.pad_token_id, engine.eos_id, device, host.loaded.context_length)
+            results["kv_accuracy"] = kv_agreement(engine, alt, args.accuracy_seqs)
+            note(f"{args.weights}: fp8 cache vs fp16 cache, teacher-forced argmax agreement "
+                 f"{100 * results['kv_accuracy']['top1_agreement']:.2f}% over {results['kv_accuracy']['positions']} "
+                 f"positions of random weights")
+            alt.release()
+        except Exception as e:
+            note(f"kv accuracy check failed: {type(e).__name__}: {e}")
+    if args.weights.partition("+")[0] != "fp16" and "fast" in engines:
         try:
             engine.release()
             results["weights_accuracy"] = {args.weights: against_fp16(args.model, device, model, args.accuracy_seqs)}
@@ -313,6 +328,20 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
 
     srv.stop(grace=1)
     return results
+
+
+def kv_agreement(engine, reference, n_seqs: int, length: int = 256) -> dict:
+    """Teacher-forced argmax (``FastEngine.teacher_forced_argmax``: prefill of the first token, then one
+    decode step per token fed in, so every prediction reads the cache) of ``engine`` against
+    ``reference`` on ``fixed_tokens``: the fraction of positions where they agree."""
+    from weights_accuracy import fixed_tokens
+
+    agree = total = 0
+    for seq in fixed_tokens(n_seqs, length).tolist():
+        a, b = engine.teacher_forced_argmax(seq), reference.teacher_forced_argmax(seq)
+        agree += sum(x == y for x, y in zip(a, b))
+        total += len(a)
+    return {"positions": total, "top1_agreement": agree / total}
 
 
 def parse_variant(variant: str) -> tuple[str, int]:

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from llmwatts.errors import InvalidArgument
-from llmwatts.server.config import MAX_JOIN_TOKENS, ServerConfig, check_engine
+from llmwatts.server.config import KV_CACHES, MAX_JOIN_TOKENS, ServerConfig, check_engine
 from llmwatts.server.lifecycle import check_port_free
 from llmwatts.server.gpu import SIM_PROFILES
 
@@ -25,6 +25,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weights", default=d.weights, choices=("fp16", "fp8"),
                    help="decoder weights: fp16 (as --dtype) or fp8 (e4m3, per-channel scales; an FP8 GPU: "
                         "Ada or Hopper; default: fp16)")
+    p.add_argument("--kv-cache", default=d.kv_cache, choices=KV_CACHES,
+                   help="KV cache: fp16 (as --dtype) or fp8 (e4m3, read by its own decode kernel; the fast "
+                        "engine on an FP8 GPU: Ada or Hopper; default: fp16)")
     p.add_argument("--engine", default=d.engine, help="auto (fast on GPU, eager on CPU), eager or fast")
     p.add_argument("--host", default=d.host, help="interface to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=d.port, help="TCP port, 0 to 65535 (0 picks a free one; default: 50051)")

@@ -13,6 +13,7 @@ ENGINES = ("auto", "eager", "fast")
 # The fast engine's decode attention, chosen by this environment variable (docs/performance.md).
 ATTENTIONS = ("sdpa", "bmm", "flex")
 ATTENTION_ENV = "LLMWATTS_FAST_ATTENTION"
+KV_CACHES = ("fp16", "fp8")  # --kv-cache (= engine.cache.KV_CACHES; this module stays torch-free)
 MAX_JOIN_TOKENS = 4096  # --continuous-join-tokens at most this (= engine.prefill.MAX_JOIN_TOKENS; this module stays torch-free)
 
 
@@ -36,6 +37,7 @@ class ServerConfig:
     device: str = "auto"                 # auto, cpu, cuda, cuda:N
     dtype: str = "auto"                  # auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32
     weights: str = "fp16"                # fp16 (the dtype as it is) or fp8 (projections e4m3, FP8 GPUs only)
+    kv_cache: str = "fp16"               # fp16 (the dtype as it is) or fp8 (K/V e4m3, fast engine, FP8 GPUs only)
     engine: str = "auto"                 # auto (fast on GPU, eager on CPU), eager, fast
     host: str = "127.0.0.1"
     port: int = 50051                    # 0 picks a free port (tests)

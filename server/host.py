@@ -42,7 +42,7 @@ class Host:
         self.node = node or socket.gethostname()
         self.loaded: LoadedModel = loaded or load_model(config.model, config.device, config.dtype, config.seed,
                                                               config.weights)
-        self.engine = engine or make_engine(config.engine, self.loaded, config.continuous)
+        self.engine = engine or make_engine(config.engine, self.loaded, config.continuous, config.kv_cache)
         self.gpus = gpus if gpus is not None else open_gpus(
             config.power_backend, node=self.node, sim_gpus=config.sim_gpus, sim_profile=config.sim_profile,
             device_indices=_nvml_indices(config, self.loaded))
@@ -114,8 +114,10 @@ class Host:
 
     @property
     def dtype_text(self) -> str:
-        """``float16``, or ``float16+fp8-weights`` under ``--weights fp8`` (servers.dtype, ServerInfo.dtype)."""
-        return str(self.loaded.dtype).removeprefix("torch.") + ("+fp8-weights" if self.loaded.weights != "fp16" else "")
+        """``float16``; ``+fp8-weights`` under ``--weights fp8``, ``+fp8-kv`` under ``--kv-cache fp8``
+        (servers.dtype, ServerInfo.dtype)."""
+        return (str(self.loaded.dtype).removeprefix("torch.") + ("+fp8-weights" if self.loaded.weights != "fp16" else "")
+                + ("+fp8-kv" if getattr(self.engine, "kv_cache", "fp16") != "fp16" else ""))
 
     def _record_server(self) -> None:
         self.store.record_server({
@@ -149,11 +151,13 @@ class Host:
         self.store.close()
 
 
-def make_engine(name: str, loaded: LoadedModel, continuous: bool = False):
+def make_engine(name: str, loaded: LoadedModel, continuous: bool = False, kv_cache: str = "fp16"):
     check_engine(name, continuous)
-    if name == "auto":  # continuous batching is a fast-engine feature, on CPU too
-        name = "fast" if loaded.device.type == "cuda" or continuous else "eager"
+    if name == "auto":  # continuous batching and fp8 caches are fast-engine features (the latter says where)
+        name = "fast" if loaded.device.type == "cuda" or continuous or kv_cache != "fp16" else "eager"
     if name == "eager":
+        if kv_cache != "fp16":
+            raise InvalidArgument("--kv-cache fp8 needs the fast engine: use --engine fast (or auto on a GPU)")
         if loaded.parallel is not None and loaded.weights != "fp16":  # FairScale's layers run fp16 weights only
             raise InvalidArgument("--weights fp8 with --shards needs --engine fast")
         from llmwatts.server.engine import EagerEngine
@@ -164,7 +168,7 @@ def make_engine(name: str, loaded: LoadedModel, continuous: bool = False):
     except ModuleNotFoundError as e:
         raise InvalidArgument("the fast engine is not available in this build: use --engine eager") from e
     return FastEngine(loaded.model, loaded.tokenizer.pad_token_id, loaded.eos_token_id, loaded.device,
-                      context_length=loaded.context_length, parallel=loaded.parallel)
+                      context_length=loaded.context_length, parallel=loaded.parallel, kv_cache=kv_cache)
 
 
 def _nvml_indices(config: ServerConfig, loaded: LoadedModel) -> list[int] | None:

@@ -88,7 +88,7 @@ def load_rank(config: ServerConfig, r: Rank):
     loaded, shard = load_sharded(config.model, r.device, dtype, config.seed, r.rank, r.world, config.weights)
     # auto: the fast engine on GPUs (its CUDA graphs capture the NCCL all-reduces; measured on 4 H100s,
     # docs/results.md), eager on CPU.
-    engine = make_engine(config.engine, loaded)
+    engine = make_engine(config.engine, loaded, kv_cache=config.kv_cache)
     return loaded, engine, shard
 
 

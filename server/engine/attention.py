@@ -55,6 +55,44 @@ def attend_sdpa(q, k, v, mask, scale: float):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def attend_fp8_cache(q, k, v, mask, scale: float, kernel: bool):
+    """Attention over an fp8 KV window (``--kv-cache fp8``): with ``kernel`` (a decode step on an FP8 GPU)
+    the Triton kernel that reads the e4m3 bytes (``fp8_attention.py``); otherwise (prefill, the CPU
+    reference) SDPA over the window widened to q's dtype: the same values, read at twice the bytes."""
+    if kernel and q.shape[2] == 1:
+        from llmwatts.server.engine import fp8_attention
+
+        return fp8_attention.launch(q, k, v, mask, scale)
+    return attend_sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
+
+
+def check_kv_cache(kv_cache: str, device: torch.device, attention: str) -> None:
+    """InvalidArgument (one line) unless the engine can keep its KV cache as ``kv_cache`` on ``device``:
+    ``fp8`` needs an FP8 GPU (compute capability 8.9+), Triton and the sdpa decode attention (the
+    kernel replaces it); ``fp8-reference`` (tests) runs anywhere, widening the cache in every step."""
+    from llmwatts.errors import InvalidArgument
+    from llmwatts.server.engine.cache import KV_CACHES, KV_REFERENCE
+
+    if kv_cache in ("fp16", KV_REFERENCE):
+        return
+    if kv_cache not in KV_CACHES:
+        raise InvalidArgument(f"unknown KV cache {str(kv_cache)[:40]!r}: use {' or '.join(KV_CACHES)}")
+    if attention != "sdpa":
+        raise InvalidArgument(f"--kv-cache fp8 decodes with its own kernel, not {attention}: unset "
+                              f"LLMWATTS_FAST_ATTENTION or use --kv-cache fp16")
+    if device.type != "cuda":
+        raise InvalidArgument(f"--kv-cache fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
+                              f"device {device} has none: use --kv-cache fp16")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise InvalidArgument(f"--kv-cache fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
+                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --kv-cache fp16")
+    try:
+        import llmwatts.server.engine.fp8_attention  # noqa: F401
+    except ImportError as e:
+        raise InvalidArgument(f"--kv-cache fp8 needs Triton ({str(e)[:120]}): use --kv-cache fp16") from e
+
+
 def inductor_options() -> dict:
     # Rounding fused fp16 intermediates as eager does keeps argmax agreement with eager high on near-tied
     # logits (random weights).

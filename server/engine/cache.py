@@ -23,6 +23,21 @@ CACHE_HEADROOM_BYTES = 2 << 30
 FLEX_KV_BLOCK = 64
 
 
+FP8 = torch.float8_e4m3fn
+KV_CACHES = ("fp16", "fp8")      # ``--kv-cache``: "fp16" keeps K/V in the model's dtype, "fp8" in e4m3
+KV_REFERENCE = "fp8-reference"   # an fp8 cache whose attention always widens it (CPU tests)
+
+
+def stored(cache: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cache, value) to write ``value`` into ``cache`` with an index op, in the cache's dtype. An fp8
+    cache is written as its bytes (uint8 views) when run eagerly (``index_copy_`` has no fp8 kernel on
+    CPU); compiled, inductor stores the fp8 values itself (a view would make it copy the whole cache)."""
+    value = value.to(cache.dtype)
+    if cache.dtype == FP8 and not torch.compiler.is_compiling():
+        return cache.view(torch.uint8), value.view(torch.uint8)
+    return cache, value
+
+
 def bucket(n: int) -> int:
     """The batch bucket ``n`` rows run in."""
     for b in BATCH_BUCKETS:
@@ -96,6 +111,7 @@ class ScatterCaches:
     def copy(self, cache: torch.Tensor, scratch: torch.Tensor) -> None:
         # (an index_put: it writes only the rows' slots, where index_copy_ into this strided view could
         # copy it whole)
+        cache, scratch = stored(cache, scratch)
         cache[self.rows, :, :self.width] = scratch
 
 
@@ -111,6 +127,7 @@ class PackedCaches(ScatterCaches):
 
     def copy(self, cache: torch.Tensor, scratch: torch.Tensor) -> None:
         # [1, Hkv, T, D] -> [T, Hkv, D]: the shape of cache[rows, :, slots] (two index tensors, a slice between)
+        cache, scratch = stored(cache, scratch)
         cache[self.rows, :, self.slots] = scratch[0].transpose(0, 1)
 
 
@@ -145,8 +162,10 @@ class Workspaces:
 
     def __init__(self, *, device: torch.device, dtype: torch.dtype, layers: int, kv_heads: int, head_dim: int,
                  hidden: int, intermediate: int, context_length: int, prefill_tokens: int, graphs: bool,
-                 flex: bool, mark_dynamic: bool, min_over_ranks: Callable[[int], int] | None = None):
+                 flex: bool, mark_dynamic: bool, min_over_ranks: Callable[[int], int] | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.device, self.dtype, self.layers = device, dtype, layers
+        self.kv_dtype = kv_dtype or dtype  # the caches' (fp8 with ``--kv-cache fp8``)
         self.kv_heads, self.head_dim, self.hidden, self.intermediate = kv_heads, head_dim, hidden, intermediate
         self.context_length, self.prefill_tokens = context_length, prefill_tokens
         self.graphs, self.flex = graphs, flex
@@ -166,6 +185,7 @@ class Workspaces:
         after evicting others), with room left for a prefill of ``prefill_width`` tokens a row."""
         cache_len = min(round_up(needed_slots, CACHE_SLOTS), round_up(self.context_length, CACHE_SLOTS))
         elem = torch.empty((), dtype=self.dtype).element_size()
+        kv_elem = torch.empty((), dtype=self.kv_dtype).element_size()
         # Prefill's activations come on top of the caches: per token of a chunk about 8 hidden-sized and
         # 4 intermediate-sized tensors at once (q/k/v, gate/up, SiLU·up, fp32 norm temporaries), plus the
         # chunk's [rows, 1, S, S] mask with its bool temporaries. Checked on every batch, a reused cache's too.
@@ -179,13 +199,13 @@ class Workspaces:
         if ws is not None:
             del self.by_batch[batch]
         shape = (batch, self.kv_heads, cache_len, self.head_dim)
-        need = 2 * self.layers * batch * self.kv_heads * cache_len * self.head_dim * elem
+        need = 2 * self.layers * batch * self.kv_heads * cache_len * self.head_dim * kv_elem
         self._make_room(need + prefill)
         dev = self.device
         ws = Workspace(
             batch=batch, cache_len=cache_len,
-            k=[torch.zeros(shape, device=dev, dtype=self.dtype) for _ in range(self.layers)],
-            v=[torch.zeros(shape, device=dev, dtype=self.dtype) for _ in range(self.layers)],
+            k=[torch.zeros(shape, device=dev, dtype=self.kv_dtype) for _ in range(self.layers)],
+            v=[torch.zeros(shape, device=dev, dtype=self.kv_dtype) for _ in range(self.layers)],
             tok=torch.zeros(batch, dtype=torch.long, device=dev), out=torch.zeros(batch, dtype=torch.long, device=dev),
             pos=torch.zeros(batch, dtype=torch.long, device=dev), slot=torch.zeros(1, dtype=torch.long, device=dev),
             key_valid=torch.zeros(batch, cache_len, dtype=torch.bool, device=dev),

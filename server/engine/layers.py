@@ -13,7 +13,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from llmwatts.server.engine.cache import stored
 from llmwatts.server.engine.fp8 import linear
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
@@ -46,16 +48,17 @@ def pre_attention(h, cos, sin, ln_w, eps: float, wqkv, bqkv, sqkv, n_q: int, n_k
 
 
 def rope_into_cache(q, k, v, cos, sin, kc, vc, slots, per_row: bool = False):
-    """Rotary on q and k; k and v written into the caches ``kc``, ``vc`` -> q. ``slots``: [T], the same
-    slots for every row; or with ``per_row`` (a decode step, T = 1, of a continuous batch) [B], each
-    row's own slot."""
+    """Rotary on q and k; k and v written into the caches ``kc``, ``vc`` (in their dtype: an fp8 cache
+    rounds them to e4m3) -> q. ``slots``: [T], the same slots for every row; or with ``per_row`` (a
+    decode step, T = 1, of a continuous batch) [B], each row's own slot."""
+    k = rope(k, cos, sin)
     if per_row:
         rows = torch.arange(kc.shape[0], device=kc.device)
-        kc[rows, :, slots] = rope(k, cos, sin)[:, :, 0]
-        vc[rows, :, slots] = v[:, :, 0]
+        for cache, value in (stored(kc, k[:, :, 0]), stored(vc, v[:, :, 0])):
+            cache[rows, :, slots] = value
     else:
-        kc.index_copy_(2, slots, rope(k, cos, sin))
-        vc.index_copy_(2, slots, v)
+        for cache, value in (stored(kc, k), stored(vc, v)):
+            cache.index_copy_(2, slots, value)
     return rope(q, cos, sin)
 
 

@@ -27,11 +27,11 @@ import torch
 
 from llmwatts.server.config import ATTENTION_ENV
 from llmwatts.server.engine import prefill as prefill_mod
-from llmwatts.server.engine.attention import (WINDOW_SLOTS, allow_recompiles, attend_bmm, attend_flex, attend_sdpa,
-                                              check_decode_options, compiled_decode_attention, flex_block_mask,
-                                              inductor_options)
+from llmwatts.server.engine.attention import (WINDOW_SLOTS, allow_recompiles, attend_bmm, attend_flex,
+                                              attend_fp8_cache, attend_sdpa, check_decode_options, check_kv_cache,
+                                              compiled_decode_attention, flex_block_mask, inductor_options)
 from llmwatts.server.engine.batch import BatchOutput, BatchSpec, PaceCallback, Sampling, SequenceTracker, StepCallback
-from llmwatts.server.engine.cache import Workspace, Workspaces, bucket, round_up
+from llmwatts.server.engine.cache import FP8, Workspace, Workspaces, bucket, round_up
 from llmwatts.server.engine.graphs import capture, step_buffers
 from llmwatts.server.engine.layers import Layer, mlp_partial, post_attention, pre_attention
 from llmwatts.server.engine.parallel import TensorParallel
@@ -58,7 +58,7 @@ class FastEngine:
                  device: torch.device, context_length: int = 2048, *, compile: bool | None = None,
                  cuda_graphs: bool | None = None, attention: str | None = None, window_slots: int = WINDOW_SLOTS,
                  prefill_tokens: int = PREFILL_TOKENS, join_tokens: int = JOIN_GRAPH_TOKENS,
-                 parallel: TensorParallel | None = None):
+                 parallel: TensorParallel | None = None, kv_cache: str = "fp16"):
         self.model, self.pad_id, self.eos_id = model, pad_token_id, eos_token_id
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
@@ -84,6 +84,11 @@ class FastEngine:
         # Attention window granularity: finer reads fewer stale slots per step but captures more graphs.
         check_decode_options(self.attention, window_slots)
         self.window_slots = window_slots
+        # The KV cache's dtype: the model's, or e4m3 (``--kv-cache fp8``: decode reads it with the Triton
+        # kernel of ``fp8_attention.py``; ``fp8-reference`` widens it for SDPA, as prefill always does).
+        check_kv_cache(kv_cache, self.device, self.attention)
+        self.kv_cache = kv_cache
+        self.kv_kernel = kv_cache == "fp8"
         decode_attend = {"sdpa": attend_sdpa, "bmm": attend_bmm, "flex": attend_flex}[self.attention]
         self.fns = self.eager_fns = (pre_attention, post_attention, mlp_partial, decode_attend)
         self.compiled = bool(compile) and all(l.mode != "module" for l in self.layers)
@@ -105,7 +110,8 @@ class FastEngine:
             intermediate=first.module.mlp.gate_proj.weight.shape[0], context_length=context_length,
             prefill_tokens=prefill_tokens, graphs=self.cuda_graphs, flex=self.attention == "flex",
             mark_dynamic=self.compiled and self.attention != "flex",
-            min_over_ranks=parallel.min_over_ranks if self.sharded else None)
+            min_over_ranks=parallel.min_over_ranks if self.sharded else None,
+            kv_dtype=self.dtype if kv_cache == "fp16" else FP8)
         self._pinned = None
 
     def _kv_heads(self) -> int:
@@ -289,7 +295,9 @@ class FastEngine:
         for layer, (kc, vc) in zip(self.layers, caches):
             q = layer.pre(pre, h, cos, sin, kc, vc, slots, per_row)            # q: [B, Hq, T, D]
             kw, vw = kc[:, :, :window], vc[:, :, :window]                       # k: [B, Hkv, W, D]
-            if decode and (self.attention != "bmm" or kw.shape[1] == q.shape[1]):  # bmm has no GQA: SDPA
+            if kw.dtype != q.dtype:  # an fp8 cache
+                attn = attend_fp8_cache(q, kw, vw, mask, self.scale, kernel=decode and self.kv_kernel)
+            elif decode and (self.attention != "bmm" or kw.shape[1] == q.shape[1]):  # bmm has no GQA: SDPA
                 attn = attend(q, kw, vw, mask, self.scale)
             else:
                 attn = attend_sdpa(q, kw, vw, mask, self.scale)
