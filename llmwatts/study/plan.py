@@ -24,12 +24,13 @@ rate_rps = [1.0, 4.0]      # or users = [...] (closed loop)
 cap_w = [250, 175]
 sm_clock_mhz = [1980, 1395] # locked SM clock per cell (leased, reset after the cell)
 weights = ["fp16"]          # only servers started with --weights fp16 run these cells
+kv_cache = ["fp16", "fp8"]  # and --kv-cache: each value on the servers started with it
 ```
 
 Dimensions are generic: a grid key is either a ``LoadConfig`` field (dataset, batch_size, users, rate_rps,
 max_new_tokens, stream, ...) or a server-side setting the study runner handles, one of ``SERVER_DIMENSIONS``
-(``cap_w``; ``sm_clock_mhz``, a locked SM clock leased through ``ClockClient``; ``engine`` and ``weights``
-pick the servers that run that engine or weight precision; a cell no server matches is refused). ``--preset paper`` fills the paper's grid
+(``cap_w``; ``sm_clock_mhz``, a locked SM clock leased through ``ClockClient``; ``engine``, ``weights`` and
+``kv_cache`` pick the servers that run that engine, weight precision or KV cache precision; a cell no server matches is refused). ``--preset paper`` fills the paper's grid
 (4,096 prompts of Alpaca and GSM8K, batch 64, 256 new tokens) under whatever the plan sets.
 """
 
@@ -47,11 +48,12 @@ from llmwatts.client import parse_target
 from llmwatts.errors import InvalidArgument, NotFound
 from llmwatts.loadgen.config import LoadConfig
 
-SERVER_DIMENSIONS = ("cap_w", "sm_clock_mhz", "engine", "weights")  # handled by the runner, not by LoadConfig
+SERVER_DIMENSIONS = ("cap_w", "sm_clock_mhz", "engine", "weights", "kv_cache")  # handled by the runner, not by LoadConfig
 LOAD_FIELDS = {f.name for f in fields(LoadConfig)} - {
     "target", "run_id", "labels", "client_db", "master", "worker", "expect_workers", "master_bind_host",
     "master_port", "master_host", "token", "ca", "cert", "key", "quiet", "run_secret_file"}
 WEIGHTS = ("fp16", "fp8")  # serve --weights
+KV_CACHES = ("fp16", "fp8")  # serve --kv-cache
 MAX_CLOCK_MHZ = 10000
 MAX_CELLS = 10000
 MAX_NAME_CHARS = 40
@@ -197,6 +199,8 @@ def check_plan(raw: dict, *, source: str = "plan", servers: list[str] | None = N
                                   "`llmwatts clocks get` lists the GPU's supported clocks")
         if dim == "weights" and not all(v in WEIGHTS for v in values):
             raise InvalidArgument(f"{source}: [grid] weights must be among {', '.join(WEIGHTS)}, got {values}")
+        if dim == "kv_cache" and not all(v in KV_CACHES for v in values):
+            raise InvalidArgument(f"{source}: [grid] kv_cache must be among {', '.join(KV_CACHES)}, got {values}")
         grid[dim] = values
     if "users" in grid and "rate_rps" in grid:
         raise InvalidArgument(f"{source}: [grid] has both users (closed loop) and rate_rps (open loop); pick one")

@@ -29,7 +29,7 @@ from llmwatts.study import state as st
 from llmwatts.study.cell import run_cell
 from llmwatts.study.plan import Cell, Plan
 from llmwatts.study.progress import StudyProgress
-from llmwatts.study.servers import weights_of  # noqa: F401  (its historic home)
+from llmwatts.study.servers import kv_cache_of, weights_of  # noqa: F401  (weights_of: its historic home)
 from llmwatts.v1 import llmwatts_pb2 as pb
 
 
@@ -57,8 +57,8 @@ class StudyResult:
 
 
 def tasks_of(plan: Plan, servers: dict[str, pb.ServerInfo]) -> list[Task]:
-    """Each cell on each server whose engine and weight precision match the cell's ``engine`` and
-    ``weights`` (when the grid has them)."""
+    """Each cell on each server whose engine, weight precision and KV cache precision match the cell's
+    ``engine``, ``weights`` and ``kv_cache`` (when the grid has them)."""
     tasks = []
     for cell in plan.cells():
         engine, weights = cell.get("engine"), cell.get("weights")
@@ -71,6 +71,13 @@ def tasks_of(plan: Plan, servers: dict[str, pb.ServerInfo]) -> list[Task]:
             raise InvalidArgument(f"no server{'' if engine is None else f' of engine {engine}'} runs --weights "
                                   f"{weights}: the servers run {sorted({weights_of(i) for i in servers.values()})}; "
                                   f"start one with `llmwatts serve --weights {weights}`")
+        kv = cell.get("kv_cache")
+        if kv is not None:
+            others = sorted({kv_cache_of(servers[t]) for t in matching})
+            matching = [t for t in matching if kv_cache_of(servers[t]) == kv]
+            if not matching:
+                raise InvalidArgument(f"no matching server runs --kv-cache {kv}: they run {others}; start one "
+                                      f"with `llmwatts serve --kv-cache {kv}`")
         tasks.extend(Task(cell, t) for t in matching)
     return tasks
 

@@ -40,6 +40,11 @@ def weights_of(info: pb.ServerInfo) -> str:
     return "fp8" if "fp8-weights" in info.dtype else "fp16"
 
 
+def kv_cache_of(info: pb.ServerInfo) -> str:
+    """A server's KV cache precision (serve --kv-cache): its dtype names an fp8 cache (``float16+fp8-kv``)."""
+    return "fp8" if "fp8-kv" in info.dtype else "fp16"
+
+
 def connect(targets: list[str], token: str | None, tls: dict) -> dict[str, Server]:
     servers = {}
     for target in targets:

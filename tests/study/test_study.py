@@ -291,6 +291,28 @@ def test_a_cell_whose_weights_no_server_runs_is_refused_in_one_line():
         tasks_of(plan, {"h:1": servers["h:1"]})
 
 
+def test_the_kv_cache_dimension_picks_the_servers_started_with_it():
+    """Guards the kv_cache dimension: a cell runs only on servers whose dtype names its KV cache (fp8
+    weights or not), a value no server runs is refused in one line, and the plan checks the values."""
+    from llmwatts.study.runner import tasks_of
+    from llmwatts.v1 import llmwatts_pb2 as pb
+
+    base = {"servers": [{"target": "h:1"}], "load": {"requests": 2, "dataset": "mini"}}
+    with pytest.raises(InvalidArgument, match="kv_cache must be among fp16, fp8"):
+        check_plan({**base, "grid": {"kv_cache": ["int4"]}})
+    servers = {"h:1": pb.ServerInfo(engine="fast", dtype="float16"),
+               "h:2": pb.ServerInfo(engine="fast", dtype="float16+fp8-kv"),
+               "h:3": pb.ServerInfo(engine="fast", dtype="float16+fp8-weights+fp8-kv")}
+    plan = check_plan({**base, "grid": {"weights": ["fp16", "fp8"], "kv_cache": ["fp16", "fp8"]}})
+    assert [c.labels()["kv_cache"] for c in plan.cells()] == ["fp16", "fp8", "fp16", "fp8"]
+    assert [(t.cell.get("weights"), t.cell.get("kv_cache"), t.target) for t in tasks_of(plan, {**servers, "h:4": pb.ServerInfo(
+        engine="fast", dtype="float16+fp8-weights")})] == [
+        ("fp16", "fp16", "h:1"), ("fp16", "fp8", "h:2"), ("fp8", "fp16", "h:4"), ("fp8", "fp8", "h:3")]
+    with pytest.raises(InvalidArgument, match=r"^no matching server runs --kv-cache fp8: they run \['fp16'\]; start one "
+                                              r"with `llmwatts serve --kv-cache fp8`$"):
+        tasks_of(check_plan({**base, "grid": {"kv_cache": ["fp8"]}}), {"h:1": servers["h:1"]})
+
+
 def test_the_sla_choice_weighs_both_levers_and_names_the_winner():
     """Guards issue 22's 'which lever won': over a cap x clock grid the choice is the lowest J/token
     within the SLA whichever lever got it there, and the message names that lever."""
