@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--join-tokens", type=int, default=-1,
                     help="joins of up to this many padded tokens replay captured graphs (the server's "
                          "--continuous-join-tokens; default: the engine's JOIN_GRAPH_TOKENS; 0: none)")
+    ap.add_argument("--weights", default="fp16", choices=("fp16", "fp8"), help="serve --weights (default fp16)")
+    ap.add_argument("--kv-cache", default="fp16", choices=("fp16", "fp8"), help="serve --kv-cache (default fp16)")
     ap.add_argument("--profile", action="store_true", help="print the batcher thread's cProfile per server row")
     ap.add_argument("--data-dir", help="folder with alpaca_5k.jsonl (default: llmwatts' data folders)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -218,8 +220,13 @@ def main(argv=None) -> int:
     db_dir = Path(tempfile.mkdtemp())
     counter = EnergyCounter(device)
 
+    cpu = device.type == "cpu"  # the fp8 paths' CPU reference maths (``fp8-reference``)
+    weights = "fp8-reference" if args.weights == "fp8" and cpu else args.weights
+    kv_cache = "fp8-reference" if args.kv_cache == "fp8" and cpu else args.kv_cache
+
     def config(name: str, b: int, users: int, **kw) -> ServerConfig:
-        return ServerConfig(model=args.model, device=args.device, engine="fast", port=0,
+        return ServerConfig(model=args.model, device=args.device, engine="fast", port=0, weights=weights,
+                            kv_cache=kv_cache,
                             power_backend="nvml-readonly" if device.type == "cuda" else "simulated",
                             db_path=db_dir / f"{name}.db", cap_state_path=db_dir / f"{name}.caps.json",
                             max_batch_size=b, queue_size=users + 8, **kw)
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
     base = Host(config("load", 1, 1))
     loaded, engine = base.loaded, base.engine
     base.close()
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": args.model,
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": args.model, "dtype": base.dtype_text,
                "device": getattr(counter, "name", str(device)),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
     if args.join_tokens >= 0:
@@ -281,7 +288,8 @@ def main(argv=None) -> int:
 
 
 def print_report(results: dict) -> None:
-    print(f"\n# {results['model']} on {results['device']} ({results['threads']} torch threads), Alpaca reference "
+    print(f"\n# {results['model']} ({results.get('dtype', '')}) on {results['device']} ({results['threads']} torch "
+          f"threads), Alpaca reference "
           f"lengths, greedy; joins graphed up to {results['join_tokens']} tokens; torch {results['torch']}; "
           f"{results['date']}\n")
     print("| B | mode | client threads | tok/s | vs engine | J/token | W | steps | live rows | forward ms/step | "
