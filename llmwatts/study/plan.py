@@ -30,8 +30,8 @@ kv_cache = ["fp16", "fp8"]  # and --kv-cache: each value on the servers started 
 Dimensions are generic: a grid key is either a ``LoadConfig`` field (dataset, batch_size, users, rate_rps,
 max_new_tokens, stream, ...) or a server-side setting the study runner handles, one of ``SERVER_DIMENSIONS``
 (``cap_w``; ``sm_clock_mhz``, a locked SM clock leased through ``ClockClient``; ``engine``, ``weights`` and
-``kv_cache`` pick the servers that run that engine, weight precision or KV cache precision; a cell no server matches is refused). ``--preset paper`` fills the paper's grid
-(4,096 prompts of Alpaca and GSM8K, batch 64, 256 new tokens) under whatever the plan sets.
+``kv_cache`` pick the servers that run that engine, weight precision or KV cache precision; a cell no server
+matches is refused). ``--preset paper`` fills the paper's grid (4,096 prompts of Alpaca and GSM8K, batch 64, 256 new tokens) under whatever the plan sets.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from llmwatts.client import parse_target
 from llmwatts.errors import InvalidArgument, NotFound
 from llmwatts.loadgen.config import LoadConfig
 
-SERVER_DIMENSIONS = ("cap_w", "sm_clock_mhz", "engine", "weights", "kv_cache")  # handled by the runner, not by LoadConfig
+# Handled by the runner, not by LoadConfig.
+SERVER_DIMENSIONS = ("cap_w", "sm_clock_mhz", "engine", "weights", "kv_cache")
 LOAD_FIELDS = {f.name for f in fields(LoadConfig)} - {
     "target", "run_id", "labels", "client_db", "master", "worker", "expect_workers", "master_bind_host",
     "master_port", "master_host", "token", "ca", "cert", "key", "quiet", "run_secret_file"}
