@@ -31,7 +31,8 @@ Dimensions are generic: a grid key is either a ``LoadConfig`` field (dataset, ba
 max_new_tokens, stream, ...) or a server-side setting the study runner handles, one of ``SERVER_DIMENSIONS``
 (``cap_w``; ``sm_clock_mhz``, a locked SM clock leased through ``ClockClient``; ``engine``, ``weights`` and
 ``kv_cache`` pick the servers that run that engine, weight precision or KV cache precision; a cell no server
-matches is refused). ``--preset paper`` fills the paper's grid (4,096 prompts of Alpaca and GSM8K, batch 64, 256 new tokens) under whatever the plan sets.
+matches is refused). ``--preset paper`` fills the paper's grid (4,096 prompts of Alpaca and GSM8K, batch 64,
+256 new tokens) under whatever the plan sets.
 """
 
 from __future__ import annotations
