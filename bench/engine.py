@@ -311,18 +311,19 @@ def run_bench(args, engines: list[str], batches: list[int]) -> dict:
     if kv_cache != "fp16" and "fast" in engines:
         try:  # the fp8 cache's own cost, on these weights: its engine against an fp16-cache engine
             alt = FastEngine(model, tokenizer.pad_token_id, engine.eos_id, device, host.loaded.context_length)
-            results["kv_accuracy"] = kv_agreement(engine, alt, args.accuracy_seqs)
+            kv_acc = results["kv_accuracy"] = {args.weights: kv_agreement(engine, alt, args.accuracy_seqs)}
             note(f"{args.weights}: fp8 cache vs fp16 cache, teacher-forced argmax agreement "
-                 f"{100 * results['kv_accuracy']['top1_agreement']:.2f}% over {results['kv_accuracy']['positions']} "
+                 f"{100 * kv_acc[args.weights]['top1_agreement']:.2f}% over {kv_acc[args.weights]['positions']} "
                  f"positions of random weights")
             alt.release()
         except Exception as e:
             note(f"kv accuracy check failed: {type(e).__name__}: {e}")
-    if args.weights.partition("+")[0] != "fp16" and "fast" in engines:
+    if weights != "fp16" and "fast" in engines:  # the weights' own cost (a full forward: no KV cache)
         try:
             engine.release()
-            results["weights_accuracy"] = {args.weights: against_fp16(args.model, device, model, args.accuracy_seqs)}
-            note(f"{args.weights} vs fp16: {fmt_accuracy(results['weights_accuracy'][args.weights])}")
+            precision = args.weights.partition("+")[0]
+            results["weights_accuracy"] = {precision: against_fp16(args.model, device, model, args.accuracy_seqs)}
+            note(f"{precision} weights vs fp16: {fmt_accuracy(results['weights_accuracy'][precision])}")
         except Exception as e:
             note(f"{args.weights} accuracy check failed: {type(e).__name__}: {e}")
 

@@ -64,6 +64,7 @@ def other_precision(script: str, argv: list[str], precision: str, engines: str, 
             return [{"engine": f"fast-{precision}", "batch": 0, "error": "its process wrote no results"}]
         other = json.loads(out.read_text())
     results.setdefault("weights_accuracy", {}).update(other.get("weights_accuracy", {}))
+    results.setdefault("kv_accuracy", {}).update(other.get("kv_accuracy", {}))
     results["events"] += other["events"]
     return [r for r in other["rows"] if r["engine"].split("-")[0] in ("fast", "server")]
 
