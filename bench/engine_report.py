@@ -57,7 +57,9 @@ def print_report(results: dict) -> None:
         print(f"{precision} weights vs fp16 logits: {fmt_accuracy(a)} (random weights say little about real quality)")
     for precision, a in results.get("kv_accuracy", {}).items():
         print(f"{precision}: fp8 KV cache vs fp16 KV cache on the same weights, teacher-forced argmax agreement "
-              f"{100 * a['top1_agreement']:.2f}% over {a['positions']} positions (random weights: near-tied logits)")
+              f"{100 * a['top1_agreement']:.2f}% over {a['positions']} positions (random weights: near-tied logits)"
+              + (f"; decode kernel vs the same cache widened for SDPA {100 * a['kernel_vs_widened']:.2f}%"
+                 if "kernel_vs_widened" in a else ""))
     if results.get("weights_accuracy"):
         print(f"fp8 targets: {FP8_TARGETS}")
     print(f"targets: {TARGETS}")
