@@ -150,6 +150,7 @@ class ShardedEngine:
     def __init__(self, inner, controller: Controller):
         self.inner, self.controller = inner, controller
         self.name = inner.name
+        self.kv_cache = getattr(inner, "kv_cache", "fp16")  # (the server's dtype names an fp8 cache)
 
     @property
     def failure(self) -> Unavailable | None:
