@@ -29,7 +29,7 @@ from llmwatts.analysis import samples
 class _BucketsChild:
     """``_buckets_duckdb`` of one server DB in a child process (``python -m llmwatts.analysis.bucket_prefetch``), so
     that it runs on the other core while this process copies the file's other tables (two SQLite libraries
-    must not have one file open in one process: request_pass.py). Rows come back pickled in a temp file."""
+    must not have one file open in one process: request_pass.py). Rows come back pickled in a temp file, in chunks."""
 
     def __init__(self, path: Path, names: set[str]):
         self.out = tempfile.TemporaryFile()
@@ -42,7 +42,10 @@ class _BucketsChild:
             if self.proc.wait(timeout_s) != 0:
                 return None
             self.out.seek(0)
-            rows, peak = pickle.load(self.out)
+            rows = []
+            while (record := pickle.load(self.out))[0] == "rows":  # chunks, then ("peak", MiB)
+                rows.extend(record[1])
+            peak = record[1]
         except (subprocess.TimeoutExpired, OSError, pickle.UnpicklingError, EOFError):
             return None
         finally:
@@ -125,10 +128,12 @@ def main(argv=None) -> int:
 
     path, names = sys.argv[1:] if argv is None else argv
     os.nice(CHILD_NICENESS)
-    rows = samples._buckets_duckdb(Path(path), set(json.loads(names)))
-    if rows is None:
+    chunks = samples.bucket_chunks_duckdb(Path(path), set(json.loads(names)))
+    if chunks is None:
         return 1
-    pickle.dump((rows, peak_mib()), sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    for chunk in chunks:  # pickled a chunk at a time: never every row at once in this process
+        pickle.dump(("rows", chunk), sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.dump(("peak", peak_mib()), sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
     return 0
 
 

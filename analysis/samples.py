@@ -269,6 +269,14 @@ def _buckets_sqlite(db: sqlite_utils.Database, schema: str, names: set[str], who
 
 def _buckets_duckdb(path: Path, names: set[str]) -> list[tuple] | None:
     """The same buckets computed by DuckDB (duck.py) reading the server DB; None without DuckDB."""
+    chunks = bucket_chunks_duckdb(path, names)
+    return None if chunks is None else [row for chunk in chunks for row in chunk]
+
+
+def bucket_chunks_duckdb(path: Path, names: set[str], chunk_rows: int = 20_000):
+    """``_buckets_duckdb``'s rows in lists of at most ``chunk_rows`` (an iterator; None without DuckDB): a
+    caller that passes them on never holds them all (bucket_prefetch.py: ~150 MB of Python tuples at 10M
+    samples)."""
     from llmwatts.analysis import duck
 
     conn = duck.connect()
@@ -276,13 +284,19 @@ def _buckets_duckdb(path: Path, names: set[str]) -> list[tuple] | None:
         return None
     quote = "'" + str(Path(path).resolve()).replace("'", "''") + "'"
     cast = {c: ("DOUBLE" if c in ("sm_sum", "mem_sum") else "BIGINT") for c in AGGREGATES}
-    try:
-        conn.execute(f"ATTACH {quote} AS s (TYPE sqlite, READ_ONLY)")
-        return conn.execute(
-            f"SELECT a.server_id, a.gpu_uuid, a.bucket, {', '.join(f'CAST(a.{c} AS {cast[c]})' for c in AGGREGATES)} "
-            f"FROM ({_bucket_select(names, 's.telemetry', '//')}) a").fetchall()
-    finally:
-        conn.close()
+
+    def chunks():
+        try:
+            conn.execute(f"ATTACH {quote} AS s (TYPE sqlite, READ_ONLY)")
+            result = conn.execute(
+                f"SELECT a.server_id, a.gpu_uuid, a.bucket, "
+                f"{', '.join(f'CAST(a.{c} AS {cast[c]})' for c in AGGREGATES)} "
+                f"FROM ({_bucket_select(names, 's.telemetry', '//')}) a")
+            while chunk := result.fetchmany(chunk_rows):
+                yield chunk
+        finally:
+            conn.close()
+    return chunks()
 
 
 def windows(db: sqlite_utils.Database, schema: str, since_ns: int | None) -> None:

@@ -49,3 +49,19 @@ def test_a_second_ingest_starts_no_child_and_adds_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr(bucket_prefetch, "_BucketsChild", lambda *a: (_ for _ in ()).throw(AssertionError(a)))
     assert all(s.skipped for s in ingest.ingest(tmp_path / "study.db", [server_db], [client_db]).sources)
     assert _tables(tmp_path / "study.db") == before and duck.available()
+
+
+def test_bucket_chunks_are_the_buckets_in_pieces(tmp_path):
+    """Guards the chunked hand-off of the buckets' child (it never holds every row at once) against losing or
+    repeating rows at chunk edges."""
+    from llmwatts.analysis import samples
+
+    if not duck.available():
+        import pytest
+        pytest.skip("DuckDB or its sqlite extension is not installed (the [analysis] extra)")
+    server_db, _ = generate(StudySpec(200, 2_000), tmp_path / "inputs")
+    names = {r[1] for r in sqlite_utils.Database(server_db).execute("PRAGMA table_info(telemetry)")}
+    whole = samples._buckets_duckdb(server_db, names)
+    chunks = list(samples.bucket_chunks_duckdb(server_db, names, chunk_rows=7))
+    assert len(chunks) > 1 and all(len(c) <= 7 for c in chunks)
+    assert sorted(row for chunk in chunks for row in chunk) == sorted(whole) and len(whole) > 7
