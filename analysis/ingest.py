@@ -117,10 +117,10 @@ def _check_sources(conn, path: Path, tables: set[str]) -> None:
     """What the old row-by-row ingest refused, refused here before anything is written."""
     if "batch_gpu_energy" in tables and "server_id" not in {c for c, _ in schema.columns(conn, "batch_gpu_energy")}:
         n_servers = conn.execute("SELECT count(*) FROM servers").fetchone()[0]
-        orphan = conn.execute(
+        orphan = None if n_servers == 1 else conn.execute(  # one server: an orphan's server is that one
             "SELECT e.batch_id FROM batch_gpu_energy e LEFT JOIN batches b ON b.batch_id = e.batch_id "
             "WHERE b.batch_id IS NULL LIMIT 1").fetchone()
-        if orphan is not None and n_servers != 1:
+        if orphan is not None:
             raise InvalidArgument(
                 f"{path}: batch_gpu_energy row for batch {orphan[0]!r} has no batch row "
                 "and the file holds several servers; cannot tell which server it belongs to"

@@ -206,3 +206,28 @@ def test_batch_gpu_energy_takes_its_batchs_server_in_a_file_of_two_servers(tmp_p
     ingest.ingest(tmp_path / "one.db", [small.server_db])
     one = sqlite_utils.Database(tmp_path / "one.db")
     assert {r[0] for r in one.execute("SELECT DISTINCT server_id FROM batch_gpu_energy")} == {"srv-a"}
+
+
+def test_an_energy_row_without_its_batch_is_refused_only_where_its_server_is_unknown(tmp_path, small):
+    """A batch_gpu_energy row whose batch is not in the file: in a file of one server it is that server's (the
+    check is skipped: no scan of the table there), in a file of two it is refused before anything is written."""
+    one = tmp_path / "one.db"
+    one.write_bytes(small.server_db.read_bytes())
+    server = sqlite_utils.Database(one)
+    row = next(server.query("SELECT * FROM batch_gpu_energy"))
+    server["batch_gpu_energy"].insert({**row, "batch_id": "no-such-batch"})
+    server.conn.commit()
+    server.conn.close()
+    ingest.ingest(tmp_path / "study.db", [one])
+    study = sqlite_utils.Database(tmp_path / "study.db")
+    assert study.execute("SELECT server_id FROM batch_gpu_energy WHERE batch_id = 'no-such-batch'").fetchall() == [
+        ("srv-a",)]
+    two = tmp_path / "two.db"
+    two.write_bytes(one.read_bytes())
+    server = sqlite_utils.Database(two)
+    server["servers"].insert({**next(server.query("SELECT * FROM servers")), "server_id": "srv-0"})
+    server.conn.commit()
+    server.conn.close()
+    with pytest.raises(InvalidArgument, match="no-such-batch.*several servers"):
+        ingest.ingest(tmp_path / "refused.db", [two])
+    assert not (tmp_path / "refused.db").exists()
