@@ -24,6 +24,7 @@ Read-only NVML only: no setter is ever called (shared GPUs).
     python bench/engine.py --quick              # tiny on cpu: proves the script runs
     python bench/engine.py --engines fast,server --batches 1,64,256
     python bench/engine.py --engines fast --batches 1,64,320 --weights fp16,fp8 --variants '' --telemetry-hz ''
+    python bench/engine.py --engines fast --batches 64 --weights fp16,fp8,fp8+kv8 --variants '' --telemetry-hz ''
 """
 
 import argparse

@@ -243,6 +243,23 @@ def test_a_continuous_batch_on_an_fp8_cache_gives_each_request_its_tokens_alone(
         assert outputs[key].tokens == alone[key] == streamed[key], key
 
 
+def test_an_fp8_cache_on_the_tensor_parallel_path_gives_the_unsharded_tokens():
+    """A FairScale-sharded rank (world 1 here) on its slices, through ``make_engine`` as a shard's rank
+    builds its engine: an fp8 cache gives the unsharded engine's tokens on its own fp8 cache."""
+    from llmwatts.server.host import make_engine
+    from llmwatts.server.tp import load_sharded
+    from tests.server.test_fast_engine import one_rank_model_parallel
+
+    spec = BatchSpec(prompts([5, 12]), [6, 9], GREEDY, ignore_eos=True)
+    tiny = models.load_model("tiny", "cpu", "float32")
+    want = FastEngine(tiny.model, 0, None, tiny.device, kv_cache="fp8-reference").generate(spec).tokens
+    with one_rank_model_parallel():
+        loaded, _ = load_sharded("tiny", torch.device("cpu"), torch.float32, 0, 0, 1)
+        fast = make_engine("fast", loaded, kv_cache="fp8-reference")
+        assert {layer.mode for layer in fast.layers} == {"tp"} and fast.caches.kv_dtype == FP8
+        assert fast.generate(spec).tokens == want
+
+
 def test_an_fp8_cache_holds_a_quarter_of_fp32s_bytes_and_its_writes_are_e4m3():
     tiny = models.load_model("tiny", "cpu", "float32")
     fp8 = FastEngine(tiny.model, 0, None, tiny.device, kv_cache="fp8-reference").workspace(8, 100)
