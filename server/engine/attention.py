@@ -72,6 +72,7 @@ def check_kv_cache(kv_cache: str, device: torch.device, attention: str) -> None:
     kernel replaces it); ``fp8-reference`` (tests) runs anywhere, widening the cache in every step."""
     from llmwatts.errors import InvalidArgument
     from llmwatts.server.engine.cache import KV_CACHES, KV_REFERENCE
+    from llmwatts.server.engine.fp8 import require_fp8_gpu
 
     if kv_cache in ("fp16", KV_REFERENCE):
         return
@@ -80,13 +81,7 @@ def check_kv_cache(kv_cache: str, device: torch.device, attention: str) -> None:
     if attention != "sdpa":
         raise InvalidArgument(f"--kv-cache fp8 decodes with its own kernel, not {attention}: unset "
                               f"LLMWATTS_FAST_ATTENTION or use --kv-cache fp16")
-    if device.type != "cuda":
-        raise InvalidArgument(f"--kv-cache fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
-                              f"device {device} has none: use --kv-cache fp16")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise InvalidArgument(f"--kv-cache fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
-                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --kv-cache fp16")
+    require_fp8_gpu(device, "--kv-cache")
     try:
         import llmwatts.server.engine.fp8_attention  # noqa: F401
     except ImportError as e:

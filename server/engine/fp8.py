@@ -59,6 +59,17 @@ GEMM = gemm_from_env()
 GEMV_MAX_ROWS = gemv_rows_from_env()
 
 
+def require_fp8_gpu(device: torch.device, flag: str) -> None:
+    """InvalidArgument (one line) unless ``device`` is an FP8 GPU (compute capability 8.9+), naming the
+    ``flag`` (``--weights``, ``--kv-cache``) whose fp8 value needs one."""
+    need = f"{flag} fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper)"
+    if device.type != "cuda":
+        raise InvalidArgument(f"{need}; device {device} has none: use {flag} fp16")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise InvalidArgument(f"{need}; {torch.cuda.get_device_name(device)} is {major}.{minor}: use {flag} fp16")
+
+
 def check_fp8_device(device: torch.device, weights: str) -> None:
     """InvalidArgument (one line) unless ``weights`` can run on ``device``: ``fp8`` needs an FP8 GPU,
     ``fp8-reference`` runs anywhere (slowly: it dequantizes every weight in every matmul)."""
@@ -66,13 +77,7 @@ def check_fp8_device(device: torch.device, weights: str) -> None:
         return
     if weights != "fp8":
         raise InvalidArgument(f"unknown weights {weights!r}: use {' or '.join(WEIGHTS)}")
-    if device.type != "cuda":
-        raise InvalidArgument(f"--weights fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
-                              f"device {device} has none: use --weights fp16")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise InvalidArgument(f"--weights fp8 needs an FP8 GPU (compute capability 8.9+: Ada or Hopper); "
-                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --weights fp16")
+    require_fp8_gpu(device, "--weights")
     if GEMM == "weightonly":
         load_gemv()
 

@@ -1,6 +1,23 @@
 """Fixtures of the server tests."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+
+
+def interpreted_child(test_file: str) -> dict:
+    """Run ``test_file`` as a script with ``TRITON_INTERPRET=1`` (its kernels on the CPU, by numpy; Triton
+    reads the variable when it is imported, so nothing else in the test process runs interpreted) -> the
+    JSON its last line of output prints (its ``__main__`` block)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # From the test's own folder: the repo root's llmwatts/ would shadow the installed package.
+    done = subprocess.run([sys.executable, test_file], env=env, cwd=os.path.dirname(test_file),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class FakeClock:

@@ -23,6 +23,7 @@ import torch
 from llmwatts.errors import InvalidArgument
 from llmwatts.server import models
 from llmwatts.server.engine import BatchSpec, EagerEngine, FastEngine, Sampling, fp8
+from conftest import interpreted_child  # tests/server/conftest.py (the interpreter child imports it too)
 
 try:
     from llmwatts.server.engine import fp8_gemv
@@ -93,12 +94,7 @@ def interpreter_checks() -> dict:
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     """interpreter_checks() in a child process with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    # From the test's own folder: the repo root's llmwatts/ would shadow the installed package.
-    done = subprocess.run([sys.executable, __file__], env=env, cwd=os.path.dirname(__file__),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreted_child(__file__)
 
 
 @needs_triton

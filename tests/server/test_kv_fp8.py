@@ -19,6 +19,7 @@ from llmwatts.server import models
 from llmwatts.server.engine import BatchSpec, EagerEngine, FastEngine, Sampling
 from llmwatts.server.engine.cache import FP8, KV_CACHES, stored
 from llmwatts.server.engine.prefill import JOIN_GRAPH_TOKENS
+from conftest import interpreted_child  # tests/server/conftest.py (the interpreter child imports it too)
 
 try:
     from llmwatts.server.engine import fp8_attention
@@ -95,12 +96,8 @@ def interpreter_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    # From the test's own folder: the repo root's llmwatts/ would shadow the installed package.
-    done = subprocess.run([sys.executable, __file__], env=env, cwd=os.path.dirname(__file__),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """interpreter_checks() in a child process with TRITON_INTERPRET=1."""
+    return interpreted_child(__file__)
 
 
 @needs_triton
