@@ -8,6 +8,20 @@ import sys
 import pytest
 
 
+def triton_module(name: str):
+    """(``llmwatts.server.engine.<name>``, or None where Triton is missing; a ``skipif`` mark for the tests
+    that need it). Triton is in the test extra (pyproject): under CI a missing Triton fails instead."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"llmwatts.server.engine.{name}")
+    except ImportError as e:
+        if os.environ.get("CI") or os.environ.get("LLMWATTS_CI"):
+            raise
+        return None, pytest.mark.skipif(True, reason=f"Triton is not installed ({e}): pip install -e '.[test]'")
+    return module, pytest.mark.skipif(False, reason="")
+
+
 def interpreted_child(test_file: str) -> dict:
     """Run ``test_file`` as a script with ``TRITON_INTERPRET=1`` (its kernels on the CPU, by numpy; Triton
     reads the variable when it is imported, so nothing else in the test process runs interpreted) -> the

@@ -11,7 +11,6 @@ operands (Triton 3.9), so bf16 runs only the one-row (CUDA-core) configurations 
 """
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,9 @@ import torch
 from llmwatts.errors import InvalidArgument
 from llmwatts.server import models
 from llmwatts.server.engine import BatchSpec, EagerEngine, FastEngine, Sampling, fp8
-from conftest import interpreted_child  # tests/server/conftest.py (the interpreter child imports it too)
+from conftest import interpreted_child, triton_module  # tests/server/conftest.py (the interpreter child imports it too)
 
-try:
-    from llmwatts.server.engine import fp8_gemv
-except ImportError as e:  # Triton is in the test extra (pyproject); CI must have it
-    if os.environ.get("CI") or os.environ.get("LLMWATTS_CI"):
-        raise
-    fp8_gemv, NO_TRITON = None, f"Triton is not installed ({e}): pip install -e '.[test]'"
-else:
-    NO_TRITON = ""
-
-needs_triton = pytest.mark.skipif(fp8_gemv is None, reason=NO_TRITON)
+fp8_gemv, needs_triton = triton_module("fp8_gemv")
 
 # (M, N, K): N and K off the block sizes, K off every block_k (masked K), several M blocks, M = 1..16.
 SHAPES = [(m, 40, 384) for m in range(1, 17)] + [(1, 33, 200), (3, 70, 1000), (16, 17, 96), (20, 48, 256),

@@ -5,7 +5,6 @@ rounded to e4m3 where they enter the cache, a server that says so in its dtype, 
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -19,18 +18,9 @@ from llmwatts.server import models
 from llmwatts.server.engine import BatchSpec, EagerEngine, FastEngine, Sampling
 from llmwatts.server.engine.cache import FP8, KV_CACHES, stored
 from llmwatts.server.engine.prefill import JOIN_GRAPH_TOKENS
-from conftest import interpreted_child  # tests/server/conftest.py (the interpreter child imports it too)
+from conftest import interpreted_child, triton_module  # tests/server/conftest.py (the interpreter child imports it too)
 
-try:
-    from llmwatts.server.engine import fp8_attention
-except ImportError as e:  # Triton is in the test extra (pyproject); CI must have it
-    if os.environ.get("CI") or os.environ.get("LLMWATTS_CI"):
-        raise
-    fp8_attention, NO_TRITON = None, f"Triton is not installed ({e}): pip install -e '.[test]'"
-else:
-    NO_TRITON = ""
-
-needs_triton = pytest.mark.skipif(fp8_attention is None, reason=NO_TRITON)
+fp8_attention, needs_triton = triton_module("fp8_attention")
 GREEDY = Sampling(greedy=True)
 
 # (rows, query heads, KV heads, window, head dim, splits, cache dtype, q dtype, kept keys)
