@@ -6,9 +6,12 @@ x ~300 slots x 4096 values): with fp16 caches and fp8 weights that read is ~40% 
 (docs/performance.md). An fp8 cache halves it. SDPA takes no fp8 operands (and widening the window to
 fp16 first would write and read it again), so decode (one query token a row) runs this kernel instead:
 
-- grid (rows x query heads, splits): each program walks its head's keys in blocks of ``block_n``, q . k
-  and p . v on the CUDA cores in fp32 (one query: nothing for the tensor cores), an online softmax in
-  base 2 with the additive mask added to the scores (0 or -inf: padding and slots past a row's own);
+- grid (rows x query heads, splits): each program walks its head's keys in blocks of ``block_n`` with an
+  online softmax in base 2, the additive mask added to the scores (0 or -inf: padding and slots past a
+  row's own); ``q . k`` and ``p . v`` run on the tensor cores with q repeated over the 16 rows of an MMA,
+  keys, values and p in q's dtype, fp32 accumulation (``dot``, the default: on an H200 at 64 rows 0.63x
+  SDPA's time over an fp16 cache, docs/performance.md), or as fp32 products summed across the block on
+  the CUDA cores (``cores``: 0.83x; ``LLMWATTS_KV_KERNEL`` picks);
 - with fewer than ``MIN_PROGRAMS`` (row, head) pairs (small batches) the window is split, each split
   writing its unnormalised output, running max and sum (fp32), and a second kernel combines them;
 - GQA: query head h reads KV head ``h // (Hq / Hkv)``.

@@ -156,6 +156,15 @@ def test_splits_fill_the_gpu_and_never_exceed_the_blocks():
 
 
 @needs_triton
+def test_the_kernel_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("LLMWATTS_KV_KERNEL", "wmma")
+    with pytest.raises(InvalidArgument, match=r"^LLMWATTS_KV_KERNEL='wmma': use one of dot, cores$"):
+        fp8_attention.kernel_from_env()
+    monkeypatch.setenv("LLMWATTS_KV_KERNEL", "cores")
+    assert fp8_attention.kernel_from_env() == "cores"
+
+
+@needs_triton
 def test_bad_operands_are_refused():
     q, k, v, mask = case_operands(2, 4, 2, 16, 8, "float8_e4m3fn", "float16", "all", seed=0)
     with pytest.raises(ValueError, match="q \\[B, Hq, 1, D\\]"):
