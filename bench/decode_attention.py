@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--padding", type=int, default=0, help="left-padding slots masked in every other row")
     ap.add_argument("--window-slots", type=int, default=fe.WINDOW_SLOTS, help="the engine's window granularity")
     ap.add_argument("--layers", type=int, default=8, help="distinct caches per graph replay")
-    ap.add_argument("--impls", default="sdpa,bmm,flex,sdpa-nomask,kernel,kernel-fp8")
+    ap.add_argument("--impls", help="default: sdpa,bmm,flex,sdpa-nomask, and on cuda kernel,kernel-fp8 (Triton on a GPU)")
     ap.add_argument("--min-seconds", type=float, default=2.0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="cpu, small shapes, no graphs")
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.device, args.batches, args.heads, args.head_dim = "cpu", "2", 2, 16
         args.cache_len, args.slot, args.padding, args.layers, args.min_seconds = 128, 70, 3, 2, 0.05
+    if args.impls is None:
+        args.impls = "sdpa,bmm,flex,sdpa-nomask" + (",kernel,kernel-fp8" if args.device.startswith("cuda") else "")
     if not 0 <= args.slot < args.cache_len or args.cache_len % CACHE_SLOTS:
         ap.error(f"need 0 <= --slot < --cache-len and --cache-len a multiple of {CACHE_SLOTS}")
     if args.window_slots <= 0 or CACHE_SLOTS % args.window_slots:
