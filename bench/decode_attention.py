@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--padding", type=int, default=0, help="left-padding slots masked in every other row")
     ap.add_argument("--window-slots", type=int, default=fe.WINDOW_SLOTS, help="the engine's window granularity")
     ap.add_argument("--layers", type=int, default=8, help="distinct caches per graph replay")
-    ap.add_argument("--impls", help="default: sdpa,bmm,flex,sdpa-nomask, and on cuda kernel,kernel-fp8 (Triton on a GPU)")
+    ap.add_argument("--impls", help="default: sdpa,bmm,flex,sdpa-nomask, and on cuda kernel,kernel-fp8 (Triton)")
     ap.add_argument("--min-seconds", type=float, default=2.0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="cpu, small shapes, no graphs")
