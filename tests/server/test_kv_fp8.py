@@ -276,6 +276,10 @@ def test_an_fp8_cache_is_refused_in_one_line_where_it_cannot_run(monkeypatch):
         FastEngine(tiny.model, 0, None, tiny.device, kv_cache="int4")
     with pytest.raises(InvalidArgument, match=r"not bmm: unset LLMWATTS_FAST_ATTENTION"):
         FastEngine(tiny.model, 0, None, tiny.device, kv_cache="fp8", attention="bmm")
+    from llmwatts.server.host import make_engine
+
+    with pytest.raises(InvalidArgument, match=r"^unknown KV cache 'bogus'"):
+        make_engine("eager", tiny, kv_cache="bogus")  # not "needs the fast engine": the value is the mistake
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     from llmwatts.server.engine.attention import check_kv_cache
