@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -23,41 +21,33 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: the child process (bucket_prefetch) need not import it
     import sqlite_utils
 
-from llmwatts.analysis import samples
+from llmwatts.analysis import duck, samples
 
 
-class _BucketsChild:
+class _BucketsChild(duck.Child):
     """``_buckets_duckdb`` of one server DB in a child process (``python -m llmwatts.analysis.bucket_prefetch``), so
     that it runs on the other core while this process copies the file's other tables (two SQLite libraries
     must not have one file open in one process: request_pass.py). Rows come back pickled in a temp file, in chunks."""
 
     def __init__(self, path: Path, names: set[str]):
-        self.out = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "llmwatts.analysis.bucket_prefetch", str(path),
-                                      json.dumps(sorted(names))], stdout=self.out, stderr=subprocess.DEVNULL)
+        super().__init__("llmwatts.analysis.bucket_prefetch", str(path), json.dumps(sorted(names)))
 
     def rows(self, timeout_s: float = 3600) -> list[tuple] | None:
         """The child's rows; None when it failed (the caller then aggregates in SQLite)."""
-        try:
-            if self.proc.wait(timeout_s) != 0:
-                return None
-            self.out.seek(0)
-            rows = []
-            while (record := pickle.load(self.out))[0] == "rows":  # chunks, then ("peak", MiB)
-                rows.extend(record[1])
-            peak = record[1]
-        except (subprocess.TimeoutExpired, OSError, pickle.UnpicklingError, EOFError):
+        got = self.output(_unpickle_chunks, timeout_s, (OSError, pickle.UnpicklingError, EOFError))
+        if got is None:
             return None
-        finally:
-            self.discard()
+        rows, peak = got
         CHILD_PEAKS_MIB.append(peak)
         return rows
 
-    def discard(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.out.close()
+
+def _unpickle_chunks(out) -> tuple[list[tuple], float]:
+    """The child's chunks of rows, then its ("peak", MiB) -> (rows, peak)."""
+    rows = []
+    while (record := pickle.load(out))[0] == "rows":  # chunks, then ("peak", MiB)
+        rows.extend(record[1])
+    return rows, record[1]
 
 
 # The child's niceness: the ingest's copies in this process keep their core; DuckDB's threads (every core)
@@ -76,8 +66,6 @@ def prefetch(db: sqlite_utils.Database, path) -> None:
     """Start DuckDB's buckets of a server DB new at this path (aggregated whole) in a child process, before
     its ingest copies the other tables; ``copy_prefetched`` stores them. Nothing when DuckDB is missing, the
     file was ingested before (incremental: ``copy``) or holds no samples. Call with no transaction open."""
-    from llmwatts.analysis import duck
-
     path = Path(path).resolve()
     if path in _children(db) or not duck.available():
         return

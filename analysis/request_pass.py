@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from llmwatts.analysis.duck import peak_mib
+from llmwatts.analysis import duck
 
 # The per-request values both dialects of the join select alike (views.REQUEST_JOIN_ROWS, JOIN_DUCKDB).
 REQUEST_VALUES = """r.received_ns AS received_ns, r.done_ns AS done_ns, r.batch_id AS batch_id,
@@ -172,8 +170,6 @@ def _masked(values) -> np.ndarray:
 def duckdb_pass(study_db: str | os.PathLike) -> dict:
     """The pass in DuckDB over ``study_db`` (call it in a process that has no SQLite connection to that file:
     ``run_child``). Returns ``summarise``'s dict."""
-    from llmwatts.analysis import duck
-
     conn = duck.connect()
     if conn is None:
         raise RuntimeError("duckdb or duckdb-extension-sqlite is not installed")
@@ -249,40 +245,20 @@ def summarise(runs, arrays, base_ns, gaps, totals, flags, points, targets) -> di
             "flags": [list(f) for f in flags], "points": by_run}
 
 
-class PassChild:
+class PassChild(duck.Child):
     """``duckdb_pass`` running in a child process (see the module docstring); ``result`` waits for it. Its JSON
-    (megabytes: the scatter's points) comes back through a temp file, not a pipe: a pipe cost this process
-    ~0.4 s of CPU at a million requests, tens of thousands of small reads (issue 21)."""
+    (megabytes: the scatter's points) comes back through a temp file (``duck.Child``)."""
 
     def __init__(self, study_db: str | os.PathLike, niceness: int = 0):
-        self.out = tempfile.TemporaryFile()
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "llmwatts.analysis.request_pass", str(study_db),
-                                          str(int(niceness))], stdout=self.out, stderr=subprocess.DEVNULL)
-        except OSError:
-            self.out.close()
-            raise
+        super().__init__("llmwatts.analysis.request_pass", str(study_db), str(int(niceness)))
 
     def result(self, timeout_s: float = 600) -> dict | None:
         """The child's ``summarise`` dict; None when it failed or ran past ``timeout_s`` (the caller then runs
         ``sqlite_pass``)."""
-        try:
-            if self.proc.wait(timeout_s) != 0:
-                return None
-            self.out.seek(0)
-            result = json.load(self.out)
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            return None
-        finally:
-            self.discard()
-        CHILD_PEAKS_MIB.append(result.get("peak_mib", 0.0))
+        result = self.output(json.load, timeout_s, (OSError, ValueError))
+        if result is not None:
+            CHILD_PEAKS_MIB.append(result.get("peak_mib", 0.0))
         return result
-
-    def discard(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.out.close()
 
 
 CHILD_PEAKS_MIB: list[float] = []  # peak memory (VmHWM) of each PassChild, for bench/analysis.py
@@ -293,8 +269,6 @@ def start_child(study_db: str | os.PathLike, niceness: int = 0) -> PassChild | N
     child could not start. The child reads what is committed in ``study_db`` (in WAL mode, a snapshot per
     query: commit every table the pass reads first, and write none of them while it runs). ``niceness``: the
     child's, added to this process's."""
-    from llmwatts.analysis import duck
-
     if not duck.available():
         return None
     try:
@@ -316,7 +290,7 @@ def main(argv=None) -> int:
     if len(args) > 1 and int(args[1]):
         os.nice(int(args[1]))
     result = duckdb_pass(args[0])
-    sys.stdout.write(json.dumps({**result, "peak_mib": peak_mib()}, allow_nan=True))  # one write, one-shot encoder
+    sys.stdout.write(json.dumps({**result, "peak_mib": duck.peak_mib()}, allow_nan=True))  # one write, one-shot encoder
     return 0
 
 
