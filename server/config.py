@@ -13,7 +13,8 @@ ENGINES = ("auto", "eager", "fast")
 # The fast engine's decode attention, chosen by this environment variable (docs/performance.md).
 ATTENTIONS = ("sdpa", "bmm", "flex")
 ATTENTION_ENV = "LLMWATTS_FAST_ATTENTION"
-KV_CACHES = ("fp16", "fp8")  # --kv-cache (= engine.cache.KV_CACHES; this module stays torch-free)
+KV_CACHES = ("fp16", "fp8")  # --kv-cache: "fp16" keeps K/V in the model's dtype, "fp8" in e4m3
+KV_REFERENCE = "fp8-reference"  # an fp8 cache whose attention always widens it (CPU tests; not a flag value)
 MAX_JOIN_TOKENS = 4096  # --continuous-join-tokens at most this (= engine.prefill.MAX_JOIN_TOKENS; this module stays torch-free)
 
 
@@ -29,6 +30,13 @@ def check_engine(name: str, continuous: bool = False) -> None:
     if continuous and attention == "flex":
         raise InvalidArgument(f"continuous batching runs with the sdpa or bmm decode attention: unset "
                               f"{ATTENTION_ENV}=flex or drop --continuous")
+
+
+def check_kv_cache_name(kv_cache: str) -> None:
+    """InvalidArgument (one line) unless ``kv_cache`` names a KV cache (where it can run: the fast engine's
+    ``attention.check_kv_cache``)."""
+    if kv_cache not in (*KV_CACHES, KV_REFERENCE):
+        raise InvalidArgument(f"unknown KV cache {str(kv_cache)[:40]!r}: use {' or '.join(KV_CACHES)}")
 
 
 @dataclass

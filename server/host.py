@@ -13,7 +13,7 @@ import grpc
 from llmwatts import __version__
 from llmwatts.errors import InvalidArgument, Unavailable
 from llmwatts.server.batcher import Batcher
-from llmwatts.server.config import KV_CACHES, ServerConfig, check_engine
+from llmwatts.server.config import ServerConfig, check_engine, check_kv_cache_name
 from llmwatts.server.continuous import ContinuousBatcher
 from llmwatts.server.limits import max_token_bytes
 from llmwatts.server.gpu import nvml_index_of_cuda_device, open_gpus, power_source
@@ -153,8 +153,7 @@ class Host:
 
 def make_engine(name: str, loaded: LoadedModel, continuous: bool = False, kv_cache: str = "fp16"):
     check_engine(name, continuous)
-    if kv_cache not in (*KV_CACHES, "fp8-reference"):  # (the fast engine's own check says where fp8 runs)
-        raise InvalidArgument(f"unknown KV cache {str(kv_cache)[:40]!r}: use {' or '.join(KV_CACHES)}")
+    check_kv_cache_name(kv_cache)  # (the fast engine's own check says where fp8 runs)
     if name == "auto":  # continuous batching and fp8 caches are fast-engine features (the latter says where)
         name = "fast" if loaded.device.type == "cuda" or continuous or kv_cache != "fp16" else "eager"
     if name == "eager":

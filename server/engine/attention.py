@@ -7,7 +7,9 @@ Prefill always attends with SDPA. ``bench/decode_attention.py`` times these same
 import torch
 import torch.nn.functional as F
 
-from llmwatts.server.config import ATTENTIONS
+from llmwatts.errors import InvalidArgument
+from llmwatts.server.config import ATTENTIONS, KV_REFERENCE, check_kv_cache_name
+from llmwatts.server.engine.fp8 import require_fp8_gpu
 from llmwatts.server.engine.cache import BATCH_BUCKETS, CACHE_SLOTS, FLEX_KV_BLOCK
 
 # Default attention window granularity: a decode step attends over the next multiple of this above the
@@ -70,14 +72,9 @@ def check_kv_cache(kv_cache: str, device: torch.device, attention: str) -> None:
     """InvalidArgument (one line) unless the engine can keep its KV cache as ``kv_cache`` on ``device``:
     ``fp8`` needs an FP8 GPU (compute capability 8.9+), Triton and the sdpa decode attention (the
     kernel replaces it); ``fp8-reference`` (tests) runs anywhere, widening the cache in every step."""
-    from llmwatts.errors import InvalidArgument
-    from llmwatts.server.engine.cache import KV_CACHES, KV_REFERENCE
-    from llmwatts.server.engine.fp8 import require_fp8_gpu
-
+    check_kv_cache_name(kv_cache)
     if kv_cache in ("fp16", KV_REFERENCE):
         return
-    if kv_cache not in KV_CACHES:
-        raise InvalidArgument(f"unknown KV cache {str(kv_cache)[:40]!r}: use {' or '.join(KV_CACHES)}")
     if attention != "sdpa":
         raise InvalidArgument(f"--kv-cache fp8 decodes with its own kernel, not {attention}: unset "
                               f"LLMWATTS_FAST_ATTENTION or use --kv-cache fp16")

@@ -23,9 +23,7 @@ CACHE_HEADROOM_BYTES = 2 << 30
 FLEX_KV_BLOCK = 64
 
 
-FP8 = torch.float8_e4m3fn
-KV_CACHES = ("fp16", "fp8")      # ``--kv-cache``: "fp16" keeps K/V in the model's dtype, "fp8" in e4m3
-KV_REFERENCE = "fp8-reference"   # an fp8 cache whose attention always widens it (CPU tests)
+FP8 = torch.float8_e4m3fn  # the dtype of an fp8 KV cache (``--kv-cache fp8``, config.KV_CACHES)
 
 
 def stored(cache: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

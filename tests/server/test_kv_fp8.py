@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from llmwatts.errors import InvalidArgument
 from llmwatts.server import models
 from llmwatts.server.engine import BatchSpec, EagerEngine, FastEngine, Sampling
-from llmwatts.server.engine.cache import FP8, KV_CACHES, stored
+from llmwatts.server.config import KV_CACHES
+from llmwatts.server.engine.cache import FP8, stored
 from llmwatts.server.engine.prefill import JOIN_GRAPH_TOKENS
 from conftest import interpreted_child, triton_module  # tests/server/conftest.py (the interpreter child imports it too)
 
