@@ -29,8 +29,9 @@ class _BucketsChild(duck.Child):
     that it runs on the other core while this process copies the file's other tables (two SQLite libraries
     must not have one file open in one process: request_pass.py). Rows come back pickled in a temp file, in chunks."""
 
-    def __init__(self, path: Path, names: set[str]):
-        super().__init__("llmwatts.analysis.bucket_prefetch", str(path), json.dumps(sorted(names)))
+    def __init__(self, path: Path, names: set[str], server_id: str | None = None):
+        super().__init__("llmwatts.analysis.bucket_prefetch", str(path), json.dumps(sorted(names)),
+                         json.dumps(server_id))
 
     def rows(self, timeout_s: float = 3600) -> list[tuple] | None:
         """The child's rows; None when it failed (the caller then aggregates in SQLite)."""
@@ -76,9 +77,10 @@ def prefetch(db: sqlite_utils.Database, path) -> None:
         if db.execute("SELECT 1 FROM tsrc.telemetry LIMIT 1").fetchone() is None:
             return
         names = set(samples._columns(db, "tsrc", "telemetry"))
+        server_id = samples.one_server(db, "tsrc")
     finally:
         db.execute("DETACH DATABASE tsrc")
-    _children(db)[path] = _BucketsChild(path, names)
+    _children(db)[path] = _BucketsChild(path, names, server_id)
 
 
 def prefetched(db: sqlite_utils.Database, path) -> bool:
@@ -111,12 +113,13 @@ def copy_prefetched(db: sqlite_utils.Database, path) -> tuple[int, int | None] |
 
 
 def main(argv=None) -> int:
-    """The child of ``_BucketsChild``: argv = server DB path, JSON list of its telemetry columns."""
+    """The child of ``_BucketsChild``: argv = server DB path, JSON list of its telemetry columns, JSON of the
+    file's one server id or null (``samples.one_server``)."""
     from llmwatts.analysis.duck import peak_mib
 
-    path, names = sys.argv[1:] if argv is None else argv
+    path, names, server_id = sys.argv[1:] if argv is None else argv
     os.nice(CHILD_NICENESS)
-    chunks = samples.bucket_chunks_duckdb(Path(path), set(json.loads(names)))
+    chunks = samples.bucket_chunks_duckdb(Path(path), set(json.loads(names)), server_id=json.loads(server_id))
     if chunks is None:
         return 1
     for chunk in chunks:  # pickled a chunk at a time: never every row at once in this process

@@ -156,13 +156,14 @@ def copy(db: sqlite_utils.Database, path: Path) -> tuple[int, int | None]:
         if not whole:
             _touch(db, "tsrc", cursor)
         keys = _gpu_keys(db, "tsrc")
+        server_id = one_server(db, "tsrc")
         db.conn.commit()
     finally:
         db.execute("DETACH DATABASE tsrc")
     if last is None or (not whole and last[0] <= cursor):
         return 0, None
     if whole:
-        rows = _buckets_duckdb(path, names)  # before attaching: DuckDB and this process never share the file open
+        rows = _buckets_duckdb(path, names, server_id)  # before attaching: DuckDB and this process never share the file open
         if rows is not None:
             with db.conn:
                 return store_whole(db, path, names, keys, last, rows, schema=None)
@@ -240,9 +241,29 @@ def _insert_buckets(db: sqlite_utils.Database, rows: list[tuple]) -> None:
         ((keys[(r[0], r[1])], *r[2:]) for r in rows))
 
 
-def _bucket_select(names: set[str], table: str, div: str) -> str:
-    return (f"SELECT server_id, gpu_uuid, ts_ns {div} {BUCKET_NS} AS bucket, {_aggregates(names)} FROM {table} "
-            "GROUP BY server_id, gpu_uuid, bucket")
+def _bucket_select(names: set[str], table: str, div: str, server_id: str | None = None) -> str:
+    """The buckets' GROUP BY over ``table``. ``server_id``: the file's one server (``one_server``), written as a
+    constant instead of read from every sample (DuckDB's sqlite scan: ~0.8 s less CPU at 10M samples)."""
+    if server_id is None:
+        return (f"SELECT server_id, gpu_uuid, ts_ns {div} {BUCKET_NS} AS bucket, {_aggregates(names)} FROM {table} "
+                "GROUP BY server_id, gpu_uuid, bucket")
+    literal = "'" + server_id.replace("'", "''") + "'"
+    return (f"SELECT {literal} AS server_id, gpu_uuid, ts_ns {div} {BUCKET_NS} AS bucket, {_aggregates(names)} "
+            f"FROM {table} GROUP BY gpu_uuid, bucket")
+
+
+def one_server(db: sqlite_utils.Database, schema: str) -> str | None:
+    """The server DB's one server, when ``servers`` holds one row and every ``gpus`` row names it; else None.
+    A server writes every sample with its own id (server/store.py: ``add_telemetry``), so such a file's samples
+    are that server's and DuckDB's pass need not read the column; a file several servers wrote is grouped by
+    each sample's ``server_id``."""
+    if not has_table(db, schema, "gpus") or not has_table(db, schema, "servers"):
+        return None
+    ids = db.execute(f"SELECT server_id FROM [{schema}].servers LIMIT 2").fetchall()
+    if len(ids) != 1 or not isinstance(ids[0][0], str):
+        return None
+    other = db.execute(f"SELECT 1 FROM [{schema}].gpus WHERE server_id IS NOT ? LIMIT 1", [ids[0][0]]).fetchone()
+    return None if other is not None else ids[0][0]
 
 
 def _buckets_sqlite(db: sqlite_utils.Database, schema: str, names: set[str], whole: bool) -> None:
@@ -267,13 +288,14 @@ def _buckets_sqlite(db: sqlite_utils.Database, schema: str, names: set[str], who
                               "is the server DB from a different llmwatts version?") from e
 
 
-def _buckets_duckdb(path: Path, names: set[str]) -> list[tuple] | None:
-    """The same buckets computed by DuckDB (duck.py) reading the server DB; None without DuckDB."""
-    chunks = bucket_chunks_duckdb(path, names)
+def _buckets_duckdb(path: Path, names: set[str], server_id: str | None = None) -> list[tuple] | None:
+    """The same buckets computed by DuckDB (duck.py) reading the server DB; None without DuckDB. ``server_id``:
+    the file's one server (``one_server``), or None (read from each sample)."""
+    chunks = bucket_chunks_duckdb(path, names, server_id=server_id)
     return None if chunks is None else [row for chunk in chunks for row in chunk]
 
 
-def bucket_chunks_duckdb(path: Path, names: set[str], chunk_rows: int = 20_000):
+def bucket_chunks_duckdb(path: Path, names: set[str], chunk_rows: int = 20_000, server_id: str | None = None):
     """``_buckets_duckdb``'s rows in lists of at most ``chunk_rows`` (an iterator; None without DuckDB): a
     caller that passes them on never holds them all (bucket_prefetch.py: ~150 MB of Python tuples at 10M
     samples)."""
@@ -291,7 +313,7 @@ def bucket_chunks_duckdb(path: Path, names: set[str], chunk_rows: int = 20_000):
             result = conn.execute(
                 f"SELECT a.server_id, a.gpu_uuid, a.bucket, "
                 f"{', '.join(f'CAST(a.{c} AS {cast[c]})' for c in AGGREGATES)} "
-                f"FROM ({_bucket_select(names, 's.telemetry', '//')}) a")
+                f"FROM ({_bucket_select(names, 's.telemetry', '//', server_id)}) a")
             while chunk := result.fetchmany(chunk_rows):
                 yield chunk
         finally:

@@ -65,3 +65,53 @@ def test_bucket_chunks_are_the_buckets_in_pieces(tmp_path):
     chunks = list(samples.bucket_chunks_duckdb(server_db, names, chunk_rows=7))
     assert len(chunks) > 1 and all(len(c) <= 7 for c in chunks)
     assert sorted(row for chunk in chunks for row in chunk) == sorted(whole) and len(whole) > 7
+
+
+def _with_second_server(server_db: Path) -> None:
+    """Make ``server_db`` a file two servers wrote: a second server with its own GPUs and copies of the first
+    server's samples a second later (other powers), as two server processes sharing one DB path would."""
+    db = sqlite_utils.Database(server_db)
+    with db.conn:
+        db.execute("INSERT INTO servers (server_id, node, simulated) VALUES ('srv-two', 'node-b', 0)")
+        db.execute("INSERT INTO gpus (server_id, gpu_uuid, node, rank, simulated) SELECT 'srv-two', gpu_uuid || '-b', "
+                   "'node-b', rank, simulated FROM gpus")
+        db.execute("INSERT INTO telemetry (server_id, ts_ns, gpu_uuid, node, rank, power_mw, energy_mj, sm_pct, "
+                   "mem_pct, mem_used_bytes, cap_mw, simulated) SELECT 'srv-two', ts_ns + 1000000000, "
+                   "gpu_uuid || '-b', 'node-b', rank, power_mw + 7, energy_mj, sm_pct, mem_pct, mem_used_bytes, cap_mw, "
+                   "simulated FROM telemetry")
+
+
+def test_one_server_files_skip_the_server_column_and_others_group_by_it(tmp_path, monkeypatch):
+    """Guards the constant server id of a one-server file's buckets (DuckDB need not read ``server_id`` from
+    10M samples) against being used where it would be wrong: a file two servers wrote, or whose gpus name
+    another server, is grouped by each sample's server; either way the buckets equal SQLite's own pass."""
+    from llmwatts.analysis import samples
+
+    one, _ = generate(StudySpec(300, 3_000), tmp_path / "one")
+    two, _ = generate(StudySpec(300, 3_000), tmp_path / "two")
+    _with_second_server(two)
+    stray, _ = generate(StudySpec(300, 3_000), tmp_path / "stray")
+    with sqlite_utils.Database(stray).conn as conn:
+        conn.execute("UPDATE gpus SET server_id = 'srv-elsewhere' WHERE rank = 1")
+    found = {}
+    for name, path in (("one", one), ("two", two), ("stray", stray)):
+        db = sqlite_utils.Database(memory=True)
+        db.execute("ATTACH DATABASE ? AS s", [str(path)])
+        found[name] = samples.one_server(db, "s")
+    server_id = sqlite_utils.Database(one).execute("SELECT server_id FROM servers").fetchone()[0]
+    assert found == {"one": server_id, "two": None, "stray": None}
+
+    started = []
+    real = bucket_prefetch._BucketsChild
+    monkeypatch.setattr(bucket_prefetch, "_BucketsChild", lambda *a: started.append(a) or real(*a))
+    for name, path in (("one", one), ("two", two)):
+        ingest.ingest(tmp_path / f"{name}-child.db", [path], [])
+    assert [a[2] for a in started] == [server_id, None]
+    two_child = _tables(tmp_path / "two-child.db")
+    assert {r[0] for r in two_child[0]} == {server_id, "srv-two"}
+    monkeypatch.setattr(duck, "connect", lambda threads=None: None)
+    monkeypatch.setattr(duck, "available", lambda: False)
+    for name, path in (("one", one), ("two", two)):
+        ingest.ingest(tmp_path / f"{name}-sqlite.db", [path], [])
+        child, own = _tables(tmp_path / f"{name}-child.db"), _tables(tmp_path / f"{name}-sqlite.db")
+        assert child[0] and child[:2] == own[:2]

@@ -148,9 +148,14 @@ def test_bulk_copy_keeps_keys_and_a_copy_or_a_grown_file_adds_only_new_rows(tmp_
     study = tmp_path / "study.db"
     ingest.ingest(study, [small.server_db], [small.client_db])
     db = sqlite_utils.Database(study)
-    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"key_requests", "idx_requests_run_id", "key_client_requests", "idx_client_requests_run_id",
-            "key_batches", "key_batch_gpu_energy"} <= names
+    indexes = {(table, bool(unique), tuple(c[2] for c in db.execute(f"PRAGMA index_info([{name}])")))
+               for table in ("requests", "client_requests", "batches", "batch_gpu_energy")
+               for _, name, unique, *_ in db.execute(f"PRAGMA index_list([{table}])")}
+    # (A study key may be a UNIQUE constraint, as its source's primary key is: ingest._raw_layout.)
+    assert {("requests", True, ("request_id", "server_id")), ("requests", False, ("run_id",)),
+            ("client_requests", True, ("request_id",)), ("client_requests", False, ("run_id",)),
+            ("batches", True, ("server_id", "batch_id")),
+            ("batch_gpu_energy", True, ("server_id", "batch_id", "gpu_uuid"))} <= indexes
     first = counts(study)
     copy = tmp_path / "copy.db"
     copy.write_bytes(small.server_db.read_bytes())
@@ -231,3 +236,89 @@ def test_an_energy_row_without_its_batch_is_refused_only_where_its_server_is_unk
     with pytest.raises(InvalidArgument, match="no-such-batch.*several servers"):
         ingest.ingest(tmp_path / "refused.db", [two])
     assert not (tmp_path / "refused.db").exists()
+
+
+def _by_name(db: sqlite_utils.Database, table: str) -> list:
+    """A table's rows as sorted (column, value) tuples: the same whatever the column order."""
+    names = sorted(r[1] for r in db.execute(f"PRAGMA table_info([{table}])"))
+    return sorted(repr(r) for r in db.execute(f"SELECT {', '.join(f'[{c}]' for c in names)} FROM [{table}]"))
+
+
+RAW_TABLES = ("batches", "batch_gpu_energy", "requests", "client_requests", "client_chunks")
+
+
+def test_raw_copies_equal_named_copies_and_are_transfers(tmp_path, monkeypatch):
+    """Guards the record-by-record copy of an empty study table (ingest._raw_layout: the source's layout, SQLite's
+    transfer optimisation, added columns filled afterwards) against any other row, value, key or derived number
+    than the column-by-column copy, and against silently losing the transfer (which copies the indexes its
+    source also has: ``RowData`` into ``IdxInsert`` in its program)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from analysis_study import StudySpec, generate
+
+    server_db, client_db = generate(StudySpec(1_500, 6_000), tmp_path / "inputs")
+    layouts = {}
+    real = ingest._raw_layout
+    monkeypatch.setattr(ingest, "_raw_layout", lambda db, table, *a: layouts.setdefault(table, real(db, table, *a)))
+    ingest.ingest(tmp_path / "raw.db", [server_db], [client_db])
+    monkeypatch.setattr(ingest, "_raw_layout", lambda *a: None)
+    ingest.ingest(tmp_path / "named.db", [server_db], [client_db])
+    raw, named = sqlite_utils.Database(tmp_path / "raw.db"), sqlite_utils.Database(tmp_path / "named.db")
+    assert all(layouts[t] is not None for t in RAW_TABLES)
+    assert layouts["client_requests"].constraint and layouts["requests"].early  # the key; the run_id index
+    for table in RAW_TABLES:
+        assert _by_name(raw, table) == _by_name(named, table), table
+    assert raw.execute("SELECT count(*) FROM client_requests WHERE client_started_ns IS NULL").fetchone()[0] == 0
+    assert metrics.all_run_metrics(tmp_path / "raw.db") == metrics.all_run_metrics(tmp_path / "named.db")
+    # The copy is SQLite's transfer: set the table up as the ingest does and read the copy's program.
+    for table, source in (("requests", server_db), ("client_requests", client_db)):
+        db = sqlite_utils.Database(memory=True)
+        db.execute("ATTACH DATABASE ? AS src", [str(source)])
+        layout = layouts[table]
+        db.execute(layout.create.replace("main.", "", 1))
+        for name in layout.early:
+            db.execute(raw.execute("SELECT sql FROM sqlite_master WHERE name = ?", [name]).fetchone()[0])
+        program = [r[1] for r in db.execute(f"EXPLAIN {layout.insert}")]
+        assert "RowData" in program and "IdxInsert" in program[program.index("RowData"):], table
+
+
+def test_sources_the_raw_copy_cannot_take_are_copied_by_name(tmp_path, small, monkeypatch):
+    """Guards the raw copy's conditions: a source without a base column (an older writer), with a column default
+    (the transfer would need the study's to match) or WITHOUT ROWID is copied column by column, with the same
+    rows as a source the raw copy takes."""
+    def alter(path, sql):
+        conn = sqlite3.connect(path)
+        conn.executescript(sql)
+        conn.close()
+
+    variants = {
+        "older": "CREATE TABLE r2 AS SELECT request_id, run_id, batch_id, server_id, received_ns, done_ns, n_prompts, "
+                 "output_tokens, status FROM requests; DROP TABLE requests; ALTER TABLE r2 RENAME TO requests;",
+        "default": "CREATE TABLE r2 (request_id TEXT PRIMARY KEY, run_id TEXT, batch_id TEXT, server_id TEXT, "
+                   "received_ns INTEGER, done_ns INTEGER, n_prompts INTEGER, output_tokens INTEGER, energy_j REAL, "
+                   "status TEXT DEFAULT 'OK'); INSERT INTO r2 SELECT request_id, run_id, batch_id, server_id, "
+                   "received_ns, done_ns, n_prompts, output_tokens, energy_j, status FROM requests; "
+                   "DROP TABLE requests; ALTER TABLE r2 RENAME TO requests;",
+        "without_rowid": "CREATE TABLE r2 (request_id TEXT PRIMARY KEY, run_id TEXT, batch_id TEXT, server_id TEXT, "
+                         "received_ns INTEGER, done_ns INTEGER, n_prompts INTEGER, output_tokens INTEGER, "
+                         "energy_j REAL, status TEXT) WITHOUT ROWID; INSERT INTO r2 SELECT request_id, run_id, "
+                         "batch_id, server_id, received_ns, done_ns, n_prompts, output_tokens, energy_j, status "
+                         "FROM requests; DROP TABLE requests; ALTER TABLE r2 RENAME TO requests;",
+    }
+    base = sqlite_utils.Database(small.server_db)
+    want = sorted(base.execute("SELECT request_id, server_id, status, output_tokens FROM requests").fetchall())
+    seen = {}
+    real = ingest._raw_layout
+    for name, sql in variants.items():
+        server = tmp_path / f"{name}.db"
+        server.write_bytes(small.server_db.read_bytes())
+        alter(server, "DROP VIEW run_windows;" + sql)
+        monkeypatch.setattr(ingest, "_raw_layout",
+                            lambda db, table, *a, name=name: seen.setdefault((name, table), real(db, table, *a)))
+        ingest.ingest(tmp_path / f"study-{name}.db", [server], [small.client_db])
+        study = sqlite_utils.Database(tmp_path / f"study-{name}.db")
+        assert seen[(name, "requests")] is None, name
+        assert sorted(study.execute("SELECT request_id, server_id, status, output_tokens FROM requests")) == want
+    assert seen[("older", "client_requests")] is not None  # the same study's other sources: raw
