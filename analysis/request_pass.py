@@ -43,8 +43,13 @@ READ_DUCKDB = (
     "CREATE TEMP TABLE r AS SELECT request_id, run_id, server_id, status, received_ns, done_ns, batch_id, n_prompts, "
     "output_tokens, energy_j FROM s.requests",
 )
+# Request ids several servers answered (``dups``): none where every row names one server (the study key is
+# (request_id, server_id)), and then the GROUP BY over every request id is skipped (~0.15 s at 1M requests).
+DUPS = "SELECT request_id, count(*) AS n FROM r GROUP BY request_id HAVING count(*) > 1"
+NO_DUPS = "SELECT request_id, 0 AS n FROM r WHERE false"
+ONE_SERVER = "SELECT count(*) = count(server_id) AND coalesce(min(server_id) = max(server_id), true) FROM r"
 JOIN_DUCKDB = f"""
-WITH dups AS (SELECT request_id, count(*) AS n FROM r GROUP BY request_id HAVING count(*) > 1),
+WITH dups AS ({{dups}}),
 client_runs AS (SELECT DISTINCT run_id FROM s.client_runs),
 rows AS (
   SELECT c.run_id AS run_id, c.request_id AS request_id, r.server_id AS server_id, 1 AS has_client,
@@ -179,7 +184,8 @@ def duckdb_pass(study_db: str | os.PathLike) -> dict:
         conn.execute("SET preserve_insertion_order = false")  # no order is read back unasked: less memory
         for sql in READ_DUCKDB:
             conn.execute(sql)
-        conn.execute(f"CREATE TEMP TABLE j AS {JOIN_DUCKDB}")
+        one_server = conn.execute(ONE_SERVER).fetchone()[0]
+        conn.execute(f"CREATE TEMP TABLE j AS {JOIN_DUCKDB.format(dups=NO_DUPS if one_server else DUPS)}")
         conn.execute("DROP TABLE c")  # read only by the join: their memory back before the numpy arrays
         conn.execute("DROP TABLE r")
         conn.execute("CREATE TEMP TABLE codes AS SELECT run_id, CAST(row_number() OVER (ORDER BY run_id) - 1 AS INTEGER)"
