@@ -262,9 +262,11 @@ def test_raw_copies_equal_named_copies_and_are_transfers(tmp_path, monkeypatch):
     layouts = {}
     real = ingest._raw_layout
     monkeypatch.setattr(ingest, "_raw_layout", lambda db, table, *a: layouts.setdefault(table, real(db, table, *a)))
-    ingest.ingest(tmp_path / "raw.db", [server_db], [client_db])
+    raw_result = ingest.ingest(tmp_path / "raw.db", [server_db], [client_db])
     monkeypatch.setattr(ingest, "_raw_layout", lambda *a: None)
-    ingest.ingest(tmp_path / "named.db", [server_db], [client_db])
+    named_result = ingest.ingest(tmp_path / "named.db", [server_db], [client_db])
+    assert [s.rows for s in raw_result.sources] == [s.rows for s in named_result.sources]
+    assert raw_result.sources[0].rows["requests"] == sqlite_utils.Database(server_db)["requests"].count > 0
     raw, named = sqlite_utils.Database(tmp_path / "raw.db"), sqlite_utils.Database(tmp_path / "named.db")
     assert all(layouts[t] is not None for t in RAW_TABLES)
     assert layouts["client_requests"].constraint and layouts["requests"].early  # the key; the run_id index
