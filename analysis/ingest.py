@@ -490,11 +490,11 @@ def _ingest_all(db: sqlite_utils.Database, server_dbs, client_dbs, building: boo
     return sources
 
 
-# The early request pass's niceness: above the telemetry child's (bucket_prefetch.CHILD_NICENESS 10), whose
-# buckets this process needs first (the pass is needed only after them). 1M x 10M study, 2-core box, phase harness
-# (2026-12-06, load ~2): at niceness 0 this process waited 5.2 s for the telemetry child; 5: 14.2-19.8 s in all
-# (the telemetry child starved in one run of two); 15: 14.3-14.7 s; 19: 14.0-14.4 s.
-EARLY_PASS_NICENESS = 15
+# The early request pass's niceness, as the telemetry child's (bucket_prefetch.CHILD_NICENESS, where the
+# measurements are): 0. Niced above the telemetry child (15 against 10, before), both yielded to every other
+# process on a busy machine (21 s against 16-17.6 s beside other load); on a quiet box the same wall. (Earlier,
+# this pass at 0 beside a telemetry child at 10 starved that child: this process waited 5.2 s for its buckets.)
+EARLY_PASS_NICENESS = 0
 
 
 def _start_request_pass(db: sqlite_utils.Database) -> None:
