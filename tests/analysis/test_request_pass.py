@@ -135,3 +135,26 @@ def test_reingest_of_a_grown_server_db_updates_the_run_totals(tmp_path, small):
     assert after["requests_ok"] == before["requests_ok"]  # its run has client rows: unclaimed is not counted
     assert rec.server_only == 1 and rec.server_only_ids == ["late"]
     assert math.isclose(rec.attributed_j, rec_before.attributed_j + 1.0) and rec_before.server_only == 0
+
+
+def test_the_pass_runs_under_its_memory_cap_and_leaves_no_scratch_folder(tmp_path, monkeypatch):
+    """Guards the request pass's DuckDB memory cap (request_pass.MEMORY_MIB, which keeps a 1M x 10M ingest within
+    2 GiB): the child applies it (far too little and DuckDB cannot run: the caller then passes in SQLite), gives
+    every number the SQLite pass gives under a small one, and removes its spill folder."""
+    db = _study(tmp_path)
+    db.conn.commit()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setenv("LLMWATTS_DUCKDB_MEMORY_MIB", "16")
+    assert request_pass.run_child(tmp_path / "study.db") is None  # out of memory: the cap is DuckDB's
+    monkeypatch.setenv("LLMWATTS_DUCKDB_MEMORY_MIB", "96")
+    child = request_pass.run_child(tmp_path / "study.db")
+    assert child is not None, "the DuckDB child failed under a 96 MiB cap"
+    here = request_pass.sqlite_pass(db)
+    assert child["flags"] == here["flags"]
+    for part in ("totals", "percentiles", "spans", "points"):
+        assert _diffs(child[part], here[part], part) == []
+    assert list(scratch.iterdir()) == []
+    monkeypatch.setenv("LLMWATTS_DUCKDB_MEMORY_MIB", "lots")
+    assert request_pass.memory_mib() == request_pass.MEMORY_MIB
