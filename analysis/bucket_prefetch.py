@@ -51,12 +51,12 @@ def _unpickle_chunks(out) -> tuple[list[tuple], float]:
     return rows, record[1]
 
 
-# The child's niceness (added to this process's). 0: a niced child yields its core to every other process on the
-# machine too, not only to this ingest's copies. 1M x 10M study, 2-core box, bench/analysis.py by farm-bench pairs
-# (2026-12-06, 22:48-22:57 UTC): this child and the early request pass at 0 and 0 against 10 and 15 (before):
-# 13.3 vs 13.1 s on a quiet box (0 and 5), 16.7 vs 18.1 s (0 and 5) and 17.6 vs 21.0 s (0 and 5 against 10 and
-# 15) beside a busy loop on one core; 16.1 vs 21.2 s at load ~3 from other sessions. DuckDB's threads: every
-# core (two threads spent 5.5 s CPU on the buckets' query at 10M samples, one thread 6.9 s).
+# The child's niceness (added to this process's): 0. A niced child yields its core to every other process on the
+# machine, not only to this ingest's copies. 1M x 10M study, 2-core box, whole bench/analysis.py runs in farm-bench
+# pairs (2026-12-06, 22:48-22:57 UTC), niceness of (this child, the early request pass): on a quiet box (0, 5)
+# 13.3 s against (10, 15) 13.1 s; beside a busy loop on one core (0, 5) 17.6 s against (10, 15) 21.0 s, and
+# (0, 0) 16.7 s against (0, 5) 18.1 s; at load ~3 from other sessions (0, 0) 16.1 s against (10, 15) 21.2 s.
+# DuckDB's threads: every core (two threads spent 5.5 s CPU on the buckets' query at 10M samples, one 6.9 s).
 CHILD_NICENESS = 0
 CHILD_PEAKS_MIB: list[float] = []  # peak memory (VmHWM) of each _BucketsChild, for bench/analysis.py
 

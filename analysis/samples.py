@@ -163,7 +163,7 @@ def copy(db: sqlite_utils.Database, path: Path) -> tuple[int, int | None]:
     if last is None or (not whole and last[0] <= cursor):
         return 0, None
     if whole:
-        rows = _buckets_duckdb(path, names, server_id)  # before attaching: DuckDB and this process never share the file open
+        rows = _buckets_duckdb(path, names, server_id)  # before attaching: DuckDB and this process never share it
         if rows is not None:
             with db.conn:
                 return store_whole(db, path, names, keys, last, rows, schema=None)
