@@ -77,8 +77,8 @@ def _with_second_server(server_db: Path) -> None:
                    "'node-b', rank, simulated FROM gpus")
         db.execute("INSERT INTO telemetry (server_id, ts_ns, gpu_uuid, node, rank, power_mw, energy_mj, sm_pct, "
                    "mem_pct, mem_used_bytes, cap_mw, simulated) SELECT 'srv-two', ts_ns + 1000000000, "
-                   "gpu_uuid || '-b', 'node-b', rank, power_mw + 7, energy_mj, sm_pct, mem_pct, mem_used_bytes, cap_mw, "
-                   "simulated FROM telemetry")
+                   "gpu_uuid || '-b', 'node-b', rank, power_mw + 7, energy_mj, sm_pct, mem_pct, mem_used_bytes, "
+                   "cap_mw, simulated FROM telemetry")
 
 
 def test_one_server_files_skip_the_server_column_and_others_group_by_it(tmp_path, monkeypatch):
