@@ -117,6 +117,11 @@ class Child:
         self.out.close()
 
 
+def literal(text: str) -> str:
+    """``text`` as an SQL string literal (DuckDB's and SQLite's): quoted, its quotes doubled."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def peak_mib() -> float:
     """This process's peak resident memory (VmHWM), MiB; 0 where /proc is not there. Here, not in
     request_pass.py: the telemetry child (bucket_prefetch) reports it too and need not import numpy."""

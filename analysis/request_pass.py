@@ -187,10 +187,6 @@ def memory_mib() -> int:
     return int(text) if text.isdigit() and int(text) > 0 else MEMORY_MIB
 
 
-def _quoted(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def duckdb_pass(study_db: str | os.PathLike) -> dict:
     """The pass in DuckDB over ``study_db`` (call it in a process that has no SQLite connection to that file:
     ``run_child``). Returns ``summarise``'s dict."""
@@ -203,10 +199,10 @@ def _duckdb_pass(study_db: str | os.PathLike, scratch: str) -> dict:
     if conn is None:
         raise RuntimeError("duckdb or duckdb-extension-sqlite is not installed")
     try:
-        conn.execute(f"ATTACH {_quoted(str(Path(study_db).resolve()))} AS s (TYPE sqlite, READ_ONLY)")
+        conn.execute(f"ATTACH {duck.literal(str(Path(study_db).resolve()))} AS s (TYPE sqlite, READ_ONLY)")
         conn.execute("SET preserve_insertion_order = false")  # no order is read back unasked: less memory
         conn.execute(f"SET memory_limit = '{memory_mib()}MiB'")
-        conn.execute(f"SET temp_directory = {_quoted(scratch)}")
+        conn.execute(f"SET temp_directory = {duck.literal(scratch)}")
         for sql in READ_DUCKDB:
             conn.execute(sql)
         one_server = conn.execute(ONE_SERVER).fetchone()[0]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: the child process (bucket_prefetch) need not import it
     import sqlite_utils
 
+from llmwatts.analysis import duck
 from llmwatts.errors import InvalidArgument
 
 BUCKET_NS = 5_000_000_000
@@ -247,9 +248,8 @@ def _bucket_select(names: set[str], table: str, div: str, server_id: str | None 
     if server_id is None:
         return (f"SELECT server_id, gpu_uuid, ts_ns {div} {BUCKET_NS} AS bucket, {_aggregates(names)} FROM {table} "
                 "GROUP BY server_id, gpu_uuid, bucket")
-    literal = "'" + server_id.replace("'", "''") + "'"
-    return (f"SELECT {literal} AS server_id, gpu_uuid, ts_ns {div} {BUCKET_NS} AS bucket, {_aggregates(names)} "
-            f"FROM {table} GROUP BY gpu_uuid, bucket")
+    return (f"SELECT {duck.literal(server_id)} AS server_id, gpu_uuid, ts_ns {div} {BUCKET_NS} AS bucket, "
+            f"{_aggregates(names)} FROM {table} GROUP BY gpu_uuid, bucket")
 
 
 def one_server(db: sqlite_utils.Database, schema: str) -> str | None:
@@ -299,12 +299,10 @@ def bucket_chunks_duckdb(path: Path, names: set[str], chunk_rows: int = 20_000, 
     """``_buckets_duckdb``'s rows in lists of at most ``chunk_rows`` (an iterator; None without DuckDB): a
     caller that passes them on never holds them all (bucket_prefetch.py: ~150 MB of Python tuples at 10M
     samples)."""
-    from llmwatts.analysis import duck
-
     conn = duck.connect()
     if conn is None:
         return None
-    quote = "'" + str(Path(path).resolve()).replace("'", "''") + "'"
+    quote = duck.literal(str(Path(path).resolve()))
     cast = {c: ("DOUBLE" if c in ("sm_sum", "mem_sum") else "BIGINT") for c in AGGREGATES}
 
     def chunks():
