@@ -6,7 +6,7 @@ import pytest
 import sqlite_utils
 from analysis_builders import build_small
 
-from llmwatts.analysis import ingest, metrics
+from llmwatts.analysis import bulk_copy, ingest, metrics
 from llmwatts.errors import InvalidArgument, NotFound
 
 TABLES = ["servers", "gpus", "runs", "batches", "batch_gpu_energy", "requests", "cap_events",
@@ -151,7 +151,7 @@ def test_bulk_copy_keeps_keys_and_a_copy_or_a_grown_file_adds_only_new_rows(tmp_
     indexes = {(table, bool(unique), tuple(c[2] for c in db.execute(f"PRAGMA index_info([{name}])")))
                for table in ("requests", "client_requests", "batches", "batch_gpu_energy")
                for _, name, unique, *_ in db.execute(f"PRAGMA index_list([{table}])")}
-    # (A study key may be a UNIQUE constraint, as its source's primary key is: ingest._raw_layout.)
+    # (A study key may be a UNIQUE constraint, as its source's primary key is: bulk_copy.raw_layout.)
     assert {("requests", True, ("request_id", "server_id")), ("requests", False, ("run_id",)),
             ("client_requests", True, ("request_id",)), ("client_requests", False, ("run_id",)),
             ("batches", True, ("server_id", "batch_id")),
@@ -248,7 +248,7 @@ RAW_TABLES = ("batches", "batch_gpu_energy", "requests", "client_requests", "cli
 
 
 def test_raw_copies_equal_named_copies_and_are_transfers(tmp_path, monkeypatch):
-    """Guards the record-by-record copy of an empty study table (ingest._raw_layout: the source's layout, SQLite's
+    """Guards the record-by-record copy of an empty study table (bulk_copy.raw_layout: the source's layout, SQLite's
     transfer optimisation, added columns filled afterwards) against any other row, value, key or derived number
     than the column-by-column copy, and against silently losing the transfer (which copies the indexes its
     source also has: ``RowData`` into ``IdxInsert`` in its program)."""
@@ -260,10 +260,10 @@ def test_raw_copies_equal_named_copies_and_are_transfers(tmp_path, monkeypatch):
 
     server_db, client_db = generate(StudySpec(1_500, 6_000), tmp_path / "inputs")
     layouts = {}
-    real = ingest._raw_layout
-    monkeypatch.setattr(ingest, "_raw_layout", lambda db, table, *a: layouts.setdefault(table, real(db, table, *a)))
+    real = bulk_copy.raw_layout
+    monkeypatch.setattr(bulk_copy, "raw_layout", lambda db, table, *a: layouts.setdefault(table, real(db, table, *a)))
     raw_result = ingest.ingest(tmp_path / "raw.db", [server_db], [client_db])
-    monkeypatch.setattr(ingest, "_raw_layout", lambda *a: None)
+    monkeypatch.setattr(bulk_copy, "raw_layout", lambda *a: None)
     named_result = ingest.ingest(tmp_path / "named.db", [server_db], [client_db])
     assert [s.rows for s in raw_result.sources] == [s.rows for s in named_result.sources]
     assert raw_result.sources[0].rows["requests"] == sqlite_utils.Database(server_db)["requests"].count > 0
@@ -312,12 +312,12 @@ def test_sources_the_raw_copy_cannot_take_are_copied_by_name(tmp_path, small, mo
     base = sqlite_utils.Database(small.server_db)
     want = sorted(base.execute("SELECT request_id, server_id, status, output_tokens FROM requests").fetchall())
     seen = {}
-    real = ingest._raw_layout
+    real = bulk_copy.raw_layout
     for name, sql in variants.items():
         server = tmp_path / f"{name}.db"
         server.write_bytes(small.server_db.read_bytes())
         alter(server, "DROP VIEW run_windows;" + sql)
-        monkeypatch.setattr(ingest, "_raw_layout",
+        monkeypatch.setattr(bulk_copy, "raw_layout",
                             lambda db, table, *a, name=name: seen.setdefault((name, table), real(db, table, *a)))
         ingest.ingest(tmp_path / f"study-{name}.db", [server], [small.client_db])
         study = sqlite_utils.Database(tmp_path / f"study-{name}.db")

@@ -237,7 +237,7 @@ def test_killed_ingest_after_the_request_pass_started_leaves_no_study_db(tmp_pat
 def test_request_pass_starts_after_the_keys_where_the_source_does_not_prove_them(tmp_path, small, monkeypatch):
     """A server DB whose ``requests`` has no unique key of its own (the bulk copy's key index may then fail and
     the copy fall back to an upsert): the early pass starts only after the whole copy, once, and the study
-    equals an ingest into an existing study DB. Guards the start before the indexes (ingest._bulk_copy) from
+    equals an ingest into an existing study DB. Guards the start before the indexes (bulk_copy.copy) from
     being taken where the key index could still fail."""
     import shutil
 
