@@ -48,6 +48,7 @@ from pathlib import Path
 from llmwatts.client import parse_target
 from llmwatts.errors import InvalidArgument, NotFound
 from llmwatts.loadgen.config import LoadConfig
+from llmwatts.server.config import KV_CACHES  # serve --kv-cache (torch-free)
 
 # Handled by the runner, not by LoadConfig.
 SERVER_DIMENSIONS = ("cap_w", "sm_clock_mhz", "engine", "weights", "kv_cache")
@@ -55,7 +56,6 @@ LOAD_FIELDS = {f.name for f in fields(LoadConfig)} - {
     "target", "run_id", "labels", "client_db", "master", "worker", "expect_workers", "master_bind_host",
     "master_port", "master_host", "token", "ca", "cert", "key", "quiet", "run_secret_file"}
 WEIGHTS = ("fp16", "fp8")  # serve --weights
-KV_CACHES = ("fp16", "fp8")  # serve --kv-cache
 MAX_CLOCK_MHZ = 10000
 MAX_CELLS = 10000
 MAX_NAME_CHARS = 40
